@@ -1,0 +1,1 @@
+//! fabric-core (work in progress)

@@ -1,0 +1,1 @@
+//! Persistent memory primitives (work in progress).

@@ -1,0 +1,1 @@
+//! User-space RoCEv2 (work in progress).
