@@ -1,1 +1,104 @@
-//! fabric-core (work in progress)
+//! # fabric-core
+//!
+//! One provider-agnostic API for message passing and RDMA, in the spirit of libfabric:
+//! [`Registry::getinfo`] matches [`Hints`] against every registered provider and
+//! returns [`Info`] answers (capabilities, limits, addresses), or says per provider why
+//! it did not match; from an answer you open a [`Fabric`], a [`Domain`], completion and
+//! event queues, memory regions and endpoints, and move data with send/recv, inject,
+//! remote CQ data, RMA write/read and the `*msg` forms with completion-level flags up
+//! to [`OpFlags::COMMIT_COMPLETE`] (durable at the target).
+//!
+//! Providers implement the traits in [`provider`]; applications normally use the
+//! `fabric` facade crate, which registers every enabled provider.
+//!
+//! ## Memory safety
+//! Registered memory is owned by its [`MemoryRegion`], and each posted operation holds
+//! the region until it completes, so a buffer cannot be freed under the fabric. Memory
+//! that peers can write is only read by copying ([`MemoryRegion::read_at`]); slice
+//! views are `unsafe` with their contract stated. See [`memory`].
+//!
+//! ## Progress
+//! By default data moves when the application reads its queues ([`Progress::Manual`]);
+//! [`Progress::Auto`] adds a provider thread. Blocking reads (`sread`, `wait`) sleep;
+//! [`CompletionQueue::poll_wait`] spins for the lowest latency. Async code awaits
+//! completions through [`AsyncCompletions`] and events through [`AsyncEvents`].
+//!
+//! ## Example
+//! A client that connects and writes into the server's region (the server sent its
+//! [`RemoteMr`] in the accept data):
+//! ```no_run
+//! use fabric_core::*;
+//! use std::time::Duration;
+//!
+//! fn client(registry: &Registry) -> Result<()> {
+//!     let hints = Hints::new()
+//!         .caps(Caps::MSG | Caps::RMA)
+//!         .ep_type(EpType::Msg)
+//!         .node("127.0.0.1")
+//!         .service(9228);
+//!     let info = registry.getinfo(&hints)?.remove(0);
+//!     let fabric = Fabric::open(&info)?;
+//!     let domain = fabric.domain(&info)?;
+//!     let eq = fabric.eq(EqAttr::default())?;
+//!     let cq = domain.cq(CqAttr::default())?;
+//!     let ep = domain.endpoint(&info, EndpointConfig::new(&cq, &eq))?;
+//!     ep.connect(b"hello")?;
+//!     let remote = match eq.wait(Duration::from_secs(5))? {
+//!         Event::Connected { data, .. } => RemoteMr::from_bytes(&data)?,
+//!         other => return Err(Error::new(ErrorKind::Protocol, format!("{other:?}"))),
+//!     };
+//!     let mr = domain.alloc(4096, Access::LOCAL)?;
+//!     mr.write_at(0, b"written by RMA")?;
+//!     ep.write(mr.iov(0, 14), remote.iov(0, 14), 1)?;
+//!     let c = cq.wait(Duration::from_secs(5))?;
+//!     assert_eq!(c.context, 1);
+//!     c.status.map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+//!     Ok(())
+//! }
+//! ```
+#![warn(missing_docs)]
+
+pub mod cq;
+pub mod domain;
+pub mod endpoint;
+pub mod eq;
+pub mod error;
+pub mod flags;
+pub mod info;
+pub mod memory;
+pub mod provider;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use cq::{AsyncCompletions, Completion, CompletionQueue, CqAttr};
+pub use domain::{Domain, Fabric};
+pub use endpoint::{
+    Endpoint, EndpointConfig, Msg, PassiveEndpoint, Payload, RecvRequest, RmaMsg, RmaRequest,
+    SendRequest,
+};
+pub use eq::{AsyncEvents, ConnRequest, EqAttr, Event, EventQueue};
+pub use error::{CqError, CqErrorKind, Error, ErrorKind, Result};
+pub use flags::{Access, Caps, CompFlags, CompletionLevel, MrFlags, MrMode, OpFlags};
+pub use info::{
+    Address, ConnHandle, EpType, GetInfoError, Hints, Info, Limits, Progress, Rejection,
+};
+pub use memory::{HeapMemory, LocalIov, MemoryBacking, MemoryRegion, RemoteIov, RemoteMr, Segment};
+pub use provider::{Provider, ProviderMatch, Registry, PROVIDER_ENV};
+
+/// Identifies an endpoint or passive endpoint in events (libfabric's fid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fid(pub u64);
+
+impl Fid {
+    /// A fresh identifier, unique in this process.
+    pub fn next() -> Fid {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Fid(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for Fid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fid{}", self.0)
+    }
+}

@@ -1,0 +1,207 @@
+//! Completion queues: blocking and non-blocking reads, error entries, and an async
+//! interface.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::domain::Domain;
+use crate::error::{CqError, Error, ErrorKind, Result};
+use crate::flags::CompFlags;
+use crate::provider::CqOps;
+
+/// Completion queue attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CqAttr {
+    /// Entries the queue should hold before the provider must stall (a hint).
+    pub size: usize,
+}
+
+impl Default for CqAttr {
+    fn default() -> Self {
+        CqAttr { size: 1024 }
+    }
+}
+
+/// One completed operation, successful or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The context the application gave when posting (0 for remote-write events).
+    pub context: u64,
+    /// What completed.
+    pub flags: CompFlags,
+    /// Bytes transferred (for a receive: bytes received).
+    pub len: usize,
+    /// Remote CQ data, valid when `flags` has `REMOTE_CQ_DATA`.
+    pub data: u64,
+    /// `Err` for an error completion, with the reason.
+    pub status: std::result::Result<(), CqError>,
+}
+
+impl Completion {
+    /// A successful completion.
+    pub fn ok(context: u64, flags: CompFlags, len: usize) -> Self {
+        Completion {
+            context,
+            flags,
+            len,
+            data: 0,
+            status: Ok(()),
+        }
+    }
+    /// An error completion.
+    pub fn error(context: u64, flags: CompFlags, err: CqError) -> Self {
+        Completion {
+            context,
+            flags,
+            len: 0,
+            data: 0,
+            status: Err(err),
+        }
+    }
+    /// Whether the operation succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status.is_ok()
+    }
+}
+
+/// A completion queue. Clones share the queue.
+#[derive(Clone)]
+pub struct CompletionQueue {
+    ops: Arc<dyn CqOps>,
+    domain: Domain,
+}
+
+impl CompletionQueue {
+    pub(crate) fn new(ops: Arc<dyn CqOps>, domain: Domain) -> Self {
+        CompletionQueue { ops, domain }
+    }
+    /// The provider's object.
+    pub fn ops(&self) -> &Arc<dyn CqOps> {
+        &self.ops
+    }
+    /// The domain.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// Appends up to `max` completions to `out` without blocking (driving progress in
+    /// manual mode); returns how many.
+    pub fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+        self.ops.read(out, max)
+    }
+
+    /// Like [`read`](Self::read), but sleeps up to `timeout` (`None`: forever) for at
+    /// least one completion; returns 0 on timeout.
+    pub fn sread(
+        &self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        self.ops.sread(out, max, timeout)
+    }
+
+    /// The next completion, without blocking.
+    pub fn try_next(&self) -> Result<Option<Completion>> {
+        let mut v = Vec::with_capacity(1);
+        self.ops.read(&mut v, 1)?;
+        Ok(v.pop())
+    }
+
+    /// Waits (sleeping) for the next completion; `ErrorKind::TimedOut` after `timeout`.
+    pub fn wait(&self, timeout: Duration) -> Result<Completion> {
+        let deadline = Instant::now() + timeout;
+        let mut v = Vec::with_capacity(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.ops.sread(&mut v, 1, Some(left))? > 0 {
+                if let Some(c) = v.pop() {
+                    return Ok(c);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("no completion within {timeout:?}"),
+                ));
+            }
+        }
+    }
+
+    /// Polls (busy, no sleeping) for the next completion; `ErrorKind::TimedOut` after
+    /// `timeout`. The lowest-latency way to wait.
+    pub fn poll_wait(&self, timeout: Duration) -> Result<Completion> {
+        let deadline = Instant::now() + timeout;
+        let mut v = Vec::with_capacity(1);
+        let mut spins = 0u32;
+        loop {
+            if self.ops.read(&mut v, 1)? > 0 {
+                if let Some(c) = v.pop() {
+                    return Ok(c);
+                }
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("no completion within {timeout:?}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Awaiting completions from async code (tokio or any executor). While a task waits,
+/// the provider makes progress in the background.
+#[async_trait]
+pub trait AsyncCompletions {
+    /// The next completion.
+    async fn next_completion(&self) -> Result<Completion>;
+    /// Up to `max` completions, at least one.
+    async fn read_async(&self, max: usize) -> Result<Vec<Completion>>;
+}
+
+struct ReadFuture<'a> {
+    cq: &'a CompletionQueue,
+    max: usize,
+}
+
+impl Future for ReadFuture<'_> {
+    type Output = Result<Vec<Completion>>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut v = Vec::new();
+        match self.cq.ops.read(&mut v, self.max) {
+            Err(e) => return Poll::Ready(Err(e)),
+            Ok(n) if n > 0 => return Poll::Ready(Ok(v)),
+            Ok(_) => {}
+        }
+        self.cq.ops.register_waker(cx.waker());
+        // Re-check after registering so a completion that raced in is not missed.
+        match self.cq.ops.read(&mut v, self.max) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(n) if n > 0 => Poll::Ready(Ok(v)),
+            Ok(_) => Poll::Pending,
+        }
+    }
+}
+
+#[async_trait]
+impl AsyncCompletions for CompletionQueue {
+    async fn next_completion(&self) -> Result<Completion> {
+        let mut v = ReadFuture { cq: self, max: 1 }.await?;
+        v.pop()
+            .ok_or_else(|| Error::new(ErrorKind::Other, "provider returned no completion"))
+    }
+    async fn read_async(&self, max: usize) -> Result<Vec<Completion>> {
+        ReadFuture {
+            cq: self,
+            max: max.max(1),
+        }
+        .await
+    }
+}

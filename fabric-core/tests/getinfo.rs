@@ -1,0 +1,212 @@
+//! getinfo matching, rejection reasons and the FABRIC_PROVIDER filter, against fake
+//! providers (no data path needed).
+
+use std::sync::Arc;
+
+use fabric_core::provider::FabricOps;
+use fabric_core::*;
+
+struct Fake {
+    name: &'static str,
+    caps: Caps,
+    mr_mode: MrMode,
+    available: bool,
+}
+
+impl Provider for Fake {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn available(&self) -> std::result::Result<(), String> {
+        if self.available {
+            Ok(())
+        } else {
+            Err("no device".into())
+        }
+    }
+    fn offers(&self) -> Vec<Info> {
+        let limits = Limits {
+            max_msg_size: 1 << 20,
+            inject_size: 64,
+            mr_key_size: 8,
+            cq_data_size: 8,
+            tx_size: 128,
+            rx_size: 128,
+            iov_limit: 4,
+            rma_iov_limit: 4,
+            cm_data_size: 256,
+            mtu: 0,
+        };
+        let mut i = Info::new(self.name, self.caps, EpType::Msg, limits);
+        i.mr_mode = self.mr_mode;
+        vec![i]
+    }
+    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+        if let Some(Address::Inet(a)) = &info.dest_addr {
+            if !a.ip().is_loopback() {
+                return Err(format!("{a} is not a loopback address"));
+            }
+        }
+        info.fabric_name = "IP".into();
+        Ok(())
+    }
+    fn open_fabric(&self, _info: &Info) -> Result<Arc<dyn FabricOps>> {
+        Err(Error::unsupported("fake"))
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new()
+        .with(Arc::new(Fake {
+            name: "alpha",
+            caps: Caps::MSG | Caps::RMA | Caps::REMOTE_CQ_DATA,
+            mr_mode: MrMode::PROV_KEY,
+            available: true,
+        }))
+        .with(Arc::new(Fake {
+            name: "beta",
+            caps: Caps::MSG | Caps::RMA | Caps::RMA_PMEM,
+            mr_mode: MrMode::PROV_KEY | MrMode::VIRT_ADDR | MrMode::LOCAL,
+            available: true,
+        }))
+        .with(Arc::new(Fake {
+            name: "gamma",
+            caps: Caps::all(),
+            mr_mode: MrMode::empty(),
+            available: false,
+        }))
+}
+
+#[test]
+fn empty_hints_match_every_available_provider() {
+    let r = registry();
+    let infos = r.getinfo(&Hints::new()).unwrap();
+    let names: Vec<_> = infos.iter().map(|i| i.provider_name.as_str()).collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert!(infos.iter().all(|i| i.provider().is_some()));
+    assert_eq!(infos[0].fabric_name, "IP");
+    assert_eq!(infos[0].limits.inject_size, 64);
+}
+
+#[test]
+fn caps_select_and_rejections_name_each_provider() {
+    let r = registry();
+    let infos = r.getinfo(&Hints::new().caps(Caps::RMA_PMEM)).unwrap();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0].provider_name, "beta");
+
+    let err = r.getinfo(&Hints::new().caps(Caps::TAGGED)).unwrap_err();
+    assert_eq!(err.rejections.len(), 3);
+    assert!(err.rejections[0].reason.contains("TAGGED"), "{err}");
+    assert!(
+        err.rejections[2]
+            .reason
+            .contains("not available: no device"),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("alpha: missing capabilities TAGGED"),
+        "{text}"
+    );
+    let e: Error = err.into();
+    assert_eq!(e.kind(), ErrorKind::NoData);
+}
+
+#[test]
+fn mr_mode_and_ep_type_rejections() {
+    let r = registry();
+    let err = r.explain_with_filter(&Hints::new().mr_mode(MrMode::PROV_KEY), None);
+    assert!(err[0].result.is_ok());
+    let beta = err[1].result.as_ref().unwrap_err();
+    assert!(
+        beta.contains("VIRT_ADDR") && beta.contains("LOCAL"),
+        "{beta}"
+    );
+
+    let m = r.explain_with_filter(&Hints::new().ep_type(EpType::Rdm), None);
+    let a = m[0].result.as_ref().unwrap_err();
+    assert!(a.contains("endpoint type rdm not offered"), "{a}");
+}
+
+#[test]
+fn provider_name_hints_and_env_filter() {
+    let r = registry();
+    let m = r.explain_with_filter(&Hints::new().provider("beta"), None);
+    assert!(m[0]
+        .result
+        .as_ref()
+        .unwrap_err()
+        .contains("hints ask for provider 'beta'"));
+    assert!(m[1].result.is_ok());
+
+    let m = r.explain_with_filter(&Hints::new(), Some("^alpha"));
+    assert!(m[0]
+        .result
+        .as_ref()
+        .unwrap_err()
+        .contains("excluded by FABRIC_PROVIDER=^alpha"));
+    assert!(m[1].result.is_ok());
+    let m = r.explain_with_filter(&Hints::new(), Some("alpha"));
+    assert!(m[0].result.is_ok());
+    assert!(m[1].result.is_err());
+}
+
+#[test]
+fn addresses_resolve_and_are_checked_by_the_provider() {
+    let r = registry();
+    let infos = r
+        .getinfo(
+            &Hints::new()
+                .node("127.0.0.1")
+                .service(4242)
+                .provider("alpha"),
+        )
+        .unwrap();
+    assert_eq!(
+        infos[0].dest_addr,
+        Some(Address::Inet("127.0.0.1:4242".parse().unwrap()))
+    );
+    assert_eq!(infos[0].src_addr, None);
+
+    let infos = r
+        .getinfo(
+            &Hints::new()
+                .node("127.0.0.2")
+                .service(0)
+                .source(true)
+                .provider("alpha"),
+        )
+        .unwrap();
+    assert_eq!(
+        infos[0].src_addr,
+        Some(Address::Inet("127.0.0.2:0".parse().unwrap()))
+    );
+
+    let err = r
+        .getinfo(&Hints::new().node("192.0.2.1").service(1).provider("alpha"))
+        .unwrap_err();
+    assert!(err.rejections[0].reason.contains("not a loopback"), "{err}");
+
+    let err = r
+        .getinfo(&Hints::new().node("127.0.0.1").service("http-ish"))
+        .unwrap_err();
+    assert!(err.to_string().contains("not a port number"), "{err}");
+
+    let err = r
+        .getinfo(&Hints::new().node("127.0.0.1").provider("alpha"))
+        .unwrap_err();
+    assert!(err.to_string().contains("needs a service"), "{err}");
+}
+
+#[test]
+fn info_without_provider_cannot_open() {
+    let info = Info::new(
+        "x",
+        Caps::MSG,
+        EpType::Msg,
+        registry().getinfo(&Hints::new()).unwrap()[0].limits,
+    );
+    let e = Fabric::open(&info).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
