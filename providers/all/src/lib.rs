@@ -1,0 +1,43 @@
+//! # fabric
+//!
+//! One import for the fabric API ([`fabric_core`], re-exported here) and every provider
+//! enabled by cargo features: `tcp` (default), and further providers as they land.
+//! [`getinfo`] searches them all; set `FABRIC_PROVIDER` (like libfabric's `FI_PROVIDER`)
+//! to narrow the set.
+//!
+//! ```
+//! use fabric::{Caps, EpType, Hints};
+//! // Which providers can do reliable connected messaging with RMA?
+//! for m in fabric::registry().explain(&Hints::new().caps(Caps::MSG | Caps::RMA).ep_type(EpType::Msg)) {
+//!     match m.result {
+//!         Ok(infos) => println!("{}: {} answer(s)", m.provider, infos.len()),
+//!         Err(why) => println!("{}: no ({why})", m.provider),
+//!     }
+//! }
+//! ```
+
+use std::sync::OnceLock;
+
+pub use fabric_core::*;
+
+/// The registry of every provider compiled in.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        #[allow(unused_mut)]
+        let mut r = Registry::new();
+        #[cfg(feature = "tcp")]
+        r.register(fabric_tcp::provider());
+        r
+    })
+}
+
+/// getinfo over every compiled-in provider (see [`Registry::getinfo`]).
+pub fn getinfo(hints: &Hints) -> std::result::Result<Vec<Info>, GetInfoError> {
+    registry().getinfo(hints)
+}
+
+/// Names of the compiled-in providers.
+pub fn provider_names() -> Vec<&'static str> {
+    registry().providers().iter().map(|p| p.name()).collect()
+}
