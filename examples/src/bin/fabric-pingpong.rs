@@ -1,0 +1,114 @@
+//! fabric-pingpong: like fabtests' fi_pingpong. Measures one-way latency (median and
+//! mean) and bandwidth per message size between a server and a client, or both ends in
+//! one process with `--self`.
+
+use clap::Parser;
+use fabric_examples::conn::{self, CONNECT_TIMEOUT};
+use fabric_examples::pingpong::{self, Options, PpResult};
+use fabric_examples::sizes::{fmt_size, parse_sizes};
+use fabric_examples::Mode;
+
+#[derive(Parser)]
+#[command(
+    name = "fabric-pingpong",
+    about = "Ping-pong latency and bandwidth over a fabric provider",
+    after_help = "Examples:\n  fabric-pingpong --self -p tcp -S 8,4k,64k,1M      both ends in this process\n  fabric-pingpong -p tcp                             server on 127.0.0.1:9228\n  fabric-pingpong -p tcp 127.0.0.1 -S all --json     client"
+)]
+struct Args {
+    /// Provider.
+    #[arg(short = 'p', long, default_value = "tcp")]
+    provider: String,
+    /// Server address to connect to (client mode). Without it (and without --self) the
+    /// tool is the server.
+    dest: Option<String>,
+    /// Run the server and the client in this process over loopback.
+    #[arg(long = "self")]
+    self_mode: bool,
+    /// Address the server listens on.
+    #[arg(short = 's', long = "src-addr", default_value = "127.0.0.1")]
+    src_addr: String,
+    /// Port of the server.
+    #[arg(short = 'P', long, default_value_t = 9228)]
+    port: u16,
+    /// Sizes: comma list (8,4k,1M) or 'all' (powers of two to 1 MiB).
+    #[arg(short = 'S', long, default_value = "all")]
+    sizes: String,
+    /// Iterations per size (default: by size, 200 to 10,000).
+    #[arg(short = 'I', long)]
+    iterations: Option<usize>,
+    /// Untimed warm-up iterations per size.
+    #[arg(short = 'w', long, default_value_t = 100)]
+    warmup: usize,
+    /// Waiting: poll (busy, lowest latency) or sleep (blocking reads).
+    #[arg(short = 'm', long, default_value = "poll")]
+    mode: Mode,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print(provider: &str, mode: Mode, res: &[PpResult], json: bool) {
+    if json {
+        let v = serde_json::json!({"provider": provider, "mode": mode, "results": res});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "# provider {provider}, completions by {mode}; latency is one-way (half the round trip)"
+    );
+    println!(
+        "{:>8} {:>8} {:>12} {:>12} {:>10}",
+        "bytes", "iters", "median_us", "mean_us", "MB/s"
+    );
+    for r in res {
+        println!(
+            "{:>8} {:>8} {:>12.2} {:>12.2} {:>10.1}",
+            fmt_size(r.size),
+            r.iterations,
+            r.lat_median_us,
+            r.lat_mean_us,
+            r.mb_per_s
+        );
+    }
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let opts = Options {
+        sizes: parse_sizes(&a.sizes)?,
+        iterations: a.iterations,
+        warmup: a.warmup,
+        mode: a.mode,
+    };
+    if a.self_mode {
+        let res = pingpong::run_self(&a.provider, &a.src_addr, &opts)?;
+        print(&a.provider, a.mode, &res, a.json);
+    } else if let Some(dest) = &a.dest {
+        let side = conn::connect(
+            &a.provider,
+            dest,
+            a.port,
+            b"",
+            fabric::Progress::Manual,
+            CONNECT_TIMEOUT,
+        )?;
+        let res = pingpong::client(&side, &opts)?;
+        print(&a.provider, a.mode, &res, a.json);
+    } else {
+        let l = conn::listen(&a.provider, &a.src_addr, a.port, fabric::Progress::Manual)?;
+        eprintln!(
+            "fabric-pingpong: {} server on {}:{}, waiting for a client",
+            a.provider, a.src_addr, l.port
+        );
+        let side = l.accept(b"", std::time::Duration::from_secs(3600))?;
+        pingpong::server(&side, a.mode)?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let a = Args::parse();
+    if let Err(e) = run(&a) {
+        eprintln!("fabric-pingpong: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,158 @@
+//! Connection setup shared by the tools: a listener that accepts one peer, a client
+//! that connects, each ending with a connected [`Side`].
+
+use std::time::Duration;
+
+use fabric::{
+    Caps, CompletionQueue, CqAttr, Domain, Endpoint, EndpointConfig, EpType, EqAttr, Event,
+    EventQueue, Fabric, Hints, Info, PassiveEndpoint, Progress,
+};
+
+use crate::{ctx, ToolResult};
+
+/// How long connection setup may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connected end: every object it needs, kept alive together.
+pub struct Side {
+    /// The answer the endpoint was opened from.
+    pub info: Info,
+    /// Fabric.
+    pub fabric: Fabric,
+    /// Domain.
+    pub domain: Domain,
+    /// Event queue.
+    pub eq: EventQueue,
+    /// One completion queue for both directions.
+    pub cq: CompletionQueue,
+    /// The connected endpoint.
+    pub ep: Endpoint,
+    /// Connection data the peer sent.
+    pub peer_data: Vec<u8>,
+}
+
+/// Hints for the tools: reliable connected endpoints with messages and RMA.
+pub fn hints(provider: &str, node: &str, port: u16, source: bool, progress: Progress) -> Hints {
+    Hints::new()
+        .caps(Caps::MSG | Caps::RMA)
+        .ep_type(EpType::Msg)
+        .provider(provider)
+        .node(node)
+        .service(port)
+        .source(source)
+        .progress(progress)
+}
+
+/// A passive endpoint waiting for one peer.
+pub struct Listener {
+    info: Info,
+    fabric: Fabric,
+    eq: EventQueue,
+    pep: PassiveEndpoint,
+    /// The port actually bound.
+    pub port: u16,
+}
+
+/// Listens on `node:port` (port 0: any) with `provider`.
+pub fn listen(provider: &str, node: &str, port: u16, progress: Progress) -> ToolResult<Listener> {
+    let info = fabric::getinfo(&hints(provider, node, port, true, progress))
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let fabric = Fabric::open(&info).map_err(ctx("open fabric"))?;
+    let eq = fabric
+        .eq(EqAttr::default())
+        .map_err(ctx("open event queue"))?;
+    let pep = fabric
+        .passive_endpoint(&info, &eq)
+        .map_err(ctx("open passive endpoint"))?;
+    pep.listen().map_err(ctx("listen"))?;
+    let port = pep
+        .local_addr()
+        .map_err(ctx("local address"))?
+        .as_inet()
+        .map(|a| a.port())
+        .unwrap_or(port);
+    Ok(Listener {
+        info,
+        fabric,
+        eq,
+        pep,
+        port,
+    })
+}
+
+impl Listener {
+    /// Waits for a connection request, accepts it with `data`, and waits until connected.
+    pub fn accept(&self, data: &[u8], timeout: Duration) -> ToolResult<Side> {
+        let req = match self.eq.wait(timeout).map_err(ctx("waiting for a client"))? {
+            Event::ConnRequest(r) => r,
+            other => return Err(format!("expected a connection request, got {other:?}")),
+        };
+        let domain = self.fabric.domain(&req.info).map_err(ctx("open domain"))?;
+        let cq = domain.cq(CqAttr::default()).map_err(ctx("open cq"))?;
+        let ep = domain
+            .endpoint(&req.info, EndpointConfig::new(&cq, &self.eq))
+            .map_err(ctx("open endpoint"))?;
+        ep.accept(data).map_err(ctx("accept"))?;
+        wait_connected(&self.eq, &ep, timeout)?;
+        Ok(Side {
+            info: self.info.clone(),
+            fabric: self.fabric.clone(),
+            domain,
+            eq: self.eq.clone(),
+            cq,
+            ep,
+            peer_data: req.data.clone(),
+        })
+    }
+
+    /// The passive endpoint.
+    pub fn passive(&self) -> &PassiveEndpoint {
+        &self.pep
+    }
+}
+
+fn wait_connected(eq: &EventQueue, ep: &Endpoint, timeout: Duration) -> ToolResult<Vec<u8>> {
+    loop {
+        match eq.wait(timeout).map_err(ctx("waiting to connect"))? {
+            Event::Connected { fid, data } if fid == ep.fid() => return Ok(data),
+            Event::Error { error, .. } => return Err(format!("connection failed: {error}")),
+            Event::Shutdown { .. } => return Err("connection closed during setup".into()),
+            _ => {}
+        }
+    }
+}
+
+/// Connects to `node:port` with `provider`, sending `data`.
+pub fn connect(
+    provider: &str,
+    node: &str,
+    port: u16,
+    data: &[u8],
+    progress: Progress,
+    timeout: Duration,
+) -> ToolResult<Side> {
+    let info = fabric::getinfo(&hints(provider, node, port, false, progress))
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let fabric = Fabric::open(&info).map_err(ctx("open fabric"))?;
+    let domain = fabric.domain(&info).map_err(ctx("open domain"))?;
+    let eq = fabric
+        .eq(EqAttr::default())
+        .map_err(ctx("open event queue"))?;
+    let cq = domain.cq(CqAttr::default()).map_err(ctx("open cq"))?;
+    let ep = domain
+        .endpoint(&info, EndpointConfig::new(&cq, &eq))
+        .map_err(ctx("open endpoint"))?;
+    ep.connect(data).map_err(ctx("connect"))?;
+    let peer_data = wait_connected(&eq, &ep, timeout)?;
+    Ok(Side {
+        info,
+        fabric,
+        domain,
+        eq,
+        cq,
+        ep,
+        peer_data,
+    })
+}

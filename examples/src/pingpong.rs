@@ -1,0 +1,282 @@
+//! Ping-pong latency and bandwidth, as fabtests' fi_pingpong measures them: the client
+//! sends a message, the server echoes it back, one-way latency is half the round trip.
+//!
+//! Before the first size the client sends a configuration message (sizes, iterations,
+//! warm-up), so the server needs no arguments beyond its address.
+
+use std::time::{Duration, Instant};
+
+use fabric::{Access, Completion, CompletionQueue};
+use serde::Serialize;
+
+use crate::conn::{self, Side, CONNECT_TIMEOUT};
+use crate::sizes::auto_iterations;
+use crate::{ctx, median, Mode, ToolResult};
+
+const MAGIC: &[u8; 4] = b"FPP1";
+const CONFIG_MAX: usize = 4096;
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+const SEND_CTX: u64 = 1;
+const RECV_CTX: u64 = 2;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Message sizes in bytes.
+    pub sizes: Vec<usize>,
+    /// Iterations per size (`None`: chosen per size, see [`auto_iterations`]).
+    pub iterations: Option<usize>,
+    /// Untimed iterations before each size.
+    pub warmup: usize,
+    /// Polling or sleeping waits.
+    pub mode: Mode,
+}
+
+/// Result for one size.
+#[derive(Debug, Clone, Serialize)]
+pub struct PpResult {
+    /// Message size in bytes.
+    pub size: usize,
+    /// Timed iterations (round trips).
+    pub iterations: usize,
+    /// Median one-way latency (half of the median round trip), microseconds.
+    pub lat_median_us: f64,
+    /// Mean one-way latency, microseconds (what fi_pingpong's usec/xfer reports).
+    pub lat_mean_us: f64,
+    /// Bandwidth from the mean latency, MB/s (10^6 bytes; fi_pingpong's MB/sec).
+    pub mb_per_s: f64,
+}
+
+/// Waits for one successful completion.
+pub fn next_completion(cq: &CompletionQueue, mode: Mode) -> ToolResult<Completion> {
+    let c = match mode {
+        Mode::Poll => cq.poll_wait(OP_TIMEOUT),
+        Mode::Sleep => cq.wait(OP_TIMEOUT),
+    }
+    .map_err(ctx("waiting for a completion"))?;
+    if let Err(e) = &c.status {
+        return Err(format!("operation {} failed: {e}", c.context));
+    }
+    Ok(c)
+}
+
+fn encode_config(plan: &[(usize, usize)], warmup: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + plan.len() * 16);
+    v.extend_from_slice(MAGIC);
+    v.extend_from_slice(&(plan.len() as u32).to_le_bytes());
+    v.extend_from_slice(&(warmup as u64).to_le_bytes());
+    for &(s, i) in plan {
+        v.extend_from_slice(&(s as u64).to_le_bytes());
+        v.extend_from_slice(&(i as u64).to_le_bytes());
+    }
+    v
+}
+
+fn decode_config(b: &[u8]) -> ToolResult<(Vec<(usize, usize)>, usize)> {
+    let bad = || "malformed ping-pong configuration from the client".to_string();
+    if b.len() < 16 || &b[0..4] != MAGIC {
+        return Err(bad());
+    }
+    let n = u32::from_le_bytes(b[4..8].try_into().map_err(|_| bad())?) as usize;
+    let u = |i: usize| -> ToolResult<usize> {
+        let x = b.get(i..i + 8).ok_or_else(bad)?;
+        Ok(u64::from_le_bytes(x.try_into().map_err(|_| bad())?) as usize)
+    };
+    let warmup = u(8)?;
+    let mut plan = Vec::with_capacity(n);
+    for k in 0..n {
+        plan.push((u(16 + k * 16)?, u(24 + k * 16)?));
+    }
+    Ok((plan, warmup))
+}
+
+fn plan(opts: &Options) -> Vec<(usize, usize)> {
+    opts.sizes
+        .iter()
+        .map(|&s| (s, opts.iterations.unwrap_or_else(|| auto_iterations(s))))
+        .collect()
+}
+
+fn check_sizes(side: &Side, sizes: &[usize]) -> ToolResult<()> {
+    let max = side.info.limits.max_msg_size;
+    if let Some(s) = sizes.iter().find(|&&s| s > max) {
+        return Err(format!(
+            "size {s} exceeds the provider's max_msg_size {max}"
+        ));
+    }
+    Ok(())
+}
+
+/// The client half: sends the configuration, then measures each size.
+pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
+    check_sizes(side, &opts.sizes)?;
+    let plan = plan(opts);
+    let cfg = encode_config(&plan, opts.warmup);
+    if cfg.len() > CONFIG_MAX {
+        return Err("too many sizes".into());
+    }
+    let max = opts
+        .sizes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(CONFIG_MAX);
+    let mr = side
+        .domain
+        .alloc(2 * max, Access::LOCAL)
+        .map_err(ctx("register buffers"))?;
+    mr.write_at(0, &cfg).map_err(ctx("config"))?;
+    side.ep
+        .send(mr.iov(0, cfg.len()), SEND_CTX)
+        .map_err(ctx("send config"))?;
+    next_completion(&side.cq, opts.mode)?;
+
+    let mut results = Vec::with_capacity(plan.len());
+    for &(size, iters) in &plan {
+        let pattern: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+        mr.write_at(0, &pattern).map_err(ctx("fill"))?;
+        mr.fill(max, size, 0).map_err(ctx("clear"))?;
+        let mut samples = Vec::with_capacity(iters);
+        let total_start = Instant::now();
+        let mut timed_start = total_start;
+        for i in 0..opts.warmup + iters {
+            if i == opts.warmup {
+                timed_start = Instant::now();
+            }
+            side.ep
+                .recv(mr.iov(max, size), RECV_CTX)
+                .map_err(ctx("post receive"))?;
+            let t0 = Instant::now();
+            side.ep
+                .send(mr.iov(0, size), SEND_CTX)
+                .map_err(ctx("send"))?;
+            let (mut sent, mut got) = (false, false);
+            while !(sent && got) {
+                let c = next_completion(&side.cq, opts.mode)?;
+                match c.context {
+                    SEND_CTX => sent = true,
+                    RECV_CTX => {
+                        if c.len != size {
+                            return Err(format!("echo of {} bytes, expected {size}", c.len));
+                        }
+                        got = true
+                    }
+                    other => return Err(format!("unexpected completion context {other}")),
+                }
+            }
+            if i >= opts.warmup {
+                samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let elapsed = timed_start.elapsed().as_secs_f64() * 1e6;
+        let echoed = mr.to_vec(max, size).map_err(ctx("read echo"))?;
+        if echoed != pattern {
+            return Err(format!(
+                "size {size}: the echoed data differs from what was sent"
+            ));
+        }
+        let mean = elapsed / (2.0 * iters.max(1) as f64);
+        results.push(PpResult {
+            size,
+            iterations: iters,
+            lat_median_us: median(&samples) / 2.0,
+            lat_mean_us: mean,
+            mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
+        });
+    }
+    Ok(results)
+}
+
+/// The server half: receives the configuration and echoes every message.
+pub fn server(side: &Side, mode: Mode) -> ToolResult<()> {
+    let cfg_mr = side
+        .domain
+        .alloc(CONFIG_MAX, Access::LOCAL)
+        .map_err(ctx("register"))?;
+    side.ep
+        .recv(cfg_mr.full(), RECV_CTX)
+        .map_err(ctx("post receive"))?;
+    let c = next_completion(&side.cq, mode)?;
+    let (plan, warmup) = decode_config(&cfg_mr.to_vec(0, c.len).map_err(ctx("config"))?)?;
+    check_sizes(side, &plan.iter().map(|p| p.0).collect::<Vec<_>>())?;
+    let max = plan.iter().map(|p| p.0).max().unwrap_or(0);
+    // Two buffers: echo from one while the next message lands in the other.
+    let mr = side
+        .domain
+        .alloc(2 * max.max(1), Access::LOCAL)
+        .map_err(ctx("register buffers"))?;
+    for (size, iters) in plan {
+        let total = warmup + iters;
+        let buf = |k: usize| mr.iov((k % 2) * max, size);
+        side.ep
+            .recv(buf(0), RECV_CTX)
+            .map_err(ctx("post receive"))?;
+        for i in 0..total {
+            // Wait for message i (send completions may arrive in between).
+            loop {
+                let c = next_completion(&side.cq, mode)?;
+                if c.context == RECV_CTX {
+                    break;
+                }
+            }
+            if i + 1 < total {
+                side.ep
+                    .recv(buf(i + 1), RECV_CTX)
+                    .map_err(ctx("post receive"))?;
+            }
+            side.ep.send(buf(i), SEND_CTX).map_err(ctx("echo"))?;
+        }
+    }
+    // Let the last echo leave before the endpoint is dropped.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < deadline {
+        if side.cq.try_next().map_err(ctx("cq"))?.is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+/// Runs both halves in this process over `node` (a loopback address).
+pub fn run_self(provider: &str, node: &str, opts: &Options) -> ToolResult<Vec<PpResult>> {
+    let listener = conn::listen(provider, node, 0, fabric::Progress::Manual)?;
+    let port = listener.port;
+    let mode = opts.mode;
+    let server = std::thread::spawn(move || -> ToolResult<()> {
+        let side = listener.accept(b"", CONNECT_TIMEOUT)?;
+        server(&side, mode)
+    });
+    let side = conn::connect(
+        provider,
+        node,
+        port,
+        b"",
+        fabric::Progress::Manual,
+        CONNECT_TIMEOUT,
+    )?;
+    let res = client(&side, opts);
+    let srv = server
+        .join()
+        .map_err(|_| "the server thread panicked".to_string())?;
+    let res = res?;
+    srv?;
+    Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trip_and_rejects_garbage() {
+        let plan = vec![(8, 1000), (1 << 20, 200)];
+        let (p, w) = decode_config(&encode_config(&plan, 7)).unwrap();
+        assert_eq!(p, plan);
+        assert_eq!(w, 7);
+        assert!(decode_config(b"nope").is_err());
+        let mut trunc = encode_config(&plan, 7);
+        trunc.truncate(30);
+        assert!(decode_config(&trunc).is_err());
+    }
+}

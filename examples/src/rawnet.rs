@@ -1,0 +1,231 @@
+//! Reference measurements with plain sockets and no fabric: a busy-polled TCP
+//! ping-pong and a busy-polled UDP ping-pong on loopback. They are the floor the
+//! providers are compared against in the same run.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::median;
+use crate::pingpong::PpResult;
+use crate::sizes::auto_iterations;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest UDP payload on IPv4.
+pub const MAX_UDP: usize = 65_507;
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "raw ping-pong peer stopped answering",
+    )
+}
+
+fn spin_read(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut got = 0;
+    let mut spins = 0u32;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(4096) && Instant::now() > deadline {
+                    return Err(timed_out());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn spin_write(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut put = 0;
+    while put < buf.len() {
+        match s.write(&buf[put..]) {
+            Ok(n) => put += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(timed_out());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn plan(sizes: &[usize], iterations: Option<usize>) -> Vec<(usize, usize)> {
+    sizes
+        .iter()
+        .map(|&s| (s, iterations.unwrap_or_else(|| auto_iterations(s))))
+        .collect()
+}
+
+fn result(size: usize, iters: usize, samples: &[f64], total_us: f64) -> PpResult {
+    let mean = total_us / (2.0 * iters.max(1) as f64);
+    PpResult {
+        size,
+        iterations: iters,
+        lat_median_us: median(samples) / 2.0,
+        lat_mean_us: mean,
+        mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
+    }
+}
+
+/// Busy-polled TCP ping-pong between two threads over `node` (a loopback address).
+pub fn tcp_pingpong(
+    node: &str,
+    sizes: &[usize],
+    iterations: Option<usize>,
+    warmup: usize,
+) -> io::Result<Vec<PpResult>> {
+    let plan = plan(sizes, iterations);
+    let listener = TcpListener::bind((node, 0))?;
+    let addr = listener.local_addr()?;
+    let splan = plan.clone();
+    let server = std::thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        let deadline = Instant::now() + TIMEOUT;
+        for (size, iters) in splan {
+            let mut buf = vec![0u8; size];
+            for _ in 0..warmup + iters {
+                spin_read(&mut s, &mut buf, deadline)?;
+                spin_write(&mut s, &buf, deadline)?;
+            }
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    c.set_nonblocking(true)?;
+    let deadline = Instant::now() + TIMEOUT;
+    let mut out = Vec::new();
+    for &(size, iters) in &plan {
+        let tx = vec![0x5Au8; size];
+        let mut rx = vec![0u8; size];
+        let mut samples = Vec::with_capacity(iters);
+        let mut start = Instant::now();
+        for i in 0..warmup + iters {
+            if i == warmup {
+                start = Instant::now();
+            }
+            let t0 = Instant::now();
+            spin_write(&mut c, &tx, deadline)?;
+            spin_read(&mut c, &mut rx, deadline)?;
+            if i >= warmup {
+                samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        out.push(result(
+            size,
+            iters,
+            &samples,
+            start.elapsed().as_secs_f64() * 1e6,
+        ));
+    }
+    server
+        .join()
+        .map_err(|_| io::Error::other("raw TCP server thread panicked"))??;
+    Ok(out)
+}
+
+fn spin_recv(s: &UdpSocket, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    let mut spins = 0u32;
+    loop {
+        match s.recv(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(4096) && Instant::now() > deadline {
+                    return Err(timed_out());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Busy-polled UDP ping-pong between two threads over `node`; sizes above
+/// [`MAX_UDP`] are left out. Loopback does not lose datagrams unless the receiver's
+/// buffer overflows, which a ping-pong never does.
+pub fn udp_pingpong(
+    node: &str,
+    sizes: &[usize],
+    iterations: Option<usize>,
+    warmup: usize,
+) -> io::Result<Vec<PpResult>> {
+    let sizes: Vec<usize> = sizes.iter().copied().filter(|&s| s <= MAX_UDP).collect();
+    let plan = plan(&sizes, iterations);
+    let a = UdpSocket::bind((node, 0))?;
+    let b = UdpSocket::bind((node, 0))?;
+    a.connect(b.local_addr()?)?;
+    b.connect(a.local_addr()?)?;
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    let splan = plan.clone();
+    let server = std::thread::spawn(move || -> io::Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = vec![0u8; MAX_UDP];
+        for (size, iters) in splan {
+            for _ in 0..warmup + iters {
+                let n = spin_recv(&b, &mut buf, deadline)?;
+                if n != size {
+                    return Err(io::Error::other("UDP datagram of the wrong size"));
+                }
+                b.send(&buf[..n])?;
+            }
+        }
+        Ok(())
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let mut out = Vec::new();
+    let mut rx = vec![0u8; MAX_UDP];
+    for &(size, iters) in &plan {
+        let tx = vec![0x5Au8; size];
+        let mut samples = Vec::with_capacity(iters);
+        let mut start = Instant::now();
+        for i in 0..warmup + iters {
+            if i == warmup {
+                start = Instant::now();
+            }
+            let t0 = Instant::now();
+            a.send(&tx)?;
+            spin_recv(&a, &mut rx, deadline)?;
+            if i >= warmup {
+                samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        out.push(result(
+            size,
+            iters,
+            &samples,
+            start.elapsed().as_secs_f64() * 1e6,
+        ));
+    }
+    server
+        .join()
+        .map_err(|_| io::Error::other("raw UDP server thread panicked"))??;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_references_measure_every_size() {
+        let r = tcp_pingpong("127.0.0.1", &[8, 70_000], Some(50), 5).unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|x| x.lat_median_us > 0.0 && x.mb_per_s > 0.0));
+        let u = udp_pingpong("127.0.0.1", &[8, 70_000], Some(50), 5).unwrap();
+        assert_eq!(u.len(), 1, "sizes above the UDP limit are left out");
+        assert_eq!(u[0].size, 8);
+    }
+}
