@@ -48,6 +48,11 @@ pub unsafe trait MemoryBacking: Send + Sync + 'static {
     fn supports_persist(&self) -> bool {
         false
     }
+    /// Whether the memory is true persistent memory (durable after a CPU cache flush),
+    /// as opposed to a file mapping made durable by `msync`.
+    fn is_pmem(&self) -> bool {
+        false
+    }
     /// Makes `len` bytes at `offset` durable (flush + drain on persistent memory, msync
     /// on a file mapping).
     fn persist(&self, _offset: usize, _len: usize) -> io::Result<()> {
@@ -57,13 +62,41 @@ pub unsafe trait MemoryBacking: Send + Sync + 'static {
         ))
     }
     /// Copies `src` to `offset` bypassing the CPU cache (non-temporal stores) where the
-    /// platform has them; used for regions registered [`MrFlags::UNCACHED`]. The default
-    /// is a plain copy.
+    /// platform has them, then fences; used for regions registered
+    /// [`MrFlags::UNCACHED`].
     ///
     /// # Safety
     /// `offset + src.len() <= self.len()`.
     unsafe fn write_uncached(&self, offset: usize, src: &[u8]) {
-        std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset), src.len());
+        pmem::memcpy_nt(self.as_ptr().add(offset), src.as_ptr(), src.len());
+    }
+}
+
+/// A file mapping from the [`pmem`] crate can back a registration, including a
+/// [`MrFlags::PMEM`] one.
+///
+/// What `persist` promises depends on the mapping: on true persistent memory
+/// (`MAP_SYNC` on a DAX file system, or device DAX) the range is flushed from the CPU
+/// caches (CLWB/CLFLUSHOPT/CLFLUSH + SFENCE) and is durable when the call returns. On
+/// an ordinary file (page cache) it is `msync(MS_SYNC)`: durable once the file system
+/// has written it to its device, which survives a process crash and, on a file system
+/// with a real device, a power failure; on tmpfs it survives only the process.
+// SAFETY: a Mapping's pointer and length are fixed from mmap to munmap (on drop).
+unsafe impl MemoryBacking for pmem::Mapping {
+    fn as_ptr(&self) -> *mut u8 {
+        pmem::Mapping::as_ptr(self)
+    }
+    fn len(&self) -> usize {
+        pmem::Mapping::len(self)
+    }
+    fn supports_persist(&self) -> bool {
+        true
+    }
+    fn is_pmem(&self) -> bool {
+        pmem::Mapping::is_pmem(self)
+    }
+    fn persist(&self, offset: usize, len: usize) -> io::Result<()> {
+        pmem::Mapping::persist(self, offset, len)
     }
 }
 
@@ -419,6 +452,35 @@ mod tests {
         assert_eq!(RemoteMr::from_bytes(&r.to_bytes()).unwrap(), r);
         assert!(RemoteMr::from_bytes(&[0u8; 23]).is_err());
         assert_eq!(r.iov(16, 8).addr, r.addr + 16);
+    }
+
+    #[test]
+    fn pmem_mapping_registers_and_persists() {
+        let dir = std::env::temp_dir().join(format!("fabric-core-mem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("region");
+        let m = pmem::Mapping::create(&path, 8192).unwrap();
+        let b: &dyn MemoryBacking = &m;
+        assert!(b.supports_persist());
+        assert_eq!(b.len(), 8192);
+        // SAFETY: offset 100 + 5 <= 8192.
+        unsafe { b.write_uncached(100, b"hello") };
+        b.persist(0, 8192).unwrap();
+        drop(m);
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(&back[100..105], b"hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn heap_uncached_write_lands() {
+        let m = HeapMemory::new(4096).unwrap();
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        // SAFETY: 13 + 1000 <= 4096.
+        unsafe { m.write_uncached(13, &data) };
+        // SAFETY: within the allocation.
+        let s = unsafe { std::slice::from_raw_parts(m.as_ptr().add(13), 1000) };
+        assert_eq!(s, &data[..]);
     }
 
     #[test]

@@ -41,3 +41,8 @@ pub fn getinfo(hints: &Hints) -> std::result::Result<Vec<Info>, GetInfoError> {
 pub fn provider_names() -> Vec<&'static str> {
     registry().providers().iter().map(|p| p.name()).collect()
 }
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
