@@ -1,0 +1,435 @@
+//! The progress engine of a fabric: every socket of its endpoints, listeners and
+//! half-open connections, one epoll set, and one lock.
+//!
+//! Manual progress: reading a completion queue calls [`Engine::poll`], which tries the
+//! lock (a thread already progressing is enough), receives directly on each connection
+//! when there are few (one system call per connection, no epoll round trip), and
+//! consults epoll only for listeners, connects in progress and blocked writes.
+//! Blocking reads sleep in `poll(2)` on the epoll descriptor and the queue's eventfd,
+//! never holding the lock. [`Progress::Auto`](fabric_core::Progress::Auto) and async
+//! waiters start a background thread that sleeps in `epoll_wait`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use fabric_core::{
+    Address, ConnHandle, ConnRequest, CqErrorKind, Error, ErrorKind, Event, Fid, Info,
+};
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use crate::conn::{Conn, ConnState, EventQueueShared};
+use crate::queue::WaitQueue;
+use crate::sys::{self, Epoll, EpollEvent, EventFd};
+use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
+
+/// Connections up to which manual progress receives directly instead of asking epoll.
+const DIRECT_MAX: usize = 4;
+/// Manual progress consults epoll at least every this many polls (for listeners).
+const EPOLL_EVERY: u32 = 64;
+/// Token of the stop eventfd in the epoll set.
+const STOP_TOKEN: u64 = 0;
+
+/// A listening socket.
+struct Listener {
+    sock: TcpListener,
+    info: Info,
+    eq: Arc<EventQueueShared>,
+    listening: bool,
+}
+
+/// An accepted socket whose CONN_REQ is still arriving.
+struct HalfOpen {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    listener: Fid,
+}
+
+/// The socket of a connection request, held by the request's [`ConnHandle`] until an
+/// endpoint adopts it (accept) or the passive endpoint rejects it.
+pub(crate) struct ConnToken {
+    pub(crate) sock: Mutex<Option<TcpStream>>,
+}
+
+impl ConnToken {
+    /// Takes the socket out of a connection request's info.
+    pub(crate) fn take(info: &Info) -> fabric_core::Result<TcpStream> {
+        let h = info
+            .conn_handle()
+            .ok_or_else(|| Error::invalid("the info carries no connection request"))?;
+        let t = h
+            .0
+            .downcast_ref::<ConnToken>()
+            .ok_or_else(|| Error::invalid("the connection request is not from the tcp provider"))?;
+        t.sock.lock().take().ok_or_else(|| {
+            Error::invalid("the connection request was already accepted or rejected")
+        })
+    }
+}
+
+pub(crate) struct EngineState {
+    pub(crate) conns: HashMap<u64, Conn>,
+    listeners: HashMap<u64, Listener>,
+    half_open: HashMap<u64, HalfOpen>,
+    events: Vec<EpollEvent>,
+    tick: u32,
+}
+
+/// Shared between the engine and its background thread.
+struct Waker {
+    epoll: Epoll,
+    stop_fd: EventFd,
+    stop: AtomicBool,
+}
+
+/// The progress engine of one fabric.
+pub(crate) struct Engine {
+    state: Mutex<EngineState>,
+    waker: Arc<Waker>,
+    auto: AtomicBool,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.waker.stop.store(true, Ordering::Release);
+        self.waker.stop_fd.signal();
+    }
+}
+
+impl Engine {
+    pub(crate) fn new() -> io::Result<Arc<Engine>> {
+        let epoll = Epoll::new()?;
+        let stop_fd = EventFd::new()?;
+        epoll.add(stop_fd.raw(), STOP_TOKEN, libc::EPOLLIN as u32)?;
+        Ok(Arc::new(Engine {
+            state: Mutex::new(EngineState {
+                conns: HashMap::new(),
+                listeners: HashMap::new(),
+                half_open: HashMap::new(),
+                events: Vec::with_capacity(64),
+                tick: 0,
+            }),
+            waker: Arc::new(Waker {
+                epoll,
+                stop_fd,
+                stop: AtomicBool::new(false),
+            }),
+            auto: AtomicBool::new(false),
+        }))
+    }
+
+    /// Runs `f` on the state under the lock.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut EngineState, &Epoll) -> R) -> R {
+        let mut st = self.state.lock();
+        f(&mut st, &self.waker.epoll)
+    }
+
+    /// Manual progress from a completion-queue read: cheap, skipped when another thread
+    /// holds the lock.
+    pub(crate) fn poll(&self) {
+        if let Some(mut st) = self.state.try_lock() {
+            st.progress(&self.waker.epoll, false);
+        }
+    }
+
+    /// Full progress (event-queue reads, blocking waits): also consults epoll.
+    pub(crate) fn poll_full(&self) {
+        let mut st = self.state.lock();
+        st.progress(&self.waker.epoll, true);
+    }
+
+    /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
+    /// until `deadline`.
+    pub(crate) fn sleep(&self, queue_fd: std::os::fd::RawFd, deadline: Option<Instant>) {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        sys::poll_readable(&[self.waker.epoll.raw(), queue_fd], sys::timeout_ms(left));
+    }
+
+    /// Starts the background progress thread (once).
+    pub(crate) fn ensure_auto(self: &Arc<Self>) {
+        if self.auto.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<Engine> = Arc::downgrade(self);
+        let waker = self.waker.clone();
+        let r = std::thread::Builder::new()
+            .name("fabric-tcp-progress".into())
+            .spawn(move || auto_progress(weak, waker));
+        if let Err(e) = r {
+            warn!("cannot start the progress thread: {e}");
+            self.auto.store(false, Ordering::Release);
+        }
+    }
+
+    /// Registers a listening socket.
+    pub(crate) fn add_listener(
+        &self,
+        fid: Fid,
+        sock: TcpListener,
+        info: Info,
+        eq: Arc<EventQueueShared>,
+    ) {
+        self.state.lock().listeners.insert(
+            fid.0,
+            Listener {
+                sock,
+                info,
+                eq,
+                listening: false,
+            },
+        );
+    }
+
+    pub(crate) fn listen(&self, fid: Fid) -> fabric_core::Result<()> {
+        let mut st = self.state.lock();
+        let l = st
+            .listeners
+            .get_mut(&fid.0)
+            .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
+        if !l.listening {
+            self.waker
+                .epoll
+                .add(l.sock.as_raw_fd(), fid.0, libc::EPOLLIN as u32)?;
+            l.listening = true;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn listener_addr(&self, fid: Fid) -> fabric_core::Result<SocketAddr> {
+        let st = self.state.lock();
+        let l = st
+            .listeners
+            .get(&fid.0)
+            .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
+        Ok(l.sock.local_addr()?)
+    }
+
+    /// Closes a listener and the requests still arriving on it.
+    pub(crate) fn close_listener(&self, fid: Fid) {
+        let mut st = self.state.lock();
+        st.listeners.remove(&fid.0);
+        st.half_open.retain(|_, h| h.listener != fid);
+    }
+}
+
+fn auto_progress(weak: Weak<Engine>, waker: Arc<Waker>) {
+    let mut events: Vec<EpollEvent> = Vec::with_capacity(64);
+    debug!("progress thread started");
+    loop {
+        if waker.stop.load(Ordering::Acquire) {
+            break;
+        }
+        if let Err(e) = waker.epoll.wait(&mut events, 1000) {
+            warn!("epoll_wait failed in the progress thread: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Some(engine) = weak.upgrade() else { break };
+        {
+            let mut st = engine.state.lock();
+            st.dispatch_events(&waker.epoll, &events);
+            st.progress(&waker.epoll, false);
+        }
+        drop(engine);
+    }
+    debug!("progress thread stopped");
+}
+
+impl EngineState {
+    fn progress(&mut self, ep: &Epoll, full: bool) {
+        self.tick = self.tick.wrapping_add(1);
+        let direct = self.conns.len() <= DIRECT_MAX;
+        let mut need_epoll = full || !direct || !self.half_open.is_empty();
+        if direct {
+            for c in self.conns.values_mut() {
+                let r = if c.readable() { c.read() } else { Ok(()) };
+                let r = r.and_then(|_| if c.want_write { c.flush() } else { Ok(()) });
+                if let Err(f) = r {
+                    c.fail(f);
+                }
+                if c.state == ConnState::Connecting {
+                    need_epoll = true;
+                }
+                c.update_interest(ep);
+            }
+        }
+        if need_epoll || self.tick.is_multiple_of(EPOLL_EVERY) {
+            let mut events = std::mem::take(&mut self.events);
+            match ep.wait(&mut events, 0) {
+                Ok(_) => self.dispatch_events(ep, &events),
+                Err(e) => warn!("epoll_wait: {e}"),
+            }
+            events.clear();
+            self.events = events;
+        }
+    }
+
+    fn dispatch_events(&mut self, ep: &Epoll, events: &[EpollEvent]) {
+        for ev in events {
+            let token = ev.u64;
+            let bits = ev.events;
+            if token == STOP_TOKEN {
+                continue;
+            }
+            if let Some(c) = self.conns.get_mut(&token) {
+                let r = if c.state == ConnState::Connecting {
+                    finish_connect(c)
+                } else {
+                    let mut r = Ok(());
+                    if c.readable() {
+                        r = c.read();
+                    }
+                    if r.is_ok() && bits & libc::EPOLLOUT as u32 != 0 {
+                        r = c.flush();
+                    }
+                    r
+                };
+                if let Err(f) = r {
+                    c.fail(f);
+                }
+                c.update_interest(ep);
+            } else if self.listeners.contains_key(&token) {
+                self.accept_all(ep, token);
+            } else if self.half_open.contains_key(&token) {
+                self.read_request(ep, token);
+            }
+        }
+    }
+
+    fn accept_all(&mut self, ep: &Epoll, token: u64) {
+        for _ in 0..64 {
+            let Some(l) = self.listeners.get(&token) else {
+                return;
+            };
+            match l.sock.accept() {
+                Ok((sock, peer)) => {
+                    if let Err(e) = sys::tune_stream(&sock) {
+                        warn!("cannot configure accepted socket from {peer}: {e}");
+                        continue;
+                    }
+                    let id = Fid::next().0;
+                    if let Err(e) = ep.add(sock.as_raw_fd(), id, libc::EPOLLIN as u32) {
+                        warn!("epoll add: {e}");
+                        continue;
+                    }
+                    debug!(%peer, "incoming connection");
+                    self.half_open.insert(
+                        id,
+                        HalfOpen {
+                            sock,
+                            buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
+                            listener: Fid(token),
+                        },
+                    );
+                    self.read_request(ep, id);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a CONN_REQ from a half-open connection; when complete, raises ConnRequest.
+    fn read_request(&mut self, ep: &Epoll, id: u64) {
+        let Some(h) = self.half_open.get_mut(&id) else {
+            return;
+        };
+        let outcome = loop {
+            // Read exactly what the request still needs, never beyond it.
+            let need = if h.buf.len() < BASE_HDR_SIZE {
+                BASE_HDR_SIZE
+            } else {
+                match Header::parse(&h.buf[..BASE_HDR_SIZE]) {
+                    Ok(hdr) if hdr.op == Op::ConnReq => BASE_HDR_SIZE + hdr.size as usize,
+                    Ok(hdr) => break Err(format!("expected CONN_REQ, got {:?}", hdr.op)),
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            if h.buf.len() >= need {
+                break Ok(true);
+            }
+            let mut tmp = [0u8; BASE_HDR_SIZE + MAX_CM_DATA as usize];
+            let want = need - h.buf.len();
+            match sys::recv(h.sock.as_raw_fd(), &mut tmp[..want]) {
+                Ok(0) => break Err("peer closed before its connection request".into()),
+                Ok(n) => h.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        match outcome {
+            Ok(false) => {}
+            Err(why) => {
+                debug!("dropping incoming connection: {why}");
+                self.half_open.remove(&id);
+            }
+            Ok(true) => {
+                let Some(h) = self.half_open.remove(&id) else {
+                    return;
+                };
+                let _ = ep.delete(h.sock.as_raw_fd());
+                let Some(l) = self.listeners.get(&h.listener.0) else {
+                    return;
+                };
+                let peer = h.sock.peer_addr().ok();
+                let mut info = l.info.clone();
+                info.dest_addr = peer.map(Address::Inet);
+                if let Ok(local) = h.sock.local_addr() {
+                    info.src_addr = Some(Address::Inet(local));
+                }
+                let token = ConnToken {
+                    sock: Mutex::new(Some(h.sock)),
+                };
+                let info = info.with_conn_handle(ConnHandle(Arc::new(token)));
+                l.eq.push(Event::ConnRequest(Box::new(ConnRequest {
+                    info,
+                    data: h.buf[BASE_HDR_SIZE..].to_vec(),
+                    listener: h.listener,
+                })));
+            }
+        }
+    }
+}
+
+/// Completes a non-blocking connect: on success sends CONN_REQ, else reports the
+/// error on the event queue.
+pub(crate) fn finish_connect(c: &mut Conn) -> Result<(), crate::conn::Fatal> {
+    let Some(sock) = &c.sock else { return Ok(()) };
+    match sys::take_socket_error(sock.as_raw_fd()) {
+        Ok(()) => c.start_handshake(),
+        Err(e) => {
+            connect_failed(c, e);
+            Ok(())
+        }
+    }
+}
+
+/// Reports a failed TCP connect and closes the endpoint.
+pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
+    let kind = if e.kind() == io::ErrorKind::ConnectionRefused {
+        ErrorKind::ConnectionRefused
+    } else {
+        ErrorKind::Io
+    };
+    debug!(fid = %c.fid, "connect failed: {e}");
+    c.rep.eq.push(Event::Error {
+        fid: c.fid,
+        error: Error::new(kind, format!("connect: {e}")),
+        data: Vec::new(),
+    });
+    c.teardown(CqErrorKind::Canceled, "connect failed", false);
+}
+
+/// Creates the event queue shared part.
+pub(crate) fn new_event_queue() -> io::Result<Arc<EventQueueShared>> {
+    Ok(Arc::new(WaitQueue::new()?))
+}

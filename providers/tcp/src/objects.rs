@@ -1,0 +1,587 @@
+//! The provider objects behind fabric-core's wrappers: fabric, domain, completion and
+//! event queues, passive and active endpoints.
+
+use std::any::Any;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use fabric_core::provider::{
+    CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
+};
+use fabric_core::{
+    Access, Address, CompFlags, Completion, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info,
+    MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest,
+    SendRequest,
+};
+use tracing::debug;
+
+use crate::conn::{
+    wire_iovs, AfterTx, Body, CompQueue, Conn, ConnState, PendKind, Pending, Reporting, TxOp,
+};
+use crate::engine::{connect_failed, new_event_queue, ConnToken, Engine};
+use crate::mr::{KeyTable, MrEntry, TcpMr};
+use crate::queue::WaitQueue;
+use crate::sys;
+use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
+
+/// The fabric: owns the progress engine.
+pub(crate) struct TcpFabric {
+    engine: Arc<Engine>,
+}
+
+impl TcpFabric {
+    pub(crate) fn open(info: &Info) -> Result<TcpFabric> {
+        let engine = Engine::new()?;
+        if info.progress == Progress::Auto {
+            engine.ensure_auto();
+        }
+        Ok(TcpFabric { engine })
+    }
+}
+
+impl FabricOps for TcpFabric {
+    fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
+        if info.progress == Progress::Auto {
+            self.engine.ensure_auto();
+        }
+        Ok(Arc::new(TcpDomain {
+            engine: self.engine.clone(),
+            keys: Arc::new(KeyTable::default()),
+        }))
+    }
+
+    fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
+        Ok(Arc::new(TcpEq {
+            queue: new_event_queue()?,
+            engine: self.engine.clone(),
+        }))
+    }
+
+    fn open_passive_ep(
+        &self,
+        info: &Info,
+        eq: &Arc<dyn EqOps>,
+    ) -> Result<Arc<dyn PassiveEndpointOps>> {
+        let eq = downcast_eq(eq, &self.engine)?;
+        let addr = match &info.src_addr {
+            None => SocketAddr::from(([127, 0, 0, 1], 0)),
+            Some(a) => a.as_inet().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::AddressNotAvailable,
+                    format!("tcp listens on IP addresses only, not {a}"),
+                )
+            })?,
+        };
+        let sock =
+            TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
+        sock.set_nonblocking(true)?;
+        let fid = Fid::next();
+        debug!(%fid, addr = %sock.local_addr()?, "passive endpoint bound");
+        self.engine.add_listener(fid, sock, info.clone(), eq);
+        Ok(Arc::new(TcpPep {
+            fid,
+            engine: self.engine.clone(),
+        }))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn downcast_eq(eq: &Arc<dyn EqOps>, engine: &Arc<Engine>) -> Result<Arc<WaitQueue<Event>>> {
+    let eq = eq
+        .as_any()
+        .downcast_ref::<TcpEq>()
+        .ok_or_else(|| Error::invalid("the event queue is not from the tcp provider"))?;
+    if !Arc::ptr_eq(&eq.engine, engine) {
+        return Err(Error::invalid("the event queue belongs to another fabric"));
+    }
+    Ok(eq.queue.clone())
+}
+
+fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueue>> {
+    let cq = cq
+        .as_any()
+        .downcast_ref::<TcpCq>()
+        .ok_or_else(|| Error::invalid("the completion queue is not from the tcp provider"))?;
+    if !Arc::ptr_eq(&cq.engine, engine) {
+        return Err(Error::invalid(
+            "the completion queue belongs to another fabric",
+        ));
+    }
+    Ok(cq.queue.clone())
+}
+
+/// A domain: the key table of its registrations.
+pub(crate) struct TcpDomain {
+    engine: Arc<Engine>,
+    keys: Arc<KeyTable>,
+}
+
+impl DomainOps for TcpDomain {
+    fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
+        Ok(Arc::new(TcpCq {
+            queue: Arc::new(WaitQueue::new()?),
+            engine: self.engine.clone(),
+        }))
+    }
+
+    fn register(
+        &self,
+        memory: Arc<dyn MemoryBacking>,
+        access: Access,
+        flags: MrFlags,
+    ) -> Result<Arc<dyn MrOps>> {
+        if flags.contains(MrFlags::PMEM) {
+            return Err(Error::unsupported(
+                "tcp does not offer RMA_PMEM yet: PMEM registrations are refused",
+            ));
+        }
+        let key = self.keys.insert(MrEntry {
+            memory,
+            access,
+            flags,
+        });
+        Ok(Arc::new(TcpMr {
+            key,
+            table: self.keys.clone(),
+        }))
+    }
+
+    fn open_endpoint(&self, info: &Info, bind: EndpointBinding) -> Result<Arc<dyn EndpointOps>> {
+        let rep = Reporting {
+            tx_cq: downcast_cq(&bind.tx_cq, &self.engine)?,
+            rx_cq: downcast_cq(&bind.rx_cq, &self.engine)?,
+            eq: downcast_eq(&bind.eq, &self.engine)?,
+            keys: self.keys.clone(),
+        };
+        let fid = Fid::next();
+        let mut conn = Conn::new(fid, rep, info.limits.tx_size, info.limits.rx_size);
+        let mut local = None;
+        let mut peer = None;
+        if info.conn_handle().is_some() {
+            let sock = ConnToken::take(info)?;
+            local = sock.local_addr().ok();
+            peer = sock.peer_addr().ok();
+            conn.sock = Some(sock);
+            conn.state = ConnState::Accepting;
+        }
+        self.engine.with(|st, _| st.conns.insert(fid.0, conn));
+        Ok(Arc::new(TcpEndpoint {
+            fid,
+            engine: self.engine.clone(),
+            addrs: parking_lot::Mutex::new((local, peer)),
+        }))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Shared sleeping loop of `sread` on completion and event queues.
+fn sread_loop<T>(
+    engine: &Engine,
+    queue: &WaitQueue<T>,
+    out: &mut Vec<T>,
+    max: usize,
+    timeout: Option<Duration>,
+) -> usize {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        engine.poll_full();
+        let n = queue.pop_into(out, max);
+        if n > 0 {
+            return n;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return 0;
+        }
+        if queue.begin_sleep() {
+            engine.sleep(queue.efd(), deadline);
+            queue.end_sleep();
+        }
+    }
+}
+
+/// A completion queue.
+pub(crate) struct TcpCq {
+    queue: Arc<CompQueue>,
+    engine: Arc<Engine>,
+}
+
+impl CqOps for TcpCq {
+    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+        self.engine.poll();
+        Ok(self.queue.pop_into(out, max))
+    }
+
+    fn sread(
+        &self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        Ok(sread_loop(
+            &self.engine,
+            &self.queue,
+            out,
+            max.max(1),
+            timeout,
+        ))
+    }
+
+    fn register_waker(&self, waker: &Waker) {
+        self.engine.ensure_auto();
+        self.queue.register_waker(waker);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// An event queue.
+pub(crate) struct TcpEq {
+    queue: Arc<WaitQueue<Event>>,
+    engine: Arc<Engine>,
+}
+
+impl EqOps for TcpEq {
+    fn read(&self) -> Result<Option<Event>> {
+        self.engine.poll_full();
+        Ok(self.queue.pop())
+    }
+
+    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
+        let mut v = Vec::with_capacity(1);
+        sread_loop(&self.engine, &self.queue, &mut v, 1, timeout);
+        Ok(v.pop())
+    }
+
+    fn register_waker(&self, waker: &Waker) {
+        self.engine.ensure_auto();
+        self.queue.register_waker(waker);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A passive endpoint.
+pub(crate) struct TcpPep {
+    fid: Fid,
+    engine: Arc<Engine>,
+}
+
+impl PassiveEndpointOps for TcpPep {
+    fn listen(&self) -> Result<()> {
+        self.engine.listen(self.fid)
+    }
+
+    fn local_addr(&self) -> Result<Address> {
+        Ok(Address::Inet(self.engine.listener_addr(self.fid)?))
+    }
+
+    fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
+        let sock = ConnToken::take(request)?;
+        let h = Header {
+            status: Status::REJECTED,
+            ..Header::new(Op::ConnResp, 0, data.len() as u64)
+        };
+        let mut buf = [0u8; crate::wire::MAX_HDR_SIZE];
+        let n = h.emit(&mut buf);
+        let iov = [
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: n,
+            },
+            libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            },
+        ];
+        use std::os::fd::AsRawFd;
+        // A fresh socket's buffer takes a header and 256 bytes; if it does not, the
+        // peer sees the connection close, which it also reports as refused.
+        let r = sys::sendv(sock.as_raw_fd(), &iov);
+        debug!(fid = %self.fid, "rejected a connection request: {r:?}");
+        sys::shutdown_both(sock.as_raw_fd());
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.engine.close_listener(self.fid);
+    }
+}
+
+impl Drop for TcpPep {
+    fn drop(&mut self) {
+        self.engine.close_listener(self.fid);
+    }
+}
+
+/// An active endpoint: a handle on its connection inside the engine.
+pub(crate) struct TcpEndpoint {
+    fid: Fid,
+    engine: Arc<Engine>,
+    addrs: parking_lot::Mutex<(Option<SocketAddr>, Option<SocketAddr>)>,
+}
+
+fn closed() -> Error {
+    Error::new(ErrorKind::NotConnected, "the endpoint is shut down")
+}
+
+impl TcpEndpoint {
+    /// Runs `f` on the connection under the engine lock, then refreshes its epoll
+    /// registration.
+    fn with_conn<R>(&self, f: impl FnOnce(&mut Conn) -> Result<R>) -> Result<R> {
+        self.engine.with(|st, ep| {
+            let c = st.conns.get_mut(&self.fid.0).ok_or_else(closed)?;
+            let r = f(c);
+            c.update_interest(ep);
+            r
+        })
+    }
+
+    fn post_tx(&self, op_builder: impl FnOnce(&mut Conn) -> TxOp) -> Result<()> {
+        self.with_conn(|c| {
+            if c.state == ConnState::Closed {
+                return Err(closed());
+            }
+            if c.tx_outstanding() >= c.tx_size {
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    format!("{} operations outstanding (tx_size)", c.tx_size),
+                ));
+            }
+            let op = op_builder(c);
+            c.queue(op, false);
+            if !c.want_write {
+                if let Err(f) = c.flush() {
+                    c.fail(f);
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn body_of(p: Payload) -> Body {
+    match p {
+        Payload::Inline(v) => Body::Bytes(v),
+        Payload::Segments(s) => Body::Segs(s),
+    }
+}
+
+impl EndpointOps for TcpEndpoint {
+    fn fid(&self) -> Fid {
+        self.fid
+    }
+
+    fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
+        let sa = addr.as_inet().ok_or_else(|| {
+            Error::new(
+                ErrorKind::AddressNotAvailable,
+                format!("tcp connects to IP addresses only, not {addr}"),
+            )
+        })?;
+        self.with_conn(|c| {
+            if c.state != ConnState::Idle {
+                return Err(Error::invalid(format!(
+                    "connect: the endpoint is {:?}, not idle",
+                    c.state
+                )));
+            }
+            c.connect_data = data.to_vec();
+            match sys::connect_nonblocking(&sa) {
+                Ok((sock, done)) => {
+                    sys::tune_stream(&sock)?;
+                    *self.addrs.lock() = (sock.local_addr().ok(), Some(sa));
+                    c.sock = Some(sock);
+                    c.state = ConnState::Connecting;
+                    if done {
+                        if let Err(f) = c.start_handshake() {
+                            c.fail(f);
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    connect_failed(c, e);
+                    Ok(())
+                }
+                Err(e) => Err(Error::from(e).context(format!("connect to {sa}"))),
+            }
+        })
+    }
+
+    fn accept(&self, data: &[u8]) -> Result<()> {
+        self.with_conn(|c| {
+            if c.state != ConnState::Accepting {
+                return Err(Error::invalid(format!(
+                    "accept: the endpoint is {:?}, not a pending request",
+                    c.state
+                )));
+            }
+            let h = Header::new(Op::ConnResp, 0, data.len() as u64);
+            c.queue(
+                TxOp::new(&h, Body::Bytes(data.to_vec()), AfterTx::Nothing),
+                true,
+            );
+            c.state = ConnState::Connected;
+            if let Err(f) = c.flush() {
+                c.fail(f);
+                return Err(Error::new(ErrorKind::NotConnected, "the peer went away"));
+            }
+            c.rep.eq.push(Event::Connected {
+                fid: c.fid,
+                data: Vec::new(),
+            });
+            // Anything the client sent after our accept is read on the next progress.
+            Ok(())
+        })
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        self.with_conn(|c| {
+            c.teardown(
+                fabric_core::CqErrorKind::Canceled,
+                "endpoint shut down locally",
+                true,
+            );
+            Ok(())
+        })
+    }
+
+    fn local_addr(&self) -> Option<Address> {
+        self.addrs.lock().0.map(Address::Inet)
+    }
+
+    fn peer_addr(&self) -> Option<Address> {
+        self.addrs.lock().1.map(Address::Inet)
+    }
+
+    fn post_send(&self, req: SendRequest) -> Result<()> {
+        self.post_tx(|c| {
+            let op_id = c.next_id();
+            let len = req.payload.len();
+            let mut h = Header::new(Op::Msg, op_id, len as u64);
+            if let Some(d) = req.data {
+                h.flags |= FLAG_CQ_DATA;
+                h.data = d;
+            }
+            let flags = CompFlags::MSG | CompFlags::SEND;
+            let delivery = req
+                .flags
+                .intersects(OpFlags::DELIVERY_COMPLETE | OpFlags::COMMIT_COMPLETE);
+            let then = if delivery {
+                h.flags |= FLAG_DELIVERY;
+                AfterTx::Await(Pending {
+                    op_id,
+                    kind: PendKind::Send,
+                    context: req.context,
+                    flags,
+                    len,
+                    completion: req.completion,
+                    hold: Body::Empty,
+                    remote: Vec::new(),
+                })
+            } else {
+                AfterTx::Complete {
+                    context: req.context,
+                    flags,
+                    len,
+                    completion: req.completion,
+                }
+            };
+            TxOp::new(&h, body_of(req.payload), then)
+        })
+    }
+
+    fn post_recv(&self, req: RecvRequest) -> Result<()> {
+        self.with_conn(|c| {
+            if c.state == ConnState::Closed {
+                return Err(closed());
+            }
+            if c.posted_len() >= c.rx_size {
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    format!("{} receives posted (rx_size)", c.rx_size),
+                ));
+            }
+            if let Err(f) = c.post_recv(req) {
+                c.fail(f);
+            }
+            Ok(())
+        })
+    }
+
+    fn post_write(&self, req: RmaRequest) -> Result<()> {
+        self.post_tx(|c| {
+            let op_id = c.next_id();
+            let len = req.payload.len();
+            let mut h = Header::new(Op::Write, op_id, len as u64);
+            wire_iovs(&mut h, &req.remote);
+            if let Some(d) = req.data {
+                h.flags |= FLAG_CQ_DATA;
+                h.data = d;
+            }
+            if req.flags.contains(OpFlags::COMMIT_COMPLETE) {
+                h.flags |= FLAG_COMMIT;
+            }
+            let then = AfterTx::Await(Pending {
+                op_id,
+                kind: PendKind::Write,
+                context: req.context,
+                flags: CompFlags::RMA | CompFlags::WRITE,
+                len,
+                completion: req.completion,
+                hold: Body::Empty,
+                remote: req.remote,
+            });
+            TxOp::new(&h, body_of(req.payload), then)
+        })
+    }
+
+    fn post_read(&self, req: RmaRequest) -> Result<()> {
+        self.post_tx(|c| {
+            let op_id = c.next_id();
+            let len = req.payload.len();
+            let mut h = Header::new(Op::ReadReq, op_id, 0);
+            wire_iovs(&mut h, &req.remote);
+            let then = AfterTx::Await(Pending {
+                op_id,
+                kind: PendKind::Read,
+                context: req.context,
+                flags: CompFlags::RMA | CompFlags::READ,
+                len,
+                completion: req.completion,
+                hold: body_of(req.payload),
+                remote: req.remote,
+            });
+            TxOp::new(&h, Body::Empty, then)
+        })
+    }
+
+    fn close(&self) {
+        let conn = self.engine.with(|st, _| st.conns.remove(&self.fid.0));
+        if let Some(mut c) = conn {
+            c.teardown(fabric_core::CqErrorKind::Canceled, "endpoint closed", false);
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for TcpEndpoint {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
