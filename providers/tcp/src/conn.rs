@@ -962,6 +962,8 @@ impl Conn {
                     ack,
                     write_data: false,
                 });
+                // A receive may have been posted while the message streamed in.
+                self.match_unexpected()?;
             }
             AfterRx::Write {
                 op_id, size, data, ..
@@ -1068,7 +1070,29 @@ impl Conn {
     /// Posts a receive: matches the oldest unexpected message first, else queues it
     /// (and resumes a stalled connection).
     pub(crate) fn post_recv(&mut self, recv: RecvRequest) -> Result<(), Fatal> {
-        if let Some(u) = self.unexpected.pop_front() {
+        self.posted.push_back(recv);
+        self.match_unexpected()?;
+        if let Phase::Stalled(h) = self.rx.phase {
+            if !self.posted.is_empty()
+                || self.unexpected_bytes + h.size as usize <= UNEXPECTED_LIMIT
+            {
+                self.rx.phase = Phase::Header;
+                self.start_msg(h);
+                // Data for it may already be buffered.
+                self.read()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pairs posted receives with buffered messages, oldest first.
+    fn match_unexpected(&mut self) -> Result<(), Fatal> {
+        let mut acked = false;
+        while !self.posted.is_empty() && !self.unexpected.is_empty() {
+            let (Some(recv), Some(u)) = (self.posted.pop_front(), self.unexpected.pop_front())
+            else {
+                break;
+            };
             self.unexpected_bytes -= u.bytes.len();
             let placed = if u.write_data {
                 0
@@ -1080,22 +1104,11 @@ impl Conn {
             self.complete_recv(recv, u.size, placed, u.data, u.write_data);
             if let Some(id) = u.ack {
                 self.ack(id, Status::Ok, 0);
-                if !self.want_write {
-                    self.flush()?;
-                }
+                acked = true;
             }
-        } else {
-            self.posted.push_back(recv);
         }
-        if let Phase::Stalled(h) = self.rx.phase {
-            if !self.posted.is_empty()
-                || self.unexpected_bytes + h.size as usize <= UNEXPECTED_LIMIT
-            {
-                self.rx.phase = Phase::Header;
-                self.start_msg(h);
-                // Data for it may already be buffered.
-                self.read()?;
-            }
+        if acked && !self.want_write {
+            self.flush()?;
         }
         Ok(())
     }
