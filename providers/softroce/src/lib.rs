@@ -27,4 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod fault;
+pub mod pcap;
+pub mod rc;
 pub mod wire;

@@ -1,0 +1,466 @@
+//! The RC (reliable connected) transport as a deterministic, sans-IO state machine.
+//!
+//! A [`QueuePair`] owns no socket and no clock (in the manner of quinn-proto). The
+//! driver around it:
+//!
+//! 1. feeds every received RoCEv2 packet addressed to this QP with
+//!    [`QueuePair::handle_packet`] (ICRC already verified, e.g. with
+//!    [`crate::wire::frame::Ipv4UdpFrame::verify_icrc`]) or
+//!    [`QueuePair::handle_datagram`] (verifies the ICRC assuming rxe's IP ID 0 / DF);
+//! 2. drains [`QueuePair::poll_transmit`] and sends each [`Transmit`] as a UDP datagram;
+//! 3. arms a timer for [`QueuePair::poll_timeout`] and calls
+//!    [`QueuePair::handle_timeout`] when it expires;
+//! 4. collects [`Completion`]s from [`QueuePair::poll_completion`].
+//!
+//! Work requests enter with [`QueuePair::post_send`] and [`QueuePair::post_recv`];
+//! their buffers are [`LocalSegment`]s of [`LocalMemory`]. Remote access from the peer
+//! goes through the [`RemoteMemoryTable`] given at creation.
+//!
+//! The requester segments messages by path MTU, sets AckReq on the last packet and
+//! every 64 packets, keeps at most 128 PSNs unacknowledged, retransmits go-back-N on
+//! timeout, sequence NAK or implicit NAK, and waits out RNR NAKs. The responder checks
+//! PSNs with signed 24-bit comparison, NAKs a sequence error once and then drops
+//! out-of-order packets until the expected PSN arrives, re-ACKs duplicate SEND/WRITE
+//! packets, replays READ/atomic/FLUSH responses from its resource ring, sends RNR NAK
+//! when no receive is posted, and checks R_Key, bounds and rights before touching
+//! memory (NAK remote access error otherwise). Behaviour follows Linux rdma_rxe.
+
+mod memory;
+mod psn;
+mod requester;
+mod responder;
+mod types;
+
+pub use memory::{
+    AtomicOp, KeyTable, LocalMemory, LocalSegment, MemoryError, RemoteAccess, RemoteMemoryTable,
+    RemoteRegion, VecMemory,
+};
+pub use psn::{MAX_PKTS_PER_ACK, MAX_UNACKED_PSNS, PSN_MASK};
+pub use types::{
+    ib_timeout, Completion, FlushPlacement, Mtu, QpError, QpState, QpStats, RecvWr, RtrAttr,
+    RtsAttr, SendOp, SendWr, Time, Transmit, WcOpcode, WcStatus,
+};
+
+use std::collections::VecDeque;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use tracing::debug;
+
+use crate::wire::{self, BthRepr, IcrcContext, Opcode, RocePacket, RoceRepr};
+use requester::Requester;
+use responder::Responder;
+
+/// The QP must enter ERROR; carries the error completion, if one is due.
+pub(crate) struct Fatal(pub(crate) Option<Completion>);
+
+/// Per-connection constants used to build packets.
+pub(crate) struct Ctx {
+    qpn: u32,
+    dest_qpn: u32,
+    mtu: Mtu,
+    icrc: IcrcContext,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+}
+
+impl Ctx {
+    fn bth(&self, opcode: Opcode, psn: u32, ack_req: bool) -> BthRepr {
+        BthRepr {
+            opcode,
+            solicited: false,
+            migreq: true,
+            pad_count: 0,
+            pkey: wire::bth::DEFAULT_PKEY,
+            fecn: false,
+            becn: false,
+            dest_qpn: self.dest_qpn,
+            ack_req,
+            psn,
+        }
+    }
+
+    fn build(&self, repr: &RoceRepr, payload: &[u8]) -> Option<Vec<u8>> {
+        repr.build(payload, &self.icrc).ok()
+    }
+}
+
+/// An RC queue pair: requester, completer and responder of one connection.
+pub struct QueuePair {
+    qpn: u32,
+    state: QpState,
+    table: Arc<dyn RemoteMemoryTable>,
+    ctx: Option<Ctx>,
+    rtr: Option<RtrAttr>,
+    req: Requester,
+    resp: Responder,
+    comps: VecDeque<Completion>,
+    stats: QpStats,
+}
+
+impl std::fmt::Debug for QueuePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair")
+            .field("qpn", &self.qpn)
+            .field("state", &self.state)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueuePair {
+    /// A QP in state RESET with number `qpn` (24 bits); the peer's R_Keys are looked up
+    /// in `table`.
+    pub fn new(qpn: u32, table: Arc<dyn RemoteMemoryTable>) -> Self {
+        Self {
+            qpn: qpn & PSN_MASK,
+            state: QpState::Reset,
+            table,
+            ctx: None,
+            rtr: None,
+            req: Requester::new(),
+            resp: Responder::new(),
+            comps: VecDeque::new(),
+            stats: QpStats::default(),
+        }
+    }
+
+    /// This QP's number.
+    pub fn qpn(&self) -> u32 {
+        self.qpn
+    }
+
+    /// Current state.
+    pub fn state(&self) -> QpState {
+        self.state
+    }
+
+    /// Protocol counters.
+    pub fn stats(&self) -> QpStats {
+        self.stats
+    }
+
+    /// Send work requests queued and not yet completed.
+    pub fn send_queue_len(&self) -> usize {
+        self.req.queued()
+    }
+
+    fn transition(&self, from: QpState, action: &'static str) -> Result<(), QpError> {
+        if self.state == from {
+            Ok(())
+        } else {
+            Err(QpError::InvalidState {
+                state: self.state,
+                action,
+            })
+        }
+    }
+
+    /// RESET -> INIT.
+    pub fn modify_to_init(&mut self) -> Result<(), QpError> {
+        self.transition(QpState::Reset, "move to INIT")?;
+        self.state = QpState::Init;
+        Ok(())
+    }
+
+    /// INIT -> RTR: the responder starts accepting requests.
+    pub fn modify_to_rtr(&mut self, attr: RtrAttr) -> Result<(), QpError> {
+        self.transition(QpState::Init, "move to RTR")?;
+        if attr.dest_qpn > PSN_MASK {
+            return Err(QpError::InvalidAttribute("dest_qpn wider than 24 bits"));
+        }
+        if attr.rq_psn > PSN_MASK {
+            return Err(QpError::InvalidAttribute("rq_psn wider than 24 bits"));
+        }
+        if attr.min_rnr_timer > 31 {
+            return Err(QpError::InvalidAttribute("min_rnr_timer above 31"));
+        }
+        self.ctx = Some(Ctx {
+            qpn: self.qpn,
+            dest_qpn: attr.dest_qpn,
+            mtu: attr.mtu,
+            icrc: IcrcContext::rxe(
+                *attr.local.ip(),
+                *attr.remote.ip(),
+                attr.local.port(),
+                attr.remote.port(),
+            ),
+            local: attr.local,
+            remote: attr.remote,
+        });
+        self.resp
+            .start(attr.rq_psn, attr.max_dest_rd_atomic, attr.min_rnr_timer);
+        self.rtr = Some(attr);
+        self.state = QpState::Rtr;
+        Ok(())
+    }
+
+    /// RTR -> RTS: the requester starts sending.
+    pub fn modify_to_rts(&mut self, attr: RtsAttr) -> Result<(), QpError> {
+        self.transition(QpState::Rtr, "move to RTS")?;
+        if attr.retry_cnt > 7 || attr.rnr_retry > 7 {
+            return Err(QpError::InvalidAttribute("retry counts are 0..=7"));
+        }
+        if attr.sq_psn > PSN_MASK {
+            return Err(QpError::InvalidAttribute("sq_psn wider than 24 bits"));
+        }
+        if attr.timeout.is_zero() {
+            return Err(QpError::InvalidAttribute("timeout must be positive"));
+        }
+        self.req.start(attr);
+        self.state = QpState::Rts;
+        Ok(())
+    }
+
+    /// Any state -> ERROR: every queued work request completes with `Flushed`.
+    pub fn modify_to_error(&mut self) {
+        self.enter_error();
+    }
+
+    /// Any state -> RESET: queues are emptied without completions.
+    pub fn reset(&mut self) {
+        let qpn = self.qpn;
+        let table = self.table.clone();
+        let stats = self.stats;
+        *self = Self::new(qpn, table);
+        self.stats = stats;
+    }
+
+    fn enter_error(&mut self) {
+        if self.state != QpState::Error {
+            debug!(qpn = self.qpn, "QP enters ERROR");
+        }
+        self.state = QpState::Error;
+        self.req.flush(&mut self.comps);
+        self.resp.flush(&mut self.comps);
+    }
+
+    fn fatal(&mut self, f: Fatal) {
+        if let Some(c) = f.0 {
+            self.comps.push_back(c);
+        }
+        self.enter_error();
+    }
+
+    /// Posts a send work request (RTS). In ERROR it completes at once with `Flushed`.
+    pub fn post_send(&mut self, wr: SendWr) -> Result<(), QpError> {
+        if let Some(l) = &wr.local {
+            if !l.in_bounds() {
+                return Err(QpError::LocalOutOfBounds);
+            }
+            if l.len > 1 << 31 {
+                return Err(QpError::InvalidWorkRequest("message longer than 2 GiB"));
+            }
+        }
+        match wr.op {
+            SendOp::CompareSwap { remote_va, .. } | SendOp::FetchAdd { remote_va, .. } => {
+                if wr.local.as_ref().map(|l| l.len) != Some(8) {
+                    return Err(QpError::InvalidWorkRequest(
+                        "atomics need an 8-byte local segment",
+                    ));
+                }
+                if remote_va & 7 != 0 {
+                    return Err(QpError::InvalidWorkRequest(
+                        "atomic target not 8-byte aligned",
+                    ));
+                }
+            }
+            SendOp::Flush { .. } if wr.local.is_some() => {
+                return Err(QpError::InvalidWorkRequest("FLUSH takes no local segment"));
+            }
+            _ => {}
+        }
+        match self.state {
+            QpState::Rts => {
+                // RTS implies the RTR context exists.
+                let Some(ctx) = self.ctx.as_ref() else {
+                    return Err(QpError::InvalidState {
+                        state: self.state,
+                        action: "post a send",
+                    });
+                };
+                self.req.post(wr, ctx);
+                Ok(())
+            }
+            QpState::Error => {
+                let opcode = match wr.op {
+                    SendOp::Send | SendOp::SendWithImm { .. } => WcOpcode::Send,
+                    SendOp::Write { .. } | SendOp::WriteWithImm { .. } => WcOpcode::RdmaWrite,
+                    SendOp::Read { .. } => WcOpcode::RdmaRead,
+                    SendOp::CompareSwap { .. } => WcOpcode::CompareSwap,
+                    SendOp::FetchAdd { .. } => WcOpcode::FetchAdd,
+                    SendOp::Flush { .. } => WcOpcode::Flush,
+                };
+                self.comps.push_back(Completion {
+                    wr_id: wr.wr_id,
+                    opcode,
+                    status: WcStatus::Flushed,
+                    byte_len: 0,
+                    imm: None,
+                });
+                Ok(())
+            }
+            state => Err(QpError::InvalidState {
+                state,
+                action: "post a send",
+            }),
+        }
+    }
+
+    /// Posts a receive (INIT, RTR, RTS). In ERROR it completes at once with `Flushed`.
+    pub fn post_recv(&mut self, wr: RecvWr) -> Result<(), QpError> {
+        if let Some(l) = &wr.local {
+            if !l.in_bounds() {
+                return Err(QpError::LocalOutOfBounds);
+            }
+        }
+        match self.state {
+            QpState::Init | QpState::Rtr | QpState::Rts => {
+                self.resp.post_recv(wr);
+                Ok(())
+            }
+            QpState::Error => {
+                self.comps.push_back(Completion {
+                    wr_id: wr.wr_id,
+                    opcode: WcOpcode::Recv,
+                    status: WcStatus::Flushed,
+                    byte_len: 0,
+                    imm: None,
+                });
+                Ok(())
+            }
+            QpState::Reset => Err(QpError::InvalidState {
+                state: QpState::Reset,
+                action: "post a receive",
+            }),
+        }
+    }
+
+    /// Verifies the ICRC of a UDP datagram received on a plain socket (assuming the
+    /// sender used IP ID 0 and DF, as rxe does) and handles it.
+    pub fn handle_datagram(
+        &mut self,
+        now: Time,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+    ) -> Result<(), wire::Error> {
+        IcrcContext::rxe(*src.ip(), *dst.ip(), src.port(), dst.port()).verify(payload)?;
+        self.handle_packet(now, payload)
+    }
+
+    /// Handles one RoCEv2 packet (BTH through ICRC) whose ICRC the caller verified.
+    /// Malformed packets are dropped and reported; protocol-level surprises (wrong
+    /// QPN, stale PSNs) are dropped silently and counted.
+    pub fn handle_packet(&mut self, now: Time, packet: &[u8]) -> Result<(), wire::Error> {
+        let parsed = RocePacket::new_checked(packet).and_then(|p| {
+            let r = RoceRepr::parse(&p)?;
+            Ok((r, p))
+        });
+        let (repr, p) = match parsed {
+            Ok(x) => x,
+            Err(e) => {
+                self.stats.packets_dropped += 1;
+                return Err(e);
+            }
+        };
+        let op = repr.bth.opcode;
+        let is_request = op.info().is_some_and(|i| i.is_request);
+        let accepted = op.is_rc()
+            && op != Opcode::CNP
+            && repr.bth.dest_qpn == self.qpn
+            && match self.state {
+                QpState::Rtr => is_request,
+                QpState::Rts => true,
+                _ => false,
+            };
+        let Some(ctx) = self.ctx.as_ref().filter(|_| accepted) else {
+            self.stats.packets_dropped += 1;
+            return Ok(());
+        };
+        self.stats.packets_received += 1;
+        let result = if is_request {
+            self.resp.handle_request(
+                &repr,
+                p.payload(),
+                ctx,
+                self.table.as_ref(),
+                &mut self.comps,
+                &mut self.stats,
+            )
+        } else {
+            self.req
+                .handle_response(
+                    now,
+                    &repr,
+                    p.payload(),
+                    ctx,
+                    &mut self.comps,
+                    &mut self.stats,
+                )
+                .map(|_| ())
+        };
+        if let Err(f) = result {
+            self.fatal(f);
+        }
+        Ok(())
+    }
+
+    /// The next packet to send, if any. Responses go before new requests.
+    pub fn poll_transmit(&mut self, now: Time) -> Option<Transmit> {
+        let ctx = self.ctx.as_ref()?;
+        let payload = match self.state {
+            QpState::Rtr | QpState::Error => self.resp.next_packet(ctx),
+            QpState::Rts => {
+                if self.resp.has_output() {
+                    self.resp.next_packet(ctx)
+                } else {
+                    match self.req.next_packet(now, ctx) {
+                        Ok(p) => p,
+                        Err(f) => {
+                            self.fatal(f);
+                            None
+                        }
+                    }
+                }
+            }
+            _ => None,
+        }?;
+        self.stats.packets_sent += 1;
+        let ctx = self.ctx.as_ref()?;
+        Some(Transmit {
+            src: ctx.local,
+            dst: ctx.remote,
+            payload,
+        })
+    }
+
+    /// When [`Self::handle_timeout`] must next be called, if at all.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        if self.state == QpState::Rts {
+            self.req.poll_timeout()
+        } else {
+            None
+        }
+    }
+
+    /// Runs expired timers (retransmission, RNR wait).
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.state != QpState::Rts {
+            return;
+        }
+        if let Err(f) = self.req.handle_timeout(now, &mut self.stats) {
+            self.fatal(f);
+        }
+    }
+
+    /// The next completion, if any.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.comps.pop_front()
+    }
+
+    /// The path MTU (after RTR).
+    pub fn mtu(&self) -> Option<Mtu> {
+        self.rtr.map(|a| a.mtu)
+    }
+}

@@ -1,0 +1,677 @@
+//! The requester (send queue, segmentation, retransmission) and the completer (ACK,
+//! NAK and response handling) of an RC queue pair.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tracing::{debug, trace};
+
+use super::memory::LocalSegment;
+use super::psn::{self, MAX_PKTS_PER_ACK, MAX_UNACKED_PSNS};
+use super::types::{
+    Completion, FlushPlacement, QpStats, RtsAttr, SendOp, SendWr, Time, WcOpcode, WcStatus,
+};
+use super::{Ctx, Fatal};
+use crate::wire::ext::{
+    rnr_timer_ns, AtomicEthRepr, FethRepr, NakCode, RethRepr, Syndrome, FLUSH_PLACEMENT_GLOBAL,
+    FLUSH_PLACEMENT_PERSISTENT, FLUSH_SELECT_RANGE,
+};
+use crate::wire::opcode::Segment;
+use crate::wire::{Opcode, RoceRepr};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Send,
+    Write,
+    Read,
+    Atomic,
+    Flush,
+}
+
+impl Kind {
+    fn of(op: &SendOp) -> Kind {
+        match op {
+            SendOp::Send | SendOp::SendWithImm { .. } => Kind::Send,
+            SendOp::Write { .. } | SendOp::WriteWithImm { .. } => Kind::Write,
+            SendOp::Read { .. } => Kind::Read,
+            SendOp::CompareSwap { .. } | SendOp::FetchAdd { .. } => Kind::Atomic,
+            SendOp::Flush { .. } => Kind::Flush,
+        }
+    }
+    /// Read-like: answered by responses rather than ACKs, uses responder resources.
+    fn is_rd_atomic(self) -> bool {
+        matches!(self, Kind::Read | Kind::Atomic | Kind::Flush)
+    }
+}
+
+/// A posted send work request and its transmission state.
+struct Wqe {
+    wr: SendWr,
+    kind: Kind,
+    len: u32,
+    npkts: u32,
+    first_psn: u32,
+    started: bool,
+}
+
+impl Wqe {
+    fn last_psn(&self) -> u32 {
+        psn::add(self.first_psn, self.npkts - 1)
+    }
+    fn contains(&self, p: u32) -> bool {
+        self.started && psn::diff(p, self.first_psn) >= 0 && psn::diff(p, self.last_psn()) <= 0
+    }
+    fn wc_opcode(&self) -> WcOpcode {
+        match self.wr.op {
+            SendOp::Send | SendOp::SendWithImm { .. } => WcOpcode::Send,
+            SendOp::Write { .. } | SendOp::WriteWithImm { .. } => WcOpcode::RdmaWrite,
+            SendOp::Read { .. } => WcOpcode::RdmaRead,
+            SendOp::CompareSwap { .. } => WcOpcode::CompareSwap,
+            SendOp::FetchAdd { .. } => WcOpcode::FetchAdd,
+            SendOp::Flush { .. } => WcOpcode::Flush,
+        }
+    }
+    fn completion(&self, status: WcStatus) -> Completion {
+        Completion {
+            wr_id: self.wr.wr_id,
+            opcode: self.wc_opcode(),
+            status,
+            byte_len: if status == WcStatus::Success {
+                self.len
+            } else {
+                0
+            },
+            imm: None,
+        }
+    }
+}
+
+/// Requester + completer state.
+pub(super) struct Requester {
+    sq: VecDeque<Wqe>,
+    attr: Option<RtsAttr>,
+    /// PSN given to the next WQE that starts.
+    next_psn: u32,
+    /// Index in `sq` of the WQE to transmit next and the packet within it.
+    send_idx: usize,
+    send_pkt: u32,
+    /// Oldest PSN not yet acknowledged (or expected read response).
+    comp_psn: u32,
+    retry_left: u8,
+    rnr_left: u8,
+    /// Go-back-N restart already under way from this PSN (suppresses repeats).
+    retry_from: Option<u32>,
+    retrans_deadline: Option<Time>,
+    rnr_deadline: Option<Time>,
+    noack_pkts: u32,
+    rd_outstanding: u32,
+}
+
+impl Requester {
+    pub(super) fn new() -> Self {
+        Self {
+            sq: VecDeque::new(),
+            attr: None,
+            next_psn: 0,
+            send_idx: 0,
+            send_pkt: 0,
+            comp_psn: 0,
+            retry_left: 0,
+            rnr_left: 0,
+            retry_from: None,
+            retrans_deadline: None,
+            rnr_deadline: None,
+            noack_pkts: 0,
+            rd_outstanding: 0,
+        }
+    }
+
+    pub(super) fn start(&mut self, attr: RtsAttr) {
+        let sq_psn = attr.sq_psn & psn::PSN_MASK;
+        self.attr = Some(attr);
+        self.next_psn = sq_psn;
+        self.comp_psn = sq_psn;
+        self.retry_left = attr.retry_cnt;
+        self.rnr_left = attr.rnr_retry;
+    }
+
+    fn timeout(&self) -> Duration {
+        self.attr.map_or(Duration::from_millis(100), |a| a.timeout)
+    }
+
+    /// Queues a validated work request.
+    pub(super) fn post(&mut self, wr: SendWr, ctx: &Ctx) {
+        let kind = Kind::of(&wr.op);
+        let len = match wr.op {
+            SendOp::Flush { .. } => 0,
+            _ => wr.local.as_ref().map_or(0, |l| l.len),
+        };
+        let npkts = match kind {
+            Kind::Send | Kind::Write | Kind::Read => ctx.mtu.packets(len),
+            Kind::Atomic | Kind::Flush => 1,
+        };
+        self.sq.push_back(Wqe {
+            wr,
+            kind,
+            len,
+            npkts,
+            first_psn: 0,
+            started: false,
+        });
+    }
+
+    fn outstanding(&self) -> bool {
+        self.sq.front().is_some_and(|w| w.started)
+    }
+
+    /// Next deadline of the requester's timers.
+    pub(super) fn poll_timeout(&self) -> Option<Time> {
+        match (self.retrans_deadline, self.rnr_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Produces the next request packet, if the window and limits allow one.
+    pub(super) fn next_packet(&mut self, now: Time, ctx: &Ctx) -> Result<Option<Vec<u8>>, Fatal> {
+        if self.rnr_deadline.is_some() || self.send_idx >= self.sq.len() {
+            return Ok(None);
+        }
+        let max_rd = u32::from(self.attr.map_or(1, |a| a.max_rd_atomic.max(1)));
+        let idx = self.send_idx;
+        let (started, kind, first_psn) = {
+            let w = &self.sq[idx];
+            (w.started, w.kind, w.first_psn)
+        };
+        let p = if started {
+            psn::add(first_psn, self.send_pkt)
+        } else {
+            if kind.is_rd_atomic() && self.rd_outstanding >= max_rd {
+                return Ok(None);
+            }
+            self.next_psn
+        };
+        if psn::diff(p, self.comp_psn) >= MAX_UNACKED_PSNS {
+            return Ok(None);
+        }
+        if !started {
+            let w = &mut self.sq[idx];
+            w.started = true;
+            w.first_psn = self.next_psn;
+            self.next_psn = psn::add(self.next_psn, w.npkts);
+            if kind.is_rd_atomic() {
+                self.rd_outstanding += 1;
+            }
+        }
+        let k = self.send_pkt;
+        let bytes = match self.build(idx, k, ctx) {
+            Ok(b) => b,
+            Err(status) => {
+                debug!(
+                    qpn = ctx.qpn,
+                    "local buffer unreadable: failing the work request"
+                );
+                return Err(self.fail_front(status));
+            }
+        };
+        let w = &self.sq[idx];
+        if matches!(w.kind, Kind::Send | Kind::Write) && k + 1 < w.npkts {
+            self.send_pkt += 1;
+        } else {
+            self.send_idx += 1;
+            self.send_pkt = 0;
+        }
+        if self.retrans_deadline.is_none() {
+            self.retrans_deadline = Some(now + self.timeout());
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Builds packet `k` of WQE `idx`.
+    fn build(&mut self, idx: usize, k: u32, ctx: &Ctx) -> Result<Vec<u8>, WcStatus> {
+        let mtu = ctx.mtu.bytes();
+        let w = &self.sq[idx];
+        let p = psn::add(w.first_psn, k);
+        let seg = if w.npkts == 1 {
+            Segment::Only
+        } else if k == 0 {
+            Segment::First
+        } else if k + 1 == w.npkts {
+            Segment::Last
+        } else {
+            Segment::Middle
+        };
+        let mut payload = Vec::new();
+        let repr = match w.wr.op {
+            SendOp::Send
+            | SendOp::SendWithImm { .. }
+            | SendOp::Write { .. }
+            | SendOp::WriteWithImm { .. } => {
+                let off = k * mtu;
+                let plen = mtu.min(w.len - off);
+                payload = vec![0u8; plen as usize];
+                if let Some(l) = &w.wr.local {
+                    l.memory
+                        .read(l.offset + u64::from(off), &mut payload)
+                        .map_err(|_| WcStatus::LocalAccessError)?;
+                }
+                let ack_req = seg.is_last() || self.noack_pkts + 1 >= MAX_PKTS_PER_ACK;
+                self.noack_pkts = if ack_req { 0 } else { self.noack_pkts + 1 };
+                let (opcode, imm, reth) = data_opcode(&w.wr.op, seg, w.len);
+                let mut r = RoceRepr::new(ctx.bth(opcode, p, ack_req));
+                r.imm = imm;
+                r.reth = reth;
+                r
+            }
+            SendOp::Read { remote_va, rkey } => {
+                let off = k * mtu;
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_RDMA_READ_REQUEST, p, true));
+                r.reth = Some(RethRepr {
+                    va: remote_va.wrapping_add(u64::from(off)),
+                    rkey,
+                    dma_len: w.len - off,
+                });
+                r
+            }
+            SendOp::CompareSwap {
+                remote_va,
+                rkey,
+                compare,
+                swap,
+            } => {
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_COMPARE_SWAP, p, true));
+                r.atomic_eth = Some(AtomicEthRepr {
+                    va: remote_va,
+                    rkey,
+                    swap_add: swap,
+                    compare,
+                });
+                r
+            }
+            SendOp::FetchAdd {
+                remote_va,
+                rkey,
+                add,
+            } => {
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_FETCH_ADD, p, true));
+                r.atomic_eth = Some(AtomicEthRepr {
+                    va: remote_va,
+                    rkey,
+                    swap_add: add,
+                    compare: 0,
+                });
+                r
+            }
+            SendOp::Flush {
+                remote_va,
+                rkey,
+                len,
+                placement,
+            } => {
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_FLUSH, p, true));
+                r.feth = Some(FethRepr {
+                    placement: match placement {
+                        FlushPlacement::Global => FLUSH_PLACEMENT_GLOBAL,
+                        FlushPlacement::Persistent => FLUSH_PLACEMENT_PERSISTENT,
+                    },
+                    selectivity: FLUSH_SELECT_RANGE,
+                });
+                r.reth = Some(RethRepr {
+                    va: remote_va,
+                    rkey,
+                    dma_len: len,
+                });
+                r
+            }
+        };
+        trace!(qpn = ctx.qpn, psn = p, opcode = ?repr.bth.opcode, "request");
+        ctx.build(&repr, &payload).ok_or(WcStatus::LocalAccessError)
+    }
+
+    /// Rewinds transmission to `p` (go-back-N).
+    fn go_back(&mut self, p: u32) {
+        self.noack_pkts = 0;
+        if let Some(i) = self.sq.iter().position(|w| w.contains(p)) {
+            self.send_idx = i;
+            self.send_pkt = psn::diff(p, self.sq[i].first_psn) as u32;
+        } else {
+            self.send_idx = self
+                .sq
+                .iter()
+                .position(|w| !w.started)
+                .unwrap_or(self.sq.len());
+            self.send_pkt = 0;
+        }
+    }
+
+    /// Pops the front WQE, completing it with `status`.
+    fn pop_front(&mut self, status: WcStatus, comps: &mut VecDeque<Completion>) {
+        if let Some(w) = self.sq.pop_front() {
+            if w.started && w.kind.is_rd_atomic() {
+                self.rd_outstanding = self.rd_outstanding.saturating_sub(1);
+            }
+            if status == WcStatus::Success {
+                self.comp_psn = psn::add(w.last_psn(), 1);
+            }
+            if self.send_idx > 0 {
+                self.send_idx -= 1;
+            } else {
+                self.send_pkt = 0;
+            }
+            comps.push_back(w.completion(status));
+        }
+    }
+
+    fn fail_front(&mut self, status: WcStatus) -> Fatal {
+        let mut comps = VecDeque::new();
+        self.pop_front(status, &mut comps);
+        Fatal(comps.pop_front())
+    }
+
+    /// Completes every SEND/WRITE WQE whose packets all precede `upto_excl`; returns
+    /// whether anything new was acknowledged.
+    fn retire(&mut self, upto_excl: u32, comps: &mut VecDeque<Completion>) -> bool {
+        let mut progress = false;
+        while let Some(w) = self.sq.front() {
+            if !w.started || w.kind.is_rd_atomic() {
+                break;
+            }
+            if psn::diff(w.last_psn(), upto_excl) < 0 {
+                self.pop_front(WcStatus::Success, comps);
+                progress = true;
+            } else {
+                if psn::diff(upto_excl, self.comp_psn) > 0 {
+                    self.comp_psn = upto_excl;
+                    progress = true;
+                    // Skip retransmitting packets of this WQE that are now acknowledged.
+                    if self.send_idx == 0 {
+                        let acked = psn::diff(upto_excl, w.first_psn) as u32;
+                        self.send_pkt = self.send_pkt.max(acked);
+                    }
+                }
+                break;
+            }
+        }
+        progress
+    }
+
+    fn on_progress(&mut self, now: Time) {
+        if let Some(a) = self.attr {
+            self.retry_left = a.retry_cnt;
+            self.rnr_left = a.rnr_retry;
+        }
+        self.retry_from = None;
+        self.retrans_deadline = if self.outstanding() {
+            Some(now + self.timeout())
+        } else {
+            None
+        };
+    }
+
+    /// Go back to the oldest unacknowledged PSN, counting a retry. `force` restarts
+    /// even when a restart from that PSN is already under way (timer expiry).
+    fn retry(&mut self, now: Time, force: bool, stats: &mut QpStats) -> Result<(), Fatal> {
+        if !self.outstanding() {
+            return Ok(());
+        }
+        if !force && self.retry_from == Some(self.comp_psn) {
+            return Ok(());
+        }
+        if self.retry_left == 0 {
+            debug!(psn = self.comp_psn, "retry count exceeded");
+            return Err(self.fail_front(WcStatus::RetryExceeded));
+        }
+        self.retry_left -= 1;
+        stats.retransmissions += 1;
+        self.go_back(self.comp_psn);
+        self.retry_from = Some(self.comp_psn);
+        self.retrans_deadline = Some(now + self.timeout());
+        Ok(())
+    }
+
+    /// Retransmission and RNR timers.
+    pub(super) fn handle_timeout(&mut self, now: Time, stats: &mut QpStats) -> Result<(), Fatal> {
+        if self.rnr_deadline.is_some_and(|d| d <= now) {
+            self.rnr_deadline = None;
+        }
+        if self.retrans_deadline.is_some_and(|d| d <= now) {
+            self.retrans_deadline = None;
+            if self.outstanding() && self.rnr_deadline.is_none() {
+                stats.timeouts += 1;
+                debug!(psn = self.comp_psn, "retransmission timeout");
+                self.retry(now, true, stats)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `p` lies in the window of PSNs this requester has used and not retired.
+    fn in_flight(&self, p: u32) -> bool {
+        psn::diff(p, self.comp_psn) >= 0 && psn::diff(p, self.next_psn) < 0
+    }
+
+    /// Handles a response packet (ACK, NAK, READ RESPONSE, ATOMIC ACK).
+    pub(super) fn handle_response(
+        &mut self,
+        now: Time,
+        repr: &RoceRepr,
+        payload: &[u8],
+        ctx: &Ctx,
+        comps: &mut VecDeque<Completion>,
+        stats: &mut QpStats,
+    ) -> Result<bool, Fatal> {
+        let p = repr.bth.psn;
+        if !self.outstanding() || !self.in_flight(p) {
+            return Ok(false);
+        }
+        let op = repr.bth.opcode;
+        if op == Opcode::RC_ACKNOWLEDGE {
+            let Some(aeth) = repr.aeth else {
+                return Ok(false);
+            };
+            match aeth.syndrome {
+                Syndrome::Ack { .. } => {
+                    let mut progress = self.retire(psn::add(p, 1), comps);
+                    if progress {
+                        self.on_progress(now);
+                    }
+                    // An ACK beyond a read/atomic whose response never came: the
+                    // responses were lost (implicit NAK).
+                    if let Some(w) = self.sq.front() {
+                        if w.started && w.kind.is_rd_atomic() && psn::diff(w.first_psn, p) <= 0 {
+                            self.retry(now, false, stats)?;
+                            progress = true;
+                        }
+                    }
+                    Ok(progress)
+                }
+                Syndrome::RnrNak { timer } => {
+                    if self.retire(p, comps) {
+                        if let Some(a) = self.attr {
+                            self.retry_left = a.retry_cnt;
+                        }
+                    }
+                    stats.rnr_naks_received += 1;
+                    if self.rnr_left == 0 {
+                        return Err(self.fail_front(WcStatus::RnrRetryExceeded));
+                    }
+                    if self.attr.is_some_and(|a| a.rnr_retry != 7) {
+                        self.rnr_left -= 1;
+                    }
+                    self.go_back(self.comp_psn);
+                    self.retry_from = None;
+                    self.retrans_deadline = None;
+                    self.rnr_deadline = Some(now + Duration::from_nanos(rnr_timer_ns(timer)));
+                    debug!(psn = p, timer, "RNR NAK: waiting");
+                    Ok(true)
+                }
+                Syndrome::Nak(NakCode::PsnSequenceError) => {
+                    if self.retire(p, comps) {
+                        self.on_progress(now);
+                    }
+                    self.retry(now, false, stats)?;
+                    Ok(true)
+                }
+                Syndrome::Nak(code) => {
+                    self.retire(p, comps);
+                    let status = match code {
+                        NakCode::RemoteAccessError => WcStatus::RemoteAccessError,
+                        NakCode::RemoteOperationalError => WcStatus::RemoteOperationalError,
+                        _ => WcStatus::RemoteInvalidRequest,
+                    };
+                    debug!(psn = p, ?code, "NAK: failing the work request");
+                    Err(self.fail_front(status))
+                }
+            }
+        } else if op.is_read_response() {
+            self.handle_read_response(now, repr, payload, ctx, comps, stats)
+        } else if op == Opcode::RC_ATOMIC_ACKNOWLEDGE {
+            let progress = self.retire(p, comps);
+            let Some(w) = self.sq.front() else {
+                return Ok(progress);
+            };
+            if w.kind != Kind::Atomic || !w.started || w.first_psn != p {
+                if progress {
+                    self.on_progress(now);
+                }
+                return Ok(progress);
+            }
+            let orig = repr.atomic_ack.unwrap_or(0);
+            if let Some(l) = &w.wr.local {
+                if l.memory.write(l.offset, &orig.to_ne_bytes()).is_err() {
+                    return Err(self.fail_front(WcStatus::LocalAccessError));
+                }
+            }
+            self.pop_front(WcStatus::Success, comps);
+            self.on_progress(now);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    fn handle_read_response(
+        &mut self,
+        now: Time,
+        repr: &RoceRepr,
+        payload: &[u8],
+        ctx: &Ctx,
+        comps: &mut VecDeque<Completion>,
+        stats: &mut QpStats,
+    ) -> Result<bool, Fatal> {
+        let p = repr.bth.psn;
+        let progress = self.retire(p, comps);
+        if progress {
+            self.on_progress(now);
+        }
+        let Some(w) = self.sq.front() else {
+            return Ok(progress);
+        };
+        if !matches!(w.kind, Kind::Read | Kind::Flush) || !w.contains(p) {
+            return Ok(progress);
+        }
+        if p != self.comp_psn {
+            // A gap in the response stream: go back to the first missing PSN.
+            if psn::diff(p, self.comp_psn) > 0 {
+                self.retry(now, false, stats)?;
+            }
+            return Ok(progress);
+        }
+        let k = psn::diff(p, w.first_psn) as u32;
+        let last = k + 1 == w.npkts;
+        let seg_last = repr.bth.opcode.info().is_some_and(|i| i.segment.is_last());
+        if last != seg_last {
+            return Ok(progress);
+        }
+        if w.kind == Kind::Flush {
+            if !payload.is_empty() {
+                return Ok(progress);
+            }
+        } else {
+            let mtu = ctx.mtu.bytes();
+            let off = k * mtu;
+            let expected = mtu.min(w.len - off) as usize;
+            if payload.len() != expected {
+                return Ok(progress);
+            }
+            if let Some(LocalSegment { memory, offset, .. }) = &w.wr.local {
+                if memory.write(offset + u64::from(off), payload).is_err() {
+                    return Err(self.fail_front(WcStatus::LocalAccessError));
+                }
+            }
+        }
+        self.comp_psn = psn::add(p, 1);
+        if last {
+            self.pop_front(WcStatus::Success, comps);
+        }
+        self.on_progress(now);
+        Ok(true)
+    }
+
+    /// Completes every queued work request with `Flushed` (QP entered ERROR).
+    pub(super) fn flush(&mut self, comps: &mut VecDeque<Completion>) {
+        while let Some(w) = self.sq.pop_front() {
+            comps.push_back(w.completion(WcStatus::Flushed));
+        }
+        self.send_idx = 0;
+        self.send_pkt = 0;
+        self.rd_outstanding = 0;
+        self.retrans_deadline = None;
+        self.rnr_deadline = None;
+    }
+
+    /// Number of queued send work requests.
+    pub(super) fn queued(&self) -> usize {
+        self.sq.len()
+    }
+}
+
+/// Opcode, immediate and RETH of packet `seg` of a SEND or WRITE.
+fn data_opcode(op: &SendOp, seg: Segment, len: u32) -> (Opcode, Option<u32>, Option<RethRepr>) {
+    match *op {
+        SendOp::Send => (
+            match seg {
+                Segment::First => Opcode::RC_SEND_FIRST,
+                Segment::Middle => Opcode::RC_SEND_MIDDLE,
+                Segment::Last => Opcode::RC_SEND_LAST,
+                Segment::Only => Opcode::RC_SEND_ONLY,
+            },
+            None,
+            None,
+        ),
+        SendOp::SendWithImm { imm } => match seg {
+            Segment::First => (Opcode::RC_SEND_FIRST, None, None),
+            Segment::Middle => (Opcode::RC_SEND_MIDDLE, None, None),
+            Segment::Last => (Opcode::RC_SEND_LAST_WITH_IMMEDIATE, Some(imm), None),
+            Segment::Only => (Opcode::RC_SEND_ONLY_WITH_IMMEDIATE, Some(imm), None),
+        },
+        SendOp::Write { remote_va, rkey }
+        | SendOp::WriteWithImm {
+            remote_va, rkey, ..
+        } => {
+            let imm = match *op {
+                SendOp::WriteWithImm { imm, .. } => Some(imm),
+                _ => None,
+            };
+            let reth = Some(RethRepr {
+                va: remote_va,
+                rkey,
+                dma_len: len,
+            });
+            match (seg, imm) {
+                (Segment::First, _) => (Opcode::RC_RDMA_WRITE_FIRST, None, reth),
+                (Segment::Middle, _) => (Opcode::RC_RDMA_WRITE_MIDDLE, None, None),
+                (Segment::Last, None) => (Opcode::RC_RDMA_WRITE_LAST, None, None),
+                (Segment::Last, Some(i)) => {
+                    (Opcode::RC_RDMA_WRITE_LAST_WITH_IMMEDIATE, Some(i), None)
+                }
+                (Segment::Only, None) => (Opcode::RC_RDMA_WRITE_ONLY, None, reth),
+                (Segment::Only, Some(i)) => {
+                    (Opcode::RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE, Some(i), reth)
+                }
+            }
+        }
+        // Only called for SEND and WRITE work requests.
+        _ => (Opcode::RC_SEND_ONLY, None, None),
+    }
+}

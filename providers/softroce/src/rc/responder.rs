@@ -1,0 +1,713 @@
+//! The responder of an RC queue pair: PSN checking, receive matching, remote access
+//! checks, RDMA WRITE/READ/atomic/FLUSH execution, duplicate handling with a
+//! responder-resource ring, RNR and sequence NAKs, ACK coalescing.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tracing::{debug, trace};
+
+use super::memory::{AtomicOp, RemoteAccess, RemoteMemoryTable, RemoteRegion};
+use super::psn;
+use super::types::{Completion, QpStats, RecvWr, WcOpcode, WcStatus};
+use super::{Ctx, Fatal};
+use crate::wire::ext::{
+    AethRepr, NakCode, Syndrome, FLUSH_PLACEMENT_PERSISTENT, FLUSH_SELECT_REGION,
+};
+use crate::wire::opcode::Segment;
+use crate::wire::{Opcode, RoceRepr};
+
+/// Most responses queued at once; further duplicates are dropped (the requester's
+/// timer recovers).
+const MAX_QUEUED_RESPONSES: usize = 4096;
+
+enum Resource {
+    Read { first_psn: u32, npkts: u32 },
+    Atomic { psn: u32, orig: u64 },
+    Flush { psn: u32 },
+}
+
+struct ReadStream {
+    region: Option<Arc<dyn RemoteRegion>>,
+    offset: u64,
+    len: u32,
+    first_psn: u32,
+    npkts: u32,
+    next: u32,
+    msn: u32,
+}
+
+enum Response {
+    Ack {
+        psn: u32,
+        syndrome: Syndrome,
+        msn: u32,
+    },
+    AtomicAck {
+        psn: u32,
+        orig: u64,
+        msn: u32,
+    },
+    Read(ReadStream),
+}
+
+struct CurWrite {
+    region: Option<Arc<dyn RemoteRegion>>,
+    offset: u64,
+    remaining: u32,
+    dma_len: u32,
+}
+
+struct CurRecv {
+    wr: RecvWr,
+    offset: u32,
+}
+
+pub(super) struct Responder {
+    epsn: u32,
+    msn: u32,
+    nak_sent: bool,
+    rq: VecDeque<RecvWr>,
+    cur_recv: Option<CurRecv>,
+    cur_write: Option<CurWrite>,
+    resources: VecDeque<Resource>,
+    max_resources: usize,
+    out: VecDeque<Response>,
+    rnr_timer: u8,
+}
+
+impl Responder {
+    pub(super) fn new() -> Self {
+        Self {
+            epsn: 0,
+            msn: 0,
+            nak_sent: false,
+            rq: VecDeque::new(),
+            cur_recv: None,
+            cur_write: None,
+            resources: VecDeque::new(),
+            max_resources: 1,
+            out: VecDeque::new(),
+            rnr_timer: 1,
+        }
+    }
+
+    pub(super) fn start(&mut self, rq_psn: u32, max_dest_rd_atomic: u8, rnr_timer: u8) {
+        self.epsn = rq_psn & psn::PSN_MASK;
+        self.max_resources = usize::from(max_dest_rd_atomic.max(1));
+        self.rnr_timer = rnr_timer & 0x1F;
+    }
+
+    pub(super) fn post_recv(&mut self, wr: RecvWr) {
+        self.rq.push_back(wr);
+    }
+
+    /// Whether a response is waiting to be sent.
+    pub(super) fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    fn queue_ack(&mut self, p: u32) {
+        if let Some(Response::Ack {
+            psn: last,
+            syndrome: Syndrome::Ack { .. },
+            msn,
+        }) = self.out.back_mut()
+        {
+            // Coalesce: one ACK for the newest PSN acknowledges all before it.
+            if psn::diff(p, *last) >= 0 {
+                *last = p;
+                *msn = self.msn;
+            }
+            return;
+        }
+        if self.out.len() < MAX_QUEUED_RESPONSES {
+            self.out.push_back(Response::Ack {
+                psn: p,
+                syndrome: Syndrome::ACK,
+                msn: self.msn,
+            });
+        }
+    }
+
+    fn queue_nak(&mut self, p: u32, syndrome: Syndrome) {
+        self.out.push_back(Response::Ack {
+            psn: p,
+            syndrome,
+            msn: self.msn,
+        });
+    }
+
+    fn fatal(&mut self, p: u32, code: NakCode) -> Fatal {
+        debug!(psn = p, ?code, "responder error: NAK and QP to ERROR");
+        self.queue_nak(p, Syndrome::Nak(code));
+        Fatal(None)
+    }
+
+    fn add_resource(&mut self, r: Resource) {
+        if self.resources.len() >= self.max_resources {
+            self.resources.pop_front();
+        }
+        self.resources.push_back(r);
+    }
+
+    fn complete_recv(&mut self, comps: &mut VecDeque<Completion>, c: Completion) {
+        comps.push_back(c);
+    }
+
+    /// Handles a request packet.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn handle_request(
+        &mut self,
+        repr: &RoceRepr,
+        payload: &[u8],
+        ctx: &Ctx,
+        table: &dyn RemoteMemoryTable,
+        comps: &mut VecDeque<Completion>,
+        stats: &mut QpStats,
+    ) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        let d = psn::diff(p, self.epsn);
+        if d > 0 {
+            if !self.nak_sent {
+                trace!(psn = p, epsn = self.epsn, "out of sequence: NAK");
+                self.nak_sent = true;
+                stats.seq_naks_sent += 1;
+                self.queue_nak(self.epsn, Syndrome::Nak(NakCode::PsnSequenceError));
+            }
+            return Ok(());
+        }
+        if d < 0 {
+            stats.duplicates += 1;
+            self.duplicate(repr, ctx, table);
+            return Ok(());
+        }
+        let op = repr.bth.opcode;
+        let Some(info) = op.info() else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        // Opcode sequence: the middle/last packets of a message must follow its first.
+        let in_order = if self.cur_recv.is_some() {
+            op.is_send() && !info.segment.is_first()
+        } else if self.cur_write.is_some() {
+            op.is_write() && !info.segment.is_first()
+        } else {
+            info.segment.is_first()
+        };
+        let supported = op.is_rc()
+            && !matches!(
+                op,
+                Opcode::RC_SEND_LAST_WITH_INVALIDATE
+                    | Opcode::RC_SEND_ONLY_WITH_INVALIDATE
+                    | Opcode::RC_ATOMIC_WRITE
+            );
+        if !in_order || !supported {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        }
+        if op.is_send() || op.is_write() {
+            let mtu = ctx.mtu.bytes() as usize;
+            let ok = match info.segment {
+                Segment::First | Segment::Middle => payload.len() == mtu,
+                Segment::Last => !payload.is_empty() && payload.len() <= mtu,
+                Segment::Only => payload.len() <= mtu,
+            };
+            if !ok {
+                return Err(self.fatal(p, NakCode::InvalidRequest));
+            }
+        }
+        if op.is_send() {
+            self.send(repr, payload, info.segment, comps, stats)?;
+        } else if op.is_write() {
+            self.write(repr, payload, info.segment, table, comps, stats)?;
+        } else if op == Opcode::RC_RDMA_READ_REQUEST {
+            self.read(repr, ctx, table)?;
+            return Ok(());
+        } else if op.is_atomic() {
+            self.atomic(repr, table)?;
+            return Ok(());
+        } else if op == Opcode::RC_FLUSH {
+            self.flush_request(repr, table)?;
+            return Ok(());
+        } else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        }
+        Ok(())
+    }
+
+    /// Finishes an in-order SEND/WRITE packet that was accepted (not RNR'd).
+    fn advance(&mut self, p: u32, ack_req: bool) {
+        self.epsn = psn::add(self.epsn, 1);
+        self.nak_sent = false;
+        if ack_req {
+            self.queue_ack(p);
+        }
+    }
+
+    fn rnr(&mut self, p: u32, stats: &mut QpStats) {
+        trace!(psn = p, "no receive posted: RNR NAK");
+        stats.rnr_naks_sent += 1;
+        self.nak_sent = true;
+        self.queue_nak(
+            p,
+            Syndrome::RnrNak {
+                timer: self.rnr_timer,
+            },
+        );
+    }
+
+    fn send(
+        &mut self,
+        repr: &RoceRepr,
+        payload: &[u8],
+        seg: Segment,
+        comps: &mut VecDeque<Completion>,
+        stats: &mut QpStats,
+    ) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        if seg.is_first() {
+            match self.rq.pop_front() {
+                Some(wr) => self.cur_recv = Some(CurRecv { wr, offset: 0 }),
+                None => {
+                    self.rnr(p, stats);
+                    return Ok(());
+                }
+            }
+        }
+        let Some(cur) = self.cur_recv.as_mut() else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        let cap = cur.wr.local.as_ref().map_or(0, |l| l.len);
+        let end = cur.offset as usize + payload.len();
+        let mut status = WcStatus::Success;
+        if end > cap as usize {
+            status = WcStatus::LocalLengthError;
+        } else if let Some(l) = &cur.wr.local {
+            if !payload.is_empty()
+                && l.memory
+                    .write(l.offset + u64::from(cur.offset), payload)
+                    .is_err()
+            {
+                status = WcStatus::LocalAccessError;
+            }
+        }
+        if status != WcStatus::Success {
+            let wr_id = cur.wr.wr_id;
+            self.cur_recv = None;
+            self.complete_recv(
+                comps,
+                Completion {
+                    wr_id,
+                    opcode: WcOpcode::Recv,
+                    status,
+                    byte_len: 0,
+                    imm: None,
+                },
+            );
+            return Err(self.fatal(
+                p,
+                if status == WcStatus::LocalLengthError {
+                    NakCode::InvalidRequest
+                } else {
+                    NakCode::RemoteOperationalError
+                },
+            ));
+        }
+        cur.offset = end as u32;
+        if seg.is_last() {
+            let c = Completion {
+                wr_id: cur.wr.wr_id,
+                opcode: WcOpcode::Recv,
+                status: WcStatus::Success,
+                byte_len: cur.offset,
+                imm: repr.imm,
+            };
+            self.cur_recv = None;
+            self.msn = psn::add(self.msn, 1);
+            self.complete_recv(comps, c);
+        }
+        self.advance(p, repr.bth.ack_req);
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        repr: &RoceRepr,
+        payload: &[u8],
+        seg: Segment,
+        table: &dyn RemoteMemoryTable,
+        comps: &mut VecDeque<Completion>,
+        stats: &mut QpStats,
+    ) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        // A WRITE with immediate consumes a receive: check before touching anything.
+        if seg.is_last() && repr.imm.is_some() && self.rq.is_empty() {
+            self.rnr(p, stats);
+            return Ok(());
+        }
+        if seg.is_first() {
+            let Some(reth) = repr.reth else {
+                return Err(self.fatal(p, NakCode::InvalidRequest));
+            };
+            let (region, offset) =
+                match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
+                    a.write
+                }) {
+                    Ok(x) => x,
+                    Err(code) => return Err(self.fatal(p, code)),
+                };
+            self.cur_write = Some(CurWrite {
+                region,
+                offset,
+                remaining: reth.dma_len,
+                dma_len: reth.dma_len,
+            });
+        }
+        let Some(cur) = self.cur_write.as_mut() else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        let n = payload.len() as u32;
+        if n > cur.remaining || (seg.is_last() && n != cur.remaining) {
+            self.cur_write = None;
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        }
+        if n > 0 {
+            let written = cur
+                .region
+                .as_ref()
+                .is_some_and(|r| r.write(cur.offset, payload).is_ok());
+            if !written {
+                self.cur_write = None;
+                return Err(self.fatal(p, NakCode::RemoteOperationalError));
+            }
+        }
+        cur.offset += u64::from(n);
+        cur.remaining -= n;
+        if seg.is_last() {
+            let dma_len = cur.dma_len;
+            self.cur_write = None;
+            self.msn = psn::add(self.msn, 1);
+            if let Some(imm) = repr.imm {
+                if let Some(wr) = self.rq.pop_front() {
+                    self.complete_recv(
+                        comps,
+                        Completion {
+                            wr_id: wr.wr_id,
+                            opcode: WcOpcode::RecvRdmaWithImm,
+                            status: WcStatus::Success,
+                            byte_len: dma_len,
+                            imm: Some(imm),
+                        },
+                    );
+                }
+            }
+        }
+        self.advance(p, repr.bth.ack_req);
+        Ok(())
+    }
+
+    fn read(
+        &mut self,
+        repr: &RoceRepr,
+        ctx: &Ctx,
+        table: &dyn RemoteMemoryTable,
+    ) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        let Some(reth) = repr.reth else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        let (region, offset) =
+            match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
+                a.read
+            }) {
+                Ok(x) => x,
+                Err(code) => return Err(self.fatal(p, code)),
+            };
+        let npkts = ctx.mtu.packets(reth.dma_len);
+        self.add_resource(Resource::Read {
+            first_psn: p,
+            npkts,
+        });
+        self.msn = psn::add(self.msn, 1);
+        self.out.push_back(Response::Read(ReadStream {
+            region,
+            offset,
+            len: reth.dma_len,
+            first_psn: p,
+            npkts,
+            next: 0,
+            msn: self.msn,
+        }));
+        self.epsn = psn::add(self.epsn, npkts);
+        self.nak_sent = false;
+        Ok(())
+    }
+
+    fn atomic(&mut self, repr: &RoceRepr, table: &dyn RemoteMemoryTable) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        let Some(a) = repr.atomic_eth else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        if a.va & 7 != 0 {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        }
+        let (region, offset) = match check_access(table, a.rkey, a.va, 8, |x| x.atomic) {
+            Ok((Some(r), off)) => (r, off),
+            Ok((None, _)) => return Err(self.fatal(p, NakCode::RemoteAccessError)),
+            Err(code) => return Err(self.fatal(p, code)),
+        };
+        let op = if repr.bth.opcode == Opcode::RC_COMPARE_SWAP {
+            AtomicOp::CompareSwap {
+                compare: a.compare,
+                swap: a.swap_add,
+            }
+        } else {
+            AtomicOp::FetchAdd { add: a.swap_add }
+        };
+        let orig = match region.atomic(offset, op) {
+            Ok(v) => v,
+            Err(_) => return Err(self.fatal(p, NakCode::RemoteOperationalError)),
+        };
+        self.add_resource(Resource::Atomic { psn: p, orig });
+        self.msn = psn::add(self.msn, 1);
+        self.out.push_back(Response::AtomicAck {
+            psn: p,
+            orig,
+            msn: self.msn,
+        });
+        self.epsn = psn::add(self.epsn, 1);
+        self.nak_sent = false;
+        Ok(())
+    }
+
+    fn flush_request(
+        &mut self,
+        repr: &RoceRepr,
+        table: &dyn RemoteMemoryTable,
+    ) -> Result<(), Fatal> {
+        let p = repr.bth.psn;
+        let (Some(feth), Some(reth)) = (repr.feth, repr.reth) else {
+            return Err(self.fatal(p, NakCode::InvalidRequest));
+        };
+        let Some(region) = table.lookup(reth.rkey) else {
+            return Err(self.fatal(p, NakCode::RemoteAccessError));
+        };
+        let acc = region.access();
+        if !(acc.read || acc.write) {
+            return Err(self.fatal(p, NakCode::RemoteAccessError));
+        }
+        let (offset, len) = if feth.selectivity == FLUSH_SELECT_REGION {
+            (0, region.len())
+        } else {
+            match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
+                a.read || a.write
+            }) {
+                Ok((_, off)) => (off, u64::from(reth.dma_len)),
+                Err(code) => return Err(self.fatal(p, code)),
+            }
+        };
+        if feth.placement & FLUSH_PLACEMENT_PERSISTENT != 0 && region.persist(offset, len).is_err()
+        {
+            return Err(self.fatal(p, NakCode::RemoteOperationalError));
+        }
+        self.add_resource(Resource::Flush { psn: p });
+        self.msn = psn::add(self.msn, 1);
+        self.out.push_back(Response::Read(ReadStream {
+            region: None,
+            offset: 0,
+            len: 0,
+            first_psn: p,
+            npkts: 1,
+            next: 0,
+            msn: self.msn,
+        }));
+        self.epsn = psn::add(self.epsn, 1);
+        self.nak_sent = false;
+        Ok(())
+    }
+
+    /// A request with a PSN before the expected one.
+    fn duplicate(&mut self, repr: &RoceRepr, ctx: &Ctx, table: &dyn RemoteMemoryTable) {
+        let p = repr.bth.psn;
+        let op = repr.bth.opcode;
+        if op.is_send() || op.is_write() {
+            self.queue_ack(psn::add(self.epsn, psn::PSN_MASK));
+            return;
+        }
+        if self.out.len() >= MAX_QUEUED_RESPONSES {
+            return;
+        }
+        if op == Opcode::RC_RDMA_READ_REQUEST {
+            let Some(reth) = repr.reth else { return };
+            let npkts = ctx.mtu.packets(reth.dma_len);
+            let known = self.resources.iter().any(|r| match *r {
+                Resource::Read {
+                    first_psn,
+                    npkts: n,
+                } => {
+                    psn::diff(p, first_psn) >= 0
+                        && psn::diff(psn::add(p, npkts - 1), psn::add(first_psn, n - 1)) <= 0
+                }
+                _ => false,
+            });
+            let queued = self
+                .out
+                .iter()
+                .any(|o| matches!(o, Response::Read(s) if s.first_psn == p && s.next == 0));
+            if !known || queued {
+                return;
+            }
+            if let Ok((region, offset)) =
+                check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
+                    a.read
+                })
+            {
+                trace!(psn = p, "duplicate READ: replaying");
+                self.out.push_back(Response::Read(ReadStream {
+                    region,
+                    offset,
+                    len: reth.dma_len,
+                    first_psn: p,
+                    npkts,
+                    next: 0,
+                    msn: self.msn,
+                }));
+            }
+        } else if op.is_atomic() {
+            let orig = self.resources.iter().find_map(|r| match *r {
+                Resource::Atomic { psn, orig } if psn == p => Some(orig),
+                _ => None,
+            });
+            if let Some(orig) = orig {
+                self.out.push_back(Response::AtomicAck {
+                    psn: p,
+                    orig,
+                    msn: self.msn,
+                });
+            }
+        } else if op == Opcode::RC_FLUSH {
+            let known = self
+                .resources
+                .iter()
+                .any(|r| matches!(*r, Resource::Flush { psn } if psn == p));
+            if known {
+                self.out.push_back(Response::Read(ReadStream {
+                    region: None,
+                    offset: 0,
+                    len: 0,
+                    first_psn: p,
+                    npkts: 1,
+                    next: 0,
+                    msn: self.msn,
+                }));
+            }
+        }
+    }
+
+    /// Produces the next response packet.
+    pub(super) fn next_packet(&mut self, ctx: &Ctx) -> Option<Vec<u8>> {
+        let mtu = ctx.mtu.bytes();
+        let front = self.out.front_mut()?;
+        let (repr, payload, done) = match front {
+            Response::Ack { psn, syndrome, msn } => {
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_ACKNOWLEDGE, *psn, false));
+                r.aeth = Some(AethRepr {
+                    syndrome: *syndrome,
+                    msn: *msn,
+                });
+                (r, Vec::new(), true)
+            }
+            Response::AtomicAck { psn, orig, msn } => {
+                let mut r = RoceRepr::new(ctx.bth(Opcode::RC_ATOMIC_ACKNOWLEDGE, *psn, false));
+                r.aeth = Some(AethRepr {
+                    syndrome: Syndrome::ACK,
+                    msn: *msn,
+                });
+                r.atomic_ack = Some(*orig);
+                (r, Vec::new(), true)
+            }
+            Response::Read(s) => {
+                let k = s.next;
+                let off = k * mtu;
+                let plen = mtu.min(s.len - off);
+                let mut payload = vec![0u8; plen as usize];
+                if plen > 0 {
+                    let ok = s
+                        .region
+                        .as_ref()
+                        .is_some_and(|r| r.read(s.offset + u64::from(off), &mut payload).is_ok());
+                    if !ok {
+                        debug!("region read failed while answering a READ");
+                    }
+                }
+                let opcode = if s.npkts == 1 {
+                    Opcode::RC_RDMA_READ_RESPONSE_ONLY
+                } else if k == 0 {
+                    Opcode::RC_RDMA_READ_RESPONSE_FIRST
+                } else if k + 1 == s.npkts {
+                    Opcode::RC_RDMA_READ_RESPONSE_LAST
+                } else {
+                    Opcode::RC_RDMA_READ_RESPONSE_MIDDLE
+                };
+                let mut r = RoceRepr::new(ctx.bth(opcode, psn::add(s.first_psn, k), false));
+                if opcode != Opcode::RC_RDMA_READ_RESPONSE_MIDDLE {
+                    r.aeth = Some(AethRepr {
+                        syndrome: Syndrome::ACK,
+                        msn: s.msn,
+                    });
+                }
+                s.next += 1;
+                (r, payload, s.next == s.npkts)
+            }
+        };
+        if done {
+            self.out.pop_front();
+        }
+        ctx.build(&repr, &payload)
+    }
+
+    /// Flushes receives (QP to ERROR); only ACK/NAK responses are kept so the NAK
+    /// that explains the error still goes out.
+    pub(super) fn flush(&mut self, comps: &mut VecDeque<Completion>) {
+        if let Some(cur) = self.cur_recv.take() {
+            self.rq.push_front(cur.wr);
+        }
+        while let Some(wr) = self.rq.pop_front() {
+            comps.push_back(Completion {
+                wr_id: wr.wr_id,
+                opcode: WcOpcode::Recv,
+                status: WcStatus::Flushed,
+                byte_len: 0,
+                imm: None,
+            });
+        }
+        self.cur_write = None;
+        self.resources.clear();
+        self.out.retain(|o| matches!(o, Response::Ack { .. }));
+    }
+}
+
+/// Checks R_Key, bounds and rights for `len` bytes at `va`; returns the region and the
+/// offset in it. Zero-length accesses need no key (IBTA 9.4.1.1).
+fn check_access(
+    table: &dyn RemoteMemoryTable,
+    rkey: u32,
+    va: u64,
+    len: u64,
+    right: impl Fn(RemoteAccess) -> bool,
+) -> Result<(Option<Arc<dyn RemoteRegion>>, u64), NakCode> {
+    if len == 0 {
+        return Ok((None, 0));
+    }
+    let region = table.lookup(rkey).ok_or(NakCode::RemoteAccessError)?;
+    if !right(region.access()) {
+        return Err(NakCode::RemoteAccessError);
+    }
+    let offset = va
+        .checked_sub(region.base_va())
+        .ok_or(NakCode::RemoteAccessError)?;
+    let end = offset.checked_add(len).ok_or(NakCode::RemoteAccessError)?;
+    if end > region.len() {
+        return Err(NakCode::RemoteAccessError);
+    }
+    Ok((Some(region), offset))
+}
