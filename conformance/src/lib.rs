@@ -17,17 +17,20 @@
 //!   nothing reaches the peer), PMEM registration of heap memory refused, regions of
 //!   another domain refused.
 //! - `cq`: empty reads, bounded `sread`/`wait` timeouts, contexts and flags of
-//!   completions, batched reads, error entries with detail, async completions
+//!   completions, batched reads, error entries with detail, separate transmit and
+//!   receive queues, selective completion, a sleeping waiter woken, async completions
 //!   under tokio.
 //! - `eq`: empty reads and timeouts, connection data both ways, oversized connection
-//!   data refused, async events under tokio, shutdown events on both sides.
+//!   data refused, request info, a second connect refused, two clients on one
+//!   listener, async events under tokio, shutdown events on both sides.
 //! - `msg`: send/recv at sizes 0 to the provider's maximum (capped at 64 MiB),
 //!   ordering of 1,000 messages, hundreds of operations in flight, inject and its size
 //!   limit, remote CQ data, gather/scatter iovecs, unexpected messages, truncation,
-//!   manual progress with a thread per side, automatic progress.
+//!   completion levels, manual progress with a thread per side, automatic progress.
 //! - `rma`: write and read at many sizes and offsets (unaligned, across pages), write
 //!   then read back, `writemsg`/`readmsg` with several local and remote iovecs,
-//!   `writedata` consuming a posted receive, DELIVERY_COMPLETE, `inject_write`.
+//!   `writedata` consuming a posted receive (also when it comes before the receive),
+//!   DELIVERY_COMPLETE, `inject_write`, UNCACHED targets, many writes in flight.
 //! - `errors`: bad key, out of bounds (also offsets near `u64::MAX`), missing
 //!   REMOTE_WRITE / REMOTE_READ, a key of a dropped region: each an error completion
 //!   `RemoteAccess` with the target memory verified untouched; connection refused;

@@ -6,8 +6,8 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use fabric::{
-    Address, Caps, Completion, ConnRequest, Endpoint, EndpointConfig, Event, MemoryRegion,
-    PassiveEndpoint, Progress,
+    Address, Caps, Completion, CompletionQueue, ConnRequest, CqAttr, Endpoint, EndpointConfig,
+    Event, MemoryRegion, PassiveEndpoint, Progress,
 };
 
 use crate::case::{CaseError, CaseResult, Check};
@@ -24,6 +24,10 @@ pub struct PairConfig {
     pub connect_data: Vec<u8>,
     /// Data the server sends with accept.
     pub accept_data: Vec<u8>,
+    /// Give each endpoint a second completion queue for receives ([`Side::rx_cq`]).
+    pub split_cq: bool,
+    /// Open the endpoints with selective completion.
+    pub selective: bool,
 }
 
 impl PairConfig {
@@ -34,6 +38,8 @@ impl PairConfig {
             progress: None,
             connect_data: Vec::new(),
             accept_data: Vec::new(),
+            split_cq: false,
+            selective: false,
         }
     }
     /// Sets the progress model.
@@ -91,14 +97,28 @@ impl Ctx {
         addr: &Address,
         data: &[u8],
     ) -> Result<Connector, CaseError> {
-        let info = self.info(&self.connect_hints(caps, progress, addr)?)?;
+        let (c, _) = self.connect_with(&PairConfig::new(caps), progress, addr, data)?;
+        Ok(c)
+    }
+
+    /// [`connect`](Self::connect) with the endpoint options of `cfg`; returns the
+    /// receive queue when `cfg.split_cq`.
+    fn connect_with(
+        &self,
+        cfg: &PairConfig,
+        progress: Option<Progress>,
+        addr: &Address,
+        data: &[u8],
+    ) -> Result<(Connector, Option<CompletionQueue>), CaseError> {
+        let info = self.info(&self.connect_hints(cfg.caps, progress, addr)?)?;
         let node = self.open(info)?;
+        let rx_cq = open_rx_cq(&node, cfg)?;
         let ep = node
             .domain
-            .endpoint(&node.info, EndpointConfig::new(&node.cq, &node.eq))
+            .endpoint(&node.info, endpoint_config(&node, rx_cq.as_ref(), cfg))
             .ctx("open client endpoint")?;
         ep.connect(data).ctx("connect")?;
-        Ok(Connector { node, ep })
+        Ok((Connector { node, ep }, rx_cq))
     }
 
     /// Sets up a connected pair with `caps` and the provider's default progress.
@@ -110,14 +130,16 @@ impl Ctx {
     pub fn pair_with(&self, cfg: &PairConfig) -> Result<Pair, CaseError> {
         let t = self.timeout();
         let listener = self.listen(cfg.caps, cfg.progress)?;
-        let client = self.connect(cfg.caps, cfg.progress, &listener.addr, &cfg.connect_data)?;
+        let (client, client_rx_cq) =
+            self.connect_with(cfg, cfg.progress, &listener.addr, &cfg.connect_data)?;
         let req = wait_conn_request(&listener.node, &[&client.node], t)?;
+        let server_rx_cq = open_rx_cq(&listener.node, cfg)?;
         let server_ep = listener
             .node
             .domain
             .endpoint(
                 &req.info,
-                EndpointConfig::new(&listener.node.cq, &listener.node.eq),
+                endpoint_config(&listener.node, server_rx_cq.as_ref(), cfg),
             )
             .ctx("open server endpoint from the connection request")?;
         server_ep.accept(&cfg.accept_data).ctx("accept")?;
@@ -131,17 +153,42 @@ impl Ctx {
                 ep: server_ep,
                 peer_data: req.data,
                 connected_data: server_data,
+                rx_cq: server_rx_cq,
             },
             client: Side {
                 node: client.node,
                 ep: client.ep,
                 peer_data: client_data.clone(),
                 connected_data: client_data,
+                rx_cq: client_rx_cq,
             },
             listener: listener.pep,
             timeout: t,
         })
     }
+}
+
+fn open_rx_cq(node: &Node, cfg: &PairConfig) -> Result<Option<CompletionQueue>, CaseError> {
+    if !cfg.split_cq {
+        return Ok(None);
+    }
+    node.domain
+        .cq(CqAttr::default())
+        .map(Some)
+        .ctx("open receive completion queue")
+}
+
+fn endpoint_config<'a>(
+    node: &'a Node,
+    rx_cq: Option<&'a CompletionQueue>,
+    cfg: &PairConfig,
+) -> EndpointConfig<'a> {
+    let mut c = EndpointConfig::new(&node.cq, &node.eq);
+    if let Some(rx) = rx_cq {
+        c.rx_cq = rx;
+    }
+    c.selective_completion = cfg.selective;
+    c
 }
 
 /// Waits for a connection request on a listener's node.
@@ -191,6 +238,9 @@ pub struct Side {
     pub peer_data: Vec<u8>,
     /// The data carried by this side's `Connected` event.
     pub connected_data: Vec<u8>,
+    /// The receive completion queue, when the pair was set up with `split_cq` (then
+    /// `cq` gets only transmit completions; the pair's waits see only `cq`).
+    pub rx_cq: Option<CompletionQueue>,
 }
 
 impl Deref for Side {

@@ -23,6 +23,8 @@ pub fn cases() -> Vec<Case> {
         case(G, "read_batch", Caps::MSG, "read(max) returns at most max and loses nothing (auto progress)", read_batch),
         case(G, "error_detail", Caps::MSG, "an error completion has its kind, the context and a detail or provider errno", error_detail),
         case(G, "async_completion", Caps::MSG, "completions awaited under tokio on both sides", async_completion),
+        case(G, "split_queues", Caps::MSG, "with separate transmit and receive queues each completion goes to its own queue", split_queues),
+        case(G, "selective_completion", Caps::MSG | Caps::RMA, "selective completion: only COMPLETION-flagged operations and errors complete", selective_completion),
         case(G, "blocking_wait_wakes", Caps::MSG, "a thread asleep in cq.wait wakes when a message arrives from another thread", blocking_wait_wakes),
     ]
 }
@@ -259,4 +261,119 @@ fn blocking_wait_wakes(ctx: &Ctx) -> CaseResult {
         ensure_eq!((c.context, c.len), (5, 9), "woken with the receive");
         Ok(())
     })
+}
+
+fn split_queues(ctx: &Ctx) -> CaseResult {
+    let mut cfg = PairConfig::new(Caps::MSG).progress(Progress::Auto);
+    cfg.split_cq = true;
+    let p = ctx.pair_with(&cfg)?;
+    let t = p.timeout;
+    let (srx, crx) = match (&p.server.rx_cq, &p.client.rx_cq) {
+        (Some(s), Some(c)) => (s, c),
+        _ => return Err(CaseError::fail("pair has no receive queues")),
+    };
+    let sb = p.server.alloc(64, Access::SEND | Access::RECV)?;
+    let cb = p.client.alloc(64, Access::SEND | Access::RECV)?;
+    p.server.ep.recv(sb.full(), 1).ctx("server recv")?;
+    p.client.ep.recv(cb.full(), 2).ctx("client recv")?;
+    p.client.ep.send(cb.iov(0, 8), 3).ctx("client send")?;
+    let c = srx.wait(t).ctx("server receive queue")?;
+    ensure!(
+        c.is_ok() && c.context == 1,
+        "server receive queue got {c:?}"
+    );
+    let c = p.client.cq.wait(t).ctx("client transmit queue")?;
+    ensure!(
+        c.is_ok() && c.context == 3,
+        "client transmit queue got {c:?}"
+    );
+    p.server.ep.send(sb.iov(0, 8), 4).ctx("server send")?;
+    let c = crx.wait(t).ctx("client receive queue")?;
+    ensure!(
+        c.is_ok() && c.context == 2,
+        "client receive queue got {c:?}"
+    );
+    let c = p.server.cq.wait(t).ctx("server transmit queue")?;
+    ensure!(
+        c.is_ok() && c.context == 4,
+        "server transmit queue got {c:?}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    for (name, q) in [
+        ("server tx", &p.server.cq),
+        ("server rx", srx),
+        ("client tx", &p.client.cq),
+        ("client rx", crx),
+    ] {
+        ensure!(
+            q.try_next().ctx(name)?.is_none(),
+            "{name} queue has an extra completion"
+        );
+    }
+    Ok(())
+}
+
+fn selective_completion(ctx: &Ctx) -> CaseResult {
+    use fabric::{Msg, OpFlags, RmaMsg};
+    let mut cfg = PairConfig::new(Caps::MSG | Caps::RMA).progress(Progress::Auto);
+    cfg.selective = true;
+    let p = ctx.pair_with(&cfg)?;
+    let t = p.timeout;
+    let rx = p.server.alloc(256, Access::RECV)?;
+    let tx = p.client.alloc(256, Access::SEND | Access::WRITE)?;
+    for i in 0..3 {
+        p.server
+            .ep
+            .recv(rx.iov(i * 64, 64), 10 + i as u64)
+            .ctx("post recv")?;
+    }
+    let iov = [tx.iov(0, 8)];
+    let msg = |context| Msg {
+        iov: &iov,
+        context,
+        data: 0,
+    };
+    p.client
+        .ep
+        .sendmsg(&msg(1), OpFlags::empty())
+        .ctx("sendmsg without COMPLETION")?;
+    p.client
+        .ep
+        .sendmsg(&msg(2), OpFlags::COMPLETION)
+        .ctx("sendmsg with COMPLETION")?;
+    for i in 0..2u64 {
+        let r = p.server.cq.wait(t).ctx("server")?;
+        ensure!(r.is_ok() && r.context == 10 + i, "receive {i}: {r:?}");
+    }
+    let c = p.client.cq.wait(t).ctx("client")?;
+    ensure_eq!(
+        c.context,
+        2,
+        "the only send completion is the COMPLETION-flagged one"
+    );
+    // Errors complete whatever the flags.
+    let t_mr = p.server.alloc(64, Access::REMOTE)?;
+    let mut bad = t_mr.remote().iov(0, 8);
+    bad.key ^= 0x5A5A;
+    let rm = RmaMsg {
+        iov: &iov,
+        rma_iov: &[bad],
+        context: 3,
+        data: 0,
+    };
+    p.client
+        .ep
+        .writemsg(&rm, OpFlags::empty())
+        .ctx("writemsg without COMPLETION")?;
+    let c = p.client.cq.wait(t).ctx("client error completion")?;
+    ensure!(
+        c.context == 3 && c.status.is_err(),
+        "expected an error completion for context 3, got {c:?}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    ensure!(
+        p.client.cq.try_next().ctx("client")?.is_none(),
+        "extra client completion"
+    );
+    Ok(())
 }

@@ -66,6 +66,7 @@ pub fn cases() -> Vec<Case> {
             "shutdown on one side gives Shutdown with the right fid on both",
             shutdown_both_sides,
         ),
+        case(G, "connect_twice_refused", Caps::MSG, "connect on a connected endpoint and accept on a client endpoint are refused; the connection keeps working", connect_twice_refused),
         case(
             G,
             "two_connections",
@@ -324,5 +325,29 @@ fn two_connections(ctx: &Ctx) -> CaseResult {
             "payload of client {i}"
         );
     }
+    Ok(())
+}
+
+fn connect_twice_refused(ctx: &Ctx) -> CaseResult {
+    let p = ctx.pair(Caps::MSG)?;
+    ensure!(
+        p.client.ep.connect(b"again").is_err(),
+        "a second connect on a connected endpoint succeeded"
+    );
+    expect_err(
+        p.client.ep.accept(b""),
+        ErrorKind::InvalidArgument,
+        "accept on a connecting endpoint",
+    )?;
+    let rx = p.server.alloc(8, Access::RECV)?;
+    let tx = p.client.alloc(8, Access::SEND)?;
+    p.server.ep.recv(rx.full(), 1).ctx("post recv")?;
+    p.client.ep.send(tx.full(), 2).ctx("send")?;
+    let r = p.wait_ok(Who::Server)?;
+    ensure_eq!(r.context, 1, "receive after the refused calls");
+    ensure!(
+        p.client.take_event().is_none() && p.client.eq.read().ctx("eq read")?.is_none(),
+        "an event followed the refused connect"
+    );
     Ok(())
 }

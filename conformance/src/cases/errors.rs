@@ -36,7 +36,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "ops_after_shutdown", Caps::MSG, "after shutdown, posted receives complete in error and new operations fail cleanly", ops_after_shutdown),
         case(G, "length_mismatch", RMA, "local and remote iovec lengths that differ are refused at post", length_mismatch),
         case(G, "iov_limits", RMA, "more iovecs than iov_limit / rma_iov_limit, or no remote iovec, refused at post", iov_limits),
-        case(G, "max_msg_exceeded", Caps::MSG, "a send of max_msg_size + 1 bytes is refused at post", max_msg_exceeded),
+        case(G, "max_msg_exceeded", Caps::MSG, "a send or receive over max_msg_size bytes is refused at post", max_msg_exceeded),
         case(G, "commit_without_pmem", RMA, "COMMIT_COMPLETE: refused without RMA_PMEM; into a non-PMEM region an error completion", commit_without_pmem),
     ]
 }
@@ -547,19 +547,37 @@ fn iov_limits(ctx: &Ctx) -> CaseResult {
 
 fn max_msg_exceeded(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(Caps::MSG)?;
-    let max = limits(&p).max_msg_size;
-    if max >= 1 << 30 {
+    let lim = limits(&p);
+    let max = lim.max_msg_size;
+    // Reach max + 1 bytes with up to 16 iovecs over one region, so a 1 GiB limit needs
+    // only a 64 MiB region.
+    let k = lim.iov_limit.clamp(1, 16);
+    let chunk = max / k + 1;
+    if chunk > 256 << 20 {
         return Err(CaseError::skip(format!(
-            "max_msg_size {max} too large to allocate one more"
+            "max_msg_size {max} with iov_limit {} needs a region over 256 MiB",
+            lim.iov_limit
         )));
     }
-    let tx = p.client.alloc(max + 1, Access::SEND)?;
+    let tx = p.client.alloc(chunk, Access::SEND | Access::RECV)?;
+    let iovs: Vec<_> = (0..k).map(|_| tx.full()).collect();
+    let total = chunk * k;
+    ensure!(total > max, "internal: {total} bytes do not exceed {max}");
     expect_err(
-        p.client.ep.send(tx.full(), 1),
+        p.client.ep.sendv(&iovs, 1),
         ErrorKind::InvalidArgument,
-        "send of max_msg_size + 1",
+        &format!("send of {total} bytes (max_msg_size {max})"),
     )?;
-    p.expect_no_completion(Who::Client, Duration::from_millis(50), "after refused send")?;
+    expect_err(
+        p.client.ep.recvv(&iovs, 2),
+        ErrorKind::InvalidArgument,
+        &format!("recv of {total} bytes (max_msg_size {max})"),
+    )?;
+    p.expect_no_completion(
+        Who::Client,
+        Duration::from_millis(50),
+        "after refused posts",
+    )?;
     Ok(())
 }
 

@@ -146,6 +146,7 @@ pub fn cases() -> Vec<Case> {
             "a send with no iovec at all arrives as a 0-byte message",
             zero_length_no_iov,
         ),
+        case(G, "completion_levels", m, "sendmsg with INJECT_COMPLETE, TRANSMIT_COMPLETE, DELIVERY_COMPLETE completes; INJECT gives none; COMMIT refused", completion_levels),
         case(
             G,
             "manual_progress_threads",
@@ -676,5 +677,70 @@ fn auto_progress(ctx: &Ctx) -> CaseResult {
     same("payload", &pattern(9, len), &rx.to_vec(0, len)?)?;
     let s = p.client.cq.wait(p.timeout).ctx("client wait")?;
     ensure!(s.is_ok() && s.context == 2, "{s:?}");
+    Ok(())
+}
+
+fn completion_levels(ctx: &Ctx) -> CaseResult {
+    use fabric::{Msg, OpFlags};
+    let p = ctx.pair(Caps::MSG)?;
+    let rx = p.server.alloc(4 * 64, Access::RECV)?;
+    let tx = p.client.alloc(64, Access::SEND)?;
+    tx.write_at(0, &pattern(13, 64)).ctx("fill")?;
+    let iov = [tx.iov(0, 16.min(limits(&p).inject_size.max(1)))];
+    let len = iov[0].len;
+    for i in 0..4 {
+        p.server
+            .ep
+            .recv(rx.iov(i * 64, 64), i as u64)
+            .ctx("post recv")?;
+    }
+    let levels = [
+        OpFlags::INJECT_COMPLETE,
+        OpFlags::TRANSMIT_COMPLETE,
+        OpFlags::DELIVERY_COMPLETE,
+    ];
+    for (i, f) in levels.into_iter().enumerate() {
+        let msg = Msg {
+            iov: &iov,
+            context: 100 + i as u64,
+            data: 0,
+        };
+        p.client
+            .ep
+            .sendmsg(&msg, OpFlags::COMPLETION | f)
+            .ctx(format!("sendmsg {f:?}"))?;
+        let c = p.wait_ok(Who::Client)?;
+        ensure_eq!(c.context, 100 + i as u64, "completion of {f:?}");
+        let r = p.wait_ok(Who::Server)?;
+        ensure_eq!((r.context, r.len), (i as u64, len), "receive of {f:?}");
+    }
+    if limits(&p).inject_size >= len {
+        let msg = Msg {
+            iov: &iov,
+            context: 200,
+            data: 0,
+        };
+        p.client
+            .ep
+            .sendmsg(&msg, OpFlags::INJECT)
+            .ctx("sendmsg INJECT")?;
+        let r = p.wait_ok(Who::Server)?;
+        ensure_eq!(
+            (r.context, r.len),
+            (3, len),
+            "receive of the injected message"
+        );
+        p.expect_no_completion(Who::Client, Duration::from_millis(50), "sendmsg INJECT")?;
+    }
+    let msg = Msg {
+        iov: &iov,
+        context: 300,
+        data: 0,
+    };
+    expect_err(
+        p.client.ep.sendmsg(&msg, OpFlags::COMMIT_COMPLETE),
+        ErrorKind::InvalidArgument,
+        "send with COMMIT_COMPLETE",
+    )?;
     Ok(())
 }

@@ -26,6 +26,8 @@ pub fn cases() -> Vec<Case> {
         case(G, "writemsg_iovs", RMA, "writemsg with 3 local and 2 remote iovecs places the bytes in order", writemsg_iovs),
         case(G, "readmsg_iovs", RMA, "readmsg with 2 remote and 3 local iovecs gathers in order", readmsg_iovs),
         case(G, "writedata_consumes_recv", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data: RMA|REMOTE_WRITE|REMOTE_CQ_DATA at the target, data visible, one receive consumed", writedata_consumes_recv),
+        case(G, "writedata_before_recv", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data before the target posts a receive: data placed, notification kept until a receive is posted", writedata_before_recv),
+        case(G, "uncached_target", RMA, "writes into a region registered UNCACHED land exactly", uncached_target),
         case(G, "delivery_complete", RMA, "a DELIVERY_COMPLETE write's data is visible at the target when it completes", delivery_complete),
         case(G, "inject_write", RMA | Caps::WRITE, "inject_write lands at the target with no initiator completion", inject_write),
         case(G, "inject_write_too_large", RMA | Caps::WRITE, "inject_write of inject_size + 1 bytes is refused", inject_write_too_large),
@@ -437,5 +439,70 @@ fn many_writes_in_flight(ctx: &Ctx) -> CaseResult {
     ctxs.sort_unstable();
     ensure_eq!(ctxs, (0..n as u64).collect::<Vec<_>>(), "write contexts");
     same("target", &data, &t.to_vec(0, n * 100)?)?;
+    Ok(())
+}
+
+fn writedata_before_recv(ctx: &Ctx) -> CaseResult {
+    let p = ctx.pair(RMA | Caps::REMOTE_CQ_DATA)?;
+    let t = p.server.alloc(4096, Access::REMOTE)?;
+    let tx = p.client.alloc(4096, Access::WRITE)?;
+    tx.write_at(0, &pattern(72, 500)).ctx("fill")?;
+    p.client
+        .ep
+        .writedata(tx.iov(0, 500), t.remote().iov(7, 500), 0x77, 1)
+        .ctx("writedata")?;
+    p.wait_ok(Who::Client)?;
+    same(
+        "data placed before any receive",
+        &pattern(72, 500),
+        &t.to_vec(7, 500)?,
+    )?;
+    p.expect_no_completion(
+        Who::Server,
+        Duration::from_millis(100),
+        "target without a posted receive",
+    )?;
+    let rx = p.server.alloc(64, Access::RECV)?;
+    p.server.ep.recv(rx.full(), 0xA).ctx("post recv")?;
+    let r = p
+        .wait_ok(Who::Server)
+        .map_err(|e| e.context("the notification of a write that came before the receive"))?;
+    expect_flags(
+        &r,
+        CompFlags::RMA | CompFlags::REMOTE_WRITE | CompFlags::REMOTE_CQ_DATA,
+        "target",
+    )?;
+    ensure_eq!(r.data, 0x77, "remote CQ data");
+    Ok(())
+}
+
+fn uncached_target(ctx: &Ctx) -> CaseResult {
+    use fabric::{HeapMemory, MrFlags};
+    let p = ctx.pair(RMA)?;
+    let len = 200_000;
+    let t = p
+        .server
+        .domain
+        .register(HeapMemory::new(len)?, Access::REMOTE, MrFlags::UNCACHED)
+        .ctx("register UNCACHED")?;
+    ensure_eq!(t.flags(), MrFlags::UNCACHED, "region flags");
+    let tx = p.client.alloc(len, Access::WRITE)?;
+    for (n, &(off, l)) in [(0usize, 1usize), (3, 64), (4093, 70_000), (1, len - 1)]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(200 + n as u64, l);
+        tx.write_at(0, &data).ctx("fill")?;
+        p.client
+            .ep
+            .write(tx.iov(0, l), t.remote().iov(off as u64, l), n as u64)
+            .ctx("write")?;
+        p.wait_ok(Who::Client)?;
+        same(
+            &format!("{l} B at {off} into an UNCACHED region"),
+            &data,
+            &t.to_vec(off, l)?,
+        )?;
+    }
     Ok(())
 }
