@@ -108,6 +108,9 @@ struct IovList {
     idx: usize,
     off: usize,
     placed: usize,
+    /// For regions registered UNCACHED: the backing and offset of each piece, so the
+    /// payload is copied in with `write_uncached` (and never received into it directly).
+    nt: Vec<(Arc<dyn fabric_core::MemoryBacking>, usize)>,
 }
 
 impl IovList {
@@ -121,6 +124,7 @@ impl IovList {
             idx: 0,
             off: 0,
             placed: 0,
+            nt: Vec::new(),
         }
     }
     fn push(&mut self, ptr: *mut u8, len: usize) {
@@ -138,7 +142,11 @@ impl IovList {
     }
     fn from_ranges(r: &[RegionRange]) -> IovList {
         let mut l = IovList::new();
+        let uncached = r.iter().any(|x| x.uncached);
         for x in r {
+            if uncached && x.len > 0 {
+                l.nt.push((x.memory.clone(), x.offset));
+            }
             l.push(x.ptr(), x.len);
         }
         l
@@ -149,9 +157,16 @@ impl IovList {
         while !src.is_empty() && self.idx < self.n {
             let cur = self.v[self.idx];
             let k = (cur.len - self.off).min(src.len());
-            // SAFETY: cur.ptr..cur.ptr+cur.len lies in memory the owning operation keeps
-            // alive and that was bounds-checked when the list was built; off + k <= len.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), cur.ptr.add(self.off), k) };
+            if let Some((mem, base)) = self.nt.get(self.idx) {
+                // SAFETY: base + off + k <= the region's length (checked with the
+                // range); the memory is held alive by `mem`.
+                unsafe { mem.write_uncached(base + self.off, &src[..k]) };
+            } else {
+                // SAFETY: cur.ptr..cur.ptr+cur.len lies in memory the owning operation
+                // keeps alive and that was bounds-checked when the list was built;
+                // off + k <= len.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), cur.ptr.add(self.off), k) };
+            }
             self.advance(k);
             src = &src[k..];
             taken += k;
@@ -174,6 +189,10 @@ impl IovList {
     }
     /// iovecs for the next `limit` bytes of free space.
     fn iovecs(&self, mut limit: usize, out: &mut Vec<libc::iovec>) -> usize {
+        if !self.nt.is_empty() {
+            // Uncached targets are filled through the receive buffer.
+            return 0;
+        }
         let mut total = 0;
         let mut off = self.off;
         for i in self.idx..self.n {

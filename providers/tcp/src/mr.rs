@@ -17,8 +17,6 @@ use crate::wire::{Status, WireIov};
 pub(crate) struct MrEntry {
     pub(crate) memory: Arc<dyn MemoryBacking>,
     pub(crate) access: Access,
-    // Consulted by the commit path (persist before ACK) once RMA_PMEM is offered.
-    #[allow(dead_code)]
     pub(crate) flags: MrFlags,
 }
 
@@ -28,6 +26,8 @@ pub(crate) struct RegionRange {
     pub(crate) memory: Arc<dyn MemoryBacking>,
     pub(crate) offset: usize,
     pub(crate) len: usize,
+    /// Registered `UNCACHED`: incoming writes are placed with non-temporal stores.
+    pub(crate) uncached: bool,
 }
 
 impl RegionRange {
@@ -87,6 +87,7 @@ impl KeyTable {
                 memory: e.memory.clone(),
                 offset: v.addr as usize,
                 len: v.len as usize,
+                uncached: e.flags.contains(MrFlags::UNCACHED),
             });
         }
         Ok(out)

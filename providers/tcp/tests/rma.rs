@@ -267,3 +267,34 @@ fn write_then_send_is_ordered() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn uncached_region_receives_writes() {
+    let p = pair();
+    let size = 1 << 20;
+    let target = p
+        .server
+        .domain
+        .register(
+            HeapMemory::new(size).unwrap(),
+            Access::REMOTE,
+            MrFlags::UNCACHED,
+        )
+        .unwrap();
+    let src = p.client.domain.alloc(size, Access::LOCAL).unwrap();
+    src.write_at(0, &pattern(size, 13)).unwrap();
+    let msg = RmaMsg {
+        iov: &[src.iov(0, 1000), src.iov(1000, size - 1000)],
+        rma_iov: &[
+            target.remote().iov(size as u64 - 1000, 1000),
+            target.remote().iov(0, size - 1000),
+        ],
+        context: 1,
+        data: 0,
+    };
+    p.client.ep.writemsg(&msg, OpFlags::COMPLETION).unwrap();
+    ok(&next(&p.client.cq));
+    let want = pattern(size, 13);
+    assert!(target.to_vec(size - 1000, 1000).unwrap() == want[..1000]);
+    assert!(target.to_vec(0, size - 1000).unwrap() == want[1000..]);
+}
