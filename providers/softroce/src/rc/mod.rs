@@ -464,3 +464,121 @@ impl QueuePair {
         self.rtr.map(|a| a.mtu)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn rtr() -> RtrAttr {
+        RtrAttr {
+            mtu: Mtu::Mtu1024,
+            dest_qpn: 2,
+            rq_psn: 0,
+            max_dest_rd_atomic: 4,
+            min_rnr_timer: 1,
+            local: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0xC001),
+            remote: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4791),
+        }
+    }
+
+    fn rts() -> RtsAttr {
+        RtsAttr {
+            sq_psn: 0,
+            timeout: Duration::from_millis(1),
+            retry_cnt: 7,
+            rnr_retry: 7,
+            max_rd_atomic: 4,
+        }
+    }
+
+    #[test]
+    fn transitions_are_checked() {
+        let mut qp = QueuePair::new(1, Arc::new(KeyTable::new()));
+        assert!(qp.modify_to_rtr(rtr()).is_err());
+        assert!(qp.modify_to_rts(rts()).is_err());
+        assert!(qp
+            .post_recv(RecvWr {
+                wr_id: 1,
+                local: None
+            })
+            .is_err());
+        qp.modify_to_init().unwrap();
+        assert!(qp.modify_to_init().is_err());
+        assert!(qp
+            .post_send(SendWr {
+                wr_id: 1,
+                op: SendOp::Send,
+                local: None
+            })
+            .is_err());
+        qp.post_recv(RecvWr {
+            wr_id: 1,
+            local: None,
+        })
+        .unwrap();
+        assert!(qp
+            .modify_to_rtr(RtrAttr {
+                min_rnr_timer: 32,
+                ..rtr()
+            })
+            .is_err());
+        qp.modify_to_rtr(rtr()).unwrap();
+        assert_eq!(qp.state(), QpState::Rtr);
+        assert!(qp
+            .modify_to_rts(RtsAttr {
+                retry_cnt: 8,
+                ..rts()
+            })
+            .is_err());
+        qp.modify_to_rts(rts()).unwrap();
+        assert_eq!(qp.state(), QpState::Rts);
+        qp.modify_to_error();
+        let c = qp.poll_completion().unwrap();
+        assert_eq!((c.wr_id, c.status), (1, WcStatus::Flushed));
+        assert!(qp.modify_to_init().is_err());
+        qp.reset();
+        assert_eq!(qp.state(), QpState::Reset);
+        assert!(qp.poll_completion().is_none());
+    }
+
+    #[test]
+    fn work_requests_are_validated() {
+        let mut qp = QueuePair::new(1, Arc::new(KeyTable::new()));
+        qp.modify_to_init().unwrap();
+        qp.modify_to_rtr(rtr()).unwrap();
+        qp.modify_to_rts(rts()).unwrap();
+        let m: Arc<dyn LocalMemory> = Arc::new(VecMemory::new(16, 0, RemoteAccess::NONE));
+        let atomic = SendOp::FetchAdd {
+            remote_va: 8,
+            rkey: 1,
+            add: 1,
+        };
+        let wr = |op, off, len| SendWr {
+            wr_id: 0,
+            op,
+            local: Some(LocalSegment::new(m.clone(), off, len)),
+        };
+        assert_eq!(
+            qp.post_send(wr(SendOp::Send, 8, 9)),
+            Err(QpError::LocalOutOfBounds)
+        );
+        assert!(qp.post_send(wr(atomic, 0, 4)).is_err());
+        let misaligned = SendOp::CompareSwap {
+            remote_va: 4,
+            rkey: 1,
+            compare: 0,
+            swap: 0,
+        };
+        assert!(qp.post_send(wr(misaligned, 0, 8)).is_err());
+        qp.post_send(wr(atomic, 8, 8)).unwrap();
+        assert_eq!(qp.send_queue_len(), 1);
+        // Garbage and misaddressed packets are dropped without effect.
+        assert!(qp.handle_packet(Time(0), &[0u8; 3]).is_err());
+        let t = qp.poll_transmit(Time(0)).unwrap();
+        assert!(qp.handle_packet(Time(0), &t.payload).is_ok()); // our own request: wrong QPN
+        assert_eq!(qp.stats().packets_dropped, 2);
+        assert!(qp.poll_timeout().is_some());
+    }
+}
