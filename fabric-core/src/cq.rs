@@ -30,11 +30,14 @@ impl Default for CqAttr {
 /// One completed operation, successful or not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
-    /// The context the application gave when posting (0 for remote-write events).
+    /// The context the application gave when posting. For a peer's write with remote
+    /// CQ data, the context of the receive it consumed; for an error of an inject
+    /// (which has no context), 0.
     pub context: u64,
     /// What completed.
     pub flags: CompFlags,
-    /// Bytes transferred (for a receive: bytes received).
+    /// Bytes transferred (for a receive: bytes placed; for a truncated receive, the
+    /// bytes that fit; 0 for other errors).
     pub len: usize,
     /// Remote CQ data, valid when `flags` has `REMOTE_CQ_DATA`.
     pub data: u64,

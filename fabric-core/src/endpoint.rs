@@ -28,9 +28,11 @@ pub struct EndpointConfig<'a> {
     pub rx_cq: &'a CompletionQueue,
     /// Connection events.
     pub eq: &'a EventQueue,
-    /// When true, the `*msg` operations generate a successful completion only if their
-    /// flags contain [`OpFlags::COMPLETION`] (libfabric `FI_SELECTIVE_COMPLETION`).
-    /// Errors always generate one.
+    /// When true, transmit operations (sends, writes, reads) posted through the `*msg`
+    /// forms generate a successful completion only if their flags contain
+    /// [`OpFlags::COMPLETION`] (libfabric `FI_SELECTIVE_COMPLETION` on the transmit
+    /// queue); the plain forms always ask for one. Receives always complete. Errors
+    /// always generate a completion.
     pub selective_completion: bool,
 }
 
@@ -283,7 +285,8 @@ impl Endpoint {
     }
 
     /// Shuts the connection down. Outstanding operations complete in error and both
-    /// sides get a shutdown event.
+    /// sides get a shutdown event. Operations posted afterwards fail with
+    /// [`ErrorKind::NotConnected`] or [`ErrorKind::Shutdown`].
     pub fn shutdown(&self) -> Result<()> {
         self.ops.shutdown()
     }
@@ -526,7 +529,7 @@ impl Endpoint {
 
     /// Writes a small buffer copied at the call, with no completion.
     pub fn inject_write(&self, buf: &[u8], remote: RemoteIov) -> Result<()> {
-        self.check_caps(Caps::RMA | Caps::WRITE, "inject_write")?;
+        self.check_caps(Caps::RMA, "inject_write")?;
         if buf.len() > self.info.limits.inject_size {
             return Err(Error::invalid(format!(
                 "inject_write of {} bytes exceeds inject_size {}",

@@ -143,7 +143,8 @@ pub enum CqErrorKind {
     RemoteInvalid,
     /// The target failed to carry out the request (e.g. persisting failed).
     RemoteOperation,
-    /// The received message was larger than the posted buffer; `len` holds what fit.
+    /// The received message was larger than the posted buffer; the completion's `len`
+    /// holds the bytes that fit (placed in the buffer), the rest was discarded.
     Truncated,
     /// The operation was cancelled or flushed because the endpoint closed.
     Canceled,

@@ -18,8 +18,11 @@
 //! views are `unsafe` with their contract stated. See [`memory`].
 //!
 //! ## Progress
-//! By default data moves when the application reads its queues ([`Progress::Manual`]);
-//! [`Progress::Auto`] adds a provider thread. Blocking reads (`sread`, `wait`) sleep;
+//! By default data moves when the application reads its queues ([`Progress::Manual`]):
+//! reading a completion or event queue of a domain (or fabric) moves that side's data
+//! and connection handshakes, and nothing else. Two ends in one thread must therefore
+//! poll both sides (a connect completes only while the server's event queue is read,
+//! and the client's). [`Progress::Auto`] adds a provider thread. Blocking reads (`sread`, `wait`) sleep;
 //! [`CompletionQueue::poll_wait`] spins for the lowest latency. Async code awaits
 //! completions through [`AsyncCompletions`] and events through [`AsyncEvents`].
 //!
