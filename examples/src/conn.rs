@@ -156,3 +156,77 @@ pub fn connect(
         peer_data,
     })
 }
+
+/// Runs a server half and a client half in this process over `node` (a loopback
+/// address, ephemeral port): the server in a thread, the client here. Returns the
+/// client's result, or the first error of either half.
+pub fn run_self<T>(
+    provider: &str,
+    node: &str,
+    server: impl FnOnce(&Side) -> ToolResult<()> + Send + 'static,
+    client: impl FnOnce(&Side) -> ToolResult<T>,
+) -> ToolResult<T> {
+    let listener = listen(provider, node, 0, Progress::Manual)?;
+    let port = listener.port;
+    let srv = std::thread::spawn(move || -> ToolResult<()> {
+        let side = listener.accept(b"", CONNECT_TIMEOUT)?;
+        server(&side)
+    });
+    let res = connect(provider, node, port, b"", Progress::Manual, CONNECT_TIMEOUT)
+        .and_then(|side| client(&side));
+    let srv = srv
+        .join()
+        .map_err(|_| "the server thread panicked".to_string())?;
+    let res = res?;
+    srv?;
+    Ok(res)
+}
+
+/// What a tool does with the connection: the role chosen by its command line.
+pub enum Role<'a> {
+    /// Both halves in this process, over this (loopback) address.
+    SelfTest(&'a str),
+    /// Connect to this server address.
+    Client(&'a str),
+    /// Listen at this address and serve one client.
+    Server(&'a str),
+}
+
+/// Runs a tool's halves in the role the command line chose (`--self`, a destination
+/// address, or neither for a server), on `port`. Returns the client's result, or `None`
+/// for a server.
+pub fn run_role<T>(
+    tool: &str,
+    provider: &str,
+    role: Role<'_>,
+    port: u16,
+    server: impl FnOnce(&Side) -> ToolResult<()> + Send + 'static,
+    client: impl FnOnce(&Side) -> ToolResult<T>,
+) -> ToolResult<Option<T>> {
+    match role {
+        Role::SelfTest(addr) => run_self(provider, addr, server, client).map(Some),
+        Role::Client(dest) => {
+            let side = connect(provider, dest, port, b"", Progress::Manual, CONNECT_TIMEOUT)?;
+            client(&side).map(Some)
+        }
+        Role::Server(addr) => {
+            let l = listen(provider, addr, port, Progress::Manual)?;
+            eprintln!(
+                "{tool}: {provider} server on {addr}:{}, waiting for a client",
+                l.port
+            );
+            let side = l.accept(b"", Duration::from_secs(3600))?;
+            server(&side).map(|()| None)
+        }
+    }
+}
+
+/// The role from the usual flags: `--self`, an optional destination, the source
+/// address.
+pub fn role<'a>(self_mode: bool, dest: Option<&'a str>, src_addr: &'a str) -> Role<'a> {
+    match (self_mode, dest) {
+        (true, _) => Role::SelfTest(src_addr),
+        (false, Some(d)) => Role::Client(d),
+        (false, None) => Role::Server(src_addr),
+    }
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use fabric::{Access, Completion, CompletionQueue};
 use serde::Serialize;
 
-use crate::conn::{self, Side, CONNECT_TIMEOUT};
+use crate::conn::{self, Side};
 use crate::sizes::auto_iterations;
 use crate::{ctx, median, Mode, ToolResult};
 
@@ -240,28 +240,13 @@ pub fn server(side: &Side, mode: Mode) -> ToolResult<()> {
 
 /// Runs both halves in this process over `node` (a loopback address).
 pub fn run_self(provider: &str, node: &str, opts: &Options) -> ToolResult<Vec<PpResult>> {
-    let listener = conn::listen(provider, node, 0, fabric::Progress::Manual)?;
-    let port = listener.port;
     let mode = opts.mode;
-    let server = std::thread::spawn(move || -> ToolResult<()> {
-        let side = listener.accept(b"", CONNECT_TIMEOUT)?;
-        server(&side, mode)
-    });
-    let side = conn::connect(
+    conn::run_self(
         provider,
         node,
-        port,
-        b"",
-        fabric::Progress::Manual,
-        CONNECT_TIMEOUT,
-    )?;
-    let res = client(&side, opts);
-    let srv = server
-        .join()
-        .map_err(|_| "the server thread panicked".to_string())?;
-    let res = res?;
-    srv?;
-    Ok(res)
+        move |side| server(side, mode),
+        |side| client(side, opts),
+    )
 }
 
 #[cfg(test)]

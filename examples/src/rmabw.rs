@@ -13,7 +13,7 @@ use std::time::Instant;
 use fabric::{Access, RemoteMr};
 use serde::Serialize;
 
-use crate::conn::{self, Side, CONNECT_TIMEOUT};
+use crate::conn::{self, Side};
 use crate::pingpong::next_completion;
 use crate::{ctx, Mode, ToolResult};
 
@@ -284,28 +284,13 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
 
 /// Runs both halves in this process over `node`.
 pub fn run_self(provider: &str, node: &str, opts: &Options) -> ToolResult<Vec<BwResult>> {
-    let listener = conn::listen(provider, node, 0, fabric::Progress::Manual)?;
-    let port = listener.port;
     let mode = opts.mode;
-    let server = std::thread::spawn(move || -> ToolResult<()> {
-        let side = listener.accept(b"", CONNECT_TIMEOUT)?;
-        serve(&side, mode)
-    });
-    let res = conn::connect(
+    conn::run_self(
         provider,
         node,
-        port,
-        b"",
-        fabric::Progress::Manual,
-        CONNECT_TIMEOUT,
+        move |side| serve(side, mode),
+        |side| client(side, opts),
     )
-    .and_then(|side| client(&side, opts));
-    let srv = server
-        .join()
-        .map_err(|_| "the server thread panicked".to_string())?;
-    let res = res?;
-    srv?;
-    Ok(res)
 }
 
 #[cfg(test)]

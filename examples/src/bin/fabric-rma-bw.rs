@@ -2,7 +2,7 @@
 //! writes with remote CQ data outstanding and reports bandwidth per size.
 
 use clap::Parser;
-use fabric_examples::conn::{self, CONNECT_TIMEOUT};
+use fabric_examples::conn;
 use fabric_examples::rmabw::{self, BwResult, Options, RmaOp};
 use fabric_examples::sizes::{fmt_size, parse_sizes};
 use fabric_examples::Mode;
@@ -79,28 +79,18 @@ fn run(a: &Args) -> Result<(), String> {
         window: a.window,
         mode: a.mode,
     };
-    if a.self_mode {
-        let res = rmabw::run_self(&a.provider, &a.src_addr, &opts)?;
+    let mode = a.mode;
+    let role = conn::role(a.self_mode, a.dest.as_deref(), &a.src_addr);
+    let res = conn::run_role(
+        "fabric-rma-bw",
+        &a.provider,
+        role,
+        a.port,
+        move |side| rmabw::serve(side, mode),
+        |side| rmabw::client(side, &opts),
+    )?;
+    if let Some(res) = res {
         print(&a.provider, &res, a.json);
-    } else if let Some(dest) = &a.dest {
-        let side = conn::connect(
-            &a.provider,
-            dest,
-            a.port,
-            b"",
-            fabric::Progress::Manual,
-            CONNECT_TIMEOUT,
-        )?;
-        let res = rmabw::client(&side, &opts)?;
-        print(&a.provider, &res, a.json);
-    } else {
-        let l = conn::listen(&a.provider, &a.src_addr, a.port, fabric::Progress::Manual)?;
-        eprintln!(
-            "fabric-rma-bw: {} server on {}:{}, waiting for a client",
-            a.provider, a.src_addr, l.port
-        );
-        let side = l.accept(b"", std::time::Duration::from_secs(3600))?;
-        rmabw::serve(&side, a.mode)?;
     }
     Ok(())
 }
