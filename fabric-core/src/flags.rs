@@ -101,7 +101,26 @@ bitflags! {
         /// Complete once the target has processed the operation and its result is visible.
         const DELIVERY_COMPLETE = 1 << 5;
         /// Complete once the written data is durable in the target's persistence domain
-        /// (`FI_COMMIT_COMPLETE`). Only into regions registered [`MrFlags::PMEM`].
+        /// (`FI_COMMIT_COMPLETE`). Needs [`Caps::RMA_PMEM`] on the endpoint, and applies
+        /// to RMA writes only; the target refuses it (error completion
+        /// [`CqErrorKind::RemoteInvalid`](crate::CqErrorKind::RemoteInvalid), memory
+        /// untouched) unless every remote range lies in a region registered
+        /// [`MrFlags::PMEM`], and reports a failed persist as
+        /// [`CqErrorKind::RemoteOperation`](crate::CqErrorKind::RemoteOperation). A
+        /// successful completion carries [`CompFlags::COMMIT`].
+        ///
+        /// "Durable" is what the target memory's
+        /// [`MemoryBacking::persist`](crate::MemoryBacking::persist) achieves:
+        /// - true persistent memory (`MAP_SYNC` on a DAX file system, or device DAX):
+        ///   durable when the cache-line flush and fence return; survives power loss;
+        /// - a page-cache file mapping: durable after `msync`; survives a crash of the
+        ///   target process and, on a file system with a real block device that honours
+        ///   cache flushes, a power loss;
+        /// - tmpfs: survives only the target process, not a reboot;
+        /// - heap memory cannot be registered `PMEM` at all.
+        ///
+        /// [`DELIVERY_COMPLETE`](Self::DELIVERY_COMPLETE) is weaker: placed and visible
+        /// at the target, not necessarily durable.
         const COMMIT_COMPLETE = 1 << 6;
         /// Wait for earlier operations to the same peer before starting this one.
         const FENCE = 1 << 7;

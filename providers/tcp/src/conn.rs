@@ -17,7 +17,7 @@ use fabric_core::{
 };
 use tracing::{debug, warn};
 
-use crate::mr::{KeyTable, RegionRange};
+use crate::mr::{KeyTable, Need, RegionRange};
 use crate::queue::WaitQueue;
 use crate::sys::{self, Epoll};
 use crate::wire::{
@@ -275,9 +275,10 @@ enum AfterRx {
         op_id: u64,
         size: usize,
         data: Option<u64>,
-        // Keeps the target memory alive while the payload streams in; the commit path
-        // will persist these ranges before the ACK.
-        #[allow(dead_code)]
+        /// A COMMIT write: persist `ranges` before the ACK.
+        commit: bool,
+        /// The checked target ranges; they also keep the memory alive while the
+        /// payload streams in.
         ranges: Vec<RegionRange>,
     },
     Refused {
@@ -372,6 +373,9 @@ pub(crate) struct Pending {
     /// Local memory the operation holds (the read destination for reads).
     pub(crate) hold: Body,
     pub(crate) remote: Vec<RemoteIov>,
+    /// A write posted with COMMIT_COMPLETE: its successful completion carries
+    /// [`CompFlags::COMMIT`].
+    pub(crate) commit: bool,
 }
 
 /// What happens when a transmit operation has been fully handed to the socket.
@@ -789,20 +793,14 @@ impl Conn {
             (ConnState::Connected, Op::Msg) => self.start_msg(h),
             (ConnState::Connected, Op::Write) => {
                 let data = (h.flags & FLAG_CQ_DATA != 0).then_some(h.data);
-                if h.flags & FLAG_COMMIT != 0 {
-                    // Commit needs RMA_PMEM, which this version does not offer.
-                    self.expect(
-                        Sink::Discard,
-                        size,
-                        AfterRx::Refused {
-                            op_id: h.op_id,
-                            status: Status::Invalid,
-                            index: 0,
-                        },
-                    );
-                    return Ok(());
-                }
-                match self.rep.keys.check(h.iovs(), Access::REMOTE_WRITE) {
+                let commit = h.flags & FLAG_COMMIT != 0;
+                let need = Need {
+                    access: Access::REMOTE_WRITE,
+                    // A COMMIT write must target PMEM regions only: checked here, with
+                    // key, rights and bounds, before a byte is placed.
+                    pmem: commit,
+                };
+                match self.rep.keys.check(h.iovs(), need) {
                     Ok(ranges) => {
                         let sink = Sink::Iov(IovList::from_ranges(&ranges));
                         self.expect(
@@ -812,6 +810,7 @@ impl Conn {
                                 op_id: h.op_id,
                                 size,
                                 data,
+                                commit,
                                 ranges,
                             },
                         );
@@ -832,7 +831,11 @@ impl Conn {
             }
             (ConnState::Connected, Op::ReadReq) => {
                 let mut resp = Header::new(Op::ReadResp, h.op_id, 0);
-                let body = match self.rep.keys.check(h.iovs(), Access::REMOTE_READ) {
+                let body = match self
+                    .rep
+                    .keys
+                    .check(h.iovs(), Need::access(Access::REMOTE_READ))
+                {
                     Ok(ranges) => {
                         resp.size = h.iov_total();
                         Body::Regions(ranges)
@@ -873,7 +876,12 @@ impl Conn {
                     if !p.completion {
                         return Ok(());
                     }
-                    Completion::ok(p.context, p.flags, p.len)
+                    let mut flags = p.flags;
+                    if p.commit {
+                        // The target persisted every range before this ACK.
+                        flags |= CompFlags::COMMIT;
+                    }
+                    Completion::ok(p.context, flags, p.len)
                 } else {
                     let what = if p.kind == PendKind::Write {
                         "write"
@@ -985,9 +993,24 @@ impl Conn {
                 self.match_unexpected()?;
             }
             AfterRx::Write {
-                op_id, size, data, ..
+                op_id,
+                size,
+                data,
+                commit,
+                ranges,
             } => {
-                // A COMMIT_COMPLETE write would persist `ranges` here, before the ACK.
+                if commit {
+                    // Durable before acknowledged: persist every written range (CPU
+                    // cache flush on true pmem, msync on a page-cache mapping) and
+                    // answer only once all of them succeeded. A failure is reported,
+                    // never acked as durable; the data stays placed (visible) but the
+                    // initiator learns it may not be durable.
+                    if let Some((i, e)) = persist_all(&ranges) {
+                        warn!(fid = %self.fid, op_id, index = i, "persisting a COMMIT write failed: {e}");
+                        self.ack(op_id, Status::OperationFailed, i as u64);
+                        return Ok(());
+                    }
+                }
                 if let Some(d) = data {
                     if let Some(recv) = self.posted.pop_front() {
                         self.complete_recv(recv, size, 0, Some(d), true);
@@ -1247,9 +1270,17 @@ impl Conn {
     }
 }
 
+/// Persists every range in order; the first failure and the index of its range.
+fn persist_all(ranges: &[RegionRange]) -> Option<(usize, io::Error)> {
+    ranges
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.persist().err().map(|e| (i, e)))
+}
+
 fn remote_error(status: Status, index: u64, p: &Pending, what: &str) -> CqError {
     let kind = match status {
-        Status::Invalid => CqErrorKind::RemoteInvalid,
+        Status::Invalid | Status::NotPmem => CqErrorKind::RemoteInvalid,
         Status::OperationFailed => CqErrorKind::RemoteOperation,
         _ => CqErrorKind::RemoteAccess,
     };
@@ -1263,11 +1294,14 @@ fn remote_error(status: Status, index: u64, p: &Pending, what: &str) -> CqError 
             )
         })
         .unwrap_or_default();
-    CqError::new(
-        kind,
-        status as i32,
-        format!("target refused the {what}: {}{iov}", status.describe()),
-    )
+    let detail = match status {
+        Status::OperationFailed if p.commit => format!(
+            "the target could not persist the COMMIT {what}: the data may be placed but \
+             is not known to be durable{iov}"
+        ),
+        _ => format!("target refused the {what}: {}{iov}", status.describe()),
+    };
+    CqError::new(kind, status as i32, detail)
 }
 
 /// Converts remote iovecs to their wire form.

@@ -10,7 +10,9 @@
 //!
 //! - Completion levels: sends complete when handed to the socket (transmit), or on the
 //!   target's ACK after placement with `DELIVERY_COMPLETE`; writes always complete on
-//!   the target's ACK (delivery); reads when the response has landed.
+//!   the target's ACK (delivery: placed and visible, not necessarily durable); reads
+//!   when the response has landed. Writes with `COMMIT_COMPLETE` complete when the data
+//!   is durable at the target (see "Persistent memory" below).
 //! - Receives match in FIFO order; a message that finds no receive is buffered (up to
 //!   64 MiB per endpoint, then the socket is no longer read and TCP flow control
 //!   pushes back on the sender).
@@ -24,6 +26,48 @@
 //!   copy), 8-byte keys and CQ data, 8 local and 8 remote iovecs, 256 bytes of
 //!   connection data, tx_size / rx_size 1024. Memory registration mode `PROV_KEY`:
 //!   keys are random 64-bit values and remote addresses are offsets (`base_addr` 0).
+//!
+//! ## Persistent memory (`RMA_PMEM`, `COMMIT_COMPLETE`)
+//! The provider offers [`Caps::RMA_PMEM`]: memory whose
+//! [`MemoryBacking::supports_persist`](fabric_core::MemoryBacking::supports_persist) is
+//! true (a `pmem::Mapping`, or any backing of your own)
+//! can be registered [`MrFlags::PMEM`](fabric_core::MrFlags::PMEM), and a write posted
+//! with [`OpFlags::COMMIT_COMPLETE`](fabric_core::OpFlags::COMMIT_COMPLETE) carries the
+//! wire flag `COMMIT`. The target then
+//! 1. checks, with key, rights and bounds and before touching memory, that every remote
+//!    iovec lies in a region registered `PMEM`; if one does not, it discards the payload,
+//!    leaves memory untouched and answers `NOT_PMEM`, which the initiator reports as
+//!    [`CqErrorKind::RemoteInvalid`](fabric_core::CqErrorKind::RemoteInvalid)
+//!    ("region is not registered PMEM");
+//! 2. places the data (non-temporal stores into `UNCACHED` regions);
+//! 3. calls [`MemoryBacking::persist`](fabric_core::MemoryBacking::persist) on every
+//!    written range, and only then sends the ACK. If a persist fails the answer is
+//!    `OPERATION_FAILED`, reported as
+//!    [`CqErrorKind::RemoteOperation`](fabric_core::CqErrorKind::RemoteOperation):
+//!    nothing is acknowledged as durable that is not.
+//!
+//! The successful completion carries
+//! [`CompFlags::COMMIT`](fabric_core::CompFlags::COMMIT). Remote CQ data and several
+//! local and remote iovecs work as for any write. Persisting runs on the target's
+//! progress thread (or whichever thread drives progress), so a slow msync delays the
+//! other connections that engine serves.
+//!
+//! What "durable" means is the backing's persistence domain:
+//! - true pmem (`MAP_SYNC` on a DAX file system, or device DAX): durable when the
+//!   cache-line flush + SFENCE returns; survives power loss;
+//! - a page-cache file mapping (ext4, xfs...): durable after `msync(MS_SYNC)`; survives
+//!   a crash of the target process and, on a file system backed by a real block device
+//!   that honours cache flushes, a power loss;
+//! - tmpfs (`/dev/shm`): msync succeeds but there is no device behind it: the data
+//!   survives the target process, not a reboot;
+//! - heap memory cannot be registered `PMEM` at all (fabric-core refuses it).
+//!
+//! `INJECT | COMMIT_COMPLETE` on `writemsg` is accepted: the target persists
+//! the data before it acks as for any commit, but an inject generates no success
+//! completion, so the initiator learns of durability only through a later operation
+//! on the same endpoint: the target handles one connection's writes in order, so the
+//! successful COMMIT completion of a later write means the earlier injected ones were
+//! persisted too (a refused inject reports an error completion with context 0).
 //!
 //! ## Example
 //! A server and a client in one process exchange a message over loopback:
@@ -103,7 +147,8 @@ pub const CAPS: Caps = Caps::MSG
     .union(Caps::RECV)
     .union(Caps::REMOTE_READ)
     .union(Caps::REMOTE_WRITE)
-    .union(Caps::REMOTE_CQ_DATA);
+    .union(Caps::REMOTE_CQ_DATA)
+    .union(Caps::RMA_PMEM);
 
 /// The provider's limits.
 pub const LIMITS: Limits = Limits {

@@ -30,11 +30,38 @@ pub(crate) struct RegionRange {
     pub(crate) uncached: bool,
 }
 
+/// What a remote access needs from every region it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Need {
+    /// The remote right (`REMOTE_WRITE` or `REMOTE_READ`).
+    pub(crate) access: Access,
+    /// A COMMIT write: every region must be registered `PMEM`.
+    pub(crate) pmem: bool,
+}
+
+impl Need {
+    /// A plain access with `access` rights.
+    pub(crate) fn access(access: Access) -> Need {
+        Need {
+            access,
+            pmem: false,
+        }
+    }
+}
+
 impl RegionRange {
     /// Start of the range.
     pub(crate) fn ptr(&self) -> *mut u8 {
         // SAFETY: offset + len <= memory.len() was checked when the range was made.
         unsafe { self.memory.as_ptr().add(self.offset) }
+    }
+
+    /// Makes the range durable ([`MemoryBacking::persist`]); a no-op when empty.
+    pub(crate) fn persist(&self) -> std::io::Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        self.memory.persist(self.offset, self.len)
     }
 }
 
@@ -64,24 +91,28 @@ impl KeyTable {
         self.map.write().remove(&key);
     }
 
-    /// Checks every remote iovec (key, right, bounds with overflow checks) before
-    /// returning the ranges; on the first violation returns its status and index.
+    /// Checks every remote iovec (key, right, bounds with overflow checks, and for a
+    /// COMMIT write a `PMEM` registration) before returning the ranges; on the first
+    /// violation returns its status and index. Nothing is touched before this passes.
     pub(crate) fn check(
         &self,
         iovs: &[WireIov],
-        need: Access,
+        need: Need,
     ) -> Result<Vec<RegionRange>, AccessRefusal> {
         let map = self.map.read();
         let mut out = Vec::with_capacity(iovs.len());
         for (i, v) in iovs.iter().enumerate() {
             let e = map.get(&v.key).ok_or((Status::BadKey, i))?;
-            if !e.access.contains(need) {
+            if !e.access.contains(need.access) {
                 return Err((Status::NoAccess, i));
             }
             let len = e.memory.len() as u64;
             match v.addr.checked_add(v.len) {
                 Some(end) if end <= len => {}
                 _ => return Err((Status::OutOfBounds, i)),
+            }
+            if need.pmem && !e.flags.contains(MrFlags::PMEM) {
+                return Err((Status::NotPmem, i));
             }
             out.push(RegionRange {
                 memory: e.memory.clone(),
@@ -134,26 +165,68 @@ mod tests {
         });
         assert_ne!(k, 0);
         let iov = |addr, len, key| WireIov { addr, len, key };
-        assert!(t.check(&[iov(0, 100, k)], Access::REMOTE_WRITE).is_ok());
-        assert!(t.check(&[iov(100, 0, k)], Access::REMOTE_WRITE).is_ok());
+        let w = Need::access(Access::REMOTE_WRITE);
+        assert!(t.check(&[iov(0, 100, k)], w).is_ok());
+        assert!(t.check(&[iov(100, 0, k)], w).is_ok());
         assert_eq!(
-            t.check(&[iov(0, 1, k), iov(1, 100, k)], Access::REMOTE_WRITE)
-                .err(),
+            t.check(&[iov(0, 1, k), iov(1, 100, k)], w).err(),
             Some((Status::OutOfBounds, 1))
         );
         assert_eq!(
-            t.check(&[iov(u64::MAX, 2, k)], Access::REMOTE_WRITE).err(),
+            t.check(&[iov(u64::MAX, 2, k)], w).err(),
             Some((Status::OutOfBounds, 0))
         );
         assert_eq!(
-            t.check(&[iov(0, 1, k)], Access::REMOTE_READ).err(),
+            t.check(&[iov(0, 1, k)], Need::access(Access::REMOTE_READ))
+                .err(),
             Some((Status::NoAccess, 0))
         );
         assert_eq!(
-            t.check(&[iov(0, 1, k ^ 1)], Access::REMOTE_WRITE).err(),
+            t.check(&[iov(0, 1, k ^ 1)], w).err(),
             Some((Status::BadKey, 0))
         );
         t.remove(k);
-        assert!(t.check(&[iov(0, 1, k)], Access::REMOTE_WRITE).is_err());
+        assert!(t.check(&[iov(0, 1, k)], w).is_err());
+    }
+
+    #[test]
+    fn commit_needs_every_region_pmem() {
+        let dir = std::env::temp_dir().join(format!("fabric-tcp-mr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = KeyTable::default();
+        let heap = t.insert(MrEntry {
+            memory: Arc::new(HeapMemory::new(100).unwrap()),
+            access: Access::REMOTE_WRITE,
+            flags: MrFlags::empty(),
+        });
+        let map = pmem::Mapping::create(dir.join("r"), 4096).unwrap();
+        let pm = t.insert(MrEntry {
+            memory: Arc::new(map),
+            access: Access::REMOTE_WRITE,
+            flags: MrFlags::PMEM | MrFlags::UNCACHED,
+        });
+        let iov = |addr, len, key| WireIov { addr, len, key };
+        let commit = Need {
+            access: Access::REMOTE_WRITE,
+            pmem: true,
+        };
+        let r = t
+            .check(&[iov(0, 10, pm), iov(4000, 96, pm)], commit)
+            .unwrap();
+        assert!(r.len() == 2 && r.iter().all(|x| x.uncached));
+        assert_eq!(
+            t.check(&[iov(0, 10, pm), iov(0, 10, heap)], commit).err(),
+            Some((Status::NotPmem, 1))
+        );
+        // Key and bounds are reported before the PMEM check.
+        assert_eq!(
+            t.check(&[iov(0, 200, heap)], commit).err(),
+            Some((Status::OutOfBounds, 0))
+        );
+        // Without COMMIT a heap region is fine.
+        assert!(t
+            .check(&[iov(0, 10, heap)], Need::access(Access::REMOTE_WRITE))
+            .is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -135,11 +135,8 @@ impl DomainOps for TcpDomain {
         access: Access,
         flags: MrFlags,
     ) -> Result<Arc<dyn MrOps>> {
-        if flags.contains(MrFlags::PMEM) {
-            return Err(Error::unsupported(
-                "tcp does not offer RMA_PMEM yet: PMEM registrations are refused",
-            ));
-        }
+        // PMEM: fabric-core has checked that the memory can persist; COMMIT writes into
+        // the region persist through MemoryBacking::persist before they are acked.
         let key = self.keys.insert(MrEntry {
             memory,
             access,
@@ -490,6 +487,7 @@ impl EndpointOps for TcpEndpoint {
                     completion: req.completion,
                     hold: Body::Empty,
                     remote: Vec::new(),
+                    commit: false,
                 })
             } else {
                 AfterTx::Complete {
@@ -531,7 +529,8 @@ impl EndpointOps for TcpEndpoint {
                 h.flags |= FLAG_CQ_DATA;
                 h.data = d;
             }
-            if req.flags.contains(OpFlags::COMMIT_COMPLETE) {
+            let commit = req.flags.contains(OpFlags::COMMIT_COMPLETE);
+            if commit {
                 h.flags |= FLAG_COMMIT;
             }
             let then = AfterTx::Await(Pending {
@@ -543,6 +542,7 @@ impl EndpointOps for TcpEndpoint {
                 completion: req.completion,
                 hold: Body::Empty,
                 remote: req.remote,
+                commit,
             });
             TxOp::new(&h, body_of(req.payload), then)
         })
@@ -563,6 +563,7 @@ impl EndpointOps for TcpEndpoint {
                 completion: req.completion,
                 hold: body_of(req.payload),
                 remote: req.remote,
+                commit: false,
             });
             TxOp::new(&h, Body::Empty, then)
         })

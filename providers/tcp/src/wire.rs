@@ -26,9 +26,11 @@
 //!   once the message has been placed in a posted receive.
 //! - `WRITE`: `size` payload bytes for the remote iovecs (their lengths sum to `size`);
 //!   always answered by an `ACK` carrying a [`Status`]. Flag `CQ_DATA`: the target
-//!   consumes a posted receive to report `data`. Flag `COMMIT` is reserved for
-//!   persistent-memory commit (the target persists the ranges before its ACK); this
-//!   version answers it with `INVALID`.
+//!   consumes a posted receive to report `data`. Flag `COMMIT` (a write posted with
+//!   `COMMIT_COMPLETE`): every remote iovec must lie in a region registered `PMEM`,
+//!   else the target discards the payload and answers `NOT_PMEM`; otherwise it places
+//!   the payload, persists every range, and only then answers `OK` (or
+//!   `OPERATION_FAILED` if persisting failed).
 //! - `READ_REQ`: no payload; the remote iovecs name what to read. Answered by
 //!   `READ_RESP` with the same `op_id`: status OK and the data, or an error status and
 //!   no payload.
@@ -58,7 +60,7 @@ pub const MAX_CM_DATA: u64 = 256;
 pub const FLAG_CQ_DATA: u16 = 1 << 0;
 /// Header flag: the initiator wants an ACK once the operation took effect (MSG).
 pub const FLAG_DELIVERY: u16 = 1 << 1;
-/// Header flag: commit (persist) the written ranges before the ACK (reserved).
+/// Header flag: commit (persist) the written ranges before the ACK (WRITE only).
 pub const FLAG_COMMIT: u16 = 1 << 2;
 const KNOWN_FLAGS: u16 = FLAG_CQ_DATA | FLAG_DELIVERY | FLAG_COMMIT;
 
@@ -109,10 +111,12 @@ pub enum Status {
     OutOfBounds = 2,
     /// The region lacks the remote access right.
     NoAccess = 3,
-    /// The request is not valid at the target (e.g. COMMIT into a non-PMEM region).
+    /// The request is not valid at the target.
     Invalid = 4,
     /// The target failed to carry the request out (e.g. persisting failed).
     OperationFailed = 5,
+    /// A COMMIT write named a region that is not registered PMEM.
+    NotPmem = 6,
 }
 
 impl Status {
@@ -127,6 +131,7 @@ impl Status {
             3 => Status::NoAccess,
             4 => Status::Invalid,
             5 => Status::OperationFailed,
+            6 => Status::NotPmem,
             _ => return None,
         })
     }
@@ -140,6 +145,7 @@ impl Status {
             Status::NoAccess => "region lacks the remote access right",
             Status::Invalid => "invalid request",
             Status::OperationFailed => "operation failed at the target",
+            Status::NotPmem => "region is not registered PMEM (COMMIT refused)",
         }
     }
 }

@@ -16,15 +16,14 @@ fn getinfo_offer() {
     assert_eq!(info.mr_mode, MrMode::PROV_KEY);
     assert!(info
         .caps
-        .contains(Caps::MSG | Caps::RMA | Caps::REMOTE_CQ_DATA));
-    assert!(!info.caps.contains(Caps::RMA_PMEM));
+        .contains(Caps::MSG | Caps::RMA | Caps::REMOTE_CQ_DATA | Caps::RMA_PMEM));
     assert!(info.limits.max_msg_size >= 64 << 20);
     assert_eq!(info.limits.cm_data_size, 256);
     assert_eq!(info.limits.mr_key_size, 8);
-    let e = registry()
-        .getinfo(&hints().caps(Caps::RMA_PMEM))
-        .unwrap_err();
-    assert!(e.to_string().contains("RMA_PMEM"), "{e}");
+    let pm = registry().getinfo(&hints().caps(Caps::RMA_PMEM)).unwrap();
+    assert!(pm[0].caps.contains(Caps::RMA_PMEM));
+    let e = registry().getinfo(&hints().caps(Caps::TAGGED)).unwrap_err();
+    assert!(e.to_string().contains("TAGGED"), "{e}");
 }
 
 #[test]

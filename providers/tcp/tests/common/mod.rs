@@ -2,6 +2,8 @@
 //! endpoints over loopback, and bounded waits.
 #![allow(dead_code)]
 
+pub mod volatile_cache;
+
 use std::time::{Duration, Instant};
 
 use fabric_core::*;
