@@ -36,6 +36,11 @@
 //!   `RemoteAccess` with the target memory verified untouched; connection refused;
 //!   reject with data; peer death mid-transfer; operations after shutdown; length
 //!   mismatches and iovec limits refused at post.
+//! - `pmem` (needs `RMA_PMEM`): COMMIT_COMPLETE writes into `pmem::Mapping` regions
+//!   registered PMEM are in the file when they complete (1 B to 1 MiB, several iovecs,
+//!   with remote CQ data, PMEM | UNCACHED), DELIVERY_COMPLETE vs COMMIT_COMPLETE
+//!   completion flags, COMMIT naming a non-PMEM region refused with `RemoteInvalid` and
+//!   nothing touched, INJECT | COMMIT_COMPLETE.
 //!
 //! Cases declare the capabilities they need ([`Case::needs`]); when the provider's
 //! getinfo does not offer them the case is skipped with the provider's reason. A case

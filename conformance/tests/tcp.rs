@@ -65,10 +65,15 @@ fn errors() {
     group("errors");
 }
 
+#[test]
+fn pmem() {
+    group("pmem");
+}
+
 /// The per-group tests above together run every case.
 #[test]
 fn groups_cover_every_case() {
-    let tested = ["getinfo", "mr", "cq", "eq", "msg", "rma", "errors"];
+    let tested = ["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
     assert_eq!(GROUPS, tested);
     for c in all() {
         assert!(

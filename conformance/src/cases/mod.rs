@@ -11,6 +11,7 @@ pub mod errors;
 pub mod getinfo;
 pub mod mr;
 pub mod msg;
+pub mod pmem;
 pub mod rma;
 
 /// Every case, group by group.
@@ -23,11 +24,12 @@ pub fn all() -> Vec<Case> {
     v.extend(msg::cases());
     v.extend(rma::cases());
     v.extend(errors::cases());
+    v.extend(pmem::cases());
     v
 }
 
 /// The group names, in run order.
-pub const GROUPS: &[&str] = &["getinfo", "mr", "cq", "eq", "msg", "rma", "errors"];
+pub const GROUPS: &[&str] = &["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
 
 /// Shorthand for a table entry.
 pub(crate) const fn case(

@@ -67,7 +67,7 @@
 //! completion, so the initiator learns of durability only through a later operation
 //! on the same endpoint: the target handles one connection's writes in order, so the
 //! successful COMMIT completion of a later write means the earlier injected ones were
-//! persisted too (a refused inject reports an error completion with context 0).
+//! persisted too. A refused one still reports an error completion, as errors always do.
 //!
 //! ## Example
 //! A server and a client in one process exchange a message over loopback:
