@@ -77,5 +77,11 @@
 
 pub mod fault;
 pub mod pcap;
+mod provider;
 pub mod rc;
 pub mod wire;
+
+pub use provider::device::{
+    configure_device, device_stats, parse_faults, DeviceConfig, DeviceStats,
+};
+pub use provider::{limits, provider, CAPS, MAX_MSG_SIZE};

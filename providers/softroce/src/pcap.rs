@@ -48,6 +48,11 @@ impl<W: Write> PcapWriter<W> {
         self.out.write_all(frame)
     }
 
+    /// The underlying writer (e.g. to flush it while capturing).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Flushes and returns the writer.
     pub fn into_inner(mut self) -> io::Result<W> {
         self.out.flush()?;

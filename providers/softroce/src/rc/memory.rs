@@ -27,6 +27,10 @@ pub enum MemoryError {
     Misaligned,
     /// The persistence hook failed.
     PersistFailed,
+    /// The region may not be the target of a persistent FLUSH (it is not registered as
+    /// persistent memory; rxe: no `IB_ACCESS_FLUSH_PERSISTENT`). The responder answers
+    /// NAK invalid request and touches nothing.
+    NotPersistent,
     /// The backing store is unusable (e.g. a poisoned lock).
     Unavailable,
 }
@@ -37,6 +41,7 @@ impl fmt::Display for MemoryError {
             MemoryError::OutOfBounds => "access outside the memory",
             MemoryError::Misaligned => "misaligned atomic access",
             MemoryError::PersistFailed => "persisting the range failed",
+            MemoryError::NotPersistent => "the region is not persistent memory",
             MemoryError::Unavailable => "memory unavailable",
         })
     }

@@ -459,6 +459,16 @@ impl QueuePair {
         self.comps.pop_front()
     }
 
+    /// Chooses what the responder does with a SEND larger than the receive buffer it
+    /// consumed. Off (rxe, IBTA): the receive completes `LocalLengthError`, the
+    /// requester gets NAK invalid request and both QPs enter ERROR. On (libfabric's
+    /// `FI_ETRUNC` semantics): the bytes that fit are placed, the rest is discarded,
+    /// the receive completes `LocalLengthError` with `byte_len` = bytes placed, the
+    /// message is acknowledged normally and the connection goes on.
+    pub fn set_truncate_receives(&mut self, on: bool) {
+        self.resp.truncate = on;
+    }
+
     /// The path MTU (after RTR).
     pub fn mtu(&self) -> Option<Mtu> {
         self.rtr.map(|a| a.mtu)

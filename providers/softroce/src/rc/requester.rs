@@ -105,7 +105,14 @@ pub(super) struct Requester {
     rnr_deadline: Option<Time>,
     noack_pkts: u32,
     rd_outstanding: u32,
+    /// Consecutive retransmission timeouts without progress: each doubles the next
+    /// timer (up to 2^MAX_BACKOFF), so a short timeout recovers single losses fast
+    /// while a stalled peer still has `timeout * (2^(retry_cnt+1) - 1)` to answer.
+    backoff: u32,
 }
+
+/// Largest exponent of the retransmission timer backoff.
+const MAX_BACKOFF: u32 = 10;
 
 impl Requester {
     pub(super) fn new() -> Self {
@@ -123,6 +130,7 @@ impl Requester {
             rnr_deadline: None,
             noack_pkts: 0,
             rd_outstanding: 0,
+            backoff: 0,
         }
     }
 
@@ -401,6 +409,7 @@ impl Requester {
             self.rnr_left = a.rnr_retry;
         }
         self.retry_from = None;
+        self.backoff = 0;
         self.retrans_deadline = if self.outstanding() {
             Some(now + self.timeout())
         } else {
@@ -425,7 +434,10 @@ impl Requester {
         stats.retransmissions += 1;
         self.go_back(self.comp_psn);
         self.retry_from = Some(self.comp_psn);
-        self.retrans_deadline = Some(now + self.timeout());
+        if force {
+            self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+        }
+        self.retrans_deadline = Some(now + self.timeout() * (1u32 << self.backoff));
         Ok(())
     }
 

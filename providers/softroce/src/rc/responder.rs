@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tracing::{debug, trace};
 
-use super::memory::{AtomicOp, RemoteAccess, RemoteMemoryTable, RemoteRegion};
+use super::memory::{AtomicOp, MemoryError, RemoteAccess, RemoteMemoryTable, RemoteRegion};
 use super::psn;
 use super::types::{Completion, QpStats, RecvWr, WcOpcode, WcStatus};
 use super::{Ctx, Fatal};
@@ -60,7 +60,9 @@ struct CurWrite {
 
 struct CurRecv {
     wr: RecvWr,
+    /// Message bytes received so far (may exceed the buffer when truncating).
     offset: u32,
+    truncated: bool,
 }
 
 pub(super) struct Responder {
@@ -74,6 +76,8 @@ pub(super) struct Responder {
     max_resources: usize,
     out: VecDeque<Response>,
     rnr_timer: u8,
+    /// Deliver oversized SENDs truncated instead of failing the QP.
+    pub(super) truncate: bool,
 }
 
 impl Responder {
@@ -89,6 +93,7 @@ impl Responder {
             max_resources: 1,
             out: VecDeque::new(),
             rnr_timer: 1,
+            truncate: false,
         }
     }
 
@@ -142,6 +147,18 @@ impl Responder {
         debug!(psn = p, ?code, "responder error: NAK and QP to ERROR");
         self.queue_nak(p, Syndrome::Nak(code));
         Fatal(None)
+    }
+
+    /// Refuses the request at `p` with a NAK but keeps the responder running (remote
+    /// access and invalid-FLUSH errors): the expected PSN does not advance, so the rest
+    /// of the refused message is dropped, and the requester's QP fails on the NAK. A
+    /// lost NAK is answered again when the requester retransmits. (rxe also moves its
+    /// responder QP to ERROR here, flushing the target's receives.)
+    fn refuse(&mut self, p: u32, code: NakCode) -> Result<(), Fatal> {
+        debug!(psn = p, ?code, "responder refuses a request: NAK");
+        self.nak_sent = true;
+        self.queue_nak(p, Syndrome::Nak(code));
+        Ok(())
     }
 
     fn add_resource(&mut self, r: Resource) {
@@ -266,7 +283,13 @@ impl Responder {
         let p = repr.bth.psn;
         if seg.is_first() {
             match self.rq.pop_front() {
-                Some(wr) => self.cur_recv = Some(CurRecv { wr, offset: 0 }),
+                Some(wr) => {
+                    self.cur_recv = Some(CurRecv {
+                        wr,
+                        offset: 0,
+                        truncated: false,
+                    })
+                }
                 None => {
                     self.rnr(p, stats);
                     return Ok(());
@@ -279,12 +302,19 @@ impl Responder {
         let cap = cur.wr.local.as_ref().map_or(0, |l| l.len);
         let end = cur.offset as usize + payload.len();
         let mut status = WcStatus::Success;
-        if end > cap as usize {
+        // With truncation on, place what fits and discard the rest.
+        let fit = if end > cap as usize && self.truncate {
+            cur.truncated = true;
+            (cap as usize).saturating_sub(cur.offset as usize)
+        } else {
+            payload.len()
+        };
+        if end > cap as usize && !self.truncate {
             status = WcStatus::LocalLengthError;
         } else if let Some(l) = &cur.wr.local {
-            if !payload.is_empty()
+            if fit > 0
                 && l.memory
-                    .write(l.offset + u64::from(cur.offset), payload)
+                    .write(l.offset + u64::from(cur.offset), &payload[..fit])
                     .is_err()
             {
                 status = WcStatus::LocalAccessError;
@@ -317,8 +347,12 @@ impl Responder {
             let c = Completion {
                 wr_id: cur.wr.wr_id,
                 opcode: WcOpcode::Recv,
-                status: WcStatus::Success,
-                byte_len: cur.offset,
+                status: if cur.truncated {
+                    WcStatus::LocalLengthError
+                } else {
+                    WcStatus::Success
+                },
+                byte_len: cur.offset.min(cap),
                 imm: repr.imm,
             };
             self.cur_recv = None;
@@ -353,7 +387,7 @@ impl Responder {
                     a.write
                 }) {
                     Ok(x) => x,
-                    Err(code) => return Err(self.fatal(p, code)),
+                    Err(code) => return self.refuse(p, code),
                 };
             self.cur_write = Some(CurWrite {
                 region,
@@ -420,7 +454,7 @@ impl Responder {
                 a.read
             }) {
                 Ok(x) => x,
-                Err(code) => return Err(self.fatal(p, code)),
+                Err(code) => return self.refuse(p, code),
             };
         let npkts = ctx.mtu.packets(reth.dma_len);
         self.add_resource(Resource::Read {
@@ -452,8 +486,8 @@ impl Responder {
         }
         let (region, offset) = match check_access(table, a.rkey, a.va, 8, |x| x.atomic) {
             Ok((Some(r), off)) => (r, off),
-            Ok((None, _)) => return Err(self.fatal(p, NakCode::RemoteAccessError)),
-            Err(code) => return Err(self.fatal(p, code)),
+            Ok((None, _)) => return self.refuse(p, NakCode::RemoteAccessError),
+            Err(code) => return self.refuse(p, code),
         };
         let op = if repr.bth.opcode == Opcode::RC_COMPARE_SWAP {
             AtomicOp::CompareSwap {
@@ -489,11 +523,11 @@ impl Responder {
             return Err(self.fatal(p, NakCode::InvalidRequest));
         };
         let Some(region) = table.lookup(reth.rkey) else {
-            return Err(self.fatal(p, NakCode::RemoteAccessError));
+            return self.refuse(p, NakCode::RemoteAccessError);
         };
         let acc = region.access();
         if !(acc.read || acc.write) {
-            return Err(self.fatal(p, NakCode::RemoteAccessError));
+            return self.refuse(p, NakCode::RemoteAccessError);
         }
         let (offset, len) = if feth.selectivity == FLUSH_SELECT_REGION {
             (0, region.len())
@@ -502,12 +536,17 @@ impl Responder {
                 a.read || a.write
             }) {
                 Ok((_, off)) => (off, u64::from(reth.dma_len)),
-                Err(code) => return Err(self.fatal(p, code)),
+                Err(code) => return self.refuse(p, code),
             }
         };
-        if feth.placement & FLUSH_PLACEMENT_PERSISTENT != 0 && region.persist(offset, len).is_err()
-        {
-            return Err(self.fatal(p, NakCode::RemoteOperationalError));
+        if feth.placement & FLUSH_PLACEMENT_PERSISTENT != 0 {
+            match region.persist(offset, len) {
+                Ok(()) => {}
+                Err(MemoryError::NotPersistent) => {
+                    return self.refuse(p, NakCode::InvalidRequest);
+                }
+                Err(_) => return Err(self.fatal(p, NakCode::RemoteOperationalError)),
+            }
         }
         self.add_resource(Resource::Flush { psn: p });
         self.msn = psn::add(self.msn, 1);

@@ -1,0 +1,259 @@
+//! The few system calls the driver needs beyond std: an unconnected UDP socket with
+//! `IP_PMTUDISC_DO`, batched `recvmmsg`/`sendmmsg`, an eventfd and `ppoll`.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Largest datagram the device receives: BTH + RETH + ImmDt + 4096 payload + ICRC,
+/// rounded up.
+pub(crate) const MAX_DATAGRAM: usize = 4096 + 128;
+/// Datagrams per `recvmmsg`/`sendmmsg` call.
+pub(crate) const BATCH: usize = 32;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: fd is a valid socket; the option value is a c_int that lives for the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// Binds the device's UDP socket on `ip:port`: non-blocking, don't-fragment with
+/// IP ID 0 (`IP_PMTUDISC_DO`, what the ICRC assumes), large buffers.
+pub(crate) fn bind_udp(ip: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))?;
+    sock.set_nonblocking(true)?;
+    let fd = sock.as_raw_fd();
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )?;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // FORCE needs CAP_NET_ADMIN; otherwise the kernel caps at rmem_max/wmem_max.
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, 8 << 20).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, 8 << 20);
+        }
+    }
+    Ok(sock)
+}
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Receive buffers for one `recvmmsg` batch.
+pub(crate) struct RecvBatch {
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    addrs: Vec<libc::sockaddr_in>,
+    lens: Vec<usize>,
+}
+
+impl RecvBatch {
+    pub(crate) fn new() -> Self {
+        RecvBatch {
+            bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
+            addrs: vec![sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH],
+            lens: vec![0; BATCH],
+        }
+    }
+
+    /// Receives up to [`BATCH`] datagrams without blocking; returns how many.
+    pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+            .map(|i| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+                let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+                m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: every pointer in msgs refers to buffers owned by self or by the local
+        // iovs vector, all alive for the call and sized as declared.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (i, m) in msgs.iter().enumerate().take(n) {
+            self.lens[i] = m.msg_len as usize;
+        }
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last batch: source address and bytes.
+    pub(crate) fn get(&self, i: usize) -> (SocketAddrV4, &[u8]) {
+        let a = &self.addrs[i];
+        let src = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+            u16::from_be(a.sin_port),
+        );
+        (src, &self.bufs[i][..self.lens[i].min(MAX_DATAGRAM)])
+    }
+}
+
+/// Sends `frames` (destination, bytes) with as few `sendmmsg` calls as possible.
+/// Returns how many were handed to the kernel; a full socket buffer (`EAGAIN`) or a
+/// per-datagram error drops the rest (RC retransmits them).
+pub(crate) fn send_batch(fd: RawFd, frames: &[(SocketAddrV4, Vec<u8>)]) -> usize {
+    let mut sent = 0;
+    for chunk in frames.chunks(BATCH) {
+        let mut addrs: Vec<libc::sockaddr_in> =
+            chunk.iter().map(|(a, _)| sockaddr_in(*a)).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(_, b)| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
+            .map(|i| {
+                // SAFETY: plain old data; all-zero is valid.
+                let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+                m.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut off = 0;
+        let mut tries = 0;
+        while off < msgs.len() && tries < 8 {
+            tries += 1;
+            // SAFETY: msgs[off..] point into addrs/iovs/frames, alive for the call.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    msgs[off..].as_mut_ptr(),
+                    (msgs.len() - off) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return sent + off,
+                    // e.g. ECONNREFUSED from an ICMP error of an earlier datagram:
+                    // skip this one.
+                    _ => {
+                        off += 1;
+                        continue;
+                    }
+                }
+            }
+            off += n as usize;
+        }
+        sent += off;
+    }
+    sent
+}
+
+/// An eventfd: a counter that `poll` sees as readable while non-zero.
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    pub(crate) fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout` (`None`: forever) passes, with
+/// microsecond resolution.
+pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: p is a live array of pollfd of the given length; tsp is null or points
+    // to a live timespec.
+    unsafe {
+        libc::ppoll(
+            p.as_mut_ptr(),
+            p.len() as libc::nfds_t,
+            tsp,
+            std::ptr::null(),
+        );
+    }
+}
