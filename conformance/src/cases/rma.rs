@@ -26,7 +26,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "writemsg_iovs", RMA, "writemsg with 3 local and 2 remote iovecs places the bytes in order", writemsg_iovs),
         case(G, "readmsg_iovs", RMA, "readmsg with 2 remote and 3 local iovecs gathers in order", readmsg_iovs),
         case(G, "writedata_consumes_recv", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data: RMA|REMOTE_WRITE|REMOTE_CQ_DATA at the target, data visible, one receive consumed", writedata_consumes_recv),
-        case(G, "writedata_before_recv", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data before the target posts a receive: data placed, notification kept until a receive is posted", writedata_before_recv),
+        case(G, "writedata_before_recv", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data before the target posts a receive: no target completion until a receive is posted, then the notification, the write completion and the data", writedata_before_recv),
         case(G, "uncached_target", RMA, "writes into a region registered UNCACHED land exactly", uncached_target),
         case(G, "delivery_complete", RMA, "a DELIVERY_COMPLETE write's data is visible at the target when it completes", delivery_complete),
         case(G, "inject_write", RMA | Caps::WRITE, "inject_write lands at the target with no initiator completion", inject_write),
@@ -442,6 +442,12 @@ fn many_writes_in_flight(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
+/// A write with CQ data that reaches the target before it posts a receive. A stream
+/// provider may place the data and complete the write at once and hold the
+/// notification; an RC transport holds the whole write (RNR NAK, retried) until a
+/// receive is posted. Either way the target reports nothing until a receive is
+/// posted, then the notification arrives with its data, the write completes and the
+/// data is in place.
 fn writedata_before_recv(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(RMA | Caps::REMOTE_CQ_DATA)?;
     let t = p.server.alloc(4096, Access::REMOTE)?;
@@ -451,12 +457,6 @@ fn writedata_before_recv(ctx: &Ctx) -> CaseResult {
         .ep
         .writedata(tx.iov(0, 500), t.remote().iov(7, 500), 0x77, 1)
         .ctx("writedata")?;
-    p.wait_ok(Who::Client)?;
-    same(
-        "data placed before any receive",
-        &pattern(72, 500),
-        &t.to_vec(7, 500)?,
-    )?;
     p.expect_no_completion(
         Who::Server,
         Duration::from_millis(100),
@@ -473,6 +473,13 @@ fn writedata_before_recv(ctx: &Ctx) -> CaseResult {
         "target",
     )?;
     ensure_eq!(r.data, 0x77, "remote CQ data");
+    let c = p.wait_ok(Who::Client)?;
+    ensure_eq!(c.context, 1, "context of the write");
+    same(
+        "data of a write that came before the receive",
+        &pattern(72, 500),
+        &t.to_vec(7, 500)?,
+    )?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! # fabric
 //!
 //! One import for the fabric API ([`fabric_core`], re-exported here) and every provider
-//! enabled by cargo features: `tcp` (default), and further providers as they land.
+//! enabled by cargo features: `tcp` and `softroce` (both default, pure Rust), and
+//! further providers as they land.
 //! [`getinfo`] searches them all; set `FABRIC_PROVIDER` (like libfabric's `FI_PROVIDER`)
 //! to narrow the set.
 //!
@@ -28,6 +29,8 @@ pub fn registry() -> &'static Registry {
         let mut r = Registry::new();
         #[cfg(feature = "tcp")]
         r.register(fabric_tcp::provider());
+        #[cfg(feature = "softroce")]
+        r.register(fabric_softroce::provider());
         r
     })
 }
