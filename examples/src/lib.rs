@@ -11,6 +11,7 @@
 
 pub mod conn;
 pub mod pingpong;
+pub mod pmem_commit;
 pub mod rawnet;
 pub mod reference;
 pub mod report;
