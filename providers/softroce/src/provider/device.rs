@@ -356,7 +356,7 @@ struct DevState {
     faults: Option<FaultInjector>,
     delayed: BinaryHeap<DelayedFrame>,
     seq: u64,
-    pcap: Option<PcapWriter<BufWriter<File>>>,
+    pcap: Option<Capture>,
     stats: DeviceStats,
 }
 
@@ -404,21 +404,30 @@ pub fn device_stats(ip: Ipv4Addr) -> Option<DeviceStats> {
     if let Some(f) = &st.faults {
         st.stats.faults = f.stats();
     }
-    if let Some(p) = st.pcap.as_mut() {
-        // Make the capture readable while the device lives.
-        let _ = std::io::Write::flush(p.get_mut());
-    }
     Some(st.stats)
 }
 
-fn open_pcap(path: &PathBuf) -> Result<PcapWriter<BufWriter<File>>, Error> {
+/// A capture file shared by every device incarnation in this process that names it:
+/// created (truncated) once, then appended to, flushed after every batch.
+type Capture = Arc<Mutex<PcapWriter<BufWriter<File>>>>;
+
+fn open_pcap(path: &PathBuf) -> Result<Capture, Error> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Capture>>> = OnceLock::new();
+    let mut open = OPEN.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    if let Some(c) = open.get(path) {
+        return Ok(c.clone());
+    }
     let f = File::create(path).map_err(|e| {
         Error::new(
             ErrorKind::Io,
             format!("SOFTROCE_PCAP: cannot create {}: {e}", path.display()),
         )
     })?;
-    PcapWriter::new(BufWriter::new(f), LINKTYPE_RAW).map_err(Error::from)
+    let w = Arc::new(Mutex::new(
+        PcapWriter::new(BufWriter::new(f), LINKTYPE_RAW).map_err(Error::from)?,
+    ));
+    open.insert(path.clone(), w.clone());
+    Ok(w)
 }
 
 impl Device {
@@ -475,9 +484,6 @@ impl Device {
         let pcap = config.pcap.as_ref().map(open_pcap).transpose()?;
         let mut st = self.state.lock();
         st.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
-        if let Some(mut old) = st.pcap.take() {
-            let _ = std::io::Write::flush(old.get_mut());
-        }
         st.pcap = pcap;
         Ok(())
     }
@@ -706,7 +712,7 @@ impl Device {
     fn send(
         &self,
         out: &mut Vec<(SocketAddrV4, Vec<u8>)>,
-        pcap: &mut Option<PcapWriter<BufWriter<File>>>,
+        pcap: &mut Option<Capture>,
         stats: &mut DeviceStats,
         now: Time,
     ) {
@@ -715,20 +721,27 @@ impl Device {
         }
         let n = sys::send_batch(self.sock.as_raw_fd(), out);
         stats.tx_packets += n as u64;
-        if let Some(w) = pcap.as_mut() {
+        if let Some(c) = pcap.as_ref() {
             let wall = Time(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(now.0, |d| d.as_nanos() as u64),
             );
+            let mut w = c.lock();
+            let mut ok = true;
             for (dst, payload) in out.iter().take(n) {
                 let info = FrameInfo::rxe(self.ip, *dst.ip(), ROCE_UDP_PORT);
                 let written = build_frame(&info, payload).map(|f| w.write_frame(wall, &f));
                 if !matches!(written, Ok(Ok(()))) {
-                    warn!("softroce: capture write failed; capture stopped");
-                    *pcap = None;
+                    ok = false;
                     break;
                 }
+            }
+            ok &= std::io::Write::flush(w.get_mut()).is_ok();
+            drop(w);
+            if !ok {
+                warn!("softroce: capture write failed; capture stopped");
+                *pcap = None;
             }
         }
         out.clear();
@@ -776,14 +789,5 @@ pub(crate) fn rts(sq_psn: u32, timeout: Duration) -> RtsAttr {
         retry_cnt: 7,
         rnr_retry: 7,
         max_rd_atomic: QP_RD_ATOMIC,
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        let st = self.state.get_mut();
-        if let Some(mut p) = st.pcap.take() {
-            let _ = std::io::Write::flush(p.get_mut());
-        }
     }
 }

@@ -465,6 +465,7 @@ impl DomainOps for SrDomain {
             }),
             tx_size: info.limits.tx_size,
             rx_size: info.limits.rx_size,
+            src: info.src_addr.as_ref().and_then(Address::as_inet),
         });
         if info.conn_handle().is_some() {
             let (sock, req) = ConnToken::take(info)?;
@@ -677,6 +678,8 @@ pub(crate) struct EpInner {
     cm: Mutex<EpCm>,
     tx_size: usize,
     rx_size: usize,
+    /// Local address a client connects from (its IP selects the device).
+    src: Option<SocketAddr>,
 }
 
 fn not_connected(why: &str) -> Error {
@@ -969,7 +972,13 @@ impl EndpointOps for SrEndpoint {
                 cm.phase
             )));
         }
-        let mut sock = match TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
+        let connected = match ep.src.filter(|s| !s.ip().is_unspecified()) {
+            Some(src) => {
+                sys::connect_from(SocketAddr::new(src.ip(), 0), sa, Duration::from_secs(5))
+            }
+            None => TcpStream::connect_timeout(&sa, Duration::from_secs(5)),
+        };
+        let mut sock = match connected {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ep.event(Event::Error {

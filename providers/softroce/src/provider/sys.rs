@@ -257,3 +257,55 @@ pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) {
         );
     }
 }
+
+/// Connects a TCP socket to `dst` from `src` (port 0: any), waiting up to `timeout`.
+pub(crate) fn connect_from(
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    timeout: Duration,
+) -> io::Result<std::net::TcpStream> {
+    let (std::net::SocketAddr::V4(src), std::net::SocketAddr::V4(dst)) = (src, dst) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "connect_from needs IPv4 addresses",
+        ));
+    };
+    // SAFETY: plain syscall; the result is checked.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: fd is a fresh socket we own; the TcpStream closes it on every path.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let s = sockaddr_in(src);
+    // SAFETY: s is a live sockaddr_in of `len` bytes.
+    cvt(unsafe { libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len) })?;
+    let d = sockaddr_in(dst);
+    // SAFETY: d is a live sockaddr_in of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: p is a live pollfd.
+        if cvt(unsafe { libc::poll(&mut p, 1, ms) })? == 0 {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
