@@ -14,9 +14,12 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use fabric::{Access, Caps, CompFlags, MemoryRegion, MrFlags, OpFlags, RemoteMr, RmaMsg};
+use fabric::{
+    Access, Caps, CompFlags, Completion, ErrorKind, MemoryRegion, MrFlags, OpFlags, RemoteMr,
+    RmaMsg,
+};
 use serde::Serialize;
 
 use crate::conn::Side;
@@ -29,6 +32,11 @@ const SEND_CTX: u64 = (1 << 62) + 1;
 const CONFIG: &[u8; 4] = b"FPC1";
 const VERIFY: &[u8; 4] = b"FPCV";
 const DONE: &[u8; 4] = b"FPCD";
+/// How long the server waits for the client's next control message: the whole bench
+/// runs in between.
+const SERVER_PATIENCE: Duration = Duration::from_secs(3600);
+/// How long the client waits for the server's answer.
+const CLIENT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What the target reports about its region.
 #[derive(Debug, Clone, Serialize)]
@@ -77,10 +85,11 @@ impl TargetInfo {
 struct Ctrl {
     mr: MemoryRegion,
     mode: Mode,
+    patience: Duration,
 }
 
 impl Ctrl {
-    fn new(side: &Side, mode: Mode) -> ToolResult<Ctrl> {
+    fn new(side: &Side, mode: Mode, patience: Duration) -> ToolResult<Ctrl> {
         let mr = side
             .domain
             .alloc(2 * CTRL, Access::LOCAL)
@@ -88,7 +97,29 @@ impl Ctrl {
         side.ep
             .recv(mr.iov(0, CTRL), RECV_CTX)
             .map_err(ctx("post receive"))?;
-        Ok(Ctrl { mr, mode })
+        Ok(Ctrl { mr, mode, patience })
+    }
+
+    /// The next successful completion, waiting up to `patience` (in 1 s steps).
+    fn next(&self, side: &Side) -> ToolResult<Completion> {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            let step = Duration::from_secs(1);
+            let r = match self.mode {
+                Mode::Poll => side.cq.poll_wait(step),
+                Mode::Sleep => side.cq.wait(step),
+            };
+            match r {
+                Ok(c) => {
+                    if let Err(e) = &c.status {
+                        return Err(format!("operation {:#x} failed: {e}", c.context));
+                    }
+                    return Ok(c);
+                }
+                Err(e) if e.kind() == ErrorKind::TimedOut && Instant::now() < deadline => {}
+                Err(e) => return Err(format!("waiting for a control message: {e}")),
+            }
+        }
     }
 
     fn send(&self, side: &Side, msg: &[u8]) -> ToolResult<()> {
@@ -108,7 +139,7 @@ impl Ctrl {
     /// peer may have closed by then).
     fn recv(&self, side: &Side, again: bool) -> ToolResult<Vec<u8>> {
         loop {
-            let c = next_completion(&side.cq, self.mode)?;
+            let c = self.next(side)?;
             match c.context {
                 SEND_CTX => continue,
                 RECV_CTX => {
@@ -179,7 +210,7 @@ pub fn serve(side: &Side, file: &Path, remove: bool, mode: Mode) -> ToolResult<(
             side.info.provider_name
         ));
     }
-    let ctrl = Ctrl::new(side, mode)?;
+    let ctrl = Ctrl::new(side, mode, SERVER_PATIENCE)?;
     let cfg = ctrl.recv(side, true)?;
     if cfg.get(..4) != Some(&CONFIG[..]) {
         return Err("malformed configuration from the client".into());
@@ -311,7 +342,7 @@ pub struct DemoReport {
 /// The demo: one COMMIT_COMPLETE write of `len` bytes at `offset`, then the target's
 /// check that the bytes are in the file.
 pub fn demo(side: &Side, offset: usize, len: usize, mode: Mode) -> ToolResult<DemoReport> {
-    let ctrl = Ctrl::new(side, mode)?;
+    let ctrl = Ctrl::new(side, mode, CLIENT_PATIENCE)?;
     let target = open_target(side, &ctrl, offset + len)?;
     let remote = target.remote.ok_or("no descriptor")?;
     let seed = 0x5EED ^ len as u64;
@@ -407,7 +438,7 @@ pub struct LatRow {
 /// both levels in the same run.
 pub fn bench(side: &Side, opts: &BenchOptions) -> ToolResult<(TargetInfo, Vec<LatRow>)> {
     let max = opts.sizes.iter().copied().max().unwrap_or(1).max(1);
-    let ctrl = Ctrl::new(side, opts.mode)?;
+    let ctrl = Ctrl::new(side, opts.mode, CLIENT_PATIENCE)?;
     let target = open_target(side, &ctrl, max)?;
     let remote = target.remote.ok_or("no descriptor")?;
     let src = side
