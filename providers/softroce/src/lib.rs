@@ -1,12 +1,62 @@
-//! User-space RoCEv2, wire-compatible with Linux rdma_rxe.
+//! User-space RoCEv2, wire-compatible with Linux rdma_rxe, and the `softroce`
+//! provider of the fabric API ([`provider()`], registered by the `fabric` facade).
+//!
+//! ## The provider
+//! Reliable connected endpoints (`EpType::Msg`) over the RC transport below, driven by
+//! a user-space *device* per IPv4 address: one unconnected UDP socket on
+//! `<ip>:4791` per process (`IP_PMTUDISC_DO`: DF set and IP ID 0, as rxe sends, so the
+//! ICRC matches), shared by every domain using that address; packets are demultiplexed
+//! by destination QPN, every ICRC is verified (bad packets are dropped and counted,
+//! [`device_stats`]). Several devices on one machine use several 127.0.0.x addresses;
+//! if 4791 on an address is taken by another process, opening fails with
+//! `AddressInUse` and says to use another 127.0.0.x. A client picks its device from
+//! `info.src_addr` (else from the route to the server).
+//!
+//! - Offer: MSG, RMA, READ, WRITE, SEND, RECV, REMOTE_READ, REMOTE_WRITE,
+//!   REMOTE_CQ_DATA (4 bytes: the immediate), RMA_PMEM; `mr_mode` PROV_KEY | VIRT_ADDR
+//!   (remote addresses are virtual addresses, keys random non-zero 32-bit), path MTU
+//!   4096 (`SOFTROCE_MTU` = 256..4096), max_msg_size 2^31 (the RC limit), inject 4096,
+//!   16 local / 8 remote iovecs, 256 bytes of connection data.
+//! - Mapping: send = SEND (with immediate), write = RDMA WRITE (with immediate: the
+//!   target consumes a posted receive), read = RDMA READ; several remote iovecs are
+//!   several work requests with one completion; `COMMIT_COMPLETE` is a zero-length
+//!   persistent IB FLUSH per range (refused with NAK invalid request -> `RemoteInvalid`
+//!   by a target region not registered PMEM, before any byte is written), the WRITEs,
+//!   and a persistent FLUSH per written range, which the target executes with
+//!   `MemoryBacking::persist` before it answers.
+//! - Receive not ready: RC semantics. RNR NAK (timer 0.64 ms) and infinite RNR retry
+//!   (rnr_retry 7): a message sent before the receive is posted is delivered once it
+//!   is; a write with CQ data waits likewise. retry_cnt 7 with a 2.1 ms timeout
+//!   (`SOFTROCE_TIMEOUT_US`) that doubles on consecutive expiries: a peer that stops
+//!   answering gives `RetryExceeded` after about 0.5 s.
+//! - Connections: an `ibv_rc_pingpong`-style exchange over TCP at the listener's
+//!   address (`LLLL:QQQQQQ:PPPPPP:GID` text plus an extension with kind, MTU and
+//!   connection data; REQ, REP or REJ, RTU). The TCP connection stays open: its closure
+//!   raises `Shutdown` and moves the QP to ERROR (outstanding work completes
+//!   `Canceled`).
+//! - Progress: manual by default (completion and event queue reads drive the devices
+//!   and the connection manager), sleeping `sread`/`wait` (ppoll on the sockets with
+//!   the next timer), `Progress::Auto` or an async waiter start a thread.
+//! - Environment, read when a device is created (or set per address in a program with
+//!   [`configure_device`]): `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
+//!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the
+//!   device sends; `SOFTROCE_PCAP=/path/file.pcap` captures every frame it sends.
+//!
+//! Not rxe-compatible (deliberately): a responder that refuses a remote access (or a
+//! FLUSH into non-PMEM memory) NAKs without moving its own QP to ERROR (rxe does, which
+//! would flush the target's posted receives); an oversized SEND is delivered truncated
+//! (`Truncated`, libfabric semantics) instead of failing both QPs; the retransmission
+//! timer backs off exponentially; packets leave from UDP port 4791 rather than rxe's
+//! per-QP source port; the connection exchange extends pingpong's text, so a plain
+//! `ibv_rc_pingpong` peer is not a fabric peer. On the wire the packets are rxe's.
 //!
 //! * [`wire`] – packet views and representations (BTH, extension headers, ICRC,
 //!   IPv4/UDP framing), in the style of smoltcp's `wire`.
 //! * [`rc`] – the RC transport as a deterministic sans-IO state machine
 //!   ([`rc::QueuePair`]): packets and the current time in; packets, the next timer
 //!   deadline and completions out. Memory is reached through the [`rc::LocalMemory`]
-//!   and [`rc::RemoteMemoryTable`] traits, so this crate does not depend on
-//!   fabric-core.
+//!   and [`rc::RemoteMemoryTable`] traits (the provider implements them over
+//!   fabric-core registrations).
 //! * [`fault`] – a seeded fault injector (drop, duplicate, reorder, corrupt, delay)
 //!   to put between a QP and the wire; [`pcap`] – a capture writer for full frames.
 //!
