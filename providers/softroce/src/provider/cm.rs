@@ -183,7 +183,7 @@ mod tests {
         .encode();
         b[TEXT_LEN + 4] = 9;
         assert!(CmMsg::decode(&b).is_err());
-        b[TEXT_LEN + 3] = 200;
+        b[TEXT_LEN] = 0xFF; // an extension longer than any CM message
         assert!(CmMsg::decode(&b).is_err());
     }
 }
