@@ -1,7 +1,7 @@
 //! # fabric-tcp
 //!
 //! The tcp provider of the fabric API: reliable connected endpoints
-//! ([`EpType::Msg`](fabric_core::EpType::Msg)) over TCP sockets, in pure Rust (libc for
+//! ([`EpType::Msg`]) over TCP sockets, in pure Rust (libc for
 //! epoll, eventfd and socket options). It offers messages with remote CQ data, inject,
 //! and RMA write / read / write-with-data emulated over the byte stream with a framing
 //! of its own ([`wire`]): the target checks key, rights and bounds of every remote
