@@ -26,6 +26,17 @@
 //! [`CompletionQueue::poll_wait`] spins for the lowest latency. Async code awaits
 //! completions through [`AsyncCompletions`] and events through [`AsyncEvents`].
 //!
+//! ## Extension points
+//! Reliable unconnected endpoints, tagged messages and atomics come later without a
+//! redesign: [`EpType::Rdm`], [`Caps::TAGGED`] and [`Caps::ATOMIC`] already exist in
+//! hints and answers (no provider offers them yet, so getinfo rejects them with a
+//! reason); the provider traits grow by methods with default implementations that
+//! return [`ErrorKind::NotSupported`] (an address-vector opener on `DomainOps`,
+//! tagged and atomic posts on `EndpointOps`), which existing providers need not touch;
+//! and the application side gains an address-vector type and `*_to` / tagged / atomic
+//! operations beside the present ones. The softroce transport core already implements
+//! compare-and-swap and fetch-and-add.
+//!
 //! ## Example
 //! A client that connects and writes into the server's region (the server sent its
 //! [`RemoteMr`] in the accept data):
