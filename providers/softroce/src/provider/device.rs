@@ -4,10 +4,12 @@
 //! injector and the capture writer.
 //!
 //! Whoever makes progress (a completion-queue read, a sleeping `sread` that woke, the
-//! auto-progress thread) locks the device, receives a batch with `recvmmsg`, verifies
-//! every ICRC assuming rxe's IP header (ID 0, DF), hands packets to their QPs, runs due
-//! timers, sends what the QPs produce with `sendmmsg` and routes completions to the
-//! endpoints' completion queues.
+//! auto-progress thread) and finds the receive side free receives a batch with
+//! `recvmmsg`, verifies every ICRC assuming rxe's IP header (ID 0, DF), hands packets
+//! to their QPs, runs due timers, and sends what those QPs produce with `sendmmsg`.
+//! A post works on its own QP only (a lock per QP): it never waits for a poller of
+//! the device, and sends its packets itself. Completions go to the endpoints'
+//! completion queues.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
@@ -15,12 +17,12 @@ use std::io::BufWriter;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use fabric_core::{CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Fid};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
 use super::queue::WaitQueue;
@@ -348,27 +350,62 @@ type DelayedFrame = std::cmp::Reverse<(Time, u64, SocketAddrV4, Vec<u8>)>;
 /// The process-wide devices and the configurations set for addresses.
 type DeviceRegistry = Mutex<HashMap<Ipv4Addr, (Weak<Device>, Option<DeviceConfig>)>>;
 
-struct DevState {
-    qps: HashMap<u32, QpSlot>,
-    next_qpn: u32,
+/// A QP on the device: its own lock, so posting on one QP never waits for another
+/// QP's work, and its next timer readable without the lock.
+struct QpCell {
+    slot: Mutex<QpSlot>,
+    /// Next timer in nanoseconds since the device's epoch (`u64::MAX`: none); written
+    /// under `slot`'s lock after every change of the QP.
+    deadline: AtomicU64,
+}
+
+/// What the receiving side of the device owns: whoever holds it receives.
+struct RxState {
     rx: RecvBatch,
-    out: Vec<(SocketAddrV4, Vec<u8>)>,
+    /// QPs that received packets in the current batch (their output is sent after it).
+    touched: Vec<Arc<QpCell>>,
+}
+
+/// Fault injection and capture between the QPs and the socket; locked only while one
+/// of them is configured (or delayed frames are pending).
+struct TxExtras {
     faults: Option<FaultInjector>,
     delayed: BinaryHeap<DelayedFrame>,
     seq: u64,
     pcap: Option<Capture>,
-    stats: DeviceStats,
+}
+
+/// The device's counters.
+#[derive(Default)]
+struct Counters {
+    rx_packets: AtomicU64,
+    tx_packets: AtomicU64,
+    bad_packets: AtomicU64,
+    unknown_qp: AtomicU64,
 }
 
 /// A RoCEv2 device: the UDP socket of one IPv4 address.
+///
+/// Locking: the QP table is read-mostly (written when a QP is created or removed);
+/// each QP has its own lock, taken by posts on it and by whoever hands it received
+/// packets or runs its timers; the receive side (`rx`) is one lock that pollers only
+/// try, so two threads polling the same device never wait for each other. A QP's
+/// packets are sent while its lock is held, so they leave in PSN order whichever
+/// thread produced them. Order of locks: `rx`, `qps`, a QP, `extras`.
 pub struct Device {
     ip: Ipv4Addr,
     sock: UdpSocket,
     efd: EventFd,
     epoch: Instant,
-    state: Mutex<DevState>,
-    /// Next timer in nanoseconds since `epoch` (`u64::MAX`: none).
-    deadline: AtomicU64,
+    qps: RwLock<HashMap<u32, Arc<QpCell>>>,
+    next_qpn: AtomicU32,
+    rx: Mutex<RxState>,
+    extras: Mutex<TxExtras>,
+    /// Whether `extras` must be consulted on every send.
+    has_extras: AtomicBool,
+    /// Due time of the earliest delayed frame (`u64::MAX`: none).
+    delayed_deadline: AtomicU64,
+    counters: Counters,
     sleepers: AtomicUsize,
 }
 
@@ -400,11 +437,7 @@ pub fn configure_device(ip: Ipv4Addr, config: DeviceConfig) -> Result<(), Error>
 /// Counters of the device on `ip`, if one exists in this process.
 pub fn device_stats(ip: Ipv4Addr) -> Option<DeviceStats> {
     let dev = registry().lock().get(&ip).and_then(|e| e.0.upgrade())?;
-    let mut st = dev.state.lock();
-    if let Some(f) = &st.faults {
-        st.stats.faults = f.stats();
-    }
-    Some(st.stats)
+    Some(dev.stats())
 }
 
 /// A capture file shared by every device incarnation in this process that names it:
@@ -460,18 +493,21 @@ impl Device {
             sock,
             efd: EventFd::new()?,
             epoch: Instant::now(),
-            state: Mutex::new(DevState {
-                qps: HashMap::new(),
-                next_qpn: 0x11 + (rand::random::<u32>() & 0xFFFF),
+            qps: RwLock::new(HashMap::new()),
+            next_qpn: AtomicU32::new(0x11 + (rand::random::<u32>() & 0xFFFF)),
+            rx: Mutex::new(RxState {
                 rx: RecvBatch::new(),
-                out: Vec::with_capacity(256),
+                touched: Vec::with_capacity(8),
+            }),
+            extras: Mutex::new(TxExtras {
                 faults: None,
                 delayed: BinaryHeap::new(),
                 seq: 0,
                 pcap: None,
-                stats: DeviceStats::default(),
             }),
-            deadline: AtomicU64::new(u64::MAX),
+            has_extras: AtomicBool::new(false),
+            delayed_deadline: AtomicU64::new(u64::MAX),
+            counters: Counters::default(),
             sleepers: AtomicUsize::new(0),
         });
         dev.apply(&config)?;
@@ -482,10 +518,31 @@ impl Device {
 
     fn apply(&self, config: &DeviceConfig) -> Result<(), Error> {
         let pcap = config.pcap.as_ref().map(open_pcap).transpose()?;
-        let mut st = self.state.lock();
-        st.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
-        st.pcap = pcap;
+        let mut x = self.extras.lock();
+        x.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
+        x.pcap = pcap;
+        self.has_extras.store(
+            x.faults.is_some() || x.pcap.is_some() || !x.delayed.is_empty(),
+            Ordering::Release,
+        );
         Ok(())
+    }
+
+    fn stats(&self) -> DeviceStats {
+        let c = &self.counters;
+        DeviceStats {
+            rx_packets: c.rx_packets.load(Ordering::Relaxed),
+            tx_packets: c.tx_packets.load(Ordering::Relaxed),
+            bad_packets: c.bad_packets.load(Ordering::Relaxed),
+            unknown_qp: c.unknown_qp.load(Ordering::Relaxed),
+            faults: self
+                .extras
+                .lock()
+                .faults
+                .as_ref()
+                .map(|f| f.stats())
+                .unwrap_or_default(),
+        }
     }
 
     /// The device's address.
@@ -504,7 +561,10 @@ impl Device {
 
     /// Time until the next timer, if any.
     pub(crate) fn next_timer(&self) -> Option<Duration> {
-        let d = self.deadline.load(Ordering::Acquire);
+        let mut d = self.delayed_deadline.load(Ordering::Acquire);
+        for cell in self.qps.read().values() {
+            d = d.min(cell.deadline.load(Ordering::Acquire));
+        }
         if d == u64::MAX {
             return None;
         }
@@ -527,31 +587,38 @@ impl Device {
         table: Arc<dyn rc::RemoteMemoryTable>,
         rep: Arc<Reporting>,
     ) -> Result<u32, Error> {
-        let mut st = self.state.lock();
-        let mut qpn = st.next_qpn;
+        let mut qps = self.qps.write();
+        let mut qpn = self.next_qpn.load(Ordering::Relaxed);
         for _ in 0..0x100_0000 {
             qpn = (qpn + 1) & 0xFF_FFFF;
-            if qpn > 1 && !st.qps.contains_key(&qpn) {
+            if qpn > 1 && !qps.contains_key(&qpn) {
                 break;
             }
         }
-        st.next_qpn = qpn;
+        self.next_qpn.store(qpn, Ordering::Relaxed);
         let mut qp = QueuePair::new(qpn, table);
         qp.modify_to_init()
             .map_err(|e| Error::new(ErrorKind::Other, e.to_string()))?;
         qp.set_truncate_receives(true);
-        st.qps.insert(
+        qps.insert(
             qpn,
-            QpSlot {
-                qp,
-                rep,
-                ops: HashMap::new(),
-                recvs: HashMap::new(),
-                next_op: 0,
-                next_recv: 0,
-            },
+            Arc::new(QpCell {
+                slot: Mutex::new(QpSlot {
+                    qp,
+                    rep,
+                    ops: HashMap::new(),
+                    recvs: HashMap::new(),
+                    next_op: 0,
+                    next_recv: 0,
+                }),
+                deadline: AtomicU64::new(u64::MAX),
+            }),
         );
         Ok(qpn)
+    }
+
+    fn cell(&self, qpn: u32) -> Option<Arc<QpCell>> {
+        self.qps.read().get(&qpn).cloned()
     }
 
     /// Moves a QP to RTR and RTS.
@@ -567,18 +634,15 @@ impl Device {
     /// Moves a QP to ERROR (flushing its work requests as error completions) and,
     /// with `remove`, forgets it.
     pub(crate) fn error_qp(&self, qpn: u32, remove: bool) {
-        let mut st = self.state.lock();
-        if let Some(slot) = st.qps.get_mut(&qpn) {
+        if let Some(cell) = self.cell(qpn) {
+            let mut slot = cell.slot.lock();
             slot.qp.modify_to_error();
-            slot.drain_completions();
+            // Send the NAKs that explain the error, if any.
+            self.flush_qp(&cell, &mut slot, self.now());
         }
-        // Send the NAKs that explain the error, if any.
-        let now = self.now();
-        self.transmit(&mut st, now);
         if remove {
-            st.qps.remove(&qpn);
+            self.qps.write().remove(&qpn);
         }
-        self.update_deadline(&st);
     }
 
     /// Runs `f` on a QP, then sends what it produced and routes its completions.
@@ -587,17 +651,13 @@ impl Device {
         qpn: u32,
         f: impl FnOnce(&mut QpSlot) -> Result<R, Error>,
     ) -> Result<R, Error> {
-        let mut st = self.state.lock();
-        let slot = st
-            .qps
-            .get_mut(&qpn)
+        let cell = self
+            .cell(qpn)
             .ok_or_else(|| Error::new(ErrorKind::NotConnected, "the queue pair is gone"))?;
-        let r = f(slot);
-        slot.drain_completions();
-        let now = self.now();
-        self.transmit(&mut st, now);
-        self.update_deadline(&st);
-        drop(st);
+        let mut slot = cell.slot.lock();
+        let r = f(&mut slot);
+        self.flush_qp(&cell, &mut slot, self.now());
+        drop(slot);
         if self.sleepers.load(Ordering::Acquire) > 0 {
             self.efd.signal();
         }
@@ -605,20 +665,20 @@ impl Device {
     }
 
     /// Manual progress: receive, run timers, send, complete. `wait_lock` false skips
-    /// the work when another thread is already at it.
+    /// the work when another thread is already receiving on this device.
     pub(crate) fn progress(&self, wait_lock: bool) {
-        let mut st = if wait_lock {
-            self.state.lock()
+        let mut rx = if wait_lock {
+            self.rx.lock()
         } else {
-            match self.state.try_lock() {
+            match self.rx.try_lock() {
                 Some(s) => s,
                 None => return,
             }
         };
         let fd = self.sock.as_raw_fd();
+        let mut now = self.now();
         for _ in 0..MAX_ROUNDS {
-            let now = self.now();
-            let n = match st.rx.recv(fd) {
+            let n = match rx.rx.recv(fd) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
@@ -628,99 +688,183 @@ impl Device {
                     0
                 }
             };
-            self.dispatch(&mut st, now, n);
-            self.timers(&mut st, now);
-            self.transmit(&mut st, now);
+            if n > 0 {
+                now = self.now();
+                self.dispatch(&mut rx, now, n);
+            }
             if n < BATCH {
                 break;
             }
         }
-        self.update_deadline(&st);
+        self.timers(now);
+        drop(rx);
     }
 
-    fn dispatch(&self, st: &mut DevState, now: Time, n: usize) {
-        let DevState { rx, qps, stats, .. } = st;
-        for i in 0..n {
-            let (src, bytes) = rx.get(i);
-            stats.rx_packets += 1;
-            let icrc = IcrcContext::rxe(*src.ip(), self.ip, src.port(), ROCE_UDP_PORT);
-            if bytes.len() < 16 || icrc.verify(bytes).is_err() {
-                stats.bad_packets += 1;
-                continue;
+    /// Hands a received batch to the QPs, then sends what they produced.
+    fn dispatch(&self, st: &mut RxState, now: Time, n: usize) {
+        let RxState { rx, touched } = st;
+        {
+            let qps = self.qps.read();
+            let mut last: Option<(u32, &Arc<QpCell>)> = None;
+            let mut slot_guard = None;
+            for i in 0..n {
+                let (src, bytes) = rx.get(i);
+                let icrc = IcrcContext::rxe(*src.ip(), self.ip, src.port(), ROCE_UDP_PORT);
+                if bytes.len() < 16 || icrc.verify(bytes).is_err() {
+                    self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let qpn = u32::from_be_bytes([0, bytes[5], bytes[6], bytes[7]]);
+                if last.is_none_or(|(q, _)| q != qpn) {
+                    slot_guard = None;
+                    let Some(cell) = qps.get(&qpn) else {
+                        self.counters.unknown_qp.fetch_add(1, Ordering::Relaxed);
+                        last = None;
+                        continue;
+                    };
+                    if !touched.iter().any(|c| Arc::ptr_eq(c, cell)) {
+                        touched.push(cell.clone());
+                    }
+                    last = Some((qpn, cell));
+                    slot_guard = Some(cell.slot.lock());
+                }
+                // The guard belongs to `last`, set just above.
+                if let Some(slot) = slot_guard.as_mut() {
+                    if slot.qp.handle_packet(now, bytes).is_err() {
+                        self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
-            let qpn = u32::from_be_bytes([0, bytes[5], bytes[6], bytes[7]]);
-            let Some(slot) = qps.get_mut(&qpn) else {
-                stats.unknown_qp += 1;
-                continue;
-            };
-            if slot.qp.handle_packet(now, bytes).is_err() {
-                stats.bad_packets += 1;
-            }
+        }
+        self.counters
+            .rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
+        for cell in touched.drain(..) {
+            let mut slot = cell.slot.lock();
+            self.flush_qp(&cell, &mut slot, now);
         }
     }
 
-    fn timers(&self, st: &mut DevState, now: Time) {
-        for slot in st.qps.values_mut() {
+    /// Runs the QP timers that are due and releases delayed frames.
+    fn timers(&self, now: Time) {
+        let due: Vec<Arc<QpCell>> = {
+            let qps = self.qps.read();
+            if !qps
+                .values()
+                .any(|c| c.deadline.load(Ordering::Acquire) <= now.0)
+            {
+                Vec::new()
+            } else {
+                qps.values()
+                    .filter(|c| c.deadline.load(Ordering::Acquire) <= now.0)
+                    .cloned()
+                    .collect()
+            }
+        };
+        for cell in due {
+            let mut slot = cell.slot.lock();
             if slot.qp.poll_timeout().is_some_and(|t| t <= now) {
                 slot.qp.handle_timeout(now);
             }
+            self.flush_qp(&cell, &mut slot, now);
+        }
+        if self.delayed_deadline.load(Ordering::Acquire) <= now.0 {
+            let mut x = self.extras.lock();
+            let mut out = Vec::new();
+            while x.delayed.peek().is_some_and(|d| d.0 .0 <= now) {
+                if let Some(std::cmp::Reverse((_, _, dst, frame))) = x.delayed.pop() {
+                    out.push((dst, frame));
+                }
+            }
+            self.delayed_deadline.store(
+                x.delayed.peek().map_or(u64::MAX, |d| d.0 .0 .0),
+                Ordering::Release,
+            );
+            self.send_raw(&mut out, &mut x.pcap, now);
+            self.has_extras.store(
+                x.faults.is_some() || x.pcap.is_some() || !x.delayed.is_empty(),
+                Ordering::Release,
+            );
         }
     }
 
-    /// Sends what every QP has to send (through the fault injector), releases delayed
-    /// frames that are due, and routes completions.
-    fn transmit(&self, st: &mut DevState, now: Time) {
-        let DevState {
-            qps,
-            out,
+    /// Sends what a QP has to send (through the fault injector, if any), routes its
+    /// completions and publishes its next timer. Called with the QP's lock held, so
+    /// its packets leave in order.
+    fn flush_qp(&self, cell: &QpCell, slot: &mut QpSlot, now: Time) {
+        let mut out: Vec<(SocketAddrV4, Vec<u8>)> = Vec::new();
+        while let Some(t) = slot.qp.poll_transmit(now) {
+            if out.capacity() == 0 {
+                out.reserve(BATCH);
+            }
+            out.push((t.dst, t.payload));
+            if out.len() >= BATCH {
+                self.send(&mut out, now);
+            }
+        }
+        self.send(&mut out, now);
+        slot.drain_completions();
+        cell.deadline.store(
+            slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
+            Ordering::Release,
+        );
+    }
+
+    /// Sends frames, through the fault injector and capture when configured.
+    fn send(&self, out: &mut Vec<(SocketAddrV4, Vec<u8>)>, now: Time) {
+        if out.is_empty() {
+            return;
+        }
+        if !self.has_extras.load(Ordering::Acquire) {
+            let n = sys::send_batch(self.sock.as_raw_fd(), out);
+            self.counters
+                .tx_packets
+                .fetch_add(n as u64, Ordering::Relaxed);
+            out.clear();
+            return;
+        }
+        let mut x = self.extras.lock();
+        let TxExtras {
             faults,
             delayed,
             seq,
             pcap,
-            stats,
-            ..
-        } = st;
-        for slot in qps.values_mut() {
-            while let Some(t) = slot.qp.poll_transmit(now) {
-                match faults.as_mut() {
-                    None => out.push((t.dst, t.payload)),
-                    Some(f) => {
-                        for (at, frame) in f.inject(now, t.payload) {
-                            if at <= now {
-                                out.push((t.dst, frame));
-                            } else {
-                                *seq += 1;
-                                delayed.push(std::cmp::Reverse((at, *seq, t.dst, frame)));
-                            }
-                        }
+        } = &mut *x;
+        if let Some(f) = faults.as_mut() {
+            let mut passed = Vec::with_capacity(out.len());
+            for (dst, payload) in out.drain(..) {
+                for (at, frame) in f.inject(now, payload) {
+                    if at <= now {
+                        passed.push((dst, frame));
+                    } else {
+                        *seq += 1;
+                        delayed.push(std::cmp::Reverse((at, *seq, dst, frame)));
                     }
                 }
-                if out.len() >= 4 * BATCH {
-                    self.send(out, pcap, stats, now);
-                }
             }
-            slot.drain_completions();
+            *out = passed;
+            self.delayed_deadline.store(
+                delayed.peek().map_or(u64::MAX, |d| d.0 .0 .0),
+                Ordering::Release,
+            );
         }
-        while delayed.peek().is_some_and(|d| d.0 .0 <= now) {
-            if let Some(std::cmp::Reverse((_, _, dst, frame))) = delayed.pop() {
-                out.push((dst, frame));
-            }
-        }
-        self.send(out, pcap, stats, now);
+        self.send_raw(out, pcap, now);
     }
 
-    fn send(
+    /// Sends frames as they are and captures them.
+    fn send_raw(
         &self,
         out: &mut Vec<(SocketAddrV4, Vec<u8>)>,
         pcap: &mut Option<Capture>,
-        stats: &mut DeviceStats,
         now: Time,
     ) {
         if out.is_empty() {
             return;
         }
         let n = sys::send_batch(self.sock.as_raw_fd(), out);
-        stats.tx_packets += n as u64;
+        self.counters
+            .tx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
         if let Some(c) = pcap.as_ref() {
             let wall = Time(
                 std::time::SystemTime::now()
@@ -745,19 +889,6 @@ impl Device {
             }
         }
         out.clear();
-    }
-
-    fn update_deadline(&self, st: &DevState) {
-        let mut d = u64::MAX;
-        for slot in st.qps.values() {
-            if let Some(t) = slot.qp.poll_timeout() {
-                d = d.min(t.0);
-            }
-        }
-        if let Some(x) = st.delayed.peek() {
-            d = d.min(x.0 .0 .0);
-        }
-        self.deadline.store(d, Ordering::Release);
     }
 
     /// The RTR attributes of a connection to `peer`.

@@ -20,7 +20,7 @@ use fabric_core::{
     ErrorKind, Event, Fid, Info, MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest,
     Result, RmaRequest, SendRequest,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
 use super::cm::{CmMsg, Kind};
@@ -42,7 +42,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a fabric shares with everything opened from it.
 pub(crate) struct Shared {
-    devices: Mutex<Vec<Arc<Device>>>,
+    devices: RwLock<Vec<Arc<Device>>>,
     cm: Mutex<CmState>,
     auto: AtomicBool,
     tick: AtomicU32,
@@ -125,7 +125,7 @@ fn ipv4_of(a: SocketAddr) -> Result<Ipv4Addr> {
 
 impl Shared {
     fn add_device(&self, d: &Arc<Device>) {
-        let mut v = self.devices.lock();
+        let mut v = self.devices.write();
         if !v.iter().any(|x| Arc::ptr_eq(x, d)) {
             v.push(d.clone());
         }
@@ -134,7 +134,7 @@ impl Shared {
     /// Manual progress. `full` also runs the connection manager and waits for device
     /// locks held by other threads.
     fn progress(&self, full: bool) {
-        for d in self.devices.lock().iter() {
+        for d in self.devices.read().iter() {
             d.progress(full);
         }
         let t = self.tick.fetch_add(1, Ordering::Relaxed);
@@ -146,7 +146,7 @@ impl Shared {
     /// Sleeps until a device socket or CM socket is readable, `queue_fd` is
     /// signalled, a device timer is due or `deadline` passes.
     fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
-        let devices = self.devices.lock().clone();
+        let devices = self.devices.read().clone();
         let mut fds: Vec<RawFd> = Vec::with_capacity(8);
         let mut timeout = MAX_SLEEP;
         if let Some(d) = deadline {
@@ -306,7 +306,7 @@ pub(crate) struct SrFabric {
 impl SrFabric {
     pub(crate) fn open(info: &Info, config: Config) -> Result<SrFabric> {
         let shared = Arc::new(Shared {
-            devices: Mutex::new(Vec::new()),
+            devices: RwLock::new(Vec::new()),
             cm: Mutex::new(CmState::default()),
             auto: AtomicBool::new(false),
             tick: AtomicU32::new(0),

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Waker;
 
 use parking_lot::Mutex;
@@ -24,6 +25,9 @@ struct Inner<T> {
 /// A FIFO with sleep / wake support.
 pub(crate) struct WaitQueue<T> {
     inner: Mutex<Inner<T>>,
+    /// Items queued, readable without the lock: a poller of an empty queue (the
+    /// common case while spinning) does not touch the lock the producer takes.
+    len: AtomicUsize,
     efd: EventFd,
 }
 
@@ -36,6 +40,7 @@ impl<T> WaitQueue<T> {
                 signaled: false,
                 wakers: Vec::new(),
             }),
+            len: AtomicUsize::new(0),
             efd: EventFd::new()?,
         })
     }
@@ -45,6 +50,7 @@ impl<T> WaitQueue<T> {
         let wakers = {
             let mut g = self.inner.lock();
             g.items.push_back(item);
+            self.len.store(g.items.len(), Ordering::Release);
             if g.sleepers > 0 && !g.signaled {
                 g.signaled = true;
                 self.efd.signal();
@@ -61,9 +67,15 @@ impl<T> WaitQueue<T> {
 
     /// Moves up to `max` items into `out`.
     pub(crate) fn pop_into(&self, out: &mut Vec<T>, max: usize) -> usize {
+        // Empty means nothing to drain either: the eventfd is only signalled while
+        // items are queued, and drained below when the queue empties.
+        if self.len.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         let mut g = self.inner.lock();
         let n = g.items.len().min(max);
         out.extend(g.items.drain(..n));
+        self.len.store(g.items.len(), Ordering::Release);
         if g.items.is_empty() && g.signaled {
             g.signaled = false;
             self.efd.drain();
