@@ -595,6 +595,17 @@ impl Responder {
             if !known || queued {
                 return;
             }
+            // The requester goes back to `p` (go-back-N): it drops every response
+            // after a gap, and asks again for the reads behind this one. Streams still
+            // queued from `p` on would only be dropped by it, and each retry would add
+            // another behind them until no answer comes in time; restart from `p`
+            // instead, as rxe does (it rewinds its read resource).
+            self.out.retain(|o| match o {
+                Response::Read(s) if s.len > 0 => {
+                    psn::diff(psn::add(s.first_psn, s.npkts - 1), p) < 0
+                }
+                _ => true,
+            });
             if let Ok((region, offset)) =
                 check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
                     a.read
