@@ -800,9 +800,15 @@ impl Device {
             out.push((t.dst, t.payload));
             if out.len() >= BATCH {
                 self.send(&mut out, now);
+                for (_, frame) in out.drain(..) {
+                    slot.qp.recycle(frame);
+                }
             }
         }
         self.send(&mut out, now);
+        for (_, frame) in out.drain(..) {
+            slot.qp.recycle(frame);
+        }
         slot.drain_completions();
         cell.deadline.store(
             slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
@@ -810,7 +816,8 @@ impl Device {
         );
     }
 
-    /// Sends frames, through the fault injector and capture when configured.
+    /// Sends frames, through the fault injector and capture when configured. `out`
+    /// keeps the frames that passed (whose buffers the caller may reuse).
     fn send(&self, out: &mut Vec<(SocketAddrV4, Vec<u8>)>, now: Time) {
         if out.is_empty() {
             return;
@@ -820,7 +827,6 @@ impl Device {
             self.counters
                 .tx_packets
                 .fetch_add(n as u64, Ordering::Relaxed);
-            out.clear();
             return;
         }
         let mut x = self.extras.lock();
@@ -852,12 +858,7 @@ impl Device {
     }
 
     /// Sends frames as they are and captures them.
-    fn send_raw(
-        &self,
-        out: &mut Vec<(SocketAddrV4, Vec<u8>)>,
-        pcap: &mut Option<Capture>,
-        now: Time,
-    ) {
+    fn send_raw(&self, out: &mut [(SocketAddrV4, Vec<u8>)], pcap: &mut Option<Capture>, now: Time) {
         if out.is_empty() {
             return;
         }
@@ -888,7 +889,6 @@ impl Device {
                 *pcap = None;
             }
         }
-        out.clear();
     }
 
     /// The RTR attributes of a connection to `peer`.

@@ -34,7 +34,7 @@ use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, Se
 type EqQueue = WaitQueue<Event>;
 
 /// Manual progress consults the connection manager every this many CQ reads.
-const CM_EVERY: u32 = 64;
+const CM_EVERY: u32 = 256;
 /// Longest a sleeper waits before looking again (connection housekeeping).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// How long an accepted TCP connection may take to send its request.
@@ -211,6 +211,30 @@ impl Shared {
             half_open,
             eps,
         } = &mut *cm;
+        // One poll(2) tells whether any CM socket has something to say: accept(2) on
+        // an idle listener costs several µs (the kernel sets up a socket and a file
+        // before it finds the queue empty), and this runs every CM_EVERY CQ reads.
+        let mut fds: Vec<RawFd> = Vec::with_capacity(8);
+        fds.extend(
+            listeners
+                .values()
+                .filter(|l| l.listening)
+                .map(|l| l.sock.as_raw_fd()),
+        );
+        fds.extend(half_open.iter().map(|h| h.sock.as_raw_fd()));
+        let mut live = 0;
+        for ep in eps.iter().filter_map(Weak::upgrade) {
+            live += 1;
+            if let Some(fd) = ep.cm.lock().sock.as_ref().map(|s| s.as_raw_fd()) {
+                fds.push(fd);
+            }
+        }
+        let overdue = half_open
+            .iter()
+            .any(|h| h.since.elapsed() > REQUEST_TIMEOUT);
+        if !overdue && live == eps.len() && !sys::any_readable(&fds) {
+            return;
+        }
         for (id, l) in listeners.iter() {
             if !l.listening {
                 continue;

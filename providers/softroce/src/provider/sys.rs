@@ -93,25 +93,20 @@ impl RecvBatch {
 
     /// Receives up to [`BATCH`] datagrams without blocking; returns how many.
     pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut iovs: Vec<libc::iovec> = self
-            .bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: MAX_DATAGRAM,
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|i| {
-                // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
-                let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
-                m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
-                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                m.msg_hdr.msg_iov = &mut iovs[i];
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        // On the stack: this runs on every poll, mostly to find nothing.
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: self.bufs[i].as_mut_ptr().cast(),
+            iov_len: MAX_DATAGRAM,
+        });
+        let mut msgs: [libc::mmsghdr; BATCH] = std::array::from_fn(|i| {
+            // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+            let mut m: libc::mmsghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        });
         // SAFETY: every pointer in msgs refers to buffers owned by self or by the local
         // iovs vector, all alive for the call and sized as declared.
         let n = unsafe {
@@ -256,6 +251,25 @@ pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) {
             std::ptr::null(),
         );
     }
+}
+
+/// Whether any of `fds` is readable (or hung up, or in error) now; does not wait.
+pub(crate) fn any_readable(fds: &[RawFd]) -> bool {
+    if fds.is_empty() {
+        return false;
+    }
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: p is a live array of pollfd of the given length.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
+    // An error (EINTR, ENOMEM): let the caller look at every socket.
+    n != 0
 }
 
 /// Connects a TCP socket to `dst` from `src` (port 0: any), waiting up to `timeout`.

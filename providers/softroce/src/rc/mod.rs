@@ -41,6 +41,7 @@ pub use types::{
     RtsAttr, SendOp, SendWr, Time, Transmit, WcOpcode, WcStatus,
 };
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub(crate) struct Ctx {
     icrc: IcrcContext,
     local: SocketAddrV4,
     remote: SocketAddrV4,
+    /// Buffers of sent frames, for the next packets ([`QueuePair::recycle`]).
+    frames: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Ctx {
@@ -81,9 +84,47 @@ impl Ctx {
     }
 
     fn build(&self, repr: &RoceRepr, payload: &[u8]) -> Option<Vec<u8>> {
-        repr.build(payload, &self.icrc).ok()
+        self.build_with(repr, payload.len(), |b| {
+            b.copy_from_slice(payload);
+            true
+        })
+    }
+
+    /// Builds a packet with `plen` payload bytes written in place by `fill` (false:
+    /// the payload could not be read, no packet), in a recycled buffer if one is free.
+    fn build_with(
+        &self,
+        repr: &RoceRepr,
+        plen: usize,
+        fill: impl FnOnce(&mut [u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        let mut buf = self.frames.borrow_mut().pop().unwrap_or_default();
+        let mut r = *repr;
+        r.payload_len = plen;
+        let ok = match r.emit_into(&mut buf) {
+            Ok(range) => fill(&mut buf[range]) && self.icrc.fill(&mut buf).is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            Some(buf)
+        } else {
+            self.recycle(buf);
+            None
+        }
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut frames = self.frames.borrow_mut();
+        if frames.len() < MAX_FREE_FRAMES {
+            frames.push(buf);
+        }
     }
 }
+
+/// Sent frames kept for reuse per QP: a window of full-size packets, so a steady
+/// stream allocates nothing (freeing and reallocating them made the allocator give
+/// memory back to the kernel and fault it in again, batch after batch).
+const MAX_FREE_FRAMES: usize = 256;
 
 /// An RC queue pair: requester, completer and responder of one connection.
 pub struct QueuePair {
@@ -187,6 +228,7 @@ impl QueuePair {
             ),
             local: attr.local,
             remote: attr.remote,
+            frames: RefCell::new(Vec::new()),
         });
         self.resp
             .start(attr.rq_psn, attr.max_dest_rd_atomic, attr.min_rnr_timer);
@@ -433,6 +475,14 @@ impl QueuePair {
             dst: ctx.remote,
             payload,
         })
+    }
+
+    /// Gives back the buffer of a [`Transmit`] once it was sent, for a later packet
+    /// (optional: a driver that keeps its frames loses nothing but allocations).
+    pub fn recycle(&mut self, frame: Vec<u8>) {
+        if let Some(ctx) = self.ctx.as_ref() {
+            ctx.recycle(frame);
+        }
     }
 
     /// When [`Self::handle_timeout`] must next be called, if at all.

@@ -249,20 +249,14 @@ impl Requester {
         } else {
             Segment::Middle
         };
-        let mut payload = Vec::new();
+        let mut data: Option<(u32, u32)> = None;
         let repr = match w.wr.op {
             SendOp::Send
             | SendOp::SendWithImm { .. }
             | SendOp::Write { .. }
             | SendOp::WriteWithImm { .. } => {
                 let off = k * mtu;
-                let plen = mtu.min(w.len - off);
-                payload = vec![0u8; plen as usize];
-                if let Some(l) = &w.wr.local {
-                    l.memory
-                        .read(l.offset + u64::from(off), &mut payload)
-                        .map_err(|_| WcStatus::LocalAccessError)?;
-                }
+                data = Some((off, mtu.min(w.len - off)));
                 let ack_req = seg.is_last() || self.noack_pkts + 1 >= MAX_PKTS_PER_ACK;
                 self.noack_pkts = if ack_req { 0 } else { self.noack_pkts + 1 };
                 let (opcode, imm, reth) = data_opcode(&w.wr.op, seg, w.len);
@@ -333,7 +327,19 @@ impl Requester {
             }
         };
         trace!(qpn = ctx.qpn, psn = p, opcode = ?repr.bth.opcode, "request");
-        ctx.build(&repr, &payload).ok_or(WcStatus::LocalAccessError)
+        let Some((off, plen)) = data else {
+            return ctx.build(&repr, &[]).ok_or(WcStatus::LocalAccessError);
+        };
+        // The payload goes from the local buffer straight into the frame.
+        let local = w.wr.local.as_ref();
+        ctx.build_with(&repr, plen as usize, |buf| match local {
+            Some(l) => l.memory.read(l.offset + u64::from(off), buf).is_ok(),
+            None => {
+                buf.fill(0);
+                true
+            }
+        })
+        .ok_or(WcStatus::LocalAccessError)
     }
 
     /// Rewinds transmission to `p` (go-back-N).

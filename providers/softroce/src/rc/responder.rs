@@ -657,14 +657,14 @@ impl Responder {
     pub(super) fn next_packet(&mut self, ctx: &Ctx) -> Option<Vec<u8>> {
         let mtu = ctx.mtu.bytes();
         let front = self.out.front_mut()?;
-        let (repr, payload, done) = match front {
+        let (repr, read, done) = match front {
             Response::Ack { psn, syndrome, msn } => {
                 let mut r = RoceRepr::new(ctx.bth(Opcode::RC_ACKNOWLEDGE, *psn, false));
                 r.aeth = Some(AethRepr {
                     syndrome: *syndrome,
                     msn: *msn,
                 });
-                (r, Vec::new(), true)
+                (r, None, true)
             }
             Response::AtomicAck { psn, orig, msn } => {
                 let mut r = RoceRepr::new(ctx.bth(Opcode::RC_ATOMIC_ACKNOWLEDGE, *psn, false));
@@ -673,22 +673,13 @@ impl Responder {
                     msn: *msn,
                 });
                 r.atomic_ack = Some(*orig);
-                (r, Vec::new(), true)
+                (r, None, true)
             }
             Response::Read(s) => {
                 let k = s.next;
                 let off = k * mtu;
                 let plen = mtu.min(s.len - off);
-                let mut payload = vec![0u8; plen as usize];
-                if plen > 0 {
-                    let ok = s
-                        .region
-                        .as_ref()
-                        .is_some_and(|r| r.read(s.offset + u64::from(off), &mut payload).is_ok());
-                    if !ok {
-                        debug!("region read failed while answering a READ");
-                    }
-                }
+                let read = (s.region.clone(), s.offset + u64::from(off), plen as usize);
                 let opcode = if s.npkts == 1 {
                     Opcode::RC_RDMA_READ_RESPONSE_ONLY
                 } else if k == 0 {
@@ -706,13 +697,23 @@ impl Responder {
                     });
                 }
                 s.next += 1;
-                (r, payload, s.next == s.npkts)
+                (r, Some(read), s.next == s.npkts)
             }
         };
         if done {
             self.out.pop_front();
         }
-        ctx.build(&repr, &payload)
+        let Some((region, offset, plen)) = read else {
+            return ctx.build(&repr, &[]);
+        };
+        // The payload goes from the region straight into the frame.
+        ctx.build_with(&repr, plen, |buf| {
+            if plen > 0 && region.is_none_or(|r| r.read(offset, buf).is_err()) {
+                debug!("region read failed while answering a READ");
+                buf.fill(0);
+            }
+            true
+        })
     }
 
     /// Flushes receives (QP to ERROR); only ACK/NAK responses are kept so the NAK

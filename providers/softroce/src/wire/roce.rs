@@ -344,14 +344,32 @@ impl RoceRepr {
     /// Builds a complete packet: headers, `payload`, pad and the ICRC for `icrc`.
     /// `self.payload_len` is taken from `payload`.
     pub fn build(&self, payload: &[u8], icrc: &IcrcContext) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
         let mut repr = *self;
         repr.payload_len = payload.len();
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf)?;
-        let start = BTH_LEN + repr.header_set().len();
-        buf[start..start + payload.len()].copy_from_slice(payload);
+        let range = repr.emit_into(&mut buf)?;
+        buf[range].copy_from_slice(payload);
         icrc.fill(&mut buf)?;
         Ok(buf)
+    }
+
+    /// Makes `buf` (any earlier content and capacity reused, so a driver can recycle
+    /// its frames) a packet of [`Self::buffer_len`] bytes with the headers and pad
+    /// written, and returns the range of its `self.payload_len` payload bytes. The
+    /// caller writes the payload there, then the ICRC ([`IcrcContext::fill`]): the
+    /// payload goes from its source into the frame in one copy.
+    pub fn emit_into(&self, buf: &mut Vec<u8>) -> Result<core::ops::Range<usize>> {
+        let len = self.buffer_len();
+        // Stale bytes of a recycled buffer are all overwritten: headers and pad by
+        // `emit`, payload by the caller, ICRC by `fill`.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        self.emit(buf)?;
+        let start = BTH_LEN + self.header_set().len();
+        Ok(start..start + self.payload_len)
     }
 }
 
