@@ -36,7 +36,12 @@
 //!   `Canceled`).
 //! - Progress: manual by default (completion and event queue reads drive the devices
 //!   and the connection manager), sleeping `sread`/`wait` (ppoll on the sockets with
-//!   the next timer), `Progress::Auto` or an async waiter start a thread.
+//!   the next timer), `Progress::Auto` or an async waiter start a thread. Threads
+//!   polling one device share it without waiting for each other (a lock per QP; the
+//!   receive side is only tried). When a busy-polled completion queue read completes
+//!   a one-packet receive, the QP holds its ACK up to 50 µs so that it leaves in the
+//!   same `sendmmsg` as the application's answer (released earlier by the next send
+//!   posted on the QP or before any sleep).
 //! - Environment, read when a device is created (or set per address in a program with
 //!   [`configure_device`]): `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
 //!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the

@@ -336,10 +336,16 @@ impl QpSlot {
         }
     }
 
-    fn drain_completions(&mut self) {
+    /// Routes the QP's completions; returns whether one of them was a receive of a
+    /// message of one packet (what a ping-pong answers at once).
+    fn drain_completions(&mut self) -> bool {
+        let mtu = self.qp.mtu().map_or(0, |m| m.bytes());
+        let mut small_receive = false;
         while let Some(c) = self.qp.poll_completion() {
+            small_receive |= c.wr_id & RECV_BIT != 0 && c.byte_len <= mtu;
             self.route(c);
         }
+        small_receive
     }
 }
 
@@ -357,6 +363,9 @@ struct QpCell {
     /// Next timer in nanoseconds since the device's epoch (`u64::MAX`: none); written
     /// under `slot`'s lock after every change of the QP.
     deadline: AtomicU64,
+    /// Since when ACKs are held back for the application's answer (nanoseconds
+    /// since the device's epoch; `u64::MAX`: none; see [`Device::dispatch`]).
+    acks_held: AtomicU64,
 }
 
 /// What the receiving side of the device owns: whoever holds it receives.
@@ -405,6 +414,8 @@ pub struct Device {
     has_extras: AtomicBool,
     /// Due time of the earliest delayed frame (`u64::MAX`: none).
     delayed_deadline: AtomicU64,
+    /// Some QP may hold ACKs back (a hint).
+    acks_held: AtomicBool,
     counters: Counters,
     sleepers: AtomicUsize,
 }
@@ -507,6 +518,7 @@ impl Device {
             }),
             has_extras: AtomicBool::new(false),
             delayed_deadline: AtomicU64::new(u64::MAX),
+            acks_held: AtomicBool::new(false),
             counters: Counters::default(),
             sleepers: AtomicUsize::new(0),
         });
@@ -612,6 +624,7 @@ impl Device {
                     next_recv: 0,
                 }),
                 deadline: AtomicU64::new(u64::MAX),
+                acks_held: AtomicU64::new(u64::MAX),
             }),
         );
         Ok(qpn)
@@ -664,9 +677,70 @@ impl Device {
         r
     }
 
+    /// Runs `f`, which gives the QP nothing to send (posting a receive), on a QP:
+    /// routes completions and sends nothing new, so ACKs held for the application's
+    /// answer stay held until the answer is posted.
+    pub(crate) fn with_qp_quiet<R>(
+        &self,
+        qpn: u32,
+        f: impl FnOnce(&mut QpSlot) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let cell = self
+            .cell(qpn)
+            .ok_or_else(|| Error::new(ErrorKind::NotConnected, "the queue pair is gone"))?;
+        let mut slot = cell.slot.lock();
+        let r = f(&mut slot);
+        if cell.acks_held.load(Ordering::Acquire) != u64::MAX && slot.qp.only_acks_pending() {
+            slot.drain_completions();
+        } else {
+            self.flush_qp(&cell, &mut slot, self.now());
+        }
+        r
+    }
+
+    /// Sends the ACKs QPs hold back: all of them (`due` false: before anyone
+    /// sleeps), or those held for [`ACK_HOLD`] already (every progress call).
+    pub(crate) fn release_acks(&self, due: bool) {
+        if !self.acks_held.load(Ordering::Acquire) {
+            return;
+        }
+        let now = self.now();
+        let limit = if due {
+            now.0.saturating_sub(ACK_HOLD.as_nanos() as u64)
+        } else {
+            u64::MAX - 1
+        };
+        let mut still_held = false;
+        let release: Vec<Arc<QpCell>> = {
+            let qps = self.qps.read();
+            let mut v = Vec::new();
+            for c in qps.values() {
+                let since = c.acks_held.load(Ordering::Acquire);
+                if since <= limit {
+                    v.push(c.clone());
+                } else if since != u64::MAX {
+                    still_held = true;
+                }
+            }
+            v
+        };
+        if !still_held {
+            self.acks_held.store(false, Ordering::Release);
+        }
+        for cell in release {
+            let mut slot = cell.slot.lock();
+            if cell.acks_held.load(Ordering::Acquire) != u64::MAX {
+                self.flush_qp(&cell, &mut slot, now);
+            }
+        }
+    }
+
     /// Manual progress: receive, run timers, send, complete. `wait_lock` false skips
-    /// the work when another thread is already receiving on this device.
+    /// the work when another thread is already receiving on this device, and lets a
+    /// QP that just received a one-packet message hold its ACK back for the
+    /// application's answer (the caller is a busy poller; see [`Self::dispatch`]).
     pub(crate) fn progress(&self, wait_lock: bool) {
+        self.release_acks(true);
         let mut rx = if wait_lock {
             self.rx.lock()
         } else {
@@ -690,7 +764,7 @@ impl Device {
             };
             if n > 0 {
                 now = self.now();
-                self.dispatch(&mut rx, now, n);
+                self.dispatch(&mut rx, now, n, !wait_lock);
             }
             if n < BATCH {
                 break;
@@ -701,7 +775,16 @@ impl Device {
     }
 
     /// Hands a received batch to the QPs, then sends what they produced.
-    fn dispatch(&self, st: &mut RxState, now: Time, n: usize) {
+    ///
+    /// With `hold_acks`, a QP that completed the receive of a one-packet message and
+    /// has nothing but ACKs to send keeps them for the moment: a busy-polling
+    /// application typically answers at once, and the ACK then leaves in the same
+    /// `sendmmsg` as the answer (one system call per message on the critical path of
+    /// a ping-pong instead of two). Held ACKs leave with the next post of a send on
+    /// that QP, after [`ACK_HOLD`] at the next progress call on the device, or before
+    /// anyone sleeps. Only when the peer's work completes changes: the ACK covers the
+    /// same PSNs, and the peer's retransmission timer (milliseconds) bounds the wait.
+    fn dispatch(&self, st: &mut RxState, now: Time, n: usize, hold_acks: bool) {
         let RxState { rx, touched } = st;
         {
             let qps = self.qps.read();
@@ -741,6 +824,22 @@ impl Device {
             .fetch_add(n as u64, Ordering::Relaxed);
         for cell in touched.drain(..) {
             let mut slot = cell.slot.lock();
+            // Completions first, so the application sees the receive now.
+            if hold_acks
+                && slot.qp.only_acks_pending()
+                && slot.drain_completions()
+                && slot.qp.only_acks_pending()
+            {
+                if cell.acks_held.load(Ordering::Acquire) == u64::MAX {
+                    cell.acks_held.store(now.0, Ordering::Release);
+                }
+                self.acks_held.store(true, Ordering::Release);
+                cell.deadline.store(
+                    slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
+                    Ordering::Release,
+                );
+                continue;
+            }
             self.flush_qp(&cell, &mut slot, now);
         }
     }
@@ -809,6 +908,7 @@ impl Device {
         for (_, frame) in out.drain(..) {
             slot.qp.recycle(frame);
         }
+        cell.acks_held.store(u64::MAX, Ordering::Release);
         slot.drain_completions();
         cell.deadline.store(
             slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
@@ -904,6 +1004,10 @@ impl Device {
         }
     }
 }
+
+/// Longest a busy-polled QP holds an ACK back for the application's answer (a
+/// ping-pong answers within a few µs; the peer's retransmission timer is 2 ms).
+const ACK_HOLD: Duration = Duration::from_micros(50);
 
 /// Read/atomic/FLUSH requests outstanding per QP, both directions.
 pub(crate) const QP_RD_ATOMIC: u8 = 16;

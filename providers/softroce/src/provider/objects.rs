@@ -153,6 +153,7 @@ impl Shared {
             timeout = timeout.min(d.saturating_duration_since(Instant::now()));
         }
         for d in &devices {
+            d.release_acks(false);
             fds.extend_from_slice(&d.fds());
             if let Some(t) = d.next_timer() {
                 timeout = timeout.min(t);
@@ -1142,7 +1143,7 @@ impl EndpointOps for SrEndpoint {
             .qp
             .get()
             .ok_or_else(|| not_connected("the endpoint is not connected"))?;
-        dev.with_qp(*qpn, |slot| {
+        dev.with_qp_quiet(*qpn, |slot| {
             if slot.posted_recvs() >= ep.rx_size {
                 return Err(Error::new(
                     ErrorKind::WouldBlock,

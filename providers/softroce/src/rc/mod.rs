@@ -477,6 +477,20 @@ impl QueuePair {
         })
     }
 
+    /// Whether the only packets waiting in [`Self::poll_transmit`] (if any) are
+    /// positive ACKs of received requests. A driver may hold those back for a
+    /// moment to send them in one batch with what the application posts next: an
+    /// ACK covers every PSN up to its own, so holding it changes nothing but when the
+    /// peer's work requests complete (the peer's retransmission timer bounds the
+    /// moment).
+    pub fn only_acks_pending(&self) -> bool {
+        match self.state {
+            QpState::Rts => self.resp.only_acks() && !self.req.may_transmit(),
+            QpState::Rtr => self.resp.only_acks(),
+            _ => false,
+        }
+    }
+
     /// Gives back the buffer of a [`Transmit`] once it was sent, for a later packet
     /// (optional: a driver that keeps its frames loses nothing but allocations).
     pub fn recycle(&mut self, frame: Vec<u8>) {

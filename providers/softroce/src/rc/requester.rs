@@ -638,6 +638,12 @@ impl Requester {
         self.rnr_deadline = None;
     }
 
+    /// Whether a request packet may be waiting to be sent (conservative: the window
+    /// or the read limit may still hold it back).
+    pub(super) fn may_transmit(&self) -> bool {
+        self.rnr_deadline.is_none() && self.send_idx < self.sq.len()
+    }
+
     /// Number of queued send work requests.
     pub(super) fn queued(&self) -> usize {
         self.sq.len()

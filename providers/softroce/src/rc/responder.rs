@@ -112,6 +112,19 @@ impl Responder {
         !self.out.is_empty()
     }
 
+    /// Whether everything waiting to be sent is positive ACKs.
+    pub(super) fn only_acks(&self) -> bool {
+        self.out.iter().all(|o| {
+            matches!(
+                o,
+                Response::Ack {
+                    syndrome: Syndrome::Ack { .. },
+                    ..
+                }
+            )
+        })
+    }
+
     fn queue_ack(&mut self, p: u32) {
         if let Some(Response::Ack {
             psn: last,
