@@ -741,6 +741,12 @@ impl EpInner {
     /// (outstanding work completes `Canceled`) and, with `remove`, frees the QP.
     fn teardown(&self, cm: &mut EpCm, remove: bool) {
         cm.phase = Phase::Closed;
+        // First what the QP still has to send (ACKs held for an answer that will not
+        // come): on the peer's side they then arrive before the CM socket's closure,
+        // so a message this side received completes there as sent, not canceled.
+        if let Some((dev, qpn)) = self.qp.get() {
+            let _ = dev.with_qp(*qpn, |_| Ok(()));
+        }
         if let Some(s) = cm.sock.take() {
             let _ = s.shutdown(Shutdown::Both);
         }
