@@ -647,6 +647,11 @@ impl PassiveEndpoint {
     pub(crate) fn new(ops: Arc<dyn PassiveEndpointOps>, eq: EventQueue) -> Self {
         PassiveEndpoint { ops, _eq: eq }
     }
+    /// Identifier that connection requests arriving here carry
+    /// ([`ConnRequest::listener`]).
+    pub fn fid(&self) -> Fid {
+        self.ops.fid()
+    }
     /// Starts listening.
     pub fn listen(&self) -> Result<()> {
         self.ops.listen()

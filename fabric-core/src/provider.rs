@@ -127,6 +127,9 @@ pub trait EqOps: Send + Sync {
 
 /// Provider side of a passive endpoint.
 pub trait PassiveEndpointOps: Send + Sync {
+    /// Identifier that connection requests arriving here carry
+    /// ([`ConnRequest::listener`](crate::ConnRequest::listener)).
+    fn fid(&self) -> crate::Fid;
     /// Starts listening; connection requests arrive on the event queue.
     fn listen(&self) -> Result<()>;
     /// The bound address (with the real port after binding port 0).

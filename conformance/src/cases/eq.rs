@@ -226,6 +226,7 @@ fn async_events(ctx: &Ctx) -> CaseResult {
             return Err(CaseError::fail(format!("expected ConnRequest, got {ev:?}")));
         };
         ensure_eq!(req.data, b"async".to_vec(), "request data");
+        ensure_eq!(req.listener, l.pep.fid(), "the request names its listener");
         let sep = l
             .node
             .domain

@@ -276,6 +276,10 @@ pub(crate) struct TcpPep {
 }
 
 impl PassiveEndpointOps for TcpPep {
+    fn fid(&self) -> Fid {
+        self.fid
+    }
+
     fn listen(&self) -> Result<()> {
         self.engine.listen(self.fid)
     }

@@ -613,6 +613,10 @@ pub(crate) struct SrPep {
 }
 
 impl PassiveEndpointOps for SrPep {
+    fn fid(&self) -> Fid {
+        self.fid
+    }
+
     fn listen(&self) -> Result<()> {
         let mut cm = self.shared.cm.lock();
         let l = cm
