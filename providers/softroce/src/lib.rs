@@ -27,7 +27,7 @@
 //! - Receive not ready: RC semantics. RNR NAK (timer 0.64 ms) and infinite RNR retry
 //!   (rnr_retry 7): a message sent before the receive is posted is delivered once it
 //!   is; a write with CQ data waits likewise. retry_cnt 7 with a 2.1 ms timeout
-//!   (`SOFTROCE_TIMEOUT_US`) that doubles on consecutive expiries: a peer that stops
+//!   (`SOFTROCE_TIMEOUT_US`; transport retry count `SOFTROCE_RETRY_CNT`, default 7) that doubles on consecutive expiries: a peer that stops
 //!   answering gives `RetryExceeded` after about 0.5 s.
 //! - Connections: an `ibv_rc_pingpong`-style exchange over TCP at the listener's
 //!   address (`LLLL:QQQQQQ:PPPPPP:GID` text plus an extension with kind, MTU and

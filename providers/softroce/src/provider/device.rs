@@ -48,6 +48,10 @@ pub struct DeviceConfig {
     pub faults: Option<(FaultConfig, u64)>,
     /// Where to write a pcap of every frame this device sends (as full IPv4 frames).
     pub pcap: Option<PathBuf>,
+    /// Transport retry count of QPs connected on this device (`None`: 7, as rxe and
+    /// most applications use). Counts above 7 are a local extension for very lossy
+    /// links (see `RtsAttr::retry_cnt`); they change no packet.
+    pub retry_cnt: Option<u8>,
 }
 
 impl DeviceConfig {
@@ -65,6 +69,13 @@ impl DeviceConfig {
         if let Ok(p) = std::env::var("SOFTROCE_PCAP") {
             if !p.trim().is_empty() {
                 c.pcap = Some(PathBuf::from(p));
+            }
+        }
+        if let Ok(r) = std::env::var("SOFTROCE_RETRY_CNT") {
+            if !r.trim().is_empty() {
+                c.retry_cnt = Some(r.trim().parse().map_err(|_| {
+                    format!("SOFTROCE_RETRY_CNT={r} is not a number from 0 to 255")
+                })?);
             }
         }
         Ok(c)
@@ -416,6 +427,8 @@ pub struct Device {
     delayed_deadline: AtomicU64,
     /// Some QP may hold ACKs back (a hint).
     acks_held: AtomicBool,
+    /// Transport retry count for QPs connected from now on.
+    retry_cnt: std::sync::atomic::AtomicU8,
     counters: Counters,
     sleepers: AtomicUsize,
 }
@@ -519,6 +532,7 @@ impl Device {
             has_extras: AtomicBool::new(false),
             delayed_deadline: AtomicU64::new(u64::MAX),
             acks_held: AtomicBool::new(false),
+            retry_cnt: std::sync::atomic::AtomicU8::new(DEFAULT_RETRY_CNT),
             counters: Counters::default(),
             sleepers: AtomicUsize::new(0),
         });
@@ -530,6 +544,10 @@ impl Device {
 
     fn apply(&self, config: &DeviceConfig) -> Result<(), Error> {
         let pcap = config.pcap.as_ref().map(open_pcap).transpose()?;
+        self.retry_cnt.store(
+            config.retry_cnt.unwrap_or(DEFAULT_RETRY_CNT),
+            Ordering::Relaxed,
+        );
         let mut x = self.extras.lock();
         x.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
         x.pcap = pcap;
@@ -636,6 +654,10 @@ impl Device {
 
     /// Moves a QP to RTR and RTS.
     pub(crate) fn connect_qp(&self, qpn: u32, rtr: RtrAttr, rts: RtsAttr) -> Result<(), Error> {
+        let rts = RtsAttr {
+            retry_cnt: self.retry_cnt.load(Ordering::Relaxed),
+            ..rts
+        };
         self.with_qp(qpn, |slot| {
             slot.qp
                 .modify_to_rtr(rtr)
@@ -1014,14 +1036,18 @@ pub(crate) const QP_RD_ATOMIC: u8 = 16;
 /// RNR NAK timer code sent by our responders: 12 = 0.64 ms.
 pub(crate) const RNR_TIMER: u8 = 12;
 
-/// The RTS attributes every softroce QP uses: retry_cnt 7, rnr_retry 7 (infinite) and
+/// Transport retry count unless a device is configured otherwise.
+pub(crate) const DEFAULT_RETRY_CNT: u8 = 7;
+
+/// The RTS attributes every softroce QP uses: retry_cnt 7 (or the device's
+/// [`DeviceConfig::retry_cnt`]), rnr_retry 7 (infinite) and
 /// a 2 ms retransmission timeout that doubles on each consecutive expiry (about 0.5 s
 /// of silence before `RetryExceeded`).
 pub(crate) fn rts(sq_psn: u32, timeout: Duration) -> RtsAttr {
     RtsAttr {
         sq_psn,
         timeout,
-        retry_cnt: 7,
+        retry_cnt: DEFAULT_RETRY_CNT,
         rnr_retry: 7,
         max_rd_atomic: QP_RD_ATOMIC,
     }

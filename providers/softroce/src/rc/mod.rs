@@ -240,8 +240,8 @@ impl QueuePair {
     /// RTR -> RTS: the requester starts sending.
     pub fn modify_to_rts(&mut self, attr: RtsAttr) -> Result<(), QpError> {
         self.transition(QpState::Rtr, "move to RTS")?;
-        if attr.retry_cnt > 7 || attr.rnr_retry > 7 {
-            return Err(QpError::InvalidAttribute("retry counts are 0..=7"));
+        if attr.rnr_retry > 7 {
+            return Err(QpError::InvalidAttribute("rnr_retry is 0..=7"));
         }
         if attr.sq_psn > PSN_MASK {
             return Err(QpError::InvalidAttribute("sq_psn wider than 24 bits"));
@@ -602,7 +602,7 @@ mod tests {
         assert_eq!(qp.state(), QpState::Rtr);
         assert!(qp
             .modify_to_rts(RtsAttr {
-                retry_cnt: 8,
+                rnr_retry: 8,
                 ..rts()
             })
             .is_err());

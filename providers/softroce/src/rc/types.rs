@@ -127,7 +127,11 @@ pub struct RtsAttr {
     pub sq_psn: u32,
     /// Retransmission timeout (IB: 4.096 µs * 2^timeout; here the duration itself).
     pub timeout: Duration,
-    /// Retries after a timeout or sequence error before failing (0-7).
+    /// Retries without progress (after a timeout or sequence error) before failing.
+    /// IB allows 0-7 because its connection manager carries 3 bits; the count is a
+    /// local setting that never appears in a packet, so this core accepts any `u8`
+    /// (a softroce extension for very lossy links; 7 is the usual value, and unlike
+    /// `rnr_retry` no value means "forever").
     pub retry_cnt: u8,
     /// Retries after an RNR NAK before failing (0-7, 7 = forever).
     pub rnr_retry: u8,
