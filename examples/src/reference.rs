@@ -44,7 +44,8 @@ fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<std::process::Exit
 pub fn parse_output(out: &str, size: usize, iterations: usize) -> Option<PpResult> {
     for line in out.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() >= 8 && f[0].parse::<usize>().ok() == Some(size) {
+        // fi_pingpong prints sizes as 8, 4k, 1m.
+        if f.len() >= 8 && crate::sizes::parse_size(f[0]).ok() == Some(size) {
             let mbps: f64 = f[5].parse().ok()?;
             let usec: f64 = f[6].parse().ok()?;
             return Some(PpResult {
@@ -117,6 +118,9 @@ mod tests {
         assert_eq!(r.lat_mean_us, 5.64);
         assert_eq!(r.mb_per_s, 1.42);
         assert!(parse_output(out, 64, 2000).is_none());
+        let big = "bytes   #sent   #ack     total       time     MB/sec    usec/xfer   Mxfers/sec\n\
+                   4k      100     =100     800k        0.00s    330.06      12.41       0.08\n";
+        assert_eq!(parse_output(big, 4096, 100).unwrap().lat_mean_us, 12.41);
         assert!(parse_output("garbage", 8, 1).is_none());
     }
 }
