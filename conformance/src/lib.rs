@@ -103,3 +103,69 @@ pub use runner::{run, CaseReport, Outcome, Report, RunError, RunOptions};
 pub fn ctx_for(provider: &str) -> Ctx {
     Ctx::new(provider, fabric::registry().clone())
 }
+
+/// Runs one group of the suite against `provider` for `cargo test`: prints every case
+/// line and panics, listing the failed cases, if any case failed or none passed (a
+/// provider that cannot run here fails rather than skips).
+pub fn assert_group(provider: &str, group: &str) {
+    let opts = RunOptions {
+        filter: Some(format!("{group}/*")),
+        ..RunOptions::default()
+    };
+    let report = run(&ctx_for(provider), &cases::all(), &opts, |r| {
+        println!("{r}")
+    })
+    .unwrap_or_else(|e| panic!("cannot run the suite against {provider}: {e}"));
+    println!("{group}: {}", report.summary());
+    assert!(report.cases.iter().all(|c| c.group == group));
+    assert!(
+        report.failed == 0,
+        "{} of {} {group} cases failed against {provider}:\n{}",
+        report.failed,
+        report.cases.len(),
+        report.failures().join("\n")
+    );
+    assert!(
+        report.passed > 0,
+        "no {group} case passed against {provider}: {}",
+        report.summary()
+    );
+}
+
+/// Defines one `#[test]` per group of the suite against a provider, plus a test that
+/// the groups cover every case. `guard` (optional) is evaluated and held for the
+/// duration of each test, e.g. a lock that serializes tests sharing a device.
+///
+/// ```ignore
+/// fabric_conformance::group_tests!("tcp");
+/// ```
+#[macro_export]
+macro_rules! group_tests {
+    ($provider:expr $(, guard = $guard:expr)?) => {
+        $crate::group_tests!(@one $provider, getinfo $(, $guard)?);
+        $crate::group_tests!(@one $provider, mr $(, $guard)?);
+        $crate::group_tests!(@one $provider, cq $(, $guard)?);
+        $crate::group_tests!(@one $provider, eq $(, $guard)?);
+        $crate::group_tests!(@one $provider, msg $(, $guard)?);
+        $crate::group_tests!(@one $provider, rma $(, $guard)?);
+        $crate::group_tests!(@one $provider, errors $(, $guard)?);
+        $crate::group_tests!(@one $provider, pmem $(, $guard)?);
+
+        /// The per-group tests together run every case.
+        #[test]
+        fn groups_cover_every_case() {
+            let tested = ["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
+            assert_eq!($crate::cases::GROUPS, tested);
+            for c in $crate::cases::all() {
+                assert!(tested.contains(&c.group), "{} is in no tested group", c.id());
+            }
+        }
+    };
+    (@one $provider:expr, $group:ident $(, $guard:expr)?) => {
+        #[test]
+        fn $group() {
+            $(let _guard = $guard;)?
+            $crate::assert_group($provider, stringify!($group));
+        }
+    };
+}

@@ -7,91 +7,15 @@
 //! address for its own device) in a child process, so the tests of this file take a
 //! lock and run one at a time.
 
-use fabric_conformance::cases::{all, GROUPS};
-use fabric_conformance::{ctx_for, run, RunOptions};
-
 const PROVIDER: &str = "softroce";
 
 /// Serializes the tests of this file (see the module docs).
 static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn group(name: &str) {
-    let _one_at_a_time = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    let opts = RunOptions {
-        filter: Some(format!("{name}/*")),
-        ..RunOptions::default()
-    };
-    let report = run(&ctx_for(PROVIDER), &all(), &opts, |r| println!("{r}"))
-        .expect("softroce is compiled in");
-    println!("{name}: {}", report.summary());
-    assert!(report.cases.iter().all(|c| c.group == name));
-    assert!(
-        report.failed == 0,
-        "{} of {} {name} cases failed against {PROVIDER}:\n{}",
-        report.failed,
-        report.cases.len(),
-        report.failures().join("\n")
-    );
-    assert!(
-        report.passed > 0,
-        "no {name} case passed against {PROVIDER}: {}",
-        report.summary()
-    );
-}
-
-#[test]
-fn getinfo() {
-    group("getinfo");
-}
-
-#[test]
-fn mr() {
-    group("mr");
-}
-
-#[test]
-fn cq() {
-    group("cq");
-}
-
-#[test]
-fn eq() {
-    group("eq");
-}
-
-#[test]
-fn msg() {
-    group("msg");
-}
-
-#[test]
-fn rma() {
-    group("rma");
-}
-
-#[test]
-fn errors() {
-    group("errors");
-}
-
-#[test]
-fn pmem() {
-    group("pmem");
-}
-
-/// The per-group tests above together run every case.
-#[test]
-fn groups_cover_every_case() {
-    let tested = ["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
-    assert_eq!(GROUPS, tested);
-    for c in all() {
-        assert!(
-            tested.contains(&c.group),
-            "{} is in no tested group",
-            c.id()
-        );
-    }
-}
+fabric_conformance::group_tests!(
+    PROVIDER,
+    guard = DEVICE.lock().unwrap_or_else(|e| e.into_inner())
+);
 
 /// Captures a representative part of the suite (the errors group and message and RMA
 /// cases, sizes up to 64 KiB) with `SOFTROCE_PCAP` in a child process, and checks every

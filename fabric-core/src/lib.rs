@@ -81,6 +81,8 @@ pub mod flags;
 pub mod info;
 pub mod memory;
 pub mod provider;
+#[cfg(target_os = "linux")]
+pub mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -18,12 +18,12 @@ use fabric_core::{
 use tracing::{debug, warn};
 
 use crate::mr::{KeyTable, Need, RegionRange};
-use crate::queue::WaitQueue;
 use crate::sys::{self, Epoll};
 use crate::wire::{
     Header, Op, Status, WireIov, BASE_HDR_SIZE, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY,
     MAX_HDR_SIZE, MAX_RMA_IOV,
 };
+use fabric_core::wait::WaitQueue;
 
 /// Completions as the engine delivers them.
 pub(crate) type CompQueue = WaitQueue<Completion>;

@@ -24,9 +24,9 @@ use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use crate::conn::{Conn, ConnState, EventQueueShared};
-use crate::queue::WaitQueue;
-use crate::sys::{self, Epoll, EpollEvent, EventFd};
+use crate::sys::{self, Epoll, EpollEvent};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
+use fabric_core::wait::{poll_readable, EventFd, WaitQueue};
 
 /// Connections up to which manual progress receives directly instead of asking epoll.
 const DIRECT_MAX: usize = 4;
@@ -147,7 +147,7 @@ impl Engine {
     /// until `deadline`.
     pub(crate) fn sleep(&self, queue_fd: std::os::fd::RawFd, deadline: Option<Instant>) {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        sys::poll_readable(&[self.waker.epoll.raw(), queue_fd], sys::timeout_ms(left));
+        poll_readable(&[self.waker.epoll.raw(), queue_fd], left);
     }
 
     /// Starts the background progress thread (once).

@@ -129,7 +129,6 @@ mod conn;
 mod engine;
 mod mr;
 mod objects;
-mod queue;
 mod sys;
 pub mod wire;
 

@@ -5,7 +5,7 @@ use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
@@ -22,9 +22,9 @@ use crate::conn::{
 };
 use crate::engine::{connect_failed, new_event_queue, ConnToken, Engine};
 use crate::mr::{KeyTable, MrEntry, TcpMr};
-use crate::queue::WaitQueue;
 use crate::sys;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
+use fabric_core::wait::WaitQueue;
 
 /// The fabric: owns the progress engine.
 pub(crate) struct TcpFabric {
@@ -179,7 +179,7 @@ impl DomainOps for TcpDomain {
     }
 }
 
-/// Shared sleeping loop of `sread` on completion and event queues.
+/// The blocking read of completion and event queues over the engine.
 fn sread_loop<T>(
     engine: &Engine,
     queue: &WaitQueue<T>,
@@ -187,21 +187,13 @@ fn sread_loop<T>(
     max: usize,
     timeout: Option<Duration>,
 ) -> usize {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        engine.poll_full();
-        let n = queue.pop_into(out, max);
-        if n > 0 {
-            return n;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return 0;
-        }
-        if queue.begin_sleep() {
-            engine.sleep(queue.efd(), deadline);
-            queue.end_sleep();
-        }
-    }
+    queue.sread(
+        out,
+        max,
+        timeout,
+        || engine.poll_full(),
+        |fd, deadline| engine.sleep(fd, deadline),
+    )
 }
 
 /// A completion queue.

@@ -4,7 +4,6 @@
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -19,18 +18,6 @@ fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(r as usize)
-    }
-}
-
-/// Milliseconds for epoll/poll: rounded up so a short wait is not a busy loop; -1 is
-/// forever.
-pub fn timeout_ms(t: Option<Duration>) -> libc::c_int {
-    match t {
-        None => -1,
-        Some(d) => {
-            let ms = d.as_micros().div_ceil(1000);
-            ms.min(i32::MAX as u128) as libc::c_int
-        }
     }
 }
 
@@ -104,56 +91,6 @@ impl Epoll {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
-}
-
-/// A non-blocking eventfd used as a wake-up signal.
-pub struct EventFd {
-    fd: OwnedFd,
-}
-
-impl EventFd {
-    /// Creates the eventfd.
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: plain system call.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-        // SAFETY: fresh descriptor.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-    /// Makes the eventfd readable.
-    pub fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64. Failure (counter overflow) still
-        // leaves the eventfd readable, which is all a signal needs.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-    /// Makes the eventfd unreadable again.
-    pub fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64; EAGAIN (already drained) is fine.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-    /// The descriptor.
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// Sleeps until one of `fds` is readable or `timeout_ms` passes.
-pub fn poll_readable(fds: &[RawFd], timeout_ms: libc::c_int) {
-    let mut p: [libc::pollfd; 4] = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; 4];
-    let n = fds.len().min(4);
-    for (slot, fd) in p.iter_mut().zip(fds) {
-        slot.fd = *fd;
-        slot.events = libc::POLLIN;
-    }
-    // SAFETY: p holds n initialized pollfd entries.
-    unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
 }
 
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {

@@ -25,13 +25,13 @@ use fabric_core::{CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind,
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
-use super::queue::WaitQueue;
-use super::sys::{self, EventFd, RecvBatch, BATCH};
+use super::sys::{self, RecvBatch, BATCH};
 use crate::fault::{FaultConfig, FaultInjector};
 use crate::pcap::{PcapWriter, LINKTYPE_RAW};
 use crate::rc::{self, QueuePair, RecvWr, RtrAttr, RtsAttr, SendWr, Time, WcOpcode, WcStatus};
 use crate::wire::frame::{build_frame, FrameInfo, ROCE_UDP_PORT};
 use crate::wire::IcrcContext;
+use fabric_core::wait::{EventFd, WaitQueue};
 
 /// Batches received per progress call at most (bounds the time under the lock).
 const MAX_ROUNDS: usize = 16;

@@ -15,7 +15,6 @@ mod cm;
 pub(crate) mod device;
 mod memory;
 mod objects;
-mod queue;
 mod sys;
 
 use std::sync::Arc;

@@ -26,10 +26,10 @@ use tracing::{debug, warn};
 use super::cm::{CmMsg, Kind};
 use super::device::{self, CompQueue, Device, QpSlot, Reporting};
 use super::memory::{KeyTable, OpMemory, SoftRoceMr};
-use super::queue::WaitQueue;
 use super::sys;
 use super::Config;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
+use fabric_core::wait::WaitQueue;
 
 type EqQueue = WaitQueue<Event>;
 
@@ -178,7 +178,7 @@ impl Shared {
         if let Some(q) = queue_fd {
             fds.push(q);
         }
-        sys::poll_readable(&fds, Some(timeout));
+        fabric_core::wait::poll_readable(&fds, Some(timeout));
         for d in &devices {
             d.end_sleep();
         }
@@ -516,7 +516,7 @@ impl DomainOps for SrDomain {
     }
 }
 
-/// Shared sleeping loop of `sread` on completion and event queues.
+/// The blocking read of completion and event queues over the devices.
 fn sread_loop<T>(
     shared: &Shared,
     queue: &WaitQueue<T>,
@@ -524,21 +524,13 @@ fn sread_loop<T>(
     max: usize,
     timeout: Option<Duration>,
 ) -> usize {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        shared.progress(true);
-        let n = queue.pop_into(out, max);
-        if n > 0 {
-            return n;
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return 0;
-        }
-        if queue.begin_sleep() {
-            shared.sleep(Some(queue.efd()), deadline);
-            queue.end_sleep();
-        }
-    }
+    queue.sread(
+        out,
+        max,
+        timeout,
+        || shared.progress(true),
+        |fd, deadline| shared.sleep(Some(fd), deadline),
+    )
 }
 
 /// A completion queue.
