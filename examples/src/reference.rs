@@ -118,7 +118,8 @@ mod tests {
         assert_eq!(r.lat_mean_us, 5.64);
         assert_eq!(r.mb_per_s, 1.42);
         assert!(parse_output(out, 64, 2000).is_none());
-        let big = "bytes   #sent   #ack     total       time     MB/sec    usec/xfer   Mxfers/sec\n\
+        let big =
+            "bytes   #sent   #ack     total       time     MB/sec    usec/xfer   Mxfers/sec\n\
                    4k      100     =100     800k        0.00s    330.06      12.41       0.08\n";
         assert_eq!(parse_output(big, 4096, 100).unwrap().lat_mean_us, 12.41);
         assert!(parse_output("garbage", 8, 1).is_none());
