@@ -230,3 +230,30 @@ pub fn role<'a>(self_mode: bool, dest: Option<&'a str>, src_addr: &'a str) -> Ro
         (false, None) => Role::Server(src_addr),
     }
 }
+
+/// The command-line flags every client/server tool shares: provider, role and address.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RoleArgs {
+    /// Provider.
+    #[arg(short = 'p', long, default_value = "tcp")]
+    pub provider: String,
+    /// Server address to connect to (client mode). Without it (and without --self) the
+    /// tool is the server.
+    pub dest: Option<String>,
+    /// Run the server and the client in this process over loopback.
+    #[arg(long = "self")]
+    pub self_mode: bool,
+    /// Address the server listens on (and, with --self, both ends use).
+    #[arg(short = 's', long = "src-addr", default_value = "127.0.0.1")]
+    pub src_addr: String,
+    /// Port of the server (default: the tool's own).
+    #[arg(short = 'P', long)]
+    pub port: Option<u16>,
+}
+
+impl RoleArgs {
+    /// The role these flags choose.
+    pub fn role(&self) -> Role<'_> {
+        role(self.self_mode, self.dest.as_deref(), &self.src_addr)
+    }
+}

@@ -15,21 +15,8 @@ use fabric_examples::Mode;
     after_help = "Examples:\n  fabric-pingpong --self -p tcp -S 8,4k,64k,1M      both ends in this process\n  fabric-pingpong -p tcp                             server on 127.0.0.1:9228\n  fabric-pingpong -p tcp 127.0.0.1 -S all --json     client"
 )]
 struct Args {
-    /// Provider.
-    #[arg(short = 'p', long, default_value = "tcp")]
-    provider: String,
-    /// Server address to connect to (client mode). Without it (and without --self) the
-    /// tool is the server.
-    dest: Option<String>,
-    /// Run the server and the client in this process over loopback.
-    #[arg(long = "self")]
-    self_mode: bool,
-    /// Address the server listens on.
-    #[arg(short = 's', long = "src-addr", default_value = "127.0.0.1")]
-    src_addr: String,
-    /// Port of the server.
-    #[arg(short = 'P', long, default_value_t = 9228)]
-    port: u16,
+    #[command(flatten)]
+    role: conn::RoleArgs,
     /// Sizes: comma list (8,4k,1M) or 'all' (powers of two to 1 MiB).
     #[arg(short = 'S', long, default_value = "all")]
     sizes: String,
@@ -80,17 +67,17 @@ fn run(a: &Args) -> Result<(), String> {
         mode: a.mode,
     };
     let mode = a.mode;
-    let role = conn::role(a.self_mode, a.dest.as_deref(), &a.src_addr);
+    let role = a.role.role();
     let res = conn::run_role(
         "fabric-pingpong",
-        &a.provider,
+        &a.role.provider,
         role,
-        a.port,
+        a.role.port.unwrap_or(9228),
         move |side| pingpong::server(side, mode),
         |side| pingpong::client(side, &opts),
     )?;
     if let Some(res) = res {
-        print(&a.provider, a.mode, &res, a.json);
+        print(&a.role.provider, a.mode, &res, a.json);
     }
     Ok(())
 }

@@ -14,23 +14,11 @@ use fabric_examples::Mode;
     after_help = "Examples:\n  fabric-rma-bw --self -p tcp -o write -S 64k,1M\n  fabric-rma-bw -p tcp                         server on 127.0.0.1:9229\n  fabric-rma-bw -p tcp -o read 127.0.0.1       client"
 )]
 struct Args {
-    /// Provider.
-    #[arg(short = 'p', long, default_value = "tcp")]
-    provider: String,
-    /// Server address (client mode). Without it (and without --self): server.
-    dest: Option<String>,
-    /// Run both ends in this process over loopback.
-    #[arg(long = "self")]
-    self_mode: bool,
+    #[command(flatten)]
+    role: conn::RoleArgs,
     /// Operation: write, read or writedata.
     #[arg(short = 'o', long = "op", default_value = "write")]
     op: RmaOp,
-    /// Address the server listens on.
-    #[arg(short = 's', long = "src-addr", default_value = "127.0.0.1")]
-    src_addr: String,
-    /// Port of the server.
-    #[arg(short = 'P', long, default_value_t = 9229)]
-    port: u16,
     /// Sizes: comma list or 'all'.
     #[arg(short = 'S', long, default_value = "4k,64k,1M")]
     sizes: String,
@@ -80,17 +68,17 @@ fn run(a: &Args) -> Result<(), String> {
         mode: a.mode,
     };
     let mode = a.mode;
-    let role = conn::role(a.self_mode, a.dest.as_deref(), &a.src_addr);
+    let role = a.role.role();
     let res = conn::run_role(
         "fabric-rma-bw",
-        &a.provider,
+        &a.role.provider,
         role,
-        a.port,
+        a.role.port.unwrap_or(9229),
         move |side| rmabw::serve(side, mode),
         |side| rmabw::client(side, &opts),
     )?;
     if let Some(res) = res {
-        print(&a.provider, &res, a.json);
+        print(&a.role.provider, &res, a.json);
     }
     Ok(())
 }
