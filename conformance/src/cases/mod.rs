@@ -2,8 +2,9 @@
 
 use fabric::{Caps, Completion, CqErrorKind, Limits};
 
-use crate::case::{Case, CaseError, CaseResult};
+use crate::case::{Case, CaseError, CaseResult, Check};
 use crate::pair::Pair;
+use crate::payload::pattern;
 
 pub mod cq;
 pub mod eq;
@@ -51,6 +52,48 @@ pub(crate) const fn case(
 /// The limits of the pair's endpoints.
 pub(crate) fn limits(p: &Pair) -> Limits {
     p.client.ep.info().limits
+}
+
+/// Skips the case unless the endpoints allow `iov` local and `rma_iov` remote iovecs
+/// per operation.
+pub(crate) fn require_iovs(p: &Pair, iov: usize, rma_iov: usize) -> CaseResult {
+    let l = limits(p);
+    if l.iov_limit < iov || l.rma_iov_limit < rma_iov {
+        return Err(CaseError::skip(format!(
+            "iov_limit {} / rma_iov_limit {} below {iov} / {rma_iov}",
+            l.iov_limit, l.rma_iov_limit
+        )));
+    }
+    Ok(())
+}
+
+/// An RMA-write source gathered from three iovecs over two regions (out of order and
+/// unaligned), with the 4,130 bytes they gather in order.
+pub(crate) struct Gather {
+    a: fabric::MemoryRegion,
+    b: fabric::MemoryRegion,
+    /// What the three iovecs gather, in order.
+    pub expected: Vec<u8>,
+}
+
+impl Gather {
+    /// Registers and fills the two regions on `side` from patterns `seed` and `seed + 1`.
+    pub(crate) fn new(side: &crate::Side, seed: u64) -> Result<Self, CaseError> {
+        let a = side.alloc(5000, fabric::Access::WRITE)?;
+        let b = side.alloc(200, fabric::Access::WRITE)?;
+        let (pa, pb) = (pattern(seed, 5000), pattern(seed + 1, 200));
+        a.write_at(0, &pa).ctx("fill")?;
+        b.write_at(0, &pb).ctx("fill")?;
+        let mut expected = pb[100..].to_vec();
+        expected.extend_from_slice(&pa[1..4001]);
+        expected.extend_from_slice(&pb[..30]);
+        Ok(Gather { a, b, expected })
+    }
+
+    /// The three local iovecs.
+    pub(crate) fn iovs(&self) -> [fabric::LocalIov<'_>; 3] {
+        [self.b.iov(100, 100), self.a.iov(1, 4000), self.b.iov(0, 30)]
+    }
 }
 
 /// Fails unless `c` is an error completion of `kind`.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{Access, Caps, CompFlags, CqErrorKind, ErrorKind, Progress};
 
-use super::{case, expect_cq_error, expect_flags, limits};
+use super::{case, expect_cq_error, expect_flags, limits, require_iovs};
 use crate::case::{expect_err, Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, PairConfig, Who};
@@ -459,9 +459,7 @@ fn injectdata(ctx: &Ctx) -> CaseResult {
 
 fn sendv_gather(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(Caps::MSG)?;
-    if limits(&p).iov_limit < 3 {
-        return Err(CaseError::skip("iov_limit below 3"));
-    }
+    require_iovs(&p, 3, 0)?;
     let a = p.client.alloc(100, Access::SEND)?;
     let b = p.client.alloc(50, Access::SEND)?;
     a.write_at(0, &pattern(10, 100)).ctx("fill")?;
@@ -484,9 +482,7 @@ fn sendv_gather(ctx: &Ctx) -> CaseResult {
 
 fn recvv_scatter(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(Caps::MSG)?;
-    if limits(&p).iov_limit < 3 {
-        return Err(CaseError::skip("iov_limit below 3"));
-    }
+    require_iovs(&p, 3, 0)?;
     let r1 = p.server.alloc(16, Access::RECV)?;
     let r2 = p.server.alloc(64, Access::RECV)?;
     let r3 = p.server.alloc(100, Access::RECV)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use fabric::{Access, Caps, CompFlags, CqErrorKind, MemoryRegion, MrFlags, OpFlags, RmaMsg};
 
-use super::{case, expect_cq_error, expect_flags, limits};
+use super::{case, expect_cq_error, expect_flags, limits, require_iovs, Gather};
 use crate::case::{Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, Side, Who};
@@ -140,23 +140,12 @@ fn commit_lands_in_file(ctx: &Ctx) -> CaseResult {
 
 fn commit_iovs(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(PM)?;
-    let l = limits(&p);
-    if l.iov_limit < 3 || l.rma_iov_limit < 2 {
-        return Err(CaseError::skip(format!(
-            "iov_limit {} / rma_iov_limit {} below 3 / 2",
-            l.iov_limit, l.rma_iov_limit
-        )));
-    }
+    require_iovs(&p, 3, 2)?;
     let dir = Dir::new()?;
     let t = pmem_region(&p.server, &dir, "region", 65536, MrFlags::PMEM)?;
-    let a = p.client.alloc(5000, Access::WRITE)?;
-    let b = p.client.alloc(200, Access::WRITE)?;
-    a.write_at(0, &pattern(311, 5000)).ctx("fill")?;
-    b.write_at(0, &pattern(312, 200)).ctx("fill")?;
-    let local = [b.iov(100, 100), a.iov(1, 4000), b.iov(0, 30)];
-    let mut src = pattern(312, 200)[100..].to_vec();
-    src.extend_from_slice(&pattern(311, 5000)[1..4001]);
-    src.extend_from_slice(&pattern(312, 200)[..30]);
+    let gather = Gather::new(&p.client, 311)?;
+    let local = gather.iovs();
+    let src = &gather.expected;
     let r = t.remote();
     let remote = [r.iov(10, 2000), r.iov(40_000, 2130)];
     let msg = RmaMsg {
@@ -234,9 +223,7 @@ fn commit_cq_data(ctx: &Ctx) -> CaseResult {
 
 fn commit_mixed_regions_refused(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(PM)?;
-    if limits(&p).rma_iov_limit < 2 {
-        return Err(CaseError::skip("rma_iov_limit below 2"));
-    }
+    require_iovs(&p, 1, 2)?;
     let dir = Dir::new()?;
     let pm = pmem_region(&p.server, &dir, "region", 8192, MrFlags::PMEM)?;
     let heap = p.server.alloc(8192, Access::REMOTE_WRITE)?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use fabric::{Access, Caps, CompFlags, ErrorKind, MemoryRegion, OpFlags, Progress, RmaMsg};
 
-use super::{case, expect_flags, limits};
+use super::{case, expect_flags, limits, require_iovs, Gather};
 use crate::case::{expect_err, Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, PairConfig, Who};
@@ -191,23 +191,12 @@ fn completion_flags(ctx: &Ctx) -> CaseResult {
 
 fn writemsg_iovs(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(RMA)?;
-    let l = limits(&p);
-    if l.iov_limit < 3 || l.rma_iov_limit < 2 {
-        return Err(CaseError::skip(format!(
-            "iov_limit {} / rma_iov_limit {} below 3 / 2",
-            l.iov_limit, l.rma_iov_limit
-        )));
-    }
+    require_iovs(&p, 3, 2)?;
     let t = p.server.alloc(16384, Access::REMOTE)?;
     t.fill(0, 16384, 0x5A).ctx("fill")?;
-    let a = p.client.alloc(5000, Access::WRITE)?;
-    let b = p.client.alloc(200, Access::WRITE)?;
-    a.write_at(0, &pattern(51, 5000)).ctx("fill")?;
-    b.write_at(0, &pattern(52, 200)).ctx("fill")?;
-    let local = [b.iov(100, 100), a.iov(1, 4000), b.iov(0, 30)];
-    let mut src = pattern(52, 200)[100..].to_vec();
-    src.extend_from_slice(&pattern(51, 5000)[1..4001]);
-    src.extend_from_slice(&pattern(52, 200)[..30]);
+    let gather = Gather::new(&p.client, 51)?;
+    let local = gather.iovs();
+    let src = &gather.expected;
     let r = t.remote();
     let remote = [r.iov(10, 2000), r.iov(9000, 2130)];
     let msg = RmaMsg {
@@ -236,13 +225,7 @@ fn writemsg_iovs(ctx: &Ctx) -> CaseResult {
 
 fn readmsg_iovs(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(RMA)?;
-    let l = limits(&p);
-    if l.iov_limit < 3 || l.rma_iov_limit < 2 {
-        return Err(CaseError::skip(format!(
-            "iov_limit {} / rma_iov_limit {} below 3 / 2",
-            l.iov_limit, l.rma_iov_limit
-        )));
-    }
+    require_iovs(&p, 3, 2)?;
     let t = p.server.alloc(16384, Access::REMOTE)?;
     let src = pattern(61, 16384);
     t.write_at(0, &src).ctx("fill")?;
