@@ -62,7 +62,7 @@ impl Payload {
     pub fn len(&self) -> usize {
         match self {
             Payload::Inline(v) => v.len(),
-            Payload::Segments(s) => s.iter().map(|s| s.len).sum(),
+            Payload::Segments(s) => s.iter().map(Segment::len).sum(),
         }
     }
     /// Whether the payload is empty.
@@ -98,7 +98,7 @@ pub struct RecvRequest {
 impl RecvRequest {
     /// Total buffer space.
     pub fn len(&self) -> usize {
-        self.segments.iter().map(|s| s.len).sum()
+        self.segments.iter().map(Segment::len).sum()
     }
     /// Whether the buffer is empty.
     pub fn is_empty(&self) -> bool {
@@ -206,11 +206,7 @@ fn segments(
                 "{what}: iov {i}'s region belongs to another domain"
             )));
         }
-        out.push(Segment {
-            mr: v.mr.clone(),
-            offset: v.offset,
-            len: v.len,
-        });
+        out.push(Segment::new(v.mr, v.offset, v.len)?);
     }
     Ok(out)
 }
@@ -245,8 +241,10 @@ impl Endpoint {
     pub fn domain(&self) -> &Domain {
         &self.domain
     }
-    /// The provider's object.
-    pub fn ops(&self) -> &Arc<dyn EndpointOps> {
+    /// The provider's object. Crate-private: the provider receives only requests this
+    /// wrapper has checked (rights, sizes, domain, capabilities).
+    #[allow(dead_code)]
+    pub(crate) fn ops(&self) -> &Arc<dyn EndpointOps> {
         &self.ops
     }
     /// Local address, once bound.
@@ -355,7 +353,7 @@ impl Endpoint {
 
     fn inline(&self, iov: &[LocalIov<'_>], need: Access, what: &str) -> Result<Payload> {
         let segs = segments(iov, &self.domain, need, what)?;
-        let total: usize = segs.iter().map(|s| s.len).sum();
+        let total: usize = segs.iter().map(Segment::len).sum();
         if total > self.info.limits.inject_size {
             return Err(Error::invalid(format!(
                 "{what}: inject of {total} bytes exceeds inject_size {}",
@@ -364,7 +362,7 @@ impl Endpoint {
         }
         let mut v = Vec::with_capacity(total);
         for s in &segs {
-            v.extend_from_slice(&s.mr.to_vec(s.offset, s.len)?);
+            v.extend_from_slice(&s.to_vec());
         }
         Ok(Payload::Inline(v))
     }
@@ -486,7 +484,7 @@ impl Endpoint {
     pub fn recvmsg(&self, msg: &Msg<'_>, _flags: OpFlags) -> Result<()> {
         self.check_caps(Caps::MSG, "recv")?;
         let segs = segments(msg.iov, &self.domain, Access::RECV, "recv")?;
-        let total = segs.iter().map(|s| s.len).sum();
+        let total = segs.iter().map(Segment::len).sum();
         self.check_len(msg.iov.len(), self.info.limits.iov_limit, total, "recv")?;
         self.ops.post_recv(RecvRequest {
             segments: segs,
@@ -600,7 +598,7 @@ impl Endpoint {
             ));
         }
         let segs = segments(msg.iov, &self.domain, Access::READ, "read")?;
-        let total = segs.iter().map(|s| s.len).sum();
+        let total = segs.iter().map(Segment::len).sum();
         self.check_rma(msg, total, "read")?;
         self.ops.post_read(RmaRequest {
             payload: Payload::Segments(segs),

@@ -30,8 +30,8 @@ use crate::provider::MrOps;
 /// Memory that can back a registration.
 ///
 /// # Safety
-/// Implementors promise that `as_ptr()` returns the same pointer for the life of the
-/// object, that `len()` bytes from it stay valid for reads and writes (from any thread)
+/// Implementors promise that `as_ptr()` and `len()` return the same pointer and
+/// length for the life of the object, that `len()` bytes from it stay valid for reads and writes (from any thread)
 /// until the object is dropped, and that nothing else frees or moves that memory
 /// meanwhile. The memory is accessed through raw pointers only.
 pub unsafe trait MemoryBacking: Send + Sync + 'static {
@@ -352,21 +352,75 @@ pub struct LocalIov<'a> {
 
 /// A range of a local region held by a posted operation until it completes (what
 /// providers receive).
+///
+/// # Invariant
+/// `offset + len <= mr.len()`, checked by the only constructor, [`Segment::new`]. The
+/// fields are private so that safe code cannot build a segment that points outside its
+/// region: a provider may therefore read and write `len` bytes from [`ptr`](Self::ptr)
+/// (through raw pointers, under the rules of the [module docs](self)) for as long as the
+/// segment lives.
+///
+/// Safe code cannot build one by hand (this used to be possible and let a 4,160-byte
+/// receive land in a 64-byte region):
+/// ```compile_fail,E0451
+/// fn forge(mr: fabric_core::MemoryRegion) -> fabric_core::Segment {
+///     fabric_core::Segment { mr, offset: 0, len: 4160 }
+/// }
+/// ```
+/// and the endpoint's provider object, which would take such requests unchecked, is
+/// not reachable from outside:
+/// ```compile_fail,E0624
+/// fn reach(ep: &fabric_core::Endpoint) {
+///     let _ = ep.ops();
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Segment {
-    /// The region (kept alive by this clone).
-    pub mr: MemoryRegion,
-    /// Offset into the region.
-    pub offset: usize,
-    /// Length in bytes.
-    pub len: usize,
+    mr: MemoryRegion,
+    offset: usize,
+    len: usize,
 }
 
 impl Segment {
-    /// Pointer to the first byte. Valid for `len` bytes while the segment lives.
+    /// A segment over `len` bytes at `offset` of `mr`; an error when the range is not
+    /// inside the region.
+    pub fn new(mr: &MemoryRegion, offset: usize, len: usize) -> Result<Segment> {
+        mr.check_range(offset, len)?;
+        Ok(Segment {
+            mr: mr.clone(),
+            offset,
+            len,
+        })
+    }
+    /// The region (kept alive by this segment).
+    pub fn mr(&self) -> &MemoryRegion {
+        &self.mr
+    }
+    /// Offset into the region.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the segment is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Pointer to the first byte: valid for reads and writes of [`len`](Self::len)
+    /// bytes while the segment lives (the type's invariant).
     pub fn ptr(&self) -> *mut u8 {
-        // SAFETY: offset <= region length was validated when the operation was posted.
+        // SAFETY: offset <= offset + len <= mr.len() (the invariant), so the result is
+        // inside the region's allocation or one past its end.
         unsafe { self.mr.as_ptr().add(self.offset) }
+    }
+    /// Copies the segment's bytes into a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: the invariant; see the module docs on concurrent peer writes.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(), v.as_mut_ptr(), self.len) };
+        v
     }
 }
 

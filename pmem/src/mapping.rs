@@ -85,7 +85,9 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Creates the file at `path` if it does not exist, sets its length to
-    /// `len` (truncating or extending an existing file), allocates its blocks
+    /// `len` (extending an existing shorter file; an existing longer file is an
+    /// error, so data is never cut off by accident: use
+    /// [`create_truncating`](Self::create_truncating) to shrink one), allocates its blocks
     /// (`fallocate`, where the file system supports it, so later stores do not
     /// fault for lack of space), makes the size and the directory entry
     /// durable (fsync of the file and, for a new file, its directory), and
@@ -94,11 +96,18 @@ impl Mapping {
     /// For device DAX, `len` must not exceed the device size; the device is not
     /// resized.
     ///
-    /// Errors: `InvalidInput` for a zero `len` or one too large for a file
-    /// offset; any error of the underlying calls, naming the path. A file this
-    /// call created is removed again if a later step fails.
+    /// Errors: `InvalidInput` for a zero `len`, one too large for a file
+    /// offset, or an existing regular file longer than `len`; any error of the
+    /// underlying calls, naming the path. A file this call created is removed
+    /// again if a later step fails.
     pub fn create(path: impl AsRef<Path>, len: usize) -> io::Result<Mapping> {
         Mapping::create_with(path, len, PersistStrategy::global())
+    }
+
+    /// [`create`](Self::create), but an existing longer file is truncated to
+    /// `len` (its data past `len` is lost).
+    pub fn create_truncating(path: impl AsRef<Path>, len: usize) -> io::Result<Mapping> {
+        Mapping::create_inner(path.as_ref(), len, PersistStrategy::global(), true)
     }
 
     /// [`create`](Self::create) with an explicit strategy.
@@ -107,7 +116,15 @@ impl Mapping {
         len: usize,
         strategy: &PersistStrategy,
     ) -> io::Result<Mapping> {
-        let path = path.as_ref();
+        Mapping::create_inner(path.as_ref(), len, strategy, false)
+    }
+
+    fn create_inner(
+        path: &Path,
+        len: usize,
+        strategy: &PersistStrategy,
+        shrink: bool,
+    ) -> io::Result<Mapping> {
         if len == 0 {
             return Err(invalid(path, "cannot create a mapping of length 0"));
         }
@@ -133,7 +150,7 @@ impl Mapping {
             }
             Err(e) => return Err(context(e, "create", path)),
         };
-        let result = Mapping::size_and_map(file, path, len, len64, created, strategy);
+        let result = Mapping::size_and_map(file, path, len, len64, created, shrink, strategy);
         if result.is_err() && created {
             // Best effort: the error being reported matters more.
             let _ = std::fs::remove_file(path);
@@ -147,6 +164,7 @@ impl Mapping {
         len: usize,
         len64: u64,
         created: bool,
+        shrink: bool,
         strategy: &PersistStrategy,
     ) -> io::Result<Mapping> {
         if let Some(dax) = device_dax::probe(&file).map_err(|e| context(e, "probe", path))? {
@@ -164,6 +182,17 @@ impl Mapping {
             .is_file()
         {
             return Err(invalid(path, "not a regular file or device DAX"));
+        }
+        let existing = file.metadata().map_err(|e| context(e, "stat", path))?.len();
+        if existing > len64 && !shrink {
+            return Err(invalid(
+                path,
+                &format!(
+                    "the existing file is {existing} bytes, longer than the {len} asked; \
+                     refusing to cut it (Mapping::open maps it whole, \
+                     Mapping::create_truncating shrinks it)"
+                ),
+            ));
         }
         file.set_len(len64)
             .map_err(|e| context(e, "set length of", path))?;

@@ -104,8 +104,15 @@ fn create_resizes_an_existing_file() {
     m.sync().unwrap();
     drop(m);
 
-    // Shrink: the first part keeps its contents.
-    let m = Mapping::create(&path, 4096).unwrap();
+    // Shrinking is refused by `create`: the file and its data stay whole.
+    let err = Mapping::create(&path, 4096).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("8192"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192);
+    assert_eq!(read_all(&Mapping::open(&path).unwrap()), data);
+
+    // Shrink when asked: the first part keeps its contents.
+    let m = Mapping::create_truncating(&path, 4096).unwrap();
     assert_eq!(m.len(), 4096);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
     assert_eq!(read_all(&m), &data[..4096]);

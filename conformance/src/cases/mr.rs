@@ -301,6 +301,39 @@ fn iov_outside_region(ctx: &Ctx) -> CaseResult {
         ErrorKind::InvalidArgument,
         "recv iov starting past the end",
     )?;
+    // The shape of the old soundness hole: a 4,160-byte receive over a 64-byte region.
+    // Neither the segment nor the post can be made; the region and its neighbour
+    // (allocated right after it) are untouched.
+    let small = p.client.alloc(64, Access::LOCAL)?;
+    let neighbour = p.client.alloc(4096, Access::LOCAL)?;
+    neighbour.fill(0, 4096, 0x5a).ctx("fill the neighbour")?;
+    expect_err(
+        fabric::Segment::new(&small, 0, 4160).map(|_| ()),
+        ErrorKind::InvalidArgument,
+        "Segment::new over 4,160 bytes of a 64-byte region",
+    )?;
+    ensure!(
+        fabric::Segment::new(&small, 0, 64).is_ok_and(|s| s.len() == 64 && s.offset() == 0),
+        "a segment over the whole 64-byte region was refused"
+    );
+    expect_err(
+        p.client.ep.recv(small.iov(0, 4160), 5),
+        ErrorKind::InvalidArgument,
+        "recv of 4,160 bytes into a 64-byte region",
+    )?;
+    p.server
+        .ep
+        .send(p.server.alloc(4160, Access::LOCAL)?.full(), 6)
+        .ctx("server send of 4,160 bytes")?;
+    p.drive_for(Duration::from_millis(50))?;
+    ensure!(
+        neighbour
+            .to_vec(0, 4096)
+            .ctx("read the neighbour")?
+            .iter()
+            .all(|&b| b == 0x5a),
+        "memory next to the 64-byte region changed"
+    );
     p.expect_no_completion(
         Who::Client,
         Duration::from_millis(50),

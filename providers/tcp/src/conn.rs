@@ -136,7 +136,7 @@ impl IovList {
     fn from_segments(segs: &[Segment]) -> IovList {
         let mut l = IovList::new();
         for s in segs {
-            l.push(s.ptr(), s.len);
+            l.push(s.ptr(), s.len());
         }
         l
     }
@@ -338,7 +338,7 @@ impl Body {
             }
             Body::Segs(s) => {
                 for x in s {
-                    if !f(x.ptr(), x.len) {
+                    if !f(x.ptr(), x.len()) {
                         return;
                     }
                 }
@@ -602,7 +602,10 @@ impl Conn {
                     break;
                 }
             }
-            match sys::sendv(fd, &iov) {
+            // SAFETY: the iovecs point into the queued operations' buffers (owned Vecs,
+            // or registered memory that their Segments / regions keep alive), which
+            // stay in the queue, unchanged, for the call.
+            match unsafe { sys::sendv(fd, &iov) } {
                 Ok(n) => {
                     self.advance_tx(n);
                     if n < bytes {
@@ -691,7 +694,11 @@ impl Conn {
                         iov_base: rx.buf[rx.end..].as_mut_ptr().cast(),
                         iov_len: free,
                     });
-                    let r = sys::readv(fd, &iov);
+                    // SAFETY: the sink's iovecs point into registered memory that the
+                    // incoming operation keeps alive and that is accessed only through
+                    // raw pointers; the last one is rx.buf's free tail, which nothing
+                    // else borrows during the call.
+                    let r = unsafe { sys::readv(fd, &iov) };
                     iov.clear();
                     self.iov_scratch = iov;
                     (r, direct + free, direct)

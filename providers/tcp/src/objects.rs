@@ -301,7 +301,8 @@ impl PassiveEndpointOps for TcpPep {
         use std::os::fd::AsRawFd;
         // A fresh socket's buffer takes a header and 256 bytes; if it does not, the
         // peer sees the connection close, which it also reports as refused.
-        let r = sys::sendv(sock.as_raw_fd(), &iov);
+        // SAFETY: both iovecs point at live local buffers (buf, data) for the call.
+        let r = unsafe { sys::sendv(sock.as_raw_fd(), &iov) };
         debug!(fid = %self.fid, "rejected a connection request: {r:?}");
         sys::shutdown_both(sock.as_raw_fd());
         Ok(())

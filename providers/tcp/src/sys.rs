@@ -224,9 +224,13 @@ pub fn tune_stream(s: &TcpStream) -> io::Result<()> {
 }
 
 /// Scatter-receives into `iov`; `Ok(0)` is end of stream.
-pub fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
-    // SAFETY: the caller's iovecs describe writable memory (see the IoSlices that
-    // build them); the kernel writes at most their total.
+///
+/// # Safety
+/// Each iovec must describe memory that is valid for writes of its `iov_len` bytes for
+/// the duration of the call and that no reference (`&`/`&mut`) covers meanwhile.
+pub unsafe fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: the caller upholds the contract above; the kernel writes at most the
+    // iovecs' total.
     cvt_size(unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) })
 }
 
@@ -237,12 +241,16 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Gather-sends `iov` without raising SIGPIPE.
-pub fn sendv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+///
+/// # Safety
+/// Each iovec must describe memory that is valid for reads of its `iov_len` bytes for
+/// the duration of the call.
+pub unsafe fn sendv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid; we set the iovec fields.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len() as _;
-    // SAFETY: msg points at valid iovecs describing readable memory.
+    // SAFETY: msg points at the caller's iovecs, which describe readable memory.
     cvt_size(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) })
 }
 

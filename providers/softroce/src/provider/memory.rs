@@ -203,7 +203,7 @@ impl OpMemory {
         let mut total = 0u64;
         for s in &segs {
             starts.push(total);
-            total += s.len as u64;
+            total += s.len() as u64;
         }
         OpMemory::Segments {
             segs,
@@ -238,10 +238,10 @@ impl OpMemory {
             let seg_start = starts[i];
             let seg = &segs[i];
             let within = (pos - seg_start) as usize;
-            let n = (seg.len - within).min((end - pos) as usize);
+            let n = (seg.len() - within).min((end - pos) as usize);
             if n > 0 {
-                // SAFETY: within + n <= seg.len, and the segment was validated inside
-                // its region when the operation was posted; the region is alive.
+                // SAFETY: within + n <= seg.len(), and a Segment lies inside its region
+                // (its type invariant); the region is alive while the segment is.
                 let p = unsafe { seg.ptr().add(within) };
                 f(p, (pos - offset) as usize, n);
             }
