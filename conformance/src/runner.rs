@@ -276,18 +276,17 @@ mod tests {
             "fake"
         }
         fn offers(&self) -> Vec<Info> {
-            let limits = Limits {
-                max_msg_size: 1 << 20,
-                inject_size: 64,
-                mr_key_size: 8,
-                cq_data_size: 8,
-                tx_size: 64,
-                rx_size: 64,
-                iov_limit: 4,
-                rma_iov_limit: 4,
-                cm_data_size: 64,
-                mtu: 0,
-            };
+            let mut limits = Limits::DEFAULT;
+            limits.max_msg_size = 1 << 20;
+            limits.inject_size = 64;
+            limits.mr_key_size = 8;
+            limits.cq_data_size = 8;
+            limits.tx_size = 64;
+            limits.rx_size = 64;
+            limits.iov_limit = 4;
+            limits.rma_iov_limit = 4;
+            limits.cm_data_size = 64;
+            limits.mtu = 0;
             vec![Info::new(
                 "fake",
                 Caps::MSG | Caps::RMA,

@@ -28,7 +28,12 @@ impl Default for CqAttr {
 }
 
 /// One completed operation, successful or not.
+///
+/// Non-exhaustive (fields are added as the API grows, e.g. a tag or a source
+/// address): providers build one with [`ok`](Self::ok) / [`error`](Self::error) and the
+/// `with_*` methods.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Completion {
     /// The context the application gave when posting. For a peer's write with remote
     /// CQ data, the context of the receive it consumed; for an error of an inject
@@ -65,6 +70,18 @@ impl Completion {
             data: 0,
             status: Err(err),
         }
+    }
+    /// The same completion carrying remote CQ data `data` (sets
+    /// [`CompFlags::REMOTE_CQ_DATA`]).
+    pub fn with_data(mut self, data: u64) -> Self {
+        self.data = data;
+        self.flags |= CompFlags::REMOTE_CQ_DATA;
+        self
+    }
+    /// The same completion with `len` bytes transferred.
+    pub fn with_len(mut self, len: usize) -> Self {
+        self.len = len;
+        self
     }
     /// Whether the operation succeeded.
     pub fn is_ok(&self) -> bool {

@@ -73,6 +73,7 @@ impl Payload {
 
 /// A send, validated, as the provider receives it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SendRequest {
     /// The message.
     pub payload: Payload,
@@ -88,6 +89,7 @@ pub struct SendRequest {
 
 /// A receive, validated, as the provider receives it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RecvRequest {
     /// Where the message goes, in order.
     pub segments: Vec<Segment>,
@@ -108,6 +110,7 @@ impl RecvRequest {
 
 /// An RMA write or read, validated, as the provider receives it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RmaRequest {
     /// Local data: the source of a write, the destination of a read (always
     /// `Segments` for a read).

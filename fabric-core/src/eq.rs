@@ -39,8 +39,50 @@ pub struct ConnRequest {
     pub listener: Fid,
 }
 
+/// Why a connection ended ([`Event::Shutdown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShutdownReason {
+    /// This side shut the connection down ([`Endpoint::shutdown`](crate::Endpoint::shutdown)).
+    Local,
+    /// The peer shut the connection down or closed its endpoint, in order.
+    Peer,
+    /// The connection was lost: reset, the peer vanished, or the transport's retries
+    /// ran out.
+    Lost,
+    /// A remote access on this connection was refused (bad key, bounds, rights, or a
+    /// COMMIT into memory that is not persistent), in either direction. As on RC
+    /// hardware, where the NAK moves both queue pairs to the error state, the
+    /// connection ends: see the crate docs, "One set of semantics".
+    AccessError,
+    /// The peer broke the protocol.
+    Protocol,
+}
+
+impl ShutdownReason {
+    /// A short lowercase description.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownReason::Local => "shut down locally",
+            ShutdownReason::Peer => "shut down by the peer",
+            ShutdownReason::Lost => "connection lost",
+            ShutdownReason::AccessError => "remote access refused",
+            ShutdownReason::Protocol => "protocol violation by the peer",
+        }
+    }
+}
+
+impl std::fmt::Display for ShutdownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A connection-management event.
+///
+/// Non-exhaustive: match with a `_` arm (event kinds are added as the API grows).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Event {
     /// A peer wants to connect.
     ConnRequest(Box<ConnRequest>),
@@ -52,10 +94,12 @@ pub enum Event {
         /// already given with the request at the server).
         data: Vec<u8>,
     },
-    /// The connection of `fid` is closed (by either side, or lost).
+    /// The connection of `fid` is closed (by either side, or lost); `reason` says why.
     Shutdown {
         /// The endpoint.
         fid: Fid,
+        /// Why the connection ended.
+        reason: ShutdownReason,
     },
     /// An asynchronous error on `fid` (e.g. the connection was refused or rejected).
     Error {
@@ -73,9 +117,9 @@ impl Event {
     pub fn fid(&self) -> Fid {
         match self {
             Event::ConnRequest(r) => r.listener,
-            Event::Connected { fid, .. } | Event::Shutdown { fid } | Event::Error { fid, .. } => {
-                *fid
-            }
+            Event::Connected { fid, .. }
+            | Event::Shutdown { fid, .. }
+            | Event::Error { fid, .. } => *fid,
         }
     }
 }

@@ -81,7 +81,11 @@ impl fmt::Display for Address {
 }
 
 /// The limits of a provider's endpoints and domain, carried by every [`Info`].
+///
+/// Non-exhaustive (limits are added as the API grows): start from
+/// [`Limits::DEFAULT`] and set the fields you know, also in a `const`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest message or RMA transfer, in bytes.
     pub max_msg_size: usize,
@@ -103,6 +107,30 @@ pub struct Limits {
     pub cm_data_size: usize,
     /// Path MTU, for providers that packetize (0 for stream providers).
     pub mtu: usize,
+}
+
+impl Limits {
+    /// Conservative limits: 64 KiB messages, no inject, 8-byte keys, no CQ data,
+    /// queues of 64, one iovec, 0 bytes of connection data, no MTU. Providers override
+    /// each field they know.
+    pub const DEFAULT: Limits = Limits {
+        max_msg_size: 64 << 10,
+        inject_size: 0,
+        mr_key_size: 8,
+        cq_data_size: 0,
+        tx_size: 64,
+        rx_size: 64,
+        iov_limit: 1,
+        rma_iov_limit: 1,
+        cm_data_size: 0,
+        mtu: 0,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
 }
 
 /// A provider's answer to getinfo: what it offers, with which limits, at which address.

@@ -92,7 +92,7 @@ pub use endpoint::{
     Endpoint, EndpointConfig, Msg, PassiveEndpoint, Payload, RecvRequest, RmaMsg, RmaRequest,
     SendRequest,
 };
-pub use eq::{AsyncEvents, ConnRequest, EqAttr, Event, EventQueue};
+pub use eq::{AsyncEvents, ConnRequest, EqAttr, Event, EventQueue, ShutdownReason};
 pub use error::{CqError, CqErrorKind, Error, ErrorKind, Result};
 pub use flags::{Access, Caps, CompFlags, CompletionLevel, MrFlags, MrMode, OpFlags};
 pub use info::{

@@ -267,7 +267,7 @@ fn async_events(ctx: &Ctx) -> CaseResult {
 fn expect_shutdown(p: &crate::Pair, who: Who) -> CaseResult {
     let fid = p.side(who).ep.fid();
     match p.wait_event(who)? {
-        Event::Shutdown { fid: f } if f == fid => Ok(()),
+        Event::Shutdown { fid: f, .. } if f == fid => Ok(()),
         other => Err(CaseError::fail(format!(
             "{who:?}: expected Shutdown of {fid}, got {other:?}"
         ))),

@@ -338,7 +338,7 @@ fn peer_death(ctx: &Ctx) -> CaseResult {
         }
         while let Some(ev) = client.take_event() {
             match ev {
-                Event::Shutdown { fid } if fid == client.ep.fid() => shutdown = true,
+                Event::Shutdown { fid, .. } if fid == client.ep.fid() => shutdown = true,
                 Event::Error { fid, .. } if fid == client.ep.fid() => {}
                 other => return Err(CaseError::fail(format!("unexpected event {other:?}"))),
             }
@@ -406,7 +406,7 @@ fn ops_after_shutdown(ctx: &Ctx) -> CaseResult {
     for who in [Who::Client, Who::Server] {
         let fid = p.side(who).ep.fid();
         match p.wait_event(who)? {
-            Event::Shutdown { fid: f } if f == fid => {}
+            Event::Shutdown { fid: f, .. } if f == fid => {}
             other => {
                 return Err(CaseError::fail(format!(
                     "{who:?}: expected Shutdown, got {other:?}"

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use fabric_core::{
     Access, CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Event, Fid, RecvRequest,
-    RemoteIov, Segment,
+    RemoteIov, Segment, ShutdownReason,
 };
 use tracing::{debug, warn};
 
@@ -49,6 +49,8 @@ const RX_ROUNDS: usize = 32;
 pub(crate) struct Fatal {
     pub(crate) detail: String,
     pub(crate) protocol: bool,
+    /// What the Shutdown event says.
+    pub(crate) reason: ShutdownReason,
 }
 
 impl Fatal {
@@ -56,18 +58,21 @@ impl Fatal {
         Fatal {
             detail: format!("{what}: {e}"),
             protocol: false,
+            reason: ShutdownReason::Lost,
         }
     }
     fn eof() -> Fatal {
         Fatal {
             detail: "peer closed the connection".into(),
             protocol: false,
+            reason: ShutdownReason::Peer,
         }
     }
     fn protocol(msg: impl std::fmt::Display) -> Fatal {
         Fatal {
             detail: format!("{msg}"),
             protocol: true,
+            reason: ShutdownReason::Protocol,
         }
     }
 }
@@ -1067,7 +1072,7 @@ impl Conn {
                         ),
                         data,
                     });
-                    self.teardown(CqErrorKind::Canceled, "connection rejected", false);
+                    self.teardown(CqErrorKind::Canceled, "connection rejected", None);
                 }
             }
         }
@@ -1164,8 +1169,14 @@ impl Conn {
 
     /// Ends the connection: every outstanding operation completes in error (`kind` for
     /// transmit operations, `Canceled` for receives), the socket closes, and with
-    /// `event` a Shutdown event is raised when the connection had been established.
-    pub(crate) fn teardown(&mut self, kind: CqErrorKind, detail: &str, event: bool) {
+    /// `event` a Shutdown event with that reason is raised when the connection had been
+    /// established.
+    pub(crate) fn teardown(
+        &mut self,
+        kind: CqErrorKind,
+        detail: &str,
+        event: Option<ShutdownReason>,
+    ) {
         let was = self.state;
         if was == ConnState::Closed && self.sock.is_none() {
             return;
@@ -1235,8 +1246,11 @@ impl Conn {
         self.unexpected_bytes = 0;
         self.rx.start = 0;
         self.rx.end = 0;
-        if event && matches!(was, ConnState::Connected) {
-            self.rep.eq.push(Event::Shutdown { fid: self.fid });
+        if let (Some(reason), ConnState::Connected) = (event, was) {
+            self.rep.eq.push(Event::Shutdown {
+                fid: self.fid,
+                reason,
+            });
         }
     }
 
@@ -1264,7 +1278,7 @@ impl Conn {
                 data: Vec::new(),
             });
         }
-        self.teardown(CqErrorKind::ConnectionLost, &f.detail, true);
+        self.teardown(CqErrorKind::ConnectionLost, &f.detail, Some(f.reason));
     }
 
     /// Queues CONN_REQ with the connect data ahead of any early operations.

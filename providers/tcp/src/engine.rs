@@ -426,7 +426,7 @@ pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
         error: Error::new(kind, format!("connect: {e}")),
         data: Vec::new(),
     });
-    c.teardown(CqErrorKind::Canceled, "connect failed", false);
+    c.teardown(CqErrorKind::Canceled, "connect failed", None);
 }
 
 /// Creates the event queue shared part.

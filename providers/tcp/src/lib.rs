@@ -150,17 +150,19 @@ pub const CAPS: Caps = Caps::MSG
     .union(Caps::RMA_PMEM);
 
 /// The provider's limits.
-pub const LIMITS: Limits = Limits {
-    max_msg_size: wire::MAX_MSG_SIZE as usize,
-    inject_size: 4096,
-    mr_key_size: 8,
-    cq_data_size: 8,
-    tx_size: 1024,
-    rx_size: 1024,
-    iov_limit: 8,
-    rma_iov_limit: wire::MAX_RMA_IOV,
-    cm_data_size: wire::MAX_CM_DATA as usize,
-    mtu: 0,
+pub const LIMITS: Limits = {
+    let mut l = Limits::DEFAULT;
+    l.max_msg_size = wire::MAX_MSG_SIZE as usize;
+    l.inject_size = 4096;
+    l.mr_key_size = 8;
+    l.cq_data_size = 8;
+    l.tx_size = 1024;
+    l.rx_size = 1024;
+    l.iov_limit = 8;
+    l.rma_iov_limit = wire::MAX_RMA_IOV;
+    l.cm_data_size = wire::MAX_CM_DATA as usize;
+    l.mtu = 0;
+    l
 };
 
 struct TcpProvider;

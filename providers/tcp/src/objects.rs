@@ -446,7 +446,7 @@ impl EndpointOps for TcpEndpoint {
             c.teardown(
                 fabric_core::CqErrorKind::Canceled,
                 "endpoint shut down locally",
-                true,
+                Some(fabric_core::ShutdownReason::Local),
             );
             Ok(())
         })
@@ -569,7 +569,7 @@ impl EndpointOps for TcpEndpoint {
     fn close(&self) {
         let conn = self.engine.with(|st, _| st.conns.remove(&self.fid.0));
         if let Some(mut c) = conn {
-            c.teardown(fabric_core::CqErrorKind::Canceled, "endpoint closed", false);
+            c.teardown(fabric_core::CqErrorKind::Canceled, "endpoint closed", None);
         }
     }
 

@@ -14,7 +14,7 @@ fn expect_shutdown(eq: &EventQueue, fid: Fid) {
     loop {
         assert!(Instant::now() < deadline, "no Shutdown event");
         match eq.sread(Some(Duration::from_millis(50))).unwrap() {
-            Some(Event::Shutdown { fid: f }) => {
+            Some(Event::Shutdown { fid: f, .. }) => {
                 assert_eq!(f, fid);
                 return;
             }
@@ -204,7 +204,7 @@ fn malformed_header_tears_down_without_panic() {
                     assert_eq!(error.kind(), ErrorKind::Protocol);
                     saw_protocol = true;
                 }
-                Some(Event::Shutdown { fid }) => {
+                Some(Event::Shutdown { fid, .. }) => {
                     assert_eq!(fid, ep.fid());
                     break;
                 }

@@ -79,18 +79,18 @@ impl Config {
 
 /// The provider's limits for a path MTU.
 pub fn limits(mtu: Mtu) -> Limits {
-    Limits {
-        max_msg_size: MAX_MSG_SIZE,
-        inject_size: 4096,
-        mr_key_size: 4,
-        cq_data_size: 4,
-        tx_size: 1024,
-        rx_size: 1024,
-        iov_limit: 16,
-        rma_iov_limit: 8,
-        cm_data_size: cm::MAX_CM_DATA,
-        mtu: mtu.bytes() as usize,
-    }
+    let mut l = Limits::DEFAULT;
+    l.max_msg_size = MAX_MSG_SIZE;
+    l.inject_size = 4096;
+    l.mr_key_size = 4;
+    l.cq_data_size = 4;
+    l.tx_size = 1024;
+    l.rx_size = 1024;
+    l.iov_limit = 16;
+    l.rma_iov_limit = 8;
+    l.cm_data_size = cm::MAX_CM_DATA;
+    l.mtu = mtu.bytes() as usize;
+    l
 }
 
 struct SoftRoceProvider;

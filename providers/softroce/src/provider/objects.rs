@@ -815,7 +815,10 @@ impl EpInner {
                 }
                 Phase::AwaitRtu | Phase::Connected => {
                     debug!(fid = %self.fid, "softroce: peer closed the connection");
-                    self.event(Event::Shutdown { fid: self.fid });
+                    self.event(Event::Shutdown {
+                        fid: self.fid,
+                        reason: fabric_core::ShutdownReason::Peer,
+                    });
                 }
                 _ => {}
             }
@@ -1091,7 +1094,10 @@ impl EndpointOps for SrEndpoint {
         }
         ep.teardown(&mut cm, false);
         if matches!(was, Phase::AwaitRtu | Phase::Connected) {
-            ep.event(Event::Shutdown { fid: ep.fid });
+            ep.event(Event::Shutdown {
+                fid: ep.fid,
+                reason: fabric_core::ShutdownReason::Local,
+            });
         }
         Ok(())
     }
