@@ -22,7 +22,7 @@
 //!     dptr: Dptr::Sgl(SglRepr::Keyed(sgl)),
 //!     ..Default::default()
 //! };
-//! IoCommand { slba: 0x1000, nlb: 8, ..Default::default() }.apply(&mut repr);
+//! IoCommand { slba: 0x1000, nlb: 7, ..Default::default() }.apply(&mut repr); // NLB is 0's based
 //!
 //! let mut buf = [0u8; 64];
 //! repr.emit(&mut Sqe::new_checked(&mut buf[..])?);
@@ -31,7 +31,7 @@
 //!
 //! let parsed = SqeRepr::parse(&Sqe::new_checked(&buf[..])?)?;
 //! assert_eq!(parsed, repr);
-//! assert_eq!(IoCommand::from_sqe(&parsed).nlb, 8);
+//! assert_eq!(IoCommand::from_sqe(&parsed).block_count(), 8);
 //! # Ok::<(), nvmeof::wire::WireError>(())
 //! ```
 

@@ -79,14 +79,3 @@ pub(crate) const fn with_bits32(v: u32, lo: u32, width: u32, field: u32) -> u32 
     let mask = ((1u32 << width) - 1) << lo;
     (v & !mask) | ((field << lo) & mask)
 }
-
-/// Bits `lo..lo+width` of `v` (64-bit).
-pub(crate) const fn bits64(v: u64, lo: u32, width: u32) -> u64 {
-    (v >> lo) & ((1u64 << width) - 1)
-}
-
-/// `v` with bits `lo..lo+width` replaced by `field` (64-bit).
-pub(crate) const fn with_bits64(v: u64, lo: u32, width: u32, field: u64) -> u64 {
-    let mask = ((1u64 << width) - 1) << lo;
-    (v & !mask) | ((field << lo) & mask)
-}

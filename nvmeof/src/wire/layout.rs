@@ -97,6 +97,24 @@ pub trait FixedLayout: Sized {
     fn emit_bytes(&self, buf: &mut [u8]) -> Result<(), WireError>;
 }
 
+/// Parses `count` consecutive structures from the start of `buf` (DSM ranges, Copy
+/// source ranges, discovery log entries).
+pub fn parse_list<T: FixedLayout>(buf: &[u8], count: usize) -> Result<Vec<T>, WireError> {
+    let needed = count.checked_mul(T::LEN).unwrap_or(usize::MAX);
+    if buf.len() < needed {
+        return Err(WireError::Truncated {
+            structure: T::NAME,
+            needed,
+            got: buf.len(),
+        });
+    }
+    buf.chunks_exact(T::LEN)
+        .take(count)
+        .enumerate()
+        .map(|(i, chunk)| T::parse_bytes(chunk).map_err(|e| e.within(i * T::LEN)))
+        .collect()
+}
+
 /// Decodes one field of a layout, mapping failure to [`WireError::Invalid`].
 #[doc(hidden)]
 pub fn decode_field<T: FieldCodec>(
