@@ -82,6 +82,39 @@ impl<const N: usize> FieldCodec for [u8; N] {
     }
 }
 
+impl<const N: usize> FieldCodec for [u16; N] {
+    const SIZE: usize = 2 * N;
+    const KIND: FieldKind = FieldKind::Exact;
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 2 * N {
+            return None;
+        }
+        let mut out = [0u16; N];
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *v = super::field::u16_at(b, 0);
+        }
+        Some(out)
+    }
+    fn encode(&self, bytes: &mut [u8]) {
+        for (v, b) in self.iter().zip(bytes.chunks_exact_mut(2)) {
+            super::field::set_u16(b, 0, *v);
+        }
+    }
+}
+
+/// The [`FieldKind`] of a fixed layout used as a field of another: `Text` if any of
+/// its fields is text, otherwise `Canonical` (its reserved bytes are written as zero).
+pub const fn nested_kind(fields: &[FieldInfo]) -> FieldKind {
+    let mut i = 0;
+    while i < fields.len() {
+        if matches!(fields[i].kind, FieldKind::Text) {
+            return FieldKind::Text;
+        }
+        i += 1;
+    }
+    FieldKind::Canonical
+}
+
 /// A structure of fixed size described by a field table (see [`fixed_layout!`](crate::fixed_layout)).
 pub trait FixedLayout: Sized {
     /// Human-readable name used in errors.
@@ -200,6 +233,20 @@ macro_rules! fixed_layout {
                 buf.fill(0);
                 $( $crate::wire::layout::encode_field(&self.$field, buf, $off); )*
                 Ok(())
+            }
+        }
+
+        impl $crate::wire::layout::FieldCodec for $name {
+            const SIZE: usize = $len;
+            const KIND: $crate::wire::layout::FieldKind = $crate::wire::layout::nested_kind(
+                <Self as $crate::wire::layout::FixedLayout>::FIELDS,
+            );
+            fn decode(bytes: &[u8]) -> Option<Self> {
+                Self::parse(bytes).ok()
+            }
+            fn encode(&self, bytes: &mut [u8]) {
+                // `bytes` is exactly `SIZE` long, so emit cannot fail.
+                let _ = self.emit(bytes);
             }
         }
 

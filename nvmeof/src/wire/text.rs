@@ -2,8 +2,8 @@
 //!
 //! * [`Ascii`] – printable ASCII padded with spaces (serial number, model number,
 //!   firmware revision);
-//! * [`NulPadded`] – UTF-8 padded with NUL bytes, no terminator needed when full
-//!   (discovery log TRADDR and TRSVCID);
+//! * [`NulPadded`] – UTF-8 padded with NUL bytes (or spaces), no terminator needed
+//!   when full (discovery log TRADDR and TRSVCID);
 //! * [`Nqn`] – an NVMe Qualified Name in a 256-byte field: at most 223 bytes of UTF-8
 //!   and a NUL terminator inside the field.
 
@@ -91,13 +91,16 @@ impl<const N: usize> FieldCodec for Ascii<N> {
 }
 
 /// UTF-8 text in an `N`-byte field padded with NUL bytes; a value of exactly `N`
-/// bytes has no terminator.
+/// bytes has no terminator. Linux pads discovery log addresses with NULs, other
+/// targets with spaces, so trailing spaces are padding too: `new` drops them and
+/// `decode` ignores them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct NulPadded<const N: usize>(String);
 
 impl<const N: usize> NulPadded<N> {
-    /// The text `s`, if it has no NUL and is at most `N` bytes.
+    /// The text `s` without trailing spaces, if it has no NUL and is at most `N` bytes.
     pub fn new(s: &str) -> Result<Self, TextError> {
+        let s = s.trim_end_matches(' ');
         check_len(s, N)?;
         if s.contains('\0') {
             return Err(TextError::Nul);
