@@ -210,7 +210,10 @@ mod tests {
         );
         let parsed = CqeRepr::parse(&Cqe::new_checked(&cqe.to_bytes()[..]).unwrap()).unwrap();
         assert_eq!(parsed, cqe);
-        assert_eq!(parsed.status.code(StatusContext::Io), StatusCode::InvalidField);
+        assert_eq!(
+            parsed.status.code(StatusContext::Io),
+            StatusCode::InvalidField
+        );
         assert!(parsed.status.dnr);
     }
 

@@ -210,7 +210,8 @@ impl FabricsCommand {
                         StatusCode::ConnectInvalidParameters,
                     ));
                 }
-                let sgl = SglRepr::parse(&sqe.dptr_sgl()).map_err(|e| e.within(sqe_offsets::DPTR))?;
+                let sgl =
+                    SglRepr::parse(&sqe.dptr_sgl()).map_err(|e| e.within(sqe_offsets::DPTR))?;
                 if sgl.data_length() as usize != ConnectData::LEN {
                     return Err(invalid(
                         "SGL length",
@@ -238,7 +239,11 @@ impl FabricsCommand {
                 offset: u32_at(b, offsets::OFFSET),
                 value: u64_at(b, offsets::VALUE),
             })),
-            _ => Err(invalid("FCTYPE", offsets::FCTYPE, StatusCode::InvalidOpcode)),
+            _ => Err(invalid(
+                "FCTYPE",
+                offsets::FCTYPE,
+                StatusCode::InvalidOpcode,
+            )),
         }
     }
 
@@ -429,29 +434,45 @@ mod tests {
         b[40] = 1;
         assert!(matches!(
             parse(&b),
-            Err(WireError::Invalid { offset: 40, status: StatusCode::ConnectIncompatibleFormat, .. })
+            Err(WireError::Invalid {
+                offset: 40,
+                status: StatusCode::ConnectIncompatibleFormat,
+                ..
+            })
         ));
         let mut b = good;
         b[44] = 0;
         let e = parse(&b).unwrap_err();
         assert_eq!(e.status(), Some(StatusCode::ConnectInvalidParameters));
         assert_eq!(
-            InvalidParameterLocation::from_error(&e, false).unwrap().to_dw0(),
+            InvalidParameterLocation::from_error(&e, false)
+                .unwrap()
+                .to_dw0(),
             44
         );
         let mut b = good;
         b[32] = 0; // SGL length 1024 -> 1024 & !0xff... = 1024 still; change byte 33
         b[33] = 0x08;
-        assert_eq!(parse(&b).unwrap_err().status(), Some(StatusCode::DataSglLengthInvalid));
+        assert_eq!(
+            parse(&b).unwrap_err().status(),
+            Some(StatusCode::DataSglLengthInvalid)
+        );
         let mut b = good;
         b[0] = 0x06;
-        assert_eq!(parse(&b).unwrap_err().status(), Some(StatusCode::InvalidOpcode));
+        assert_eq!(
+            parse(&b).unwrap_err().status(),
+            Some(StatusCode::InvalidOpcode)
+        );
         for fctype in [0x05u8, 0x06, 0x08, 0x02, 0xFF] {
             let mut b = good;
             b[4] = fctype;
             assert!(matches!(
                 parse(&b),
-                Err(WireError::Invalid { offset: 4, status: StatusCode::InvalidOpcode, .. })
+                Err(WireError::Invalid {
+                    offset: 4,
+                    status: StatusCode::InvalidOpcode,
+                    ..
+                })
             ));
         }
     }
@@ -478,7 +499,10 @@ mod tests {
         assert_eq!(parse(&b).unwrap(), set);
         let mut bad = b;
         bad[40] = 2;
-        assert_eq!(parse(&bad).unwrap_err().status(), Some(StatusCode::InvalidField));
+        assert_eq!(
+            parse(&bad).unwrap_err().status(),
+            Some(StatusCode::InvalidField)
+        );
     }
 
     fn sample_data() -> ConnectData {
@@ -516,26 +540,50 @@ mod tests {
         let e = ConnectData::parse(&unterminated).unwrap_err();
         assert!(matches!(
             e,
-            WireError::Invalid { offset: 512, status: StatusCode::ConnectInvalidParameters, .. }
+            WireError::Invalid {
+                offset: 512,
+                status: StatusCode::ConnectInvalidParameters,
+                ..
+            }
         ));
         assert_eq!(
-            InvalidParameterLocation::from_error(&e, true).unwrap().to_dw0(),
+            InvalidParameterLocation::from_error(&e, true)
+                .unwrap()
+                .to_dw0(),
             0x1_0200
         );
         let mut no_subnqn = b;
         no_subnqn[256..512].fill(0);
-        let e = ConnectData::parse(&no_subnqn).unwrap().validate().unwrap_err();
+        let e = ConnectData::parse(&no_subnqn)
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(matches!(e, WireError::Invalid { offset: 256, .. }));
         assert!(ConnectData::parse(&b[..1023]).is_err());
     }
 
     #[test]
     fn connect_response_dw0() {
-        let r = ConnectResponse { cntlid: 0x11, authreq: 0 };
+        let r = ConnectResponse {
+            cntlid: 0x11,
+            authreq: 0,
+        };
         assert_eq!(r.to_dw0(), 0x11);
-        assert_eq!(ConnectResponse::from_dw0(0x0001_0011), ConnectResponse { cntlid: 0x11, authreq: 1 });
+        assert_eq!(
+            ConnectResponse::from_dw0(0x0001_0011),
+            ConnectResponse {
+                cntlid: 0x11,
+                authreq: 1
+            }
+        );
         let loc = InvalidParameterLocation::from_dw0(0x1_0010);
-        assert_eq!(loc, InvalidParameterLocation { in_data: true, offset: 16 });
+        assert_eq!(
+            loc,
+            InvalidParameterLocation {
+                in_data: true,
+                offset: 16
+            }
+        );
     }
 
     proptest! {

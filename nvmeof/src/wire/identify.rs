@@ -691,7 +691,11 @@ mod tests {
         bad[768..1024].fill(b'x'); // SUBNQN without terminator
         assert!(matches!(
             IdentifyController::parse(&bad),
-            Err(WireError::Invalid { offset: 768, status: StatusCode::InvalidField, .. })
+            Err(WireError::Invalid {
+                offset: 768,
+                status: StatusCode::InvalidField,
+                ..
+            })
         ));
         let mut bad = b;
         bad[4] = 0x80; // SN not ASCII
@@ -702,8 +706,16 @@ mod tests {
     #[test]
     fn identify_namespace_exact_offsets() {
         let mut lbaf = LbaFormats::default();
-        lbaf.0[0] = LbaFormat { ms: 0, lbads: 9, rp: 0 };
-        lbaf.0[1] = LbaFormat { ms: 8, lbads: 12, rp: 2 };
+        lbaf.0[0] = LbaFormat {
+            ms: 0,
+            lbads: 9,
+            rp: 0,
+        };
+        lbaf.0[1] = LbaFormat {
+            ms: 8,
+            lbads: 12,
+            rp: 2,
+        };
         let ns = IdentifyNamespace {
             nsze: 0x10_0000,
             ncap: 0x10_0000,
@@ -752,7 +764,10 @@ mod tests {
         let mut bad = [0u8; 4096];
         bad[0] = 5;
         bad[4] = 3;
-        assert!(matches!(NamespaceList::parse(&bad), Err(WireError::Invalid { offset: 4, .. })));
+        assert!(matches!(
+            NamespaceList::parse(&bad),
+            Err(WireError::Invalid { offset: 4, .. })
+        ));
         assert!(NamespaceList::overflow().is_overflow());
         assert!(NamespaceList::parse(&[0u8; 100]).is_err());
     }
@@ -792,7 +807,12 @@ mod tests {
     #[test]
     fn identify_command_fields() {
         let mut sqe = SqeRepr::default();
-        let c = IdentifyCommand { cns: Cns::ActiveNamespaceList, cntid: 3, cnssid: 0, csi: 0 };
+        let c = IdentifyCommand {
+            cns: Cns::ActiveNamespaceList,
+            cntid: 3,
+            cnssid: 0,
+            csi: 0,
+        };
         c.apply(&mut sqe);
         assert_eq!(sqe.cdw10_15[0], 0x0003_0002);
         assert_eq!(IdentifyCommand::from_sqe(&sqe), c);

@@ -133,7 +133,7 @@ pub trait FixedLayout: Sized {
 /// Parses `count` consecutive structures from the start of `buf` (DSM ranges, Copy
 /// source ranges, discovery log entries).
 pub fn parse_list<T: FixedLayout>(buf: &[u8], count: usize) -> Result<Vec<T>, WireError> {
-    let needed = count.checked_mul(T::LEN).unwrap_or(usize::MAX);
+    let needed = count.saturating_mul(T::LEN);
     if buf.len() < needed {
         return Err(WireError::Truncated {
             structure: T::NAME,
@@ -281,7 +281,12 @@ pub(crate) mod checks {
         let mut fields: Vec<_> = T::FIELDS.to_vec();
         fields.sort_by_key(|f| f.offset);
         for f in &fields {
-            assert!(f.offset + f.size <= T::LEN, "{}: {} past end", T::NAME, f.name);
+            assert!(
+                f.offset + f.size <= T::LEN,
+                "{}: {} past end",
+                T::NAME,
+                f.name
+            );
         }
         for pair in fields.windows(2) {
             assert!(

@@ -11,7 +11,7 @@
 use super::field::bits32;
 use super::layout::{parse_list, FixedLayout};
 use super::sqe::SqeRepr;
-use super::text::{NulPadded, Nqn};
+use super::text::{Nqn, NulPadded};
 use super::{StatusCode, WireError};
 
 pub use super::identify::NamespaceList;
@@ -452,7 +452,11 @@ mod tests {
         assert_eq!(&b[8..16], &2u64.to_le_bytes());
         assert_eq!(&b[16..18], &[0, 0]);
         let e = &b[1024..2048];
-        assert_eq!(&e[0..4], &[1, 1, 2, 0], "TRTYPE RDMA, ADRFAM IPv4, SUBTYPE NVMe, TREQ");
+        assert_eq!(
+            &e[0..4],
+            &[1, 1, 2, 0],
+            "TRTYPE RDMA, ADRFAM IPv4, SUBTYPE NVMe, TREQ"
+        );
         assert_eq!(&e[4..10], &[1, 0, 0xFF, 0xFF, 32, 0]);
         assert_eq!(&e[32..37], b"4420\0");
         assert_eq!(&e[256..260], b"nqn.");
@@ -466,7 +470,10 @@ mod tests {
         ));
         let mut bad = b.clone();
         bad[16] = 1;
-        assert_eq!(DiscoveryLog::parse(&bad).unwrap_err().status(), Some(StatusCode::InvalidField));
+        assert_eq!(
+            DiscoveryLog::parse(&bad).unwrap_err().status(),
+            Some(StatusCode::InvalidField)
+        );
         // Space-padded addresses (as some targets send) read the same.
         let mut spaced = b.clone();
         spaced[1024 + 32 + 4..1024 + 64].fill(b' ');
@@ -485,7 +492,12 @@ mod tests {
         assert_eq!(sqe.cdw10_15[2], 1024);
         assert_eq!(GetLogPage::from_sqe(&sqe), g);
         assert_eq!(g.transfer_len(), 4096);
-        let big = GetLogPage { numd: 0x1_0002, rae: true, lsp: 0x7F, ..Default::default() };
+        let big = GetLogPage {
+            numd: 0x1_0002,
+            rae: true,
+            lsp: 0x7F,
+            ..Default::default()
+        };
         big.apply(&mut sqe);
         assert_eq!(sqe.cdw10_15[1] & 0xFFFF, 1, "NUMDU");
         assert_eq!(sqe.cdw10_15[0] >> 16, 2, "NUMDL");

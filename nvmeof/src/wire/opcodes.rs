@@ -201,7 +201,8 @@ impl DsmCommand {
     /// Writes the fields into an SQE's CDW10-11.
     pub fn apply(&self, sqe: &mut SqeRepr) {
         sqe.cdw10_15[0] = u32::from(self.nr);
-        sqe.cdw10_15[1] = u32::from(self.idr) | (u32::from(self.idw) << 1) | (u32::from(self.ad) << 2);
+        sqe.cdw10_15[1] =
+            u32::from(self.idr) | (u32::from(self.idw) << 1) | (u32::from(self.ad) << 2);
     }
 
     /// Number of ranges (`nr + 1`).
@@ -395,18 +396,32 @@ mod tests {
         let cmd = IoCommand::from_sqe(&sqe);
         assert_eq!(cmd.block_count(), 8);
         assert!(cmd.check_range(0x1_0000_000A).is_ok());
-        assert_eq!(cmd.check_range(0x1_0000_0009), Err(StatusCode::LbaOutOfRange));
-        let huge = IoCommand { slba: u64::MAX, ..Default::default() };
+        assert_eq!(
+            cmd.check_range(0x1_0000_0009),
+            Err(StatusCode::LbaOutOfRange)
+        );
+        let huge = IoCommand {
+            slba: u64::MAX,
+            ..Default::default()
+        };
         assert_eq!(huge.check_range(u64::MAX), Err(StatusCode::LbaOutOfRange));
     }
 
     #[test]
     fn dsm_range_and_copy_range_exact_bytes() {
-        let r = DsmRange { cattr: 1, nlb: 0x20, slba: 0x1234 };
+        let r = DsmRange {
+            cattr: 1,
+            nlb: 0x20,
+            slba: 0x1234,
+        };
         let mut b = [0u8; 16];
         r.emit(&mut b).unwrap();
         assert_eq!(b, [1, 0, 0, 0, 0x20, 0, 0, 0, 0x34, 0x12, 0, 0, 0, 0, 0, 0]);
-        let c = CopySourceRange { slba: 0x55, nlb: 3, ..Default::default() };
+        let c = CopySourceRange {
+            slba: 0x55,
+            nlb: 3,
+            ..Default::default()
+        };
         let mut b = [0xFFu8; 32];
         c.emit(&mut b).unwrap();
         assert_eq!(&b[..8], &[0; 8]);
@@ -420,7 +435,14 @@ mod tests {
     #[test]
     fn copy_fields() {
         let mut sqe = SqeRepr::default();
-        let c = CopyCommand { sdlba: 9, nr: 2, format: 0, fua: true, lr: true, ..Default::default() };
+        let c = CopyCommand {
+            sdlba: 9,
+            nr: 2,
+            format: 0,
+            fua: true,
+            lr: true,
+            ..Default::default()
+        };
         c.apply(&mut sqe);
         assert_eq!(sqe.cdw10_15[2], 2 | (1 << 30) | (1 << 31));
         assert_eq!(CopyCommand::from_sqe(&sqe), c);

@@ -139,7 +139,10 @@ register! {
 impl Vs {
     /// Version `major.minor.tertiary`.
     pub fn new(major: u16, minor: u8, tertiary: u8) -> Vs {
-        Vs(0).with_major(major).with_minor(minor).with_tertiary(tertiary)
+        Vs(0)
+            .with_major(major)
+            .with_minor(minor)
+            .with_tertiary(tertiary)
     }
 }
 
@@ -217,12 +220,17 @@ mod tests {
             .with_to(15)
             .with_css(1);
         assert_eq!(cap.0, 0x0000_0020_0F01_03FF);
-        assert_eq!((cap.mqes(), cap.to(), cap.css(), cap.mpsmin()), (1023, 15, 1, 0));
+        assert_eq!(
+            (cap.mqes(), cap.to(), cap.css(), cap.mpsmin()),
+            (1023, 15, 1, 0)
+        );
         let cc = Cc(0).with_en(true).with_iosqes(6).with_iocqes(4);
         assert_eq!(cc.0, 0x0046_0001);
         assert_eq!(Cc(0x0046_4001).shn(), 1);
         assert_eq!(Vs::new(1, 3, 0).0, 0x0001_0300);
-        let csts = Csts(0).with_rdy(true).with_shst(ShutdownStatus::Complete.into());
+        let csts = Csts(0)
+            .with_rdy(true)
+            .with_shst(ShutdownStatus::Complete.into());
         assert_eq!(csts.0, 0b1001);
         assert!(Csts(0b10).cfs());
         assert_eq!(property_size(CAP), Some(PropertySize::Eight));

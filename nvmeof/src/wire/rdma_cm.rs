@@ -115,7 +115,13 @@ mod tests {
 
     #[test]
     fn exact_bytes() {
-        let req = CmRequest { recfmt: 0, qid: 1, hrqsize: 128, hsqsize: 127, cntlid: 5 };
+        let req = CmRequest {
+            recfmt: 0,
+            qid: 1,
+            hrqsize: 128,
+            hsqsize: 127,
+            cntlid: 5,
+        };
         let mut b = [0xFFu8; 32];
         req.emit(&mut b).unwrap();
         assert_eq!(&b[..10], &[0, 0, 1, 0, 128, 0, 127, 0, 5, 0]);
@@ -124,13 +130,23 @@ mod tests {
         assert_eq!(req.host_send_queue_entries(), 128);
 
         let mut a = [0u8; 32];
-        CmAccept { recfmt: 0, crqsize: 128 }.emit(&mut a).unwrap();
+        CmAccept {
+            recfmt: 0,
+            crqsize: 128,
+        }
+        .emit(&mut a)
+        .unwrap();
         assert_eq!(&a[..4], &[0, 0, 128, 0]);
 
         let mut r = [0u8; 4];
-        CmReject::new(CmRejectStatus::InvalidOrd).emit(&mut r).unwrap();
+        CmReject::new(CmRejectStatus::InvalidOrd)
+            .emit(&mut r)
+            .unwrap();
         assert_eq!(r, [0, 0, 8, 0]);
-        assert_eq!(CmReject::parse(&r).unwrap().status, CmRejectStatus::InvalidOrd);
+        assert_eq!(
+            CmReject::parse(&r).unwrap().status,
+            CmRejectStatus::InvalidOrd
+        );
         checks::field_table_is_sound::<CmRequest>();
         checks::field_table_is_sound::<CmAccept>();
         checks::field_table_is_sound::<CmReject>();
@@ -144,7 +160,10 @@ mod tests {
         );
         let mut b = [0u8; 32];
         b[0] = 1;
-        assert_eq!(CmRequest::parse_private_data(&b), Err(CmRejectStatus::InvalidRecfmt));
+        assert_eq!(
+            CmRequest::parse_private_data(&b),
+            Err(CmRejectStatus::InvalidRecfmt)
+        );
         assert_eq!(u16::from(CmRejectStatus::NoResources), 6);
         assert_eq!(CmRejectStatus::from(9), CmRejectStatus::Unknown(9));
     }

@@ -269,9 +269,7 @@ impl SglRepr {
                     invalidate: sub == SUBTYPE_INVALIDATE,
                 })
             }
-            (TYPE_TRANSPORT_DATA_BLOCK, subtype) => {
-                SglRepr::TransportDataBlock { subtype, length }
-            }
+            (TYPE_TRANSPORT_DATA_BLOCK, subtype) => SglRepr::TransportDataBlock { subtype, length },
             (TYPE_DATA_BLOCK..=TYPE_KEYED_DATA_BLOCK, _) => return Err(bad_subtype),
             _ => return Err(invalid(StatusCode::SglDescriptorTypeInvalid)),
         })
@@ -390,7 +388,11 @@ pub(crate) mod tests {
             let mut b = [0u8; 16];
             b[15] = ty << 4;
             let e = SglRepr::parse(&Sgl::new_checked(&b[..]).unwrap()).unwrap_err();
-            assert_eq!(e.status(), Some(StatusCode::SglDescriptorTypeInvalid), "{ty}");
+            assert_eq!(
+                e.status(),
+                Some(StatusCode::SglDescriptorTypeInvalid),
+                "{ty}"
+            );
         }
         for byte in [0x02u8, 0x0A, 0x11, 0x21, 0x41, 0x4A] {
             let mut b = [0u8; 16];
@@ -412,9 +414,13 @@ pub(crate) mod tests {
                 .prop_map(|(address, length)| SglRepr::Segment { address, length }),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(address, length)| SglRepr::LastSegment { address, length }),
-            (any::<u64>(), 0..=KeyedSgl::MAX_LENGTH, any::<u32>(), any::<bool>()).prop_map(
-                |(a, l, k, i)| SglRepr::Keyed(KeyedSgl::new(a, l, k, i).unwrap())
-            ),
+            (
+                any::<u64>(),
+                0..=KeyedSgl::MAX_LENGTH,
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(|(a, l, k, i)| SglRepr::Keyed(KeyedSgl::new(a, l, k, i).unwrap())),
             (0u8..16, any::<u32>())
                 .prop_map(|(subtype, length)| SglRepr::TransportDataBlock { subtype, length }),
         ]

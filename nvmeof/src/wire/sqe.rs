@@ -474,14 +474,21 @@ pub(crate) mod tests {
         assert_eq!(b[39], 0x40);
         assert_eq!(&b[40..44], &[0x10, 0, 0, 0]);
         assert_eq!(&b[48..52], &[7, 0, 0, 0]);
-        assert_eq!(SqeRepr::parse(&Sqe::new_checked(&b[..]).unwrap()).unwrap(), repr);
+        assert_eq!(
+            SqeRepr::parse(&Sqe::new_checked(&b[..]).unwrap()).unwrap(),
+            repr
+        );
     }
 
     #[test]
     fn malformed_sqe_is_an_error() {
         assert!(matches!(
             Sqe::new_checked(&[0u8; 63][..]),
-            Err(WireError::Truncated { needed: 64, got: 63, .. })
+            Err(WireError::Truncated {
+                needed: 64,
+                got: 63,
+                ..
+            })
         ));
         let mut b = [0u8; 64];
         b[1] = 0xC0; // PSDT 11b
@@ -494,7 +501,11 @@ pub(crate) mod tests {
         let e = SqeRepr::parse(&Sqe::new_checked(&b[..]).unwrap()).unwrap_err();
         assert!(matches!(
             e,
-            WireError::Invalid { offset: 39, status: StatusCode::SglDescriptorTypeInvalid, .. }
+            WireError::Invalid {
+                offset: 39,
+                status: StatusCode::SglDescriptorTypeInvalid,
+                ..
+            }
         ));
     }
 
@@ -510,17 +521,19 @@ pub(crate) mod tests {
             dptr,
             any::<[u32; 6]>(),
         )
-            .prop_map(|((opcode, cid, nsid, cdw2, cdw3, mptr), fuse, dptr, cdw10_15)| SqeRepr {
-                opcode,
-                fuse: [Fuse::Normal, Fuse::First, Fuse::Second][usize::from(fuse)],
-                cid,
-                nsid,
-                cdw2,
-                cdw3,
-                mptr,
-                dptr,
-                cdw10_15,
-            })
+            .prop_map(
+                |((opcode, cid, nsid, cdw2, cdw3, mptr), fuse, dptr, cdw10_15)| SqeRepr {
+                    opcode,
+                    fuse: [Fuse::Normal, Fuse::First, Fuse::Second][usize::from(fuse)],
+                    cid,
+                    nsid,
+                    cdw2,
+                    cdw3,
+                    mptr,
+                    dptr,
+                    cdw10_15,
+                },
+            )
     }
 
     proptest! {

@@ -477,7 +477,10 @@ mod tests {
         // SCT 1 SC 0x82 with DNR: Connect Invalid Parameters as nvmet sends it.
         let s = Status::new(StatusCode::ConnectInvalidParameters).with_dnr();
         assert_eq!(s.to_field(false), 0x8000 | (1 << 9) | (0x82 << 1));
-        assert_eq!(s.code(StatusContext::Fabrics), StatusCode::ConnectInvalidParameters);
+        assert_eq!(
+            s.code(StatusContext::Fabrics),
+            StatusCode::ConnectInvalidParameters
+        );
         // The same bits for a Write mean "write to read only range".
         assert_eq!(s.code(StatusContext::Io), StatusCode::WriteToReadOnlyRange);
         assert_eq!(
@@ -487,7 +490,10 @@ mod tests {
         let cf = Status::new(StatusCode::CompareFailure);
         assert_eq!(cf.to_field(false), (2 << 9) | (0x85 << 1));
         assert_eq!(cf.code_type(), StatusCodeType::MediaDataIntegrity);
-        assert_eq!(Status::new(StatusCode::LbaOutOfRange).to_field(false), 0x100);
+        assert_eq!(
+            Status::new(StatusCode::LbaOutOfRange).to_field(false),
+            0x100
+        );
     }
 
     #[test]
@@ -495,7 +501,11 @@ mod tests {
         for code in StatusCode::all() {
             let ctx = TABLE.iter().find(|e| e.0 == code).unwrap().3;
             let ctx = ctx.unwrap_or(StatusContext::Admin);
-            assert_eq!(StatusCode::decode(code.sct(), code.sc(), ctx), code, "{code:?}");
+            assert_eq!(
+                StatusCode::decode(code.sct(), code.sc(), ctx),
+                code,
+                "{code:?}"
+            );
         }
         // No two entries collide within one context.
         for a in TABLE {
