@@ -19,7 +19,7 @@
 
 use super::field::{self, u16_at, u32_at, u64_at, u8_at};
 use super::sgl::SglRepr;
-use super::sqe::{offsets as sqe_offsets, Sqe};
+use super::sqe::{offsets as sqe_offsets, sqe_bytes, Sqe};
 use super::text::Nqn;
 use super::{StatusCode, WireError};
 
@@ -249,9 +249,7 @@ impl FabricsCommand {
 
     /// Writes all 64 bytes of the SQE (byte 1 says SGL, as Linux hosts send it).
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, sqe: &mut Sqe<T>) {
-        if let Some(bytes) = sqe.buf_mut().get_mut(..Sqe::<T>::LEN) {
-            bytes.fill(0);
-        }
+        sqe.clear();
         sqe.set_opcode(FABRICS_OPCODE);
         sqe.set_flags(0x40);
         let (cid, fctype) = match self {
@@ -284,11 +282,7 @@ impl FabricsCommand {
 
     /// The SQE as 64 bytes.
     pub fn to_bytes(&self) -> [u8; 64] {
-        let mut out = [0u8; 64];
-        if let Ok(mut view) = Sqe::new_checked(&mut out[..]) {
-            self.emit(&mut view);
-        }
-        out
+        sqe_bytes(|view| self.emit(view))
     }
 }
 

@@ -69,14 +69,14 @@ pub struct GetLogPage {
 impl GetLogPage {
     /// Reads the fields from an SQE.
     pub fn from_sqe(sqe: &SqeRepr) -> GetLogPage {
-        let [cdw10, cdw11, cdw12, cdw13, cdw14, _] = sqe.cdw10_15;
+        let [cdw10, cdw11, _, _, cdw14, _] = sqe.cdw10_15;
         GetLogPage {
             lid: LogPageId::from(bits32(cdw10, 0, 8) as u8),
             lsp: bits32(cdw10, 8, 7) as u8,
             rae: bits32(cdw10, 15, 1) != 0,
             numd: bits32(cdw10, 16, 16) | (bits32(cdw11, 0, 16) << 16),
             lsi: bits32(cdw11, 16, 16) as u16,
-            lpo: u64::from(cdw12) | (u64::from(cdw13) << 32),
+            lpo: sqe.cdw_u64(12),
             uuid_index: bits32(cdw14, 0, 7) as u8,
             ot: bits32(cdw14, 23, 1) != 0,
             csi: bits32(cdw14, 24, 8) as u8,
@@ -90,8 +90,7 @@ impl GetLogPage {
             | (u32::from(self.rae) << 15)
             | ((self.numd & 0xFFFF) << 16);
         sqe.cdw10_15[1] = (self.numd >> 16) | (u32::from(self.lsi) << 16);
-        sqe.cdw10_15[2] = self.lpo as u32;
-        sqe.cdw10_15[3] = (self.lpo >> 32) as u32;
+        sqe.set_cdw_u64(12, self.lpo);
         sqe.cdw10_15[4] = u32::from(self.uuid_index & 0x7F)
             | (u32::from(self.ot) << 23)
             | (u32::from(self.csi) << 24);

@@ -128,9 +128,9 @@ pub struct IoCommand {
 impl IoCommand {
     /// Reads the fields from an SQE's CDW10-13.
     pub fn from_sqe(sqe: &SqeRepr) -> IoCommand {
-        let [cdw10, cdw11, cdw12, cdw13, ..] = sqe.cdw10_15;
+        let [_, _, cdw12, cdw13, ..] = sqe.cdw10_15;
         IoCommand {
-            slba: u64::from(cdw10) | (u64::from(cdw11) << 32),
+            slba: sqe.cdw_u64(10),
             nlb: bits32(cdw12, 0, 16) as u16,
             dtype: bits32(cdw12, 20, 4) as u8,
             stc: bits32(cdw12, 24, 1) != 0,
@@ -152,8 +152,7 @@ impl IoCommand {
         cdw12 = with_bits32(cdw12, 26, 4, self.prinfo.into());
         cdw12 = with_bits32(cdw12, 30, 1, self.fua.into());
         cdw12 = with_bits32(cdw12, 31, 1, self.lr.into());
-        sqe.cdw10_15[0] = self.slba as u32;
-        sqe.cdw10_15[1] = (self.slba >> 32) as u32;
+        sqe.set_cdw_u64(10, self.slba);
         sqe.cdw10_15[2] = cdw12;
         sqe.cdw10_15[3] = u32::from(self.dsm) | (u32::from(self.dspec) << 16);
     }
@@ -249,9 +248,9 @@ pub struct CopyCommand {
 impl CopyCommand {
     /// Reads the fields from an SQE.
     pub fn from_sqe(sqe: &SqeRepr) -> CopyCommand {
-        let [cdw10, cdw11, cdw12, ..] = sqe.cdw10_15;
+        let cdw12 = sqe.cdw10_15[2];
         CopyCommand {
-            sdlba: u64::from(cdw10) | (u64::from(cdw11) << 32),
+            sdlba: sqe.cdw_u64(10),
             nr: bits32(cdw12, 0, 8) as u8,
             format: bits32(cdw12, 8, 4) as u8,
             prinfor: bits32(cdw12, 12, 4) as u8,
@@ -273,8 +272,7 @@ impl CopyCommand {
         cdw12 = with_bits32(cdw12, 26, 4, self.prinfow.into());
         cdw12 = with_bits32(cdw12, 30, 1, self.fua.into());
         cdw12 = with_bits32(cdw12, 31, 1, self.lr.into());
-        sqe.cdw10_15[0] = self.sdlba as u32;
-        sqe.cdw10_15[1] = (self.sdlba >> 32) as u32;
+        sqe.set_cdw_u64(10, self.sdlba);
         sqe.cdw10_15[2] = cdw12;
     }
 

@@ -305,6 +305,13 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Sqe<T> {
         Sgl::new_checked(bytes).expect("view holds 64 bytes, DPTR is 24..40")
     }
 
+    /// Zeroes the 64 bytes of the SQE (not any in-capsule data after it).
+    pub fn clear(&mut self) {
+        if let Some(b) = self.buf_mut().get_mut(..Self::LEN) {
+            b.fill(0);
+        }
+    }
+
     /// Sets CDW10 .. CDW15.
     pub fn set_cdws(&mut self, cdws: [u32; 6]) {
         for (i, v) in cdws.into_iter().enumerate() {
@@ -384,9 +391,7 @@ impl SqeRepr {
 
     /// Writes all 64 bytes of the SQE.
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, sqe: &mut Sqe<T>) {
-        if let Some(b) = sqe.buf_mut().get_mut(..Sqe::<T>::LEN) {
-            b.fill(0);
-        }
+        sqe.clear();
         let fuse = match self.fuse {
             Fuse::Normal => 0,
             Fuse::First => 1,
@@ -416,12 +421,36 @@ impl SqeRepr {
 
     /// The SQE as 64 bytes.
     pub fn to_bytes(&self) -> [u8; 64] {
-        let mut out = [0u8; 64];
-        if let Ok(mut view) = Sqe::new_checked(&mut out[..]) {
-            self.emit(&mut view);
-        }
-        out
+        sqe_bytes(|view| self.emit(view))
     }
+
+    /// The 64-bit value in CDW`n` (low half) and CDW`n+1` (high half), for `n` in
+    /// 10..=14 (SLBA in CDW10-11, LPO in CDW12-13); 0 for other `n`.
+    pub fn cdw_u64(&self, n: usize) -> u64 {
+        let lo = n.checked_sub(10).and_then(|i| self.cdw10_15.get(i..i + 2));
+        lo.map_or(0, |d| u64::from(d[0]) | (u64::from(d[1]) << 32))
+    }
+
+    /// Sets CDW`n` and CDW`n+1` to the low and high halves of `v`, for `n` in
+    /// 10..=14; nothing for other `n`.
+    pub fn set_cdw_u64(&mut self, n: usize, v: u64) {
+        if let Some(d) = n
+            .checked_sub(10)
+            .and_then(|i| self.cdw10_15.get_mut(i..i + 2))
+        {
+            d[0] = v as u32;
+            d[1] = (v >> 32) as u32;
+        }
+    }
+}
+
+/// 64 bytes written by `emit` through an SQE view.
+pub(crate) fn sqe_bytes(emit: impl FnOnce(&mut Sqe<&mut [u8]>)) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    if let Ok(mut view) = Sqe::new_checked(&mut out[..]) {
+        emit(&mut view);
+    }
+    out
 }
 
 impl WireError {
@@ -507,6 +536,17 @@ pub(crate) mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn cdw_u64_pairs() {
+        let mut r = SqeRepr::default();
+        r.set_cdw_u64(12, 0x1122_3344_5566_7788);
+        assert_eq!(r.cdw10_15[2..4], [0x5566_7788, 0x1122_3344]);
+        assert_eq!(r.cdw_u64(12), 0x1122_3344_5566_7788);
+        r.set_cdw_u64(15, 1); // no CDW16: ignored
+        r.set_cdw_u64(9, 1);
+        assert_eq!((r.cdw_u64(15), r.cdw_u64(9), r.cdw10_15[5]), (0, 0, 0));
     }
 
     pub(crate) fn arb_sqe() -> impl Strategy<Value = SqeRepr> {
