@@ -140,6 +140,25 @@ pub enum WireError {
 }
 
 impl WireError {
+    /// The same error seen from an enclosing structure, where the inner structure
+    /// starts at byte `base`.
+    pub fn within(self, base: usize) -> WireError {
+        match self {
+            WireError::Invalid {
+                structure,
+                field,
+                offset,
+                status,
+            } => WireError::Invalid {
+                structure,
+                field,
+                offset: offset + base,
+                status,
+            },
+            truncated => truncated,
+        }
+    }
+
     /// The NVMe status a target should answer with, for [`WireError::Invalid`];
     /// `None` for a truncated buffer, whose answer depends on where the bytes came
     /// from (a short capsule, a short data transfer).

@@ -453,27 +453,6 @@ pub(crate) fn sqe_bytes(emit: impl FnOnce(&mut Sqe<&mut [u8]>)) -> [u8; 64] {
     out
 }
 
-impl WireError {
-    /// The same error seen from an enclosing structure, where the inner structure
-    /// starts at byte `base`.
-    pub fn within(self, base: usize) -> WireError {
-        match self {
-            WireError::Invalid {
-                structure,
-                field,
-                offset,
-                status,
-            } => WireError::Invalid {
-                structure,
-                field,
-                offset: offset + base,
-                status,
-            },
-            truncated => truncated,
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
