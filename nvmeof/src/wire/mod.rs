@@ -152,7 +152,7 @@ impl WireError {
             } => WireError::Invalid {
                 structure,
                 field,
-                offset: offset + base,
+                offset: offset.saturating_add(base),
                 status,
             },
             truncated => truncated,
