@@ -253,6 +253,11 @@ pub struct Hints {
     /// `node`/`service` name the local (listening) address rather than the peer's
     /// (libfabric `FI_SOURCE`).
     pub source: bool,
+    /// The local address to use when `node`/`service` name the peer (libfabric's
+    /// `hints->src_addr`): a connecting endpoint binds it, and a provider with one
+    /// device per address (softroce) picks that device. Port 0: any port. getinfo
+    /// rejects an address that is not on this machine.
+    pub src_addr: Option<SocketAddr>,
     /// Registration modes the application can handle (`None`: any).
     pub mr_mode: Option<MrMode>,
     /// Progress model wanted (`None`: the provider's default).
@@ -292,6 +297,17 @@ impl Hints {
     /// Marks node/service as the local address to listen on.
     pub fn source(mut self, yes: bool) -> Self {
         self.source = yes;
+        self
+    }
+    /// Sets the local address of a connecting endpoint (see [`Hints::src_addr`]
+    /// the field); any port.
+    pub fn src_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.src_addr = Some(SocketAddr::new(ip, 0));
+        self
+    }
+    /// Sets the local address (and port, 0 for any) of a connecting endpoint.
+    pub fn src_addr(mut self, addr: SocketAddr) -> Self {
+        self.src_addr = Some(addr);
         self
     }
     /// Sets the registration modes the application supports.
@@ -346,13 +362,38 @@ pub struct Rejection {
 
 /// getinfo found no match; carries each provider's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GetInfoError {
     /// One entry per provider considered.
     pub rejections: Vec<Rejection>,
+    /// Set when the hints name only providers that are not registered (misspelled, or
+    /// not built): the names asked for and the names registered.
+    pub unknown_provider: Option<(String, Vec<String>)>,
+}
+
+impl GetInfoError {
+    /// An error carrying each provider's reason.
+    pub fn new(rejections: Vec<Rejection>) -> Self {
+        GetInfoError {
+            rejections,
+            unknown_provider: None,
+        }
+    }
 }
 
 impl fmt::Display for GetInfoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some((asked, built)) = &self.unknown_provider {
+            return write!(
+                f,
+                "no provider named '{asked}' (built: {})",
+                if built.is_empty() {
+                    "none".to_string()
+                } else {
+                    built.join(", ")
+                }
+            );
+        }
         if self.rejections.is_empty() {
             return f.write_str("no provider is registered");
         }
@@ -413,7 +454,32 @@ pub(crate) fn match_offer(
             info.dest_addr = Some(Address::Inet(a));
         }
     }
+    if let Some(src) = hints.src_addr {
+        match &info.src_addr {
+            Some(Address::Inet(s)) if *s != src => {
+                return Err(format!(
+                    "two source addresses: node/service with source ({s}) and src_addr ({src})"
+                ))
+            }
+            _ => info.src_addr = Some(Address::Inet(src)),
+        }
+    }
     Ok(info)
+}
+
+/// Checks that `ip` is an address of this machine (or the unspecified address), by
+/// binding a UDP socket to it on an ephemeral port. `Err` is the rejection reason.
+pub(crate) fn check_local_ip(ip: std::net::IpAddr) -> std::result::Result<(), String> {
+    if ip.is_unspecified() {
+        return Ok(());
+    }
+    match std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(format!(
+            "source address {ip} is not an address of this machine"
+        )),
+        Err(e) => Err(format!("source address {ip} cannot be bound: {e}")),
+    }
 }
 
 /// `A | B` names of set bitflags.

@@ -238,7 +238,15 @@ impl Registry {
     /// Matches hints against every provider, with an explicit `FABRIC_PROVIDER`-style
     /// filter (`None`: no filter).
     pub fn explain_with_filter(&self, hints: &Hints, filter: Option<&str>) -> Vec<ProviderMatch> {
-        let addr = hints.resolve_addr();
+        let addr = hints.resolve_addr().and_then(|a| {
+            if let Some(src) = hints.src_addr {
+                crate::info::check_local_ip(src.ip())?;
+            }
+            if let (Some(a), true) = (a, hints.source) {
+                crate::info::check_local_ip(a.ip())?;
+            }
+            Ok(a)
+        });
         self.providers
             .iter()
             .map(|p| ProviderMatch {
@@ -290,9 +298,39 @@ impl Registry {
         }
     }
 
+    /// When the hints name providers (not an exclusion) and none of them is
+    /// registered, the error that says so and lists the registered ones.
+    fn unknown_provider(&self, hints: &Hints) -> Option<GetInfoError> {
+        let want = hints.provider.as_deref()?.trim();
+        if want.starts_with('^') {
+            return None;
+        }
+        let names = name_list(want);
+        if names.is_empty()
+            || self
+                .providers
+                .iter()
+                .any(|p| names.iter().any(|n| n == p.name()))
+        {
+            return None;
+        }
+        let mut e = GetInfoError::new(Vec::new());
+        e.unknown_provider = Some((
+            names.join(","),
+            self.providers
+                .iter()
+                .map(|p| p.name().to_string())
+                .collect(),
+        ));
+        Some(e)
+    }
+
     /// Every answer from every provider that matches `hints`; when none does, the error
     /// lists each provider with the reason it was rejected.
     pub fn getinfo(&self, hints: &Hints) -> std::result::Result<Vec<Info>, GetInfoError> {
+        if let Some(err) = self.unknown_provider(hints) {
+            return Err(err);
+        }
         let mut all = Vec::new();
         let mut rejections = Vec::new();
         for m in self.explain(hints) {
@@ -305,7 +343,7 @@ impl Registry {
             }
         }
         if all.is_empty() {
-            Err(GetInfoError { rejections })
+            Err(GetInfoError::new(rejections))
         } else {
             Ok(all)
         }

@@ -209,3 +209,76 @@ fn info_without_provider_cannot_open() {
     let e = Fabric::open(&info).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
 }
+
+#[test]
+fn unknown_provider_names_the_built_ones() {
+    let r = registry();
+    let err = r.getinfo(&Hints::new().provider("tpc")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no provider named 'tpc' (built: alpha, beta, gamma)"
+    );
+    assert!(err.rejections.is_empty());
+    // One known name among unknown ones: the usual per-provider reasons.
+    let infos = r.getinfo(&Hints::new().provider("tpc,alpha")).unwrap();
+    assert_eq!(infos[0].provider_name, "alpha");
+    // An exclusion is not a request for a name.
+    assert!(r.getinfo(&Hints::new().provider("^tpc")).is_ok());
+    let e: Error = r
+        .getinfo(&Hints::new().provider("verbs"))
+        .unwrap_err()
+        .into();
+    assert_eq!(e.kind(), ErrorKind::NoData);
+    assert!(e.to_string().contains("no provider named 'verbs'"), "{e}");
+}
+
+#[test]
+fn src_addr_is_carried_and_must_be_local() {
+    let r = registry();
+    let hints = Hints::new()
+        .node("127.0.0.1")
+        .service(7000)
+        .src_ip("127.0.0.3".parse().unwrap());
+    let infos = r.getinfo(&hints).unwrap();
+    for i in &infos {
+        assert_eq!(
+            i.src_addr,
+            Some(Address::Inet("127.0.0.3:0".parse().unwrap()))
+        );
+        assert_eq!(
+            i.dest_addr,
+            Some(Address::Inet("127.0.0.1:7000".parse().unwrap()))
+        );
+    }
+    // 192.0.2.0/24 (TEST-NET-1) is never assigned to a host: bind() says
+    // EADDRNOTAVAIL, no packet is sent.
+    let err = r
+        .getinfo(&hints.clone().src_ip("192.0.2.1".parse().unwrap()))
+        .unwrap_err();
+    assert_eq!(err.rejections.len(), 3);
+    for rej in &err.rejections[..2] {
+        assert_eq!(
+            rej.reason, "source address 192.0.2.1 is not an address of this machine",
+            "{err}"
+        );
+    }
+    // A listener's node must be local too.
+    let err = r
+        .getinfo(&Hints::new().node("192.0.2.1").service(0).source(true))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not an address of this machine"),
+        "{err}"
+    );
+    // Two different source addresses are refused with a reason.
+    let err = r
+        .getinfo(
+            &Hints::new()
+                .node("127.0.0.1")
+                .service(0)
+                .source(true)
+                .src_ip("127.0.0.2".parse().unwrap()),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("two source addresses"), "{err}");
+}
