@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::dispatch::Dispatch;
 use crate::domain::Domain;
 use crate::error::{CqError, Error, ErrorKind, Result};
 use crate::flags::CompFlags;
@@ -94,11 +95,50 @@ impl Completion {
 pub struct CompletionQueue {
     ops: Arc<dyn CqOps>,
     domain: Domain,
+    dispatch: Arc<Dispatch>,
 }
 
 impl CompletionQueue {
     pub(crate) fn new(ops: Arc<dyn CqOps>, domain: Domain) -> Self {
-        CompletionQueue { ops, domain }
+        CompletionQueue {
+            ops,
+            domain,
+            dispatch: Arc::default(),
+        }
+    }
+    /// The routing state of operation futures on this queue.
+    pub(crate) fn dispatch(&self) -> &Dispatch {
+        &self.dispatch
+    }
+    /// Reads without blocking, through the dispatcher when operation futures use the
+    /// queue.
+    fn read_routed(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+        if self.dispatch.active() {
+            self.dispatch.read(&*self.ops, out, max)
+        } else {
+            self.ops.read(out, max)
+        }
+    }
+    /// A blocking provider read whose result is routed when operation futures use the
+    /// queue; may return 0 before the timeout when everything it read was theirs.
+    fn sread_routed(
+        &self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        if !self.dispatch.active() {
+            return self.ops.sread(out, max, timeout);
+        }
+        let n = self.dispatch.read(&*self.ops, out, max)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let mut batch = Vec::with_capacity(max);
+        self.ops.sread(&mut batch, max, timeout)?;
+        let start = out.len();
+        self.dispatch.route_read(&mut batch, out);
+        Ok(out.len() - start)
     }
     /// The provider's object.
     pub fn ops(&self) -> &Arc<dyn CqOps> {
@@ -112,7 +152,7 @@ impl CompletionQueue {
     /// Appends up to `max` completions to `out` without blocking (driving progress in
     /// manual mode); returns how many.
     pub fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.ops.read(out, max)
+        self.read_routed(out, max)
     }
 
     /// Like [`read`](Self::read), but sleeps up to `timeout` (`None`: forever) for at
@@ -123,13 +163,13 @@ impl CompletionQueue {
         max: usize,
         timeout: Option<Duration>,
     ) -> Result<usize> {
-        self.ops.sread(out, max, timeout)
+        self.sread_routed(out, max, timeout)
     }
 
     /// The next completion, without blocking.
     pub fn try_next(&self) -> Result<Option<Completion>> {
         let mut v = Vec::with_capacity(1);
-        self.ops.read(&mut v, 1)?;
+        self.read_routed(&mut v, 1)?;
         Ok(v.pop())
     }
 
@@ -139,7 +179,7 @@ impl CompletionQueue {
         let mut v = Vec::with_capacity(1);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.ops.sread(&mut v, 1, Some(left))? > 0 {
+            if self.sread_routed(&mut v, 1, Some(left))? > 0 {
                 if let Some(c) = v.pop() {
                     return Ok(c);
                 }
@@ -160,7 +200,7 @@ impl CompletionQueue {
         let mut v = Vec::with_capacity(1);
         let mut spins = 0u32;
         loop {
-            if self.ops.read(&mut v, 1)? > 0 {
+            if self.read_routed(&mut v, 1)? > 0 {
                 if let Some(c) = v.pop() {
                     return Ok(c);
                 }
@@ -195,14 +235,14 @@ impl Future for ReadFuture<'_> {
     type Output = Result<Vec<Completion>>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut v = Vec::new();
-        match self.cq.ops.read(&mut v, self.max) {
+        match self.cq.read_routed(&mut v, self.max) {
             Err(e) => return Poll::Ready(Err(e)),
             Ok(n) if n > 0 => return Poll::Ready(Ok(v)),
             Ok(_) => {}
         }
         self.cq.ops.register_waker(cx.waker());
         // Re-check after registering so a completion that raced in is not missed.
-        match self.cq.ops.read(&mut v, self.max) {
+        match self.cq.read_routed(&mut v, self.max) {
             Err(e) => Poll::Ready(Err(e)),
             Ok(n) if n > 0 => Poll::Ready(Ok(v)),
             Ok(_) => Poll::Pending,

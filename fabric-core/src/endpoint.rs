@@ -157,8 +157,8 @@ pub struct Endpoint {
     info: Info,
     domain: Domain,
     selective: bool,
-    _tx_cq: CompletionQueue,
-    _rx_cq: CompletionQueue,
+    tx_cq: CompletionQueue,
+    rx_cq: CompletionQueue,
     _eq: EventQueue,
 }
 
@@ -226,8 +226,8 @@ impl Endpoint {
             info,
             domain,
             selective: config.selective_completion,
-            _tx_cq: config.tx_cq.clone(),
-            _rx_cq: config.rx_cq.clone(),
+            tx_cq: config.tx_cq.clone(),
+            rx_cq: config.rx_cq.clone(),
             _eq: config.eq.clone(),
         }
     }
@@ -613,6 +613,80 @@ impl Endpoint {
         })
     }
 
+    // Per-operation futures (see `fabric_core::dispatch`): each posts at once with a
+    // context allocated by its completion queue's dispatcher and resolves with that
+    // operation's completion, whichever task drains the queue.
+
+    fn async_flags(flags: OpFlags, what: &str) -> Result<OpFlags> {
+        if flags.contains(OpFlags::INJECT) {
+            return Err(Error::invalid(format!(
+                "{what}: an inject has no completion to await; use the blocking form"
+            )));
+        }
+        Ok(flags | OpFlags::COMPLETION)
+    }
+
+    /// Sends a message and returns the future of its completion. An error completion
+    /// resolves to `Err` (its [`CqError`](crate::CqError) as the source).
+    pub fn send_async(&self, iov: LocalIov<'_>) -> Result<crate::OpFuture> {
+        crate::OpFuture::post(&self.tx_cq, |ctx| self.send(iov, ctx))
+    }
+    /// Posts a receive and returns the future of its completion (its `len` is the
+    /// bytes received, `data` any remote CQ data).
+    pub fn recv_async(&self, iov: LocalIov<'_>) -> Result<crate::OpFuture> {
+        crate::OpFuture::post(&self.rx_cq, |ctx| self.recv(iov, ctx))
+    }
+    /// RMA write; the future of its completion.
+    pub fn write_async(&self, iov: LocalIov<'_>, remote: RemoteIov) -> Result<crate::OpFuture> {
+        crate::OpFuture::post(&self.tx_cq, |ctx| self.write(iov, remote, ctx))
+    }
+    /// RMA read; the future of its completion (the data is in `iov` once it resolves).
+    pub fn read_async(&self, iov: LocalIov<'_>, remote: RemoteIov) -> Result<crate::OpFuture> {
+        crate::OpFuture::post(&self.tx_cq, |ctx| self.read(iov, remote, ctx))
+    }
+    /// [`sendmsg`](Self::sendmsg) with a completion to await (`msg.context` is
+    /// replaced by the dispatcher's; `COMPLETION` is implied; `INJECT` is refused).
+    pub fn sendmsg_async(&self, msg: &Msg<'_>, flags: OpFlags) -> Result<crate::OpFuture> {
+        let flags = Self::async_flags(flags, "sendmsg_async")?;
+        crate::OpFuture::post(&self.tx_cq, |ctx| {
+            self.sendmsg(
+                &Msg {
+                    context: ctx,
+                    ..*msg
+                },
+                flags,
+            )
+        })
+    }
+    /// [`writemsg`](Self::writemsg) with a completion to await, at the completion
+    /// level the flags ask for (e.g. `COMMIT_COMPLETE`: resolves once durable at the
+    /// target).
+    pub fn writemsg_async(&self, msg: &RmaMsg<'_>, flags: OpFlags) -> Result<crate::OpFuture> {
+        let flags = Self::async_flags(flags, "writemsg_async")?;
+        crate::OpFuture::post(&self.tx_cq, |ctx| {
+            self.writemsg(
+                &RmaMsg {
+                    context: ctx,
+                    ..*msg
+                },
+                flags,
+            )
+        })
+    }
+    /// [`readmsg`](Self::readmsg) with a completion to await.
+    pub fn readmsg_async(&self, msg: &RmaMsg<'_>, flags: OpFlags) -> Result<crate::OpFuture> {
+        let flags = Self::async_flags(flags, "readmsg_async")?;
+        crate::OpFuture::post(&self.tx_cq, |ctx| {
+            self.readmsg(
+                &RmaMsg {
+                    context: ctx,
+                    ..*msg
+                },
+                flags,
+            )
+        })
+    }
+
     fn check_rma(&self, msg: &RmaMsg<'_>, local: usize, what: &str) -> Result<()> {
         self.check_len(msg.iov.len(), self.info.limits.iov_limit, local, what)?;
         if msg.rma_iov.is_empty() || msg.rma_iov.len() > self.info.limits.rma_iov_limit {
@@ -666,7 +740,8 @@ impl PassiveEndpoint {
         self.ops.reject(&request.info, data)
     }
     /// The provider's object.
-    pub fn ops(&self) -> &Arc<dyn PassiveEndpointOps> {
+    #[allow(dead_code)]
+    pub(crate) fn ops(&self) -> &Arc<dyn PassiveEndpointOps> {
         &self.ops
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 /// The class of an [`Error`], in the spirit of libfabric's `-FI_E*` codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,12 +61,23 @@ impl ErrorKind {
     }
 }
 
-/// An error from an API call: a kind plus a message that says what and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An error from an API call: a kind plus a message that says what and why, and the
+/// underlying error ([`source`](std::error::Error::source)) where one caused it (an
+/// `io::Error`, a [`CqError`]).
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+/// Errors compare by kind and message (the source is not compared).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+impl Eq for Error {}
 
 impl Error {
     /// Creates an error of `kind` with a message giving context.
@@ -73,7 +85,13 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+    /// The same error, recording `source` as its cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
     /// Shorthand for [`ErrorKind::InvalidArgument`].
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -108,7 +126,13 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
@@ -124,7 +148,26 @@ impl From<io::Error> for Error {
             io::ErrorKind::Unsupported => ErrorKind::NotSupported,
             _ => ErrorKind::Io,
         };
-        Error::new(kind, e.to_string())
+        Error::new(kind, e.to_string()).with_source(e)
+    }
+}
+
+/// An error completion as an API error (used by operation futures): the kind that
+/// fits the failure, the completion's description as the message, and the
+/// [`CqError`] as the source.
+impl From<CqError> for Error {
+    fn from(e: CqError) -> Self {
+        let kind = match e.kind {
+            CqErrorKind::RemoteAccess | CqErrorKind::LocalProtection => ErrorKind::AccessDenied,
+            CqErrorKind::RemoteInvalid | CqErrorKind::Truncated => ErrorKind::InvalidArgument,
+            CqErrorKind::Canceled => ErrorKind::Shutdown,
+            CqErrorKind::ConnectionLost
+            | CqErrorKind::RetryExceeded
+            | CqErrorKind::RnrRetryExceeded => ErrorKind::NotConnected,
+            CqErrorKind::RemoteOperation => ErrorKind::Io,
+            CqErrorKind::Other => ErrorKind::Other,
+        };
+        Error::new(kind, e.to_string()).with_source(e)
     }
 }
 

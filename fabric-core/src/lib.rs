@@ -23,8 +23,45 @@
 //! and connection handshakes, and nothing else. Two ends in one thread must therefore
 //! poll both sides (a connect completes only while the server's event queue is read,
 //! and the client's). [`Progress::Auto`] adds a provider thread. Blocking reads (`sread`, `wait`) sleep;
-//! [`CompletionQueue::poll_wait`] spins for the lowest latency. Async code awaits
-//! completions through [`AsyncCompletions`] and events through [`AsyncEvents`].
+//! [`CompletionQueue::poll_wait`] spins for the lowest latency.
+//!
+//! ## Async
+//! Each data operation has a `*_async` form ([`Endpoint::write_async`],
+//! [`Endpoint::recv_async`], [`Endpoint::writemsg_async`], ...) that posts at once and
+//! returns an [`OpFuture`] resolving with *that* operation's completion, whichever
+//! task drains the queue, so many tasks can share one completion queue
+//! (`ep.write_async(mr.iov(0, 8), remote.iov(0, 8))?.await?`); an error completion
+//! resolves to `Err` with the [`CqError`] as its source. See [`dispatch`]. The
+//! queue-level stream stays: [`AsyncCompletions`] hands completions to whichever task
+//! polls next (for a task that owns its queue), and [`AsyncEvents`] awaits events.
+//!
+//! ## One set of semantics
+//! Every provider keeps these rules, so that switching providers changes speed, not
+//! behaviour (the conformance suite checks each):
+//! - **A refused remote access ends the connection.** A bad key, bounds, rights, or a
+//!   COMMIT into memory not registered PMEM: the initiator's operation completes with
+//!   [`CqErrorKind::RemoteAccess`] (or `RemoteInvalid`), the target's memory is not
+//!   touched, and the connection ends at both ends with
+//!   [`Event::Shutdown`] `{ reason: ShutdownReason::AccessError }`. This is what RC
+//!   hardware does (the responder NAKs and moves its queue pair to the error state,
+//!   the requester's goes to error on the NAK), so the verbs provider can keep it too.
+//! - **Every end of a connection is an event** that says why ([`ShutdownReason`]):
+//!   local shutdown, the peer's, a lost connection, an access error, a protocol error.
+//! - **Posting to an endpoint whose connection has ended fails at the call** with
+//!   [`ErrorKind::NotConnected`] ([`ErrorKind::Shutdown`] after a local shutdown), once
+//!   the provider knows; operations outstanding then complete `Canceled` or
+//!   `ConnectionLost`.
+//! - **A write with remote CQ data completes at the initiator only once the target
+//!   has matched the CQ data with a posted receive** (RDMA WRITE with immediate
+//!   consumes a receive; until the target posts one, the initiator waits, bounded by
+//!   its receiver-not-ready retries). CQ data is `cq_data_size` bytes (8 on tcp, 4 on
+//!   softroce and verbs).
+//! - **The transport keeps answering while the application is busy.** With manual
+//!   progress an application that does not read its queues for seconds delays its own
+//!   completions, never its peer's connection (softroce runs a progress backstop).
+//! - **Addresses:** [`Hints::src_addr`] chooses the local address (and, on softroce,
+//!   the device); getinfo refuses one that is not on this machine, and a provider name
+//!   that is not built is named as such.
 //!
 //! ## Extension points
 //! Reliable unconnected endpoints, tagged messages and atomics come later without a
@@ -73,6 +110,7 @@
 #![warn(missing_docs)]
 
 pub mod cq;
+pub mod dispatch;
 pub mod domain;
 pub mod endpoint;
 pub mod eq;
@@ -87,6 +125,7 @@ pub mod wait;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cq::{AsyncCompletions, Completion, CompletionQueue, CqAttr};
+pub use dispatch::{OpFuture, DISPATCH_CONTEXT_BIT};
 pub use domain::{Domain, Fabric};
 pub use endpoint::{
     Endpoint, EndpointConfig, Msg, PassiveEndpoint, Payload, RecvRequest, RmaMsg, RmaRequest,
