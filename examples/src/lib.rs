@@ -18,6 +18,18 @@ pub mod report;
 pub mod rmabw;
 pub mod sizes;
 
+/// Makes a closed standard output end the tool quietly, as it ends `cat` or `ls`
+/// (`fabric-info | head` used to panic with "failed printing to stdout: Broken
+/// pipe"): restores the default action of SIGPIPE, which the Rust runtime ignores.
+/// Sockets are unaffected: the providers and std send with `MSG_NOSIGNAL`. Call it
+/// first thing in `main`.
+pub fn quiet_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// How a tool waits for completions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

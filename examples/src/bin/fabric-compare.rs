@@ -127,6 +127,7 @@ fn fmt_bw(v: Option<f64>) -> String {
 }
 
 fn main() {
+    fabric_examples::quiet_on_closed_pipe();
     let a = Args::parse();
     if let Err(e) = run(&a) {
         eprintln!("fabric-compare: {e}");

@@ -140,6 +140,7 @@ fn print_info(i: &Info, verbose: bool) {
 }
 
 fn main() {
+    fabric_examples::quiet_on_closed_pipe();
     let a = Args::parse();
     let h = match hints(&a) {
         Ok(h) => h,

@@ -84,6 +84,7 @@ fn run(a: &Args) -> Result<(), String> {
 }
 
 fn main() {
+    fabric_examples::quiet_on_closed_pipe();
     let a = Args::parse();
     if let Err(e) = run(&a) {
         eprintln!("fabric-rma-bw: {e}");
