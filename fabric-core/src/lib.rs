@@ -118,6 +118,7 @@ pub mod error;
 pub mod flags;
 pub mod info;
 pub mod memory;
+pub mod prov;
 pub mod provider;
 #[cfg(target_os = "linux")]
 pub mod wait;

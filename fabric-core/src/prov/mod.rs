@@ -1,0 +1,15 @@
+//! The shared provider layer (libfabric's prov/util): what every provider needs, once,
+//! so that a provider writes its data path and its connection manager and nothing
+//! else. Applications do not need this module.
+//!
+//! - [`key_map`]: the memory keys of a domain and the one remote-access check
+//!   ([`KeyMap::verify`](key_map::KeyMap::verify)): key, rights, bounds, PMEM.
+//! - [`sgl`]: scatter/gather lists over an operation's segments or a remote access's
+//!   verified ranges, with copies by offset and a streaming cursor.
+//! - [`crate::wait`]: the waitable FIFO behind completion and event queues.
+
+pub mod key_map;
+pub mod sgl;
+
+pub use key_map::{AccessError, AddrMode, KeyMap, Need, Registration, RemoteRange};
+pub use sgl::{Cursor, ScatterList};
