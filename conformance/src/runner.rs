@@ -19,7 +19,7 @@ pub const DEFAULT_CASE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Options of a run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Only cases whose `group/name` matches (see [`matches`]).
+    /// Only cases whose `group/name` matches (see [`matches()`]).
     pub filter: Option<String>,
     /// Time limit per case.
     pub case_timeout: Duration,
