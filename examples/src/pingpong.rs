@@ -72,20 +72,41 @@ fn encode_config(plan: &[(usize, usize)], warmup: usize) -> Vec<u8> {
     v
 }
 
+/// Largest warm-up or iteration count a server accepts (a bound, not a policy: about
+/// an hour of 1 us round trips).
+const MAX_COUNT: usize = 1 << 32;
+
 fn decode_config(b: &[u8]) -> ToolResult<(Vec<(usize, usize)>, usize)> {
-    let bad = || "malformed ping-pong configuration from the client".to_string();
+    let bad = |why: &str| format!("malformed ping-pong configuration from the client: {why}");
     if b.len() < 16 || &b[0..4] != MAGIC {
-        return Err(bad());
+        return Err(bad("no header"));
     }
-    let n = u32::from_le_bytes(b[4..8].try_into().map_err(|_| bad())?) as usize;
+    let n = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+    // The count must match the bytes that came: nothing is allocated on its word.
+    if n.checked_mul(16).and_then(|x| x.checked_add(16)) != Some(b.len()) {
+        return Err(bad(&format!(
+            "{n} sizes announced in a message of {} bytes",
+            b.len()
+        )));
+    }
     let u = |i: usize| -> ToolResult<usize> {
-        let x = b.get(i..i + 8).ok_or_else(bad)?;
-        Ok(u64::from_le_bytes(x.try_into().map_err(|_| bad())?) as usize)
+        let x: [u8; 8] = b
+            .get(i..i + 8)
+            .and_then(|x| x.try_into().ok())
+            .ok_or_else(|| bad("short"))?;
+        usize::try_from(u64::from_le_bytes(x)).map_err(|_| bad("value too large"))
     };
     let warmup = u(8)?;
+    if warmup > MAX_COUNT {
+        return Err(bad(&format!("warm-up count {warmup}")));
+    }
     let mut plan = Vec::with_capacity(n);
     for k in 0..n {
-        plan.push((u(16 + k * 16)?, u(24 + k * 16)?));
+        let (size, iters) = (u(16 + k * 16)?, u(24 + k * 16)?);
+        if iters > MAX_COUNT {
+            return Err(bad(&format!("iteration count {iters}")));
+        }
+        plan.push((size, iters));
     }
     Ok((plan, warmup))
 }
@@ -263,5 +284,24 @@ mod tests {
         let mut trunc = encode_config(&plan, 7);
         trunc.truncate(30);
         assert!(decode_config(&trunc).is_err());
+    }
+
+    /// The attack of the hostile-peer review: 28 bytes claiming 2^32-1 sizes used to
+    /// make the server allocate 64 GiB and abort.
+    #[test]
+    fn a_huge_announced_count_is_refused_without_allocating() {
+        let mut b = encode_config(&[(8, 10)], 0);
+        b[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        b.truncate(28);
+        let e = decode_config(&b).unwrap_err();
+        assert!(
+            e.contains("4294967295 sizes announced in a message of 28 bytes"),
+            "{e}"
+        );
+        // Absurd counts are refused too.
+        let e = decode_config(&encode_config(&[(8, usize::MAX)], 0)).unwrap_err();
+        assert!(e.contains("iteration count"), "{e}");
+        let e = decode_config(&encode_config(&[(8, 1)], usize::MAX)).unwrap_err();
+        assert!(e.contains("warm-up count"), "{e}");
     }
 }
