@@ -168,7 +168,7 @@ impl CompletionQueue {
 
     /// The next completion, without blocking.
     pub fn try_next(&self) -> Result<Option<Completion>> {
-        let mut v = Vec::with_capacity(1);
+        let mut v = Vec::new();
         self.read_routed(&mut v, 1)?;
         Ok(v.pop())
     }

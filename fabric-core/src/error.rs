@@ -1,6 +1,7 @@
 //! Errors returned by API calls ([`Error`]) and carried by error completions
 //! ([`CqError`]).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
@@ -67,7 +68,9 @@ impl ErrorKind {
 #[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
-    message: String,
+    /// Borrowed for static messages, so that frequent errors on hot paths (a full
+    /// queue: `WouldBlock`) allocate nothing.
+    message: Cow<'static, str>,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
@@ -81,7 +84,7 @@ impl Eq for Error {}
 
 impl Error {
     /// Creates an error of `kind` with a message giving context.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
         Error {
             kind,
             message: message.into(),
@@ -94,11 +97,11 @@ impl Error {
         self
     }
     /// Shorthand for [`ErrorKind::InvalidArgument`].
-    pub fn invalid(message: impl Into<String>) -> Self {
+    pub fn invalid(message: impl Into<Cow<'static, str>>) -> Self {
         Error::new(ErrorKind::InvalidArgument, message)
     }
     /// Shorthand for [`ErrorKind::NotSupported`].
-    pub fn unsupported(message: impl Into<String>) -> Self {
+    pub fn unsupported(message: impl Into<Cow<'static, str>>) -> Self {
         Error::new(ErrorKind::NotSupported, message)
     }
     /// The class of the error.
@@ -111,7 +114,7 @@ impl Error {
     }
     /// Prefixes the message with more context.
     pub fn context(mut self, ctx: impl fmt::Display) -> Self {
-        self.message = format!("{ctx}: {}", self.message);
+        self.message = format!("{ctx}: {}", self.message).into();
         self
     }
 }
