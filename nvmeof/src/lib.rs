@@ -37,4 +37,9 @@
 
 #![warn(missing_docs)]
 
+pub mod error;
+pub mod target;
+pub mod transport;
 pub mod wire;
+
+pub use error::{Error, Result};
