@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod host;
 pub mod target;
 pub mod transport;
 pub mod wire;

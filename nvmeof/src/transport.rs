@@ -145,11 +145,6 @@ impl Link {
         Ok(())
     }
 
-    /// Why the connection ended, if it did.
-    pub(crate) fn closed(&self) -> Option<&str> {
-        self.closed.as_deref()
-    }
-
     fn dead(&self) -> Error {
         Error::Disconnected(self.closed.clone().unwrap_or_default())
     }
