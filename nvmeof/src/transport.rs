@@ -12,7 +12,7 @@
 //!   host memory registered with the fabric and the region's key, which must fit 32
 //!   bits ([`check_keys`]); the target moves data with fabric RMA read/write.
 //!
-//! [`Link`] is one connected queue's fabric side, shared by target and host.
+//! `Link` (crate-private) is one connected queue's fabric side, shared by target and host.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

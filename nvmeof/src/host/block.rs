@@ -5,7 +5,7 @@ use super::queue::{Data, HostQueue};
 use super::Controller;
 use crate::error::{Error, Result};
 use crate::wire::opcodes::{
-    CopyCommand, CopySourceRange, DsmCommand, DsmRange, IoCommand, IoOpcode, NSID_ALL,
+    CopyCommand, CopySourceRange, DsmCommand, DsmRange, IoCommand, IoOpcode,
 };
 use crate::wire::{SqeRepr, StatusContext};
 
@@ -90,7 +90,7 @@ fn build(ns: &NamespaceInfo, req: &IoRequest) -> Result<(SqeRepr, Vec<u8>, usize
     };
     let bs = ns.block_size as usize;
     let blocks_of = |data: &[u8]| -> Result<u32> {
-        if data.is_empty() || data.len() % bs != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(bs) {
             return Err(Error::Config(format!(
                 "{} bytes is not a whole number of {bs}-byte blocks",
                 data.len()
@@ -283,7 +283,7 @@ impl Controller {
     /// Reads `buf.len()` bytes (whole blocks) at `slba`.
     pub fn read(&self, ns: &NamespaceInfo, slba: u64, buf: &mut [u8]) -> Result<()> {
         let bs = ns.block_size as usize;
-        if buf.is_empty() || buf.len() % bs != 0 {
+        if buf.is_empty() || !buf.len().is_multiple_of(bs) {
             return Err(Error::Config("read of a partial block".into()));
         }
         let data = self.submit_one(
@@ -310,14 +310,14 @@ impl Controller {
         .map(drop)
     }
 
-    /// Flushes namespace `nsid`, or every namespace with `0xFFFF_FFFF`.
+    /// Flushes namespace `nsid`, or every namespace with
+    /// [`NSID_ALL`](crate::wire::opcodes::NSID_ALL).
     pub fn flush(&self, nsid: u32) -> Result<()> {
         let ns = NamespaceInfo {
             nsid,
             block_size: 512,
             blocks: 0,
         };
-        let _ = NSID_ALL;
         self.submit_one(&ns, &IoRequest::Flush).map(drop)
     }
 

@@ -18,7 +18,6 @@ const CDW10: usize = 40;
 const CDW11: usize = 44;
 
 pub(crate) fn handle(mut cmd: Cmd<'_>, ctrl: &Controller, shared: &Shared) -> CmdResult {
-    let discovery = ctrl.subsys.discovery;
     match AdminOpcode::from(cmd.sqe.opcode) {
         AdminOpcode::Identify => identify(&mut cmd, ctrl),
         AdminOpcode::GetLogPage => get_log_page(&mut cmd, ctrl, shared),
@@ -39,7 +38,6 @@ pub(crate) fn handle(mut cmd: Cmd<'_>, ctrl: &Controller, shared: &Shared) -> Cm
             s.held_aers.push(cmd.sqe.cid);
             Ok(Outcome::Held)
         }
-        _ if discovery => Err(CmdError::at(StatusCode::InvalidOpcode, 0)),
         _ => Err(CmdError::at(StatusCode::InvalidOpcode, 0)),
     }
 }
@@ -122,7 +120,7 @@ fn get_log_page(cmd: &mut Cmd<'_>, ctrl: &Controller, shared: &Shared) -> CmdRes
         LogPageId::ChangedNamespaceList if !discovery => vec![0u8; 4096],
         _ => return Err(CmdError::at(StatusCode::InvalidLogPage, CDW10)),
     };
-    if glp.lpo % 4 != 0 || glp.lpo > page.len() as u64 {
+    if !glp.lpo.is_multiple_of(4) || glp.lpo > page.len() as u64 {
         return Err(CmdError::at(StatusCode::InvalidField, 48));
     }
     let start = glp.lpo as usize;

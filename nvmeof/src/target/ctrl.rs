@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::subsys::{Subsystem, COPY_MSRC, MAX_NSID};
-use crate::transport::{CQE_LEN, SQE_LEN};
+use super::subsys::{Subsystem, MAX_NSID};
+use crate::transport::CQE_LEN;
 use crate::wire::identify::{oncs, sgls, vwc, ControllerType, IdentifyController};
 use crate::wire::log::{ErrorInformationEntry, SmartLog, TransportType};
 use crate::wire::properties::{Cap, Cc, Csts, Vs};
@@ -245,7 +245,6 @@ impl Controller {
             msdbd: 1,
             ..Default::default()
         };
-        debug_assert_eq!(SQE_LEN, 64);
         if !discovery {
             id.nn = MAX_NSID;
             id.mnan = MAX_NSID;
@@ -254,7 +253,6 @@ impl Controller {
             id.vwc = vwc::PRESENT | vwc::FLUSH_ALL_NSID;
             id.ieee = [0x00, 0x00, 0x00];
         }
-        let _ = COPY_MSRC;
         id
     }
 }
