@@ -89,6 +89,24 @@ pub fn cm_reject(status: CmRejectStatus) -> [u8; 4] {
     b
 }
 
+/// Direction of an RMA transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rma {
+    /// From the peer's memory.
+    Read,
+    /// Into the peer's memory.
+    Write,
+}
+
+impl Rma {
+    fn name(self) -> &'static str {
+        match self {
+            Rma::Read => "RMA read",
+            Rma::Write => "RMA write",
+        }
+    }
+}
+
 /// One connected queue: endpoint, its queues, and the receive buffers.
 pub(crate) struct Link {
     pub(crate) ep: Endpoint,
@@ -283,28 +301,22 @@ impl Link {
         OP_TAG | self.next_op
     }
 
-    /// RMA read of `remote` into `local[offset..offset + remote.len]`; returns when done.
-    pub(crate) fn read_remote(
+    /// One RMA transfer between `local[offset..offset + remote.len]` and `remote`
+    /// (read: remote to local; write: local to remote); returns when done.
+    pub(crate) fn rma(
         &mut self,
+        dir: Rma,
         local: &MemoryRegion,
         offset: usize,
         remote: RemoteIov,
     ) -> Result<()> {
         let ctx = self.op_context();
-        self.ep.read(local.iov(offset, remote.len), remote, ctx)?;
-        self.wait_op(ctx, "RMA read")
-    }
-
-    /// RMA write of `local[offset..offset + remote.len]` to `remote`; returns when done.
-    pub(crate) fn write_remote(
-        &mut self,
-        local: &MemoryRegion,
-        offset: usize,
-        remote: RemoteIov,
-    ) -> Result<()> {
-        let ctx = self.op_context();
-        self.ep.write(local.iov(offset, remote.len), remote, ctx)?;
-        self.wait_op(ctx, "RMA write")
+        let iov = local.iov(offset, remote.len);
+        match dir {
+            Rma::Read => self.ep.read(iov, remote, ctx)?,
+            Rma::Write => self.ep.write(iov, remote, ctx)?,
+        }
+        self.wait_op(ctx, dir.name())
     }
 
     fn wait_op(&mut self, ctx: u64, what: &str) -> Result<()> {

@@ -9,7 +9,7 @@ use fabric::{Access, Domain, MemoryRegion, RemoteIov};
 use super::ctrl::{Controller, MAX_TRANSFER};
 use super::{admin_cmd, fabrics_cmd, io_cmd, Shared};
 use crate::error::Error;
-use crate::transport::{Link, SQE_LEN};
+use crate::transport::{Link, Rma, SQE_LEN};
 use crate::wire::log::ErrorInformationEntry;
 use crate::wire::sqe::{Dptr, Fuse};
 use crate::wire::{CqeRepr, SglRepr, Sqe, SqeRepr, Status, StatusCode, WireError};
@@ -146,7 +146,7 @@ impl Xfer<'_> {
                     key: u64::from(k.key()),
                 };
                 self.link
-                    .read_remote(self.bounce, 0, remote)
+                    .rma(Rma::Read, self.bounce, 0, remote)
                     .map_err(transfer_failed)?;
                 self.bounce
                     .to_vec(0, len)
@@ -173,7 +173,7 @@ impl Xfer<'_> {
                     key: u64::from(k.key()),
                 };
                 self.link
-                    .write_remote(self.bounce, 0, remote)
+                    .rma(Rma::Write, self.bounce, 0, remote)
                     .map_err(transfer_failed)
             }
             // In-capsule data only flows from the host.
