@@ -1,9 +1,57 @@
-//! NVMe over Fabrics, built on this project's fabric API.
+//! NVMe over Fabrics, built only on this project's fabric API.
 //!
-//! This crate is meant to hold an NVMe-oF target, a host and tools. So far it has
-//! only their first layer, [`wire`]: the NVMe and NVMe-oF wire formats as pure code
-//! with no I/O and no dependency on the fabric crates. The target, host and tools come
-//! next and are not here yet.
+//! What exists:
+//!
+//! * [`wire`] – the NVMe and NVMe-oF wire formats as pure code (no I/O): SQE, CQE,
+//!   status, SGLs, Fabrics commands and Connect data, properties, Identify, log pages,
+//!   the RDMA CM private data. Field offsets are pinned against libnvme's `types.h`
+//!   (`tests/reference_offsets.rs`).
+//! * [`transport`] – the binding to any fabric provider, after the NVMe-oF RDMA
+//!   transport: CM private data as connect/accept/reject data, capsules and responses
+//!   as messages, data by RMA against keyed SGLs (32-bit keys: providers with wider
+//!   keys are refused with [`Error::KeysTooWide`]; today that means softroce, not tcp),
+//!   in-capsule data for small writes.
+//! * [`target`] – subsystems (NQN, serial, model, allowed hosts), namespaces in memory
+//!   or in a file (buffered), ports, the discovery subsystem, controllers with dynamic
+//!   IDs, admin and I/O queues. Fabrics: Connect, Property Get/Set (CAP, VS, CC, CSTS).
+//!   Admin: Identify (controller, namespace, active list, descriptors), Get/Set
+//!   Features (number of queues, keep-alive timer, volatile write cache, async event
+//!   configuration), Keep Alive (timeout enforced), Get Log Page (error, SMART,
+//!   changed namespaces, discovery), Asynchronous Event Request (held, never
+//!   completed). I/O: Read, Write (FUA), Flush (one or all namespaces), Write Zeroes
+//!   (DEAC), Dataset Management (deallocate punches holes in files), Verify, Compare,
+//!   Copy (format 0).
+//! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
+//!   number of queues, I/O queues), keep-alive, and a block API with several commands
+//!   in flight per queue.
+//!
+//! Not here: direct I/O and pmem back ends, in-band authentication, asynchronous
+//! events ever firing, ANA, reservations, command line tools.
+//!
+//! A target with a memory namespace and a host reading it back, over softroce:
+//!
+//! ```no_run
+//! use nvmeof::host::{Controller, HostConfig, TransportAddr};
+//! use nvmeof::target::{NamespaceConfig, PortConfig, SubsystemConfig, Target};
+//!
+//! let target = Target::new();
+//! let mut subsys = SubsystemConfig::new("nqn.2024-01.io.example:disk");
+//! subsys.namespaces.push(NamespaceConfig::memory(1, 1 << 20));
+//! target.add_subsystem(&subsys)?;
+//! let port = target.add_port(&PortConfig::new("softroce", "127.0.0.1"))?;
+//!
+//! let addr = TransportAddr::new("softroce", "127.0.0.1", port.local_addr().port());
+//! let ctrl = Controller::connect(&addr, "nqn.2024-01.io.example:disk", &HostConfig::default())?;
+//! let ns = ctrl.namespace(1)?;
+//! ctrl.write(&ns, 8, &[0xAB; 512], false)?;
+//! let mut back = [0u8; 512];
+//! ctrl.read(&ns, 8, &mut back)?;
+//! assert_eq!(back, [0xAB; 512]);
+//! ctrl.disconnect()?;
+//! # Ok::<(), nvmeof::Error>(())
+//! ```
+//!
+//! The wire layer, on its own:
 //!
 //! Every format is a typed view over a byte buffer with a checked constructor and
 //! accessors that never panic, plus a validated representation with `parse` and
@@ -37,4 +85,10 @@
 
 #![warn(missing_docs)]
 
+pub mod error;
+pub mod host;
+pub mod target;
+pub mod transport;
 pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,351 @@
+//! The NVMe-oF transport binding over any fabric provider, after the RDMA transport.
+//!
+//! * Connection data: the NVMe-oF RDMA CM private data. The host's connect data is a
+//!   [`CmRequest`] (RECFMT 0, QID, HRQSIZE, HSQSIZE, CNTLID), the target answers with a
+//!   [`CmAccept`] (CRQSIZE) as accept data or a [`CmReject`] as reject data.
+//! * Capsules: a 64-byte SQE, followed by in-capsule data up to IOCCSZ, is one fabric
+//!   message; a 16-byte CQE is one message back. Each side posts a receive for every
+//!   message the peer may send (the host never has more commands outstanding than the
+//!   target posted receives for, and posts a receive per outstanding command), and a
+//!   receive buffer is posted again as soon as its bytes were copied out.
+//! * Data: keyed SGL data block descriptors carry `RemoteMr::iov(offset)` addresses of
+//!   host memory registered with the fabric and the region's key, which must fit 32
+//!   bits ([`check_keys`]); the target moves data with fabric RMA read/write.
+//!
+//! `Link` (crate-private) is one connected queue's fabric side, shared by target and host.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use fabric::{
+    Access, Completion, CompletionQueue, Domain, Endpoint, Event, EventQueue, Info, MemoryRegion,
+    RemoteIov,
+};
+
+use crate::error::{Error, Result};
+use crate::wire::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest, RECFMT_1_0};
+
+/// Bytes of a submission queue entry, the start of every command capsule.
+pub const SQE_LEN: usize = 64;
+/// Bytes of a response capsule (a completion queue entry).
+pub const CQE_LEN: usize = 16;
+/// In-capsule data a target accepts by default (as Linux nvmet-rdma: one page).
+pub const DEFAULT_INLINE_DATA: usize = 4096;
+
+const RECV_TAG: u64 = 1 << 62;
+const OP_TAG: u64 = 1 << 61;
+/// How long one blocking read of the completion queue sleeps at most.
+const POLL_SLICE: Duration = Duration::from_millis(5);
+
+/// Refuses a provider whose memory keys do not fit a keyed SGL's 32-bit key.
+pub fn check_keys(info: &Info) -> Result<()> {
+    if info.limits.mr_key_size > 4 {
+        return Err(Error::KeysTooWide {
+            provider: info.provider_name.clone(),
+            key_size: info.limits.mr_key_size,
+        });
+    }
+    Ok(())
+}
+
+/// The 32-bit key of a region, or an error if the provider chose a wider one.
+pub fn key32(mr: &MemoryRegion) -> Result<u32> {
+    u32::try_from(mr.key()).map_err(|_| Error::KeysTooWide {
+        provider: mr.domain().info().provider_name.clone(),
+        key_size: 8,
+    })
+}
+
+/// The host's connect data for queue `qid` with `depth` entries.
+pub fn cm_request(qid: u16, depth: u16, cntlid: u16) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    // 32 bytes is CmRequest's size, so emit cannot fail.
+    let _ = CmRequest {
+        recfmt: RECFMT_1_0,
+        qid,
+        hrqsize: depth,
+        hsqsize: depth.saturating_sub(1),
+        cntlid,
+    }
+    .emit(&mut b);
+    b
+}
+
+/// The target's accept data: `crqsize` receives posted.
+pub fn cm_accept(crqsize: u16) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let _ = CmAccept {
+        recfmt: RECFMT_1_0,
+        crqsize,
+    }
+    .emit(&mut b);
+    b
+}
+
+/// The target's reject data.
+pub fn cm_reject(status: CmRejectStatus) -> [u8; 4] {
+    let mut b = [0u8; 4];
+    let _ = CmReject::new(status).emit(&mut b);
+    b
+}
+
+/// Direction of an RMA transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rma {
+    /// From the peer's memory.
+    Read,
+    /// Into the peer's memory.
+    Write,
+}
+
+impl Rma {
+    fn name(self) -> &'static str {
+        match self {
+            Rma::Read => "RMA read",
+            Rma::Write => "RMA write",
+        }
+    }
+}
+
+/// One connected queue: endpoint, its queues, and the receive buffers.
+pub(crate) struct Link {
+    pub(crate) ep: Endpoint,
+    pub(crate) cq: CompletionQueue,
+    pub(crate) eq: EventQueue,
+    recv_mr: MemoryRegion,
+    slot_len: usize,
+    slots: usize,
+    send_mr: MemoryRegion,
+    stash: VecDeque<Completion>,
+    next_op: u64,
+    closed: Option<String>,
+    inject_size: usize,
+}
+
+impl Link {
+    /// Wraps a (connecting or accepted) endpoint and posts `slots` receives of
+    /// `slot_len` bytes each.
+    pub(crate) fn new(
+        domain: &Domain,
+        ep: Endpoint,
+        cq: CompletionQueue,
+        eq: EventQueue,
+        slots: usize,
+        slot_len: usize,
+    ) -> Result<Link> {
+        let recv_mr = domain.alloc(slots.max(1) * slot_len, Access::LOCAL)?;
+        let send_mr = domain.alloc(slot_len.max(SQE_LEN + DEFAULT_INLINE_DATA), Access::LOCAL)?;
+        let inject_size = ep.info().limits.inject_size;
+        let link = Link {
+            ep,
+            cq,
+            eq,
+            recv_mr,
+            slot_len,
+            slots,
+            send_mr,
+            stash: VecDeque::new(),
+            next_op: 0,
+            closed: None,
+            inject_size,
+        };
+        for slot in 0..slots {
+            link.post_recv(slot)?;
+        }
+        Ok(link)
+    }
+
+    fn post_recv(&self, slot: usize) -> Result<()> {
+        self.ep.recv(
+            self.recv_mr.iov(slot * self.slot_len, self.slot_len),
+            RECV_TAG | slot as u64,
+        )?;
+        Ok(())
+    }
+
+    fn dead(&self) -> Error {
+        Error::Disconnected(self.closed.clone().unwrap_or_default())
+    }
+
+    /// Reads connection events: a shutdown marks the link closed.
+    fn check_events(&mut self) {
+        while let Ok(Some(ev)) = self.eq.read() {
+            match ev {
+                Event::Shutdown { reason, .. } => {
+                    self.closed.get_or_insert_with(|| reason.to_string());
+                }
+                Event::Error { error, .. } => {
+                    self.closed.get_or_insert_with(|| error.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the connection is established (the `Connected` event).
+    pub(crate) fn wait_connected(&mut self, timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.eq.sread(Some(POLL_SLICE))? {
+                Some(Event::Connected { data, .. }) => return Ok(data),
+                Some(Event::Error { error, data, .. }) => {
+                    if data.is_empty() {
+                        return Err(Error::Fabric(error));
+                    }
+                    let status = CmReject::parse(&data).ok().map(|r| r.status);
+                    return Err(Error::Rejected(status));
+                }
+                Some(Event::Shutdown { reason, .. }) => {
+                    return Err(Error::Disconnected(reason.to_string()))
+                }
+                _ => {}
+            }
+            // Drives progress for providers with manual progress.
+            let mut v = Vec::new();
+            let _ = self.cq.read(&mut v, 16);
+            self.stash.extend(v);
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout("connection not established".into()));
+            }
+        }
+    }
+
+    /// Reads completions into the stash, sleeping up to `slice`.
+    fn poll(&mut self, slice: Duration) -> Result<()> {
+        let mut v = Vec::new();
+        match self.cq.sread(&mut v, 64, Some(slice)) {
+            Ok(_) => {}
+            Err(e) => {
+                self.check_events();
+                if self.closed.is_some() {
+                    return Err(self.dead());
+                }
+                return Err(e.into());
+            }
+        }
+        self.stash.extend(v);
+        self.check_events();
+        Ok(())
+    }
+
+    /// The next received message: its bytes, copied out, with the receive posted again.
+    /// `None` when nothing arrived within `timeout`.
+    pub(crate) fn next_message(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.stash.iter().position(|c| c.context & RECV_TAG != 0) {
+                let c = self.stash.remove(i).unwrap_or_else(|| unreachable!());
+                if let Err(e) = &c.status {
+                    self.closed
+                        .get_or_insert_with(|| format!("receive failed: {e:?}"));
+                    return Err(self.dead());
+                }
+                let slot = (c.context & !RECV_TAG) as usize;
+                if slot >= self.slots {
+                    return Err(Error::Protocol(format!("unknown receive context {slot}")));
+                }
+                let bytes = self
+                    .recv_mr
+                    .to_vec(slot * self.slot_len, c.len.min(self.slot_len))?;
+                self.post_recv(slot)?;
+                return Ok(Some(bytes));
+            }
+            if self.closed.is_some() {
+                return Err(self.dead());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.poll(POLL_SLICE.min(deadline - now))?;
+        }
+    }
+
+    /// Sends one message (a capsule or a response).
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.closed.is_some() {
+            return Err(self.dead());
+        }
+        if bytes.len() <= self.inject_size {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match self.ep.inject(bytes) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == fabric::ErrorKind::WouldBlock => {
+                        if Instant::now() >= deadline {
+                            return Err(e.into());
+                        }
+                        self.poll(Duration::from_micros(200))?;
+                    }
+                    Err(e) => {
+                        self.check_events();
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        if bytes.len() > self.send_mr.len() {
+            return Err(Error::Config(format!(
+                "message of {} bytes exceeds the send buffer",
+                bytes.len()
+            )));
+        }
+        self.send_mr.write_at(0, bytes)?;
+        let ctx = self.op_context();
+        self.ep.send(self.send_mr.iov(0, bytes.len()), ctx)?;
+        self.wait_op(ctx, "send")
+    }
+
+    fn op_context(&mut self) -> u64 {
+        self.next_op = self.next_op.wrapping_add(1) & (OP_TAG - 1);
+        OP_TAG | self.next_op
+    }
+
+    /// One RMA transfer between `local[offset..offset + remote.len]` and `remote`
+    /// (read: remote to local; write: local to remote); returns when done.
+    pub(crate) fn rma(
+        &mut self,
+        dir: Rma,
+        local: &MemoryRegion,
+        offset: usize,
+        remote: RemoteIov,
+    ) -> Result<()> {
+        let ctx = self.op_context();
+        let iov = local.iov(offset, remote.len);
+        match dir {
+            Rma::Read => self.ep.read(iov, remote, ctx)?,
+            Rma::Write => self.ep.write(iov, remote, ctx)?,
+        }
+        self.wait_op(ctx, dir.name())
+    }
+
+    fn wait_op(&mut self, ctx: u64, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = self.stash.iter().position(|c| c.context == ctx) {
+                let c = self.stash.remove(i).unwrap_or_else(|| unreachable!());
+                return match c.status {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(Error::Transfer(format!("{what}: {e:?}"))),
+                };
+            }
+            if self.closed.is_some() {
+                return Err(Error::Transfer(format!(
+                    "{what}: {}",
+                    self.closed.clone().unwrap_or_default()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout(format!("{what} did not complete")));
+            }
+            self.poll(POLL_SLICE)?;
+        }
+    }
+
+    /// Ends the connection (both sides get a shutdown event).
+    pub(crate) fn shutdown(&mut self) {
+        let _ = self.ep.shutdown();
+        self.closed
+            .get_or_insert_with(|| "shut down locally".into());
+    }
+}

@@ -1,0 +1,25 @@
+//! Controller bring-up over softroce: Connect, CC.EN, CSTS.RDY, Identify.
+mod common;
+use common::*;
+
+#[test]
+fn bring_up_and_identify() {
+    let s = setup();
+    let ctrl = s.connect();
+    let id = ctrl.identify();
+    assert_eq!(id.subnqn.as_str(), SUBNQN);
+    assert_eq!(id.cntlid, ctrl.cntlid());
+    assert_eq!(ctrl.io_queue_count(), 2);
+    let ns = ctrl.namespace(1).unwrap();
+    assert_eq!(ns.blocks, NS_BLOCKS);
+    let data = pattern(1, 4096);
+    ctrl.write(&ns, 10, &data, false).unwrap();
+    let mut back = vec![0u8; 4096];
+    ctrl.read(&ns, 10, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(
+        s.target.read_namespace(SUBNQN, 1, 10 * 512, 4096).unwrap(),
+        data
+    );
+    ctrl.disconnect().unwrap();
+}

@@ -1,0 +1,104 @@
+//! Shared set-up of the integration tests: a target with a memory namespace on a
+//! fresh random loopback address, and a host connecting from another one.
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use nvmeof::host::{Controller, HostConfig, TransportAddr};
+use nvmeof::target::{NamespaceConfig, Port, PortConfig, SubsystemConfig, Target};
+
+/// The provider the tests run over: softroce has 32-bit keys (tcp's are 64-bit, which
+/// keyed SGLs cannot carry).
+pub const PROVIDER: &str = "softroce";
+pub const SUBNQN: &str = "nqn.2024-01.io.fabric:test-subsystem";
+pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-4333-8444-555555555555";
+/// Blocks of the default memory namespace (512-byte blocks: 4 MiB).
+pub const NS_BLOCKS: u64 = 8192;
+
+/// A random 127.x.y.z address (softroce devices are per address and process, so
+/// tests running at once, here or in other processes, do not collide).
+pub fn random_loopback() -> Ipv4Addr {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    let v = h.finish();
+    Ipv4Addr::new(
+        127,
+        10 + (v % 240) as u8,
+        (v >> 8) as u8,
+        1 + ((v >> 16) % 253) as u8,
+    )
+}
+
+pub struct Setup {
+    pub target: Target,
+    pub port: Port,
+    pub addr: TransportAddr,
+    pub host_ip: Ipv4Addr,
+}
+
+impl Setup {
+    pub fn host_config(&self) -> HostConfig {
+        HostConfig {
+            hostnqn: HOSTNQN.into(),
+            src_ip: Some(IpAddr::V4(self.host_ip)),
+            timeout: Duration::from_secs(10),
+            io_queues: 2,
+            ..HostConfig::default()
+        }
+    }
+
+    pub fn connect(&self) -> Controller {
+        Controller::connect(&self.addr, SUBNQN, &self.host_config()).expect("connect")
+    }
+}
+
+/// A target with `subsys` (namespaces included) listening on a random address.
+pub fn setup_with(subsys: SubsystemConfig) -> Setup {
+    let target = Target::new();
+    target.add_subsystem(&subsys).expect("subsystem");
+    let ip = random_loopback();
+    let port = target
+        .add_port(&PortConfig::new(PROVIDER, &ip.to_string()))
+        .expect("port");
+    let local = port.local_addr();
+    let mut host_ip = random_loopback();
+    while host_ip == ip {
+        host_ip = random_loopback();
+    }
+    Setup {
+        addr: TransportAddr::new(PROVIDER, &local.ip().to_string(), local.port()),
+        target,
+        port,
+        host_ip,
+    }
+}
+
+/// The default: one 4 MiB memory namespace (NSID 1), any host allowed.
+pub fn setup() -> Setup {
+    let mut s = SubsystemConfig::new(SUBNQN);
+    s.namespaces
+        .push(NamespaceConfig::memory(1, NS_BLOCKS * 512));
+    setup_with(s)
+}
+
+/// Bytes with a pattern depending on `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
