@@ -139,4 +139,6 @@ mod objects;
 #[cfg(feature = "verbs")]
 mod sys;
 
-pub use provider::{caps, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV, NO_DEVICE};
+pub use provider::{
+    caps, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV, NO_DEVICE,
+};

@@ -186,21 +186,37 @@ mod tests {
 
     #[test]
     fn access_flags() {
-        assert_eq!(ibv_access(Access::SEND | Access::WRITE, MrFlags::empty(), true), 0);
-        assert_eq!(ibv_access(Access::RECV, MrFlags::empty(), true), ACCESS_LOCAL_WRITE);
-        assert_eq!(ibv_access(Access::READ, MrFlags::empty(), true), ACCESS_LOCAL_WRITE);
+        assert_eq!(
+            ibv_access(Access::SEND | Access::WRITE, MrFlags::empty(), true),
+            0
+        );
+        assert_eq!(
+            ibv_access(Access::RECV, MrFlags::empty(), true),
+            ACCESS_LOCAL_WRITE
+        );
+        assert_eq!(
+            ibv_access(Access::READ, MrFlags::empty(), true),
+            ACCESS_LOCAL_WRITE
+        );
         assert_eq!(
             ibv_access(Access::REMOTE_WRITE, MrFlags::empty(), true),
             ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE
         );
-        assert_eq!(ibv_access(Access::REMOTE_READ, MrFlags::empty(), true), ACCESS_REMOTE_READ);
+        assert_eq!(
+            ibv_access(Access::REMOTE_READ, MrFlags::empty(), true),
+            ACCESS_REMOTE_READ
+        );
         // A PMEM target of read-after-write commits is readable by the 8-byte read.
         assert_eq!(
             ibv_access(Access::REMOTE_WRITE, MrFlags::PMEM, true),
             ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE | ACCESS_REMOTE_READ
         );
         assert_eq!(
-            ibv_access(Access::REMOTE_WRITE, MrFlags::PMEM | MrFlags::UNCACHED, false),
+            ibv_access(
+                Access::REMOTE_WRITE,
+                MrFlags::PMEM | MrFlags::UNCACHED,
+                false
+            ),
             ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE
         );
     }
@@ -208,20 +224,41 @@ mod tests {
     #[test]
     fn statuses_map_to_the_kinds_of_the_other_providers() {
         assert_eq!(cq_error_kind(wc::REM_ACCESS_ERR), CqErrorKind::RemoteAccess);
-        assert_eq!(cq_error_kind(wc::REM_INV_REQ_ERR), CqErrorKind::RemoteInvalid);
+        assert_eq!(
+            cq_error_kind(wc::REM_INV_REQ_ERR),
+            CqErrorKind::RemoteInvalid
+        );
         assert_eq!(cq_error_kind(wc::WR_FLUSH_ERR), CqErrorKind::Canceled);
         assert_eq!(cq_error_kind(wc::LOC_LEN_ERR), CqErrorKind::Truncated);
         assert_eq!(cq_error_kind(wc::RETRY_EXC_ERR), CqErrorKind::RetryExceeded);
-        assert_eq!(cq_error_kind(wc::RNR_RETRY_EXC_ERR), CqErrorKind::RnrRetryExceeded);
+        assert_eq!(
+            cq_error_kind(wc::RNR_RETRY_EXC_ERR),
+            CqErrorKind::RnrRetryExceeded
+        );
         assert_eq!(cq_error_kind(wc::REM_OP_ERR), CqErrorKind::RemoteOperation);
-        assert_eq!(cq_error_kind(wc::LOC_PROT_ERR), CqErrorKind::LocalProtection);
+        assert_eq!(
+            cq_error_kind(wc::LOC_PROT_ERR),
+            CqErrorKind::LocalProtection
+        );
         assert_eq!(cq_error_kind(999), CqErrorKind::Other);
         assert_eq!(shutdown_cause(wc::SUCCESS), None);
         assert_eq!(shutdown_cause(wc::WR_FLUSH_ERR), None);
-        assert_eq!(shutdown_cause(wc::REM_ACCESS_ERR), Some(ShutdownReason::AccessError));
-        assert_eq!(shutdown_cause(wc::REM_INV_REQ_ERR), Some(ShutdownReason::AccessError));
-        assert_eq!(shutdown_cause(wc::RETRY_EXC_ERR), Some(ShutdownReason::Lost));
-        assert_eq!(shutdown_cause(wc::LOC_LEN_ERR), Some(ShutdownReason::Protocol));
+        assert_eq!(
+            shutdown_cause(wc::REM_ACCESS_ERR),
+            Some(ShutdownReason::AccessError)
+        );
+        assert_eq!(
+            shutdown_cause(wc::REM_INV_REQ_ERR),
+            Some(ShutdownReason::AccessError)
+        );
+        assert_eq!(
+            shutdown_cause(wc::RETRY_EXC_ERR),
+            Some(ShutdownReason::Lost)
+        );
+        assert_eq!(
+            shutdown_cause(wc::LOC_LEN_ERR),
+            Some(ShutdownReason::Protocol)
+        );
     }
 
     #[test]
@@ -280,6 +317,14 @@ mod tests {
             max_inline: 0,
             ..d
         });
-        assert_eq!((small.tx_size, small.rx_size, small.iov_limit, small.inject_size), (7, 64, 4, 0));
+        assert_eq!(
+            (
+                small.tx_size,
+                small.rx_size,
+                small.iov_limit,
+                small.inject_size
+            ),
+            (7, 64, 4, 0)
+        );
     }
 }

@@ -75,7 +75,12 @@ impl Shared {
     /// Manual progress: CM events always when `full`, else every CM_EVERY-th call;
     /// every completion queue.
     fn progress(&self, full: bool) {
-        if full || self.tick.fetch_add(1, Ordering::Relaxed) % CM_EVERY == 0 {
+        if full
+            || self
+                .tick
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(CM_EVERY)
+        {
             self.cm_progress();
         }
     }
@@ -151,16 +156,30 @@ impl Shared {
                 let data = if conn.private_data.is_null() || conn.private_data_len == 0 {
                     Vec::new()
                 } else {
-                    std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize)
-                        .to_vec()
+                    std::slice::from_raw_parts(
+                        conn.private_data.cast::<u8>(),
+                        conn.private_data_len as usize,
+                    )
+                    .to_vec()
                 };
-                let key = if e.id.is_null() { 0 } else { (*e.id).context as usize as u64 };
-                let lkey = if e.listen_id.is_null() { 0 } else { (*e.listen_id).context as usize as u64 };
+                let key = if e.id.is_null() {
+                    0
+                } else {
+                    (*e.id).context as usize as u64
+                };
+                let lkey = if e.listen_id.is_null() {
+                    0
+                } else {
+                    (*e.listen_id).context as usize as u64
+                };
                 (e.event, e.status, e.id, key, lkey, data)
             };
             // SAFETY: acknowledges the event read above, exactly once.
             unsafe { rdma_ack_cm_event(ev) };
-            debug!("verbs: CM {} status {status} key {key}", sys::event_str(kind));
+            debug!(
+                "verbs: CM {} status {status} key {key}",
+                sys::event_str(kind)
+            );
             if kind == rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST {
                 let pep = match self.targets.lock().get(&listen_key) {
                     Some(Target::Pep(p)) => p.upgrade(),
@@ -198,7 +217,8 @@ pub(crate) struct VFabric {
 impl VFabric {
     pub(crate) fn open(info: &Info) -> Result<VFabric> {
         let shared = Arc::new(Shared {
-            channel: EventChannel::create().map_err(|e| Error::from(e).context("rdma_create_event_channel"))?,
+            channel: EventChannel::create()
+                .map_err(|e| Error::from(e).context("rdma_create_event_channel"))?,
             cm_lock: Mutex::new(()),
             targets: Mutex::new(HashMap::new()),
             next_key: AtomicU64::new(1),
@@ -244,7 +264,12 @@ impl FabricOps for VFabric {
         // SAFETY: scratch is kept in the same DomainShared as the Mr and dropped after
         // it (field order), and pd outlives it likewise.
         let scratch_mr = unsafe {
-            Mr::register(&pd, scratch.as_ptr(), scratch.len(), mapping::ACCESS_LOCAL_WRITE)
+            Mr::register(
+                &pd,
+                scratch.as_ptr(),
+                scratch.len(),
+                mapping::ACCESS_LOCAL_WRITE,
+            )
         }
         .map_err(|e| Error::from(e).context("ibv_reg_mr (read-after-write buffer)"))?;
         let max_cqe = dev.ports.first().map_or(4096, |p| p.limits.max_cqe);
@@ -274,7 +299,11 @@ impl FabricOps for VFabric {
         }))
     }
 
-    fn open_passive_ep(&self, info: &Info, eq: &Arc<dyn EqOps>) -> Result<Arc<dyn PassiveEndpointOps>> {
+    fn open_passive_ep(
+        &self,
+        info: &Info,
+        eq: &Arc<dyn EqOps>,
+    ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq)?;
         let inner = Arc::new_cyclic(|w: &Weak<PepInner>| {
             let key = self.shared.key(Target::Pep(w.clone()));
@@ -287,7 +316,8 @@ impl FabricOps for VFabric {
                 shared: self.shared.clone(),
             }
         });
-        let id = CmId::create(&self.shared.channel, inner.key).map_err(|e| Error::from(e).context("rdma_create_id"))?;
+        let id = CmId::create(&self.shared.channel, inner.key)
+            .map_err(|e| Error::from(e).context("rdma_create_id"))?;
         let addr = info
             .src_addr
             .as_ref()
@@ -363,7 +393,8 @@ impl DomainShared {
         drop(ops);
         let ep = op.ep.upgrade();
         if let Some(ep) = &ep {
-            ep.tx_outstanding.fetch_sub(op.tx_slots as usize, Ordering::AcqRel);
+            ep.tx_outstanding
+                .fetch_sub(op.tx_slots as usize, Ordering::AcqRel);
         }
         match op.error {
             Some((status, vendor)) => {
@@ -374,7 +405,10 @@ impl DomainShared {
                 let e = CqError::new(
                     mapping::cq_error_kind(status),
                     vendor as i32,
-                    format!("{what}: {} (ibv_wc_status {status})", sys::wc_status_str(status)),
+                    format!(
+                        "{what}: {} (ibv_wc_status {status})",
+                        sys::wc_status_str(status)
+                    ),
                 );
                 let mut c = Completion::error(op.context, op.flags - CompFlags::COMMIT, e);
                 if status == wc::LOC_LEN_ERR {
@@ -411,7 +445,11 @@ impl DomainShared {
                 let c = Completion::error(
                     op.context,
                     op.flags - CompFlags::COMMIT,
-                    CqError::new(fabric_core::CqErrorKind::Canceled, 0, "the endpoint was closed"),
+                    CqError::new(
+                        fabric_core::CqErrorKind::Canceled,
+                        0,
+                        "the endpoint was closed",
+                    ),
                 );
                 if op.recv {
                     rx.push(c);
@@ -476,7 +514,8 @@ fn sges(segs: &[Segment]) -> Result<Vec<Sge>> {
 impl DomainOps for VDomain {
     fn open_cq(&self, attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
         let want = attr.size.max(4096).min(self.d.max_cqe.max(1) as usize) as i32;
-        let cq = Cq::create(self.d.ctx, want).map_err(|e| Error::from(e).context("ibv_create_cq"))?;
+        let cq =
+            Cq::create(self.d.ctx, want).map_err(|e| Error::from(e).context("ibv_create_cq"))?;
         let inner = Arc::new(CqInner {
             cq,
             queue: WaitQueue::new()?,
@@ -487,7 +526,12 @@ impl DomainOps for VDomain {
         Ok(Arc::new(VCq { inner }))
     }
 
-    fn register(&self, memory: Arc<dyn MemoryBacking>, access: Access, flags: MrFlags) -> Result<Arc<dyn MrOps>> {
+    fn register(
+        &self,
+        memory: Arc<dyn MemoryBacking>,
+        access: Access,
+        flags: MrFlags,
+    ) -> Result<Arc<dyn MrOps>> {
         let bits = mapping::ibv_access(access, flags, self.d.raw_commit);
         // A zero-length region is registered as one byte of its (page-sized) backing.
         let len = memory.len().max(1);
@@ -523,15 +567,12 @@ impl DomainOps for VDomain {
             st: Mutex::new(EpState::default()),
         });
         if let Some(h) = info.conn_handle() {
-            let req = h
-                .0
-                .downcast_ref::<PendingConn>()
-                .ok_or_else(|| Error::invalid("the connection request belongs to another provider"))?;
-            let id = req
-                .id
-                .lock()
-                .take()
-                .ok_or_else(|| Error::invalid("the connection request was already accepted or rejected"))?;
+            let req = h.0.downcast_ref::<PendingConn>().ok_or_else(|| {
+                Error::invalid("the connection request belongs to another provider")
+            })?;
+            let id = req.id.lock().take().ok_or_else(|| {
+                Error::invalid("the connection request was already accepted or rejected")
+            })?;
             if id.verbs() != self.d.ctx.0 {
                 return Err(Error::invalid(format!(
                     "the connection request arrived on another RDMA device than this domain's ({})",
@@ -589,8 +630,20 @@ pub(crate) struct VCq {
     inner: Arc<CqInner>,
 }
 
-fn sread_loop<T>(shared: &Shared, queue: &WaitQueue<T>, out: &mut Vec<T>, max: usize, timeout: Option<Duration>) -> usize {
-    queue.sread(out, max, timeout, || shared.progress_all(), |fd, d| shared.sleep(Some(fd), d))
+fn sread_loop<T>(
+    shared: &Shared,
+    queue: &WaitQueue<T>,
+    out: &mut Vec<T>,
+    max: usize,
+    timeout: Option<Duration>,
+) -> usize {
+    queue.sread(
+        out,
+        max,
+        timeout,
+        || shared.progress_all(),
+        |fd, d| shared.sleep(Some(fd), d),
+    )
 }
 
 impl CqOps for VCq {
@@ -599,8 +652,19 @@ impl CqOps for VCq {
         self.inner.poll();
         Ok(self.inner.queue.pop_into(out, max))
     }
-    fn sread(&self, out: &mut Vec<Completion>, max: usize, timeout: Option<Duration>) -> Result<usize> {
-        Ok(sread_loop(&self.inner.domain.fabric, &self.inner.queue, out, max.max(1), timeout))
+    fn sread(
+        &self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        Ok(sread_loop(
+            &self.inner.domain.fabric,
+            &self.inner.queue,
+            out,
+            max.max(1),
+            timeout,
+        ))
     }
     fn register_waker(&self, waker: &Waker) {
         self.inner.domain.fabric.ensure_auto();
@@ -670,10 +734,16 @@ impl PepInner {
         let mut info = self.info.clone();
         info.src_addr = id.local_addr().map(Address::Inet);
         info.dest_addr = id.peer_addr().map(Address::Inet);
-        if let Some(name) = sys::cm_devices().into_iter().find(|c| c.0 == id.verbs()).map(Ctx::name) {
+        if let Some(name) = sys::cm_devices()
+            .into_iter()
+            .find(|c| c.0 == id.verbs())
+            .map(Ctx::name)
+        {
             info.domain_name = name;
         }
-        let handle = ConnHandle(Arc::new(PendingConn { id: Mutex::new(Some(id)) }));
+        let handle = ConnHandle(Arc::new(PendingConn {
+            id: Mutex::new(Some(id)),
+        }));
         self.eq.queue.push(Event::ConnRequest(Box::new(ConnRequest {
             info: info.with_conn_handle(handle),
             data: mapping::unframe_cm_data(raw),
@@ -693,7 +763,9 @@ impl PassiveEndpointOps for VPep {
     }
     fn listen(&self) -> Result<()> {
         let g = self.inner.id.lock();
-        let id = g.as_ref().ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
+        let id = g
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         // SAFETY: id is live and bound.
         if unsafe { rdma_listen(id.0, 128) } != 0 {
             return Err(os_err("rdma_listen"));
@@ -702,7 +774,9 @@ impl PassiveEndpointOps for VPep {
     }
     fn local_addr(&self) -> Result<Address> {
         let g = self.inner.id.lock();
-        let id = g.as_ref().ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
+        let id = g
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         id.local_addr()
             .map(Address::Inet)
             .ok_or_else(|| Error::invalid("the listener has no address"))
@@ -712,13 +786,12 @@ impl PassiveEndpointOps for VPep {
             .conn_handle()
             .and_then(|h| h.0.downcast_ref::<PendingConn>())
             .ok_or_else(|| Error::invalid("not a verbs connection request"))?;
-        let id = req
-            .id
-            .lock()
-            .take()
-            .ok_or_else(|| Error::invalid("the connection request was already accepted or rejected"))?;
-        let framed = mapping::frame_cm_data(data)
-            .ok_or_else(|| Error::invalid(format!("reject data over {} bytes", mapping::CM_DATA_SIZE)))?;
+        let id = req.id.lock().take().ok_or_else(|| {
+            Error::invalid("the connection request was already accepted or rejected")
+        })?;
+        let framed = mapping::frame_cm_data(data).ok_or_else(|| {
+            Error::invalid(format!("reject data over {} bytes", mapping::CM_DATA_SIZE))
+        })?;
         // SAFETY: id is a live request id; framed outlives the call.
         if unsafe { rdma_reject(id.0, framed.as_ptr().cast(), framed.len() as u8) } != 0 {
             return Err(os_err("rdma_reject"));
@@ -754,6 +827,10 @@ struct EpState {
     pending_recvs: Vec<RecvRequest>,
 }
 
+/// One send work request to post: opcode, local entries, remote (address, rkey),
+/// immediate data.
+type SendWr = (u32, Vec<Sge>, Option<(u64, u32)>, Option<u32>);
+
 /// An endpoint's shared part.
 pub(crate) struct EpInner {
     fid: Fid,
@@ -779,7 +856,10 @@ impl EpInner {
     }
 
     fn create_qp(&self, st: &mut EpState) -> Result<()> {
-        let id = st.id.as_ref().ok_or_else(|| not_connected("no connection"))?;
+        let id = st
+            .id
+            .as_ref()
+            .ok_or_else(|| not_connected("no connection"))?;
         if id.verbs() != self.domain.ctx.0 {
             return Err(Error::invalid(format!(
                 "the address resolves to another RDMA device than this domain's ({})",
@@ -831,7 +911,8 @@ impl EpInner {
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.min_rnr_timer = MIN_RNR_TIMER;
         // SAFETY: qp is live (owned by st.id); RTS->RTS may change min_rnr_timer.
-        let rc = unsafe { ibv_modify_qp(qp, &mut a, ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER.0 as i32) };
+        let rc =
+            unsafe { ibv_modify_qp(qp, &mut a, ibv_qp_attr_mask::IBV_QP_MIN_RNR_TIMER.0 as i32) };
         if rc != 0 {
             debug!("verbs: cannot lower min_rnr_timer (rc {rc}); keeping the CM's");
         }
@@ -842,9 +923,11 @@ impl EpInner {
             return false;
         };
         // SAFETY: zeroed attrs are valid out-parameters; qp is live.
-        let (mut a, mut i): (ibv_qp_attr, ibv_qp_init_attr) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        let (mut a, mut i): (ibv_qp_attr, ibv_qp_init_attr) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         // SAFETY: as above.
-        let rc = unsafe { ibv_query_qp(qp, &mut a, ibv_qp_attr_mask::IBV_QP_STATE.0 as i32, &mut i) };
+        let rc =
+            unsafe { ibv_query_qp(qp, &mut a, ibv_qp_attr_mask::IBV_QP_STATE.0 as i32, &mut i) };
         rc == 0 && a.qp_state == ibv_qp_state::IBV_QPS_ERR
     }
 
@@ -871,7 +954,11 @@ impl EpInner {
                 // SAFETY: id is live.
                 if unsafe { rdma_resolve_route(id.0, RESOLVE_MS) } != 0 {
                     st.phase = Phase::Closed(ShutdownReason::Lost);
-                    self.error_event(ErrorKind::ConnectionRefused, format!("rdma_resolve_route: {}", std::io::Error::last_os_error()), Vec::new());
+                    self.error_event(
+                        ErrorKind::ConnectionRefused,
+                        format!("rdma_resolve_route: {}", std::io::Error::last_os_error()),
+                        Vec::new(),
+                    );
                 }
             }
             RDMA_CM_EVENT_ROUTE_RESOLVED => {
@@ -901,7 +988,10 @@ impl EpInner {
                 };
                 st.phase = Phase::Connected;
                 self.set_rnr_timer(&st);
-                self.eq.queue.push(Event::Connected { fid: self.fid, data });
+                self.eq.queue.push(Event::Connected {
+                    fid: self.fid,
+                    data,
+                });
             }
             RDMA_CM_EVENT_REJECTED => {
                 st.phase = Phase::Closed(ShutdownReason::Peer);
@@ -912,17 +1002,29 @@ impl EpInner {
                 } else {
                     format!("connection refused (IB CM reject reason {status})")
                 };
-                let data = if status == 28 { mapping::unframe_cm_data(raw) } else { Vec::new() };
+                let data = if status == 28 {
+                    mapping::unframe_cm_data(raw)
+                } else {
+                    Vec::new()
+                };
                 self.error_event(ErrorKind::ConnectionRefused, why, data);
             }
-            RDMA_CM_EVENT_ADDR_ERROR | RDMA_CM_EVENT_ROUTE_ERROR | RDMA_CM_EVENT_CONNECT_ERROR | RDMA_CM_EVENT_UNREACHABLE => {
+            RDMA_CM_EVENT_ADDR_ERROR
+            | RDMA_CM_EVENT_ROUTE_ERROR
+            | RDMA_CM_EVENT_CONNECT_ERROR
+            | RDMA_CM_EVENT_UNREACHABLE => {
                 st.phase = Phase::Closed(ShutdownReason::Lost);
-                let kind_of = if kind == RDMA_CM_EVENT_UNREACHABLE || kind == RDMA_CM_EVENT_CONNECT_ERROR {
-                    ErrorKind::ConnectionRefused
-                } else {
-                    ErrorKind::AddressNotAvailable
-                };
-                self.error_event(kind_of, format!("{} (status {status})", sys::event_str(kind)), Vec::new());
+                let kind_of =
+                    if kind == RDMA_CM_EVENT_UNREACHABLE || kind == RDMA_CM_EVENT_CONNECT_ERROR {
+                        ErrorKind::ConnectionRefused
+                    } else {
+                        ErrorKind::AddressNotAvailable
+                    };
+                self.error_event(
+                    kind_of,
+                    format!("{} (status {status})", sys::event_str(kind)),
+                    Vec::new(),
+                );
             }
             RDMA_CM_EVENT_DISCONNECTED | RDMA_CM_EVENT_DEVICE_REMOVAL => {
                 if matches!(st.phase, Phase::Closed(_)) {
@@ -945,7 +1047,10 @@ impl EpInner {
                     unsafe { rdma_disconnect(id.0) };
                 }
                 st.phase = Phase::Closed(reason);
-                self.eq.queue.push(Event::Shutdown { fid: self.fid, reason });
+                self.eq.queue.push(Event::Shutdown {
+                    fid: self.fid,
+                    reason,
+                });
             }
             _ => {}
         }
@@ -955,10 +1060,17 @@ impl EpInner {
         match st.phase {
             Phase::Connected => {}
             Phase::Closed(ShutdownReason::Local) => {
-                return Err(Error::new(ErrorKind::Shutdown, "the endpoint was shut down"))
+                return Err(Error::new(
+                    ErrorKind::Shutdown,
+                    "the endpoint was shut down",
+                ))
             }
             Phase::Closed(r) => return Err(not_connected(format!("the connection ended: {r}"))),
-            Phase::Failing => return Err(not_connected("the connection is ending (a work request failed)")),
+            Phase::Failing => {
+                return Err(not_connected(
+                    "the connection is ending (a work request failed)",
+                ))
+            }
             _ => return Err(not_connected("the endpoint is not connected")),
         }
         st.id
@@ -973,7 +1085,10 @@ impl EpInner {
         let prev = self.tx_outstanding.fetch_add(n, Ordering::AcqRel);
         if prev + n > cap {
             self.tx_outstanding.fetch_sub(n, Ordering::AcqRel);
-            return Err(Error::new(ErrorKind::WouldBlock, format!("{} operations outstanding (tx_size)", self.limits.tx_size)));
+            return Err(Error::new(
+                ErrorKind::WouldBlock,
+                format!("{} operations outstanding (tx_size)", self.limits.tx_size),
+            ));
         }
         Ok(())
     }
@@ -990,20 +1105,31 @@ impl EpInner {
     }
 
     /// Posts a chain of send work requests built from `plan`.
-    #[allow(clippy::too_many_arguments)]
     fn post_chain(
         &self,
         qp: *mut ibv_qp,
-        plan: Vec<(u32, Vec<Sge>, Option<(u64, u32)>, Option<u32>)>,
+        plan: Vec<SendWr>,
         inline: bool,
         op: PendingOp,
     ) -> Result<()> {
         let n = plan.len();
         self.reserve_tx(n)?;
-        let wr_id = self.track(PendingOp { remaining: n as u32, tx_slots: n as u32, ..op });
+        let wr_id = self.track(PendingOp {
+            remaining: n as u32,
+            tx_slots: n as u32,
+            ..op
+        });
         let mut sge_lists: Vec<Vec<ibv_sge>> = plan
             .iter()
-            .map(|(_, s, _, _)| s.iter().map(|x| ibv_sge { addr: x.addr, length: x.len, lkey: x.lkey }).collect())
+            .map(|(_, s, _, _)| {
+                s.iter()
+                    .map(|x| ibv_sge {
+                        addr: x.addr,
+                        length: x.len,
+                        lkey: x.lkey,
+                    })
+                    .collect()
+            })
             .collect();
         // SAFETY: ibv_send_wr is a plain C struct; all-zero is valid (null next,
         // no SGEs) and every used field is set below.
@@ -1013,7 +1139,11 @@ impl EpInner {
             w.wr_id = wr_id;
             w.opcode = *opcode;
             w.num_sge = sge_lists[i].len() as i32;
-            w.sg_list = if sge_lists[i].is_empty() { ptr::null_mut() } else { sge_lists[i].as_mut_ptr() };
+            w.sg_list = if sge_lists[i].is_empty() {
+                ptr::null_mut()
+            } else {
+                sge_lists[i].as_mut_ptr()
+            };
             w.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
             if inline {
                 w.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
@@ -1022,7 +1152,10 @@ impl EpInner {
                 w.imm_data_invalidated_rkey_union.imm_data = d.to_be();
             }
             if let Some((addr, rkey)) = rdma {
-                w.wr.rdma = rdma_t { remote_addr: *addr, rkey: *rkey };
+                w.wr.rdma = rdma_t {
+                    remote_addr: *addr,
+                    rkey: *rkey,
+                };
             }
         }
         for i in 1..n {
@@ -1040,10 +1173,16 @@ impl EpInner {
             // A partial post: the work requests before `bad` complete (the QP is
             // healthy); we report the whole operation as failed at the call only if
             // none went out.
-            let posted = if bad.is_null() { 0 } else { (bad as usize - wrs.as_ptr() as usize) / std::mem::size_of::<ibv_send_wr>() };
+            let posted = if bad.is_null() {
+                0
+            } else {
+                (bad as usize - wrs.as_ptr() as usize) / std::mem::size_of::<ibv_send_wr>()
+            };
             if posted == 0 {
                 self.untrack(wr_id, n);
-                return Err(Error::from(std::io::Error::from_raw_os_error(rc)).context("ibv_post_send"));
+                return Err(
+                    Error::from(std::io::Error::from_raw_os_error(rc)).context("ibv_post_send")
+                );
             }
             if let Some(o) = self.domain.ops.lock().get_mut(&wr_id) {
                 o.remaining = posted as u32;
@@ -1054,7 +1193,12 @@ impl EpInner {
     }
 
     fn post_recv_now(&self, st: &EpState, req: RecvRequest) -> Result<()> {
-        let qp = st.id.as_ref().map(CmId::qp).filter(|q| !q.is_null()).ok_or_else(|| not_connected("no queue pair"))?;
+        let qp = st
+            .id
+            .as_ref()
+            .map(CmId::qp)
+            .filter(|q| !q.is_null())
+            .ok_or_else(|| not_connected("no queue pair"))?;
         let list = sges(&req.segments)?;
         let wr_id = self.track(PendingOp {
             ep: self.me.clone(),
@@ -1069,11 +1213,22 @@ impl EpInner {
             _segments: req.segments,
             _inline: None,
         });
-        let mut sg: Vec<ibv_sge> = list.iter().map(|x| ibv_sge { addr: x.addr, length: x.len, lkey: x.lkey }).collect();
+        let mut sg: Vec<ibv_sge> = list
+            .iter()
+            .map(|x| ibv_sge {
+                addr: x.addr,
+                length: x.len,
+                lkey: x.lkey,
+            })
+            .collect();
         let mut w = ibv_recv_wr {
             wr_id,
             next: ptr::null_mut(),
-            sg_list: if sg.is_empty() { ptr::null_mut() } else { sg.as_mut_ptr() },
+            sg_list: if sg.is_empty() {
+                ptr::null_mut()
+            } else {
+                sg.as_mut_ptr()
+            },
             num_sge: sg.len() as i32,
         };
         let mut bad: *mut ibv_recv_wr = ptr::null_mut();
@@ -1097,7 +1252,11 @@ fn inline_sge(v: &[u8]) -> Vec<Sge> {
     if v.is_empty() {
         return Vec::new();
     }
-    vec![Sge { addr: v.as_ptr() as u64, len: v.len() as u32, lkey: 0 }]
+    vec![Sge {
+        addr: v.as_ptr() as u64,
+        len: v.len() as u32,
+        lkey: 0,
+    }]
 }
 
 impl EndpointOps for VEp {
@@ -1107,19 +1266,41 @@ impl EndpointOps for VEp {
 
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
         let ep = &self.inner;
-        let dst = addr.as_inet().ok_or_else(|| Error::invalid("verbs connects to IP addresses (Address::Inet)"))?;
-        let framed = mapping::frame_cm_data(data)
-            .ok_or_else(|| Error::invalid(format!("connection data over {} bytes", mapping::CM_DATA_SIZE)))?;
+        let dst = addr
+            .as_inet()
+            .ok_or_else(|| Error::invalid("verbs connects to IP addresses (Address::Inet)"))?;
+        let framed = mapping::frame_cm_data(data).ok_or_else(|| {
+            Error::invalid(format!(
+                "connection data over {} bytes",
+                mapping::CM_DATA_SIZE
+            ))
+        })?;
         let mut st = ep.st.lock();
         if st.phase != Phase::Idle {
-            return Err(Error::invalid("connect: the endpoint is already connecting or connected"));
+            return Err(Error::invalid(
+                "connect: the endpoint is already connecting or connected",
+            ));
         }
-        let id = CmId::create(&ep.domain.fabric.channel, ep.key).map_err(|e| Error::from(e).context("rdma_create_id"))?;
+        let id = CmId::create(&ep.domain.fabric.channel, ep.key)
+            .map_err(|e| Error::from(e).context("rdma_create_id"))?;
         let mut d = sys::to_sockaddr(dst);
-        let mut s = ep.src.filter(|s| !s.ip().is_unspecified()).map(sys::to_sockaddr);
-        let sp = s.as_mut().map_or(ptr::null_mut(), |s| (s as *mut libc::sockaddr_storage).cast());
+        let mut s = ep
+            .src
+            .filter(|s| !s.ip().is_unspecified())
+            .map(sys::to_sockaddr);
+        let sp = s.as_mut().map_or(ptr::null_mut(), |s| {
+            (s as *mut libc::sockaddr_storage).cast()
+        });
         // SAFETY: id is live; the addresses are valid sockaddrs that outlive the call.
-        if unsafe { rdma_resolve_addr(id.0, sp, (&mut d as *mut libc::sockaddr_storage).cast(), RESOLVE_MS) } != 0 {
+        if unsafe {
+            rdma_resolve_addr(
+                id.0,
+                sp,
+                (&mut d as *mut libc::sockaddr_storage).cast(),
+                RESOLVE_MS,
+            )
+        } != 0
+        {
             return Err(os_err(&format!("rdma_resolve_addr {dst}")));
         }
         st.id = Some(id);
@@ -1130,11 +1311,14 @@ impl EndpointOps for VEp {
 
     fn accept(&self, data: &[u8]) -> Result<()> {
         let ep = &self.inner;
-        let framed = mapping::frame_cm_data(data)
-            .ok_or_else(|| Error::invalid(format!("accept data over {} bytes", mapping::CM_DATA_SIZE)))?;
+        let framed = mapping::frame_cm_data(data).ok_or_else(|| {
+            Error::invalid(format!("accept data over {} bytes", mapping::CM_DATA_SIZE))
+        })?;
         let st = ep.st.lock();
         if st.phase != Phase::Accepting {
-            return Err(Error::invalid("accept: the endpoint has no pending connection request"));
+            return Err(Error::invalid(
+                "accept: the endpoint has no pending connection request",
+            ));
         }
         let id = st.id.as_ref().ok_or_else(|| not_connected("closed"))?;
         let mut p = ep.conn_param(&framed);
@@ -1158,17 +1342,32 @@ impl EndpointOps for VEp {
             unsafe { rdma_disconnect(id.0) };
         }
         if matches!(was, Phase::Connected | Phase::Failing) {
-            ep.eq.queue.push(Event::Shutdown { fid: ep.fid, reason: ShutdownReason::Local });
+            ep.eq.queue.push(Event::Shutdown {
+                fid: ep.fid,
+                reason: ShutdownReason::Local,
+            });
         }
         Ok(())
     }
 
     fn local_addr(&self) -> Option<Address> {
-        self.inner.st.lock().id.as_ref().and_then(CmId::local_addr).map(Address::Inet)
+        self.inner
+            .st
+            .lock()
+            .id
+            .as_ref()
+            .and_then(CmId::local_addr)
+            .map(Address::Inet)
     }
 
     fn peer_addr(&self) -> Option<Address> {
-        self.inner.st.lock().id.as_ref().and_then(CmId::peer_addr).map(Address::Inet)
+        self.inner
+            .st
+            .lock()
+            .id
+            .as_ref()
+            .and_then(CmId::peer_addr)
+            .map(Address::Inet)
     }
 
     fn post_send(&self, req: SendRequest) -> Result<()> {
@@ -1180,7 +1379,11 @@ impl EndpointOps for VEp {
             Payload::Inline(v) => (inline_sge(&v), Vec::new(), Some(v), true),
             Payload::Segments(s) => (sges(&s)?, s, None, false),
         };
-        let opcode = if req.data.is_some() { ibv_wr_opcode::IBV_WR_SEND_WITH_IMM } else { ibv_wr_opcode::IBV_WR_SEND };
+        let opcode = if req.data.is_some() {
+            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM
+        } else {
+            ibv_wr_opcode::IBV_WR_SEND
+        };
         // cq_data_size is 4: the wrapper checked the value fits.
         let imm = req.data.map(|d| d as u32);
         ep.post_chain(
@@ -1208,7 +1411,12 @@ impl EndpointOps for VEp {
         let mut st = ep.st.lock();
         let has_qp = st.id.as_ref().is_some_and(|i| !i.qp().is_null());
         match st.phase {
-            Phase::Closed(ShutdownReason::Local) => return Err(Error::new(ErrorKind::Shutdown, "the endpoint was shut down")),
+            Phase::Closed(ShutdownReason::Local) => {
+                return Err(Error::new(
+                    ErrorKind::Shutdown,
+                    "the endpoint was shut down",
+                ))
+            }
             Phase::Closed(r) => return Err(not_connected(format!("the connection ended: {r}"))),
             Phase::Failing => return Err(not_connected("the connection is ending")),
             _ if !has_qp => {
@@ -1245,12 +1453,31 @@ impl EndpointOps for VEp {
         let chain = plan
             .into_iter()
             .map(|w| match w.op {
-                RdmaOp::Write => (ibv_wr_opcode::IBV_WR_RDMA_WRITE, w.sges, Some((w.remote_addr, w.rkey)), None),
-                RdmaOp::WriteImm(d) => (ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM, w.sges, Some((w.remote_addr, w.rkey)), Some(d)),
-                RdmaOp::Read => (ibv_wr_opcode::IBV_WR_RDMA_READ, w.sges, Some((w.remote_addr, w.rkey)), None),
+                RdmaOp::Write => (
+                    ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+                    w.sges,
+                    Some((w.remote_addr, w.rkey)),
+                    None,
+                ),
+                RdmaOp::WriteImm(d) => (
+                    ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+                    w.sges,
+                    Some((w.remote_addr, w.rkey)),
+                    Some(d),
+                ),
+                RdmaOp::Read => (
+                    ibv_wr_opcode::IBV_WR_RDMA_READ,
+                    w.sges,
+                    Some((w.remote_addr, w.rkey)),
+                    None,
+                ),
                 RdmaOp::FlushRead { len } => (
                     ibv_wr_opcode::IBV_WR_RDMA_READ,
-                    if len == 0 { Vec::new() } else { vec![Sge { len, ..scratch }] },
+                    if len == 0 {
+                        Vec::new()
+                    } else {
+                        vec![Sge { len, ..scratch }]
+                    },
                     Some((w.remote_addr, w.rkey)),
                     None,
                 ),
@@ -1297,7 +1524,14 @@ impl EndpointOps for VEp {
         let list = sges(&segs)?;
         let chain = wr::plan_read(&list, &req.remote)
             .into_iter()
-            .map(|w| (ibv_wr_opcode::IBV_WR_RDMA_READ, w.sges, Some((w.remote_addr, w.rkey)), None))
+            .map(|w| {
+                (
+                    ibv_wr_opcode::IBV_WR_RDMA_READ,
+                    w.sges,
+                    Some((w.remote_addr, w.rkey)),
+                    None,
+                )
+            })
             .collect();
         ep.post_chain(
             qp,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fabric_core::provider::FabricOps;
-use fabric_core::{Caps, EpType, Hints, Info, MrMode, Provider, Result};
+use fabric_core::{Caps, Info, Provider, Result};
 
 /// Capabilities offered on every device.
 pub const CAPS: Caps = Caps::MSG
@@ -47,15 +47,19 @@ impl Provider for VerbsProvider {
         "verbs"
     }
     fn available(&self) -> std::result::Result<(), String> {
-        Err("fabric-verbs was built without its `verbs` cargo feature (libibverbs and librdmacm); \
+        Err(
+            "fabric-verbs was built without its `verbs` cargo feature (libibverbs and librdmacm); \
              build with `--features verbs`"
-            .into())
+                .into(),
+        )
     }
     fn offers(&self) -> Vec<Info> {
         Vec::new()
     }
     fn open_fabric(&self, _info: &Info) -> Result<Arc<dyn FabricOps>> {
-        Err(fabric_core::Error::unsupported("fabric-verbs was built without the `verbs` feature"))
+        Err(fabric_core::Error::unsupported(
+            "fabric-verbs was built without the `verbs` feature",
+        ))
     }
 }
 
@@ -63,7 +67,7 @@ impl Provider for VerbsProvider {
 mod with_verbs {
     use super::*;
     use crate::sys;
-    use fabric_core::Address;
+    use fabric_core::{Address, EpType, Hints, MrMode};
     use std::net::{IpAddr, SocketAddr};
 
     /// One answer: a device, an active port, a GID.
@@ -93,7 +97,12 @@ mod with_verbs {
                     if ip.is_none() && !ib {
                         continue;
                     }
-                    let mut i = Info::new("verbs", caps(direct), EpType::Msg, crate::mapping::limits(&port.limits));
+                    let mut i = Info::new(
+                        "verbs",
+                        caps(direct),
+                        EpType::Msg,
+                        crate::mapping::limits(&port.limits),
+                    );
                     i.mr_mode = MrMode::LOCAL | MrMode::VIRT_ADDR | MrMode::PROV_KEY;
                     i.domain_name = dev.name.clone();
                     i.fabric_name = format!(
@@ -142,8 +151,15 @@ mod with_verbs {
 /// An answer made for the GID address `gid` keeps a hint's source address only if it
 /// is that address, the unspecified address or loopback (rdma_cm binds loopback to a
 /// device of its choice).
-pub fn check_source(info: &mut Info, gid: Option<std::net::IpAddr>) -> std::result::Result<(), String> {
-    let Some(src) = info.src_addr.as_ref().and_then(fabric_core::Address::as_inet) else {
+pub fn check_source(
+    info: &mut Info,
+    gid: Option<std::net::IpAddr>,
+) -> std::result::Result<(), String> {
+    let Some(src) = info
+        .src_addr
+        .as_ref()
+        .and_then(fabric_core::Address::as_inet)
+    else {
         return Ok(());
     };
     let ip = src.ip();
@@ -164,7 +180,7 @@ pub fn provider() -> Arc<dyn Provider> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fabric_core::{Address, Limits, Registry};
+    use fabric_core::{Address, EpType, Limits, Registry};
 
     #[test]
     fn pmem_only_when_stated() {
@@ -200,7 +216,10 @@ mod tests {
             .unwrap_err();
         let msg = e.to_string();
         if cfg!(feature = "verbs") {
-            assert!(msg.contains("verbs: not available: no RDMA device: load rdma_rxe"), "{msg}");
+            assert!(
+                msg.contains("verbs: not available: no RDMA device: load rdma_rxe"),
+                "{msg}"
+            );
         } else {
             assert!(msg.contains("without its `verbs` cargo feature"), "{msg}");
         }

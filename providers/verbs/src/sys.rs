@@ -182,7 +182,10 @@ pub(crate) fn query(ctx: Ctx) -> io::Result<Device> {
         name,
         ports,
         flush_persistent: attr.device_cap_flags_ex & DEVICE_FLUSH_PERSISTENT != 0,
-        max_rd_atom: orig.max_qp_rd_atom.min(orig.max_qp_init_rd_atom).clamp(0, 255) as u8,
+        max_rd_atom: orig
+            .max_qp_rd_atom
+            .min(orig.max_qp_init_rd_atom)
+            .clamp(0, 255) as u8,
     })
 }
 
@@ -351,7 +354,12 @@ impl Mr {
     /// `addr..addr+len` must stay mapped (and not be freed) until the returned `Mr`
     /// is dropped, and `pd` must outlive it. The NIC may write the range at any time
     /// the access flags allow.
-    pub(crate) unsafe fn register(pd: &Pd, addr: *mut u8, len: usize, access: u32) -> io::Result<Mr> {
+    pub(crate) unsafe fn register(
+        pd: &Pd,
+        addr: *mut u8,
+        len: usize,
+        access: u32,
+    ) -> io::Result<Mr> {
         let mr = ibv_reg_mr(pd.0, addr.cast(), len, access as i32);
         if mr.is_null() {
             return Err(io::Error::last_os_error());
@@ -421,7 +429,12 @@ impl CmId {
         let mut id: *mut rdma_cm_id = ptr::null_mut();
         // SAFETY: ch is live; the context is an integer key, never dereferenced.
         let rc = unsafe {
-            rdma_create_id(ch.0, &mut id, key as usize as *mut libc::c_void, rdma_port_space::RDMA_PS_TCP)
+            rdma_create_id(
+                ch.0,
+                &mut id,
+                key as usize as *mut libc::c_void,
+                rdma_port_space::RDMA_PS_TCP,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -587,22 +600,41 @@ mod tests {
         raw[10] = 0xff;
         raw[11] = 0xff;
         raw[12..].copy_from_slice(&[10, 0, 2, 15]);
-        let g = Gid { index: 1, raw, kind: GidKind::RoceV2 };
+        let g = Gid {
+            index: 1,
+            raw,
+            kind: GidKind::RoceV2,
+        };
         assert_eq!(g.ip(), Some("10.0.2.15".parse().unwrap()));
-        let ib = Gid { kind: GidKind::IbOrRoceV1, ..g };
+        let ib = Gid {
+            kind: GidKind::IbOrRoceV1,
+            ..g
+        };
         assert_eq!(ib.ip(), None);
     }
 
     #[test]
     fn constants_match_the_headers() {
         use crate::mapping::*;
-        assert_eq!(ACCESS_LOCAL_WRITE, ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0);
-        assert_eq!(ACCESS_REMOTE_WRITE, ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0);
-        assert_eq!(ACCESS_REMOTE_READ, ibv_access_flags::IBV_ACCESS_REMOTE_READ.0);
+        assert_eq!(
+            ACCESS_LOCAL_WRITE,
+            ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0
+        );
+        assert_eq!(
+            ACCESS_REMOTE_WRITE,
+            ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+        );
+        assert_eq!(
+            ACCESS_REMOTE_READ,
+            ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
+        );
         assert_eq!(wc::REM_ACCESS_ERR, ibv_wc_status::IBV_WC_REM_ACCESS_ERR);
         assert_eq!(wc::REM_INV_REQ_ERR, ibv_wc_status::IBV_WC_REM_INV_REQ_ERR);
         assert_eq!(wc::WR_FLUSH_ERR, ibv_wc_status::IBV_WC_WR_FLUSH_ERR);
-        assert_eq!(wc::RNR_RETRY_EXC_ERR, ibv_wc_status::IBV_WC_RNR_RETRY_EXC_ERR);
+        assert_eq!(
+            wc::RNR_RETRY_EXC_ERR,
+            ibv_wc_status::IBV_WC_RNR_RETRY_EXC_ERR
+        );
         assert_eq!(wc::GENERAL_ERR, ibv_wc_status::IBV_WC_GENERAL_ERR);
         assert_eq!(mtu_bytes(ibv_mtu::IBV_MTU_4096), 4096);
         assert_eq!(wc_status_str(wc::REM_ACCESS_ERR), "remote access error");

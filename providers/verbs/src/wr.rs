@@ -85,7 +85,12 @@ pub fn split(local: &[Sge], remote: &[RemoteIov]) -> Vec<(Vec<Sge>, RemoteIov)> 
 /// when `data` is set), then, for `DELIVERY_COMPLETE`, a zero-length read, and for
 /// `COMMIT_COMPLETE` (read-after-write) an 8-byte read of the last range (fewer when
 /// it is shorter).
-pub fn plan_write(local: &[Sge], remote: &[RemoteIov], data: Option<u32>, flags: OpFlags) -> Vec<RdmaWr> {
+pub fn plan_write(
+    local: &[Sge],
+    remote: &[RemoteIov],
+    data: Option<u32>,
+    flags: OpFlags,
+) -> Vec<RdmaWr> {
     let parts = split(local, remote);
     let n = parts.len();
     let mut wrs: Vec<RdmaWr> = parts
@@ -102,7 +107,11 @@ pub fn plan_write(local: &[Sge], remote: &[RemoteIov], data: Option<u32>, flags:
         })
         .collect();
     let flush_len = if flags.contains(OpFlags::COMMIT_COMPLETE) {
-        Some(remote.last().map_or(0, |r| (r.len as u64).min(RAW_READ as u64) as u32))
+        Some(
+            remote
+                .last()
+                .map_or(0, |r| (r.len as u64).min(RAW_READ as u64) as u32),
+        )
     } else if flags.contains(OpFlags::DELIVERY_COMPLETE) {
         Some(0)
     } else {
@@ -152,7 +161,10 @@ mod tests {
     #[test]
     fn local_entries_split_at_remote_boundaries() {
         // 3 + 7 local bytes over remote ranges of 4 and 6.
-        let p = split(&[sge(100, 3, 1), sge(200, 7, 2)], &[riov(0x1000, 4, 9), riov(0x2000, 6, 8)]);
+        let p = split(
+            &[sge(100, 3, 1), sge(200, 7, 2)],
+            &[riov(0x1000, 4, 9), riov(0x2000, 6, 8)],
+        );
         assert_eq!(p[0].0, vec![sge(100, 3, 1), sge(200, 1, 2)]);
         assert_eq!(p[1].0, vec![sge(201, 6, 2)]);
         assert_eq!((p[0].1.addr, p[1].1.addr), (0x1000, 0x2000));
@@ -160,7 +172,10 @@ mod tests {
 
     #[test]
     fn zero_length_entries_vanish() {
-        let p = split(&[sge(1, 0, 1), sge(2, 4, 1)], &[riov(0, 0, 3), riov(8, 4, 3)]);
+        let p = split(
+            &[sge(1, 0, 1), sge(2, 4, 1)],
+            &[riov(0, 0, 3), riov(8, 4, 3)],
+        );
         assert_eq!(p[0].0, vec![]);
         assert_eq!(p[1].0, vec![sge(2, 4, 1)]);
     }
@@ -171,7 +186,10 @@ mod tests {
         let r = [riov(0x1000, 8, 7), riov(0x3000, 8, 7)];
         let w = plan_write(&l, &r, Some(0xabcd), OpFlags::COMPLETION);
         assert_eq!(w.len(), 2);
-        assert_eq!((w[0].op, w[1].op), (RdmaOp::Write, RdmaOp::WriteImm(0xabcd)));
+        assert_eq!(
+            (w[0].op, w[1].op),
+            (RdmaOp::Write, RdmaOp::WriteImm(0xabcd))
+        );
         assert_eq!(w[1].sges, vec![sge(108, 8, 1)]);
 
         let d = plan_write(&l, &r, None, OpFlags::DELIVERY_COMPLETE);
@@ -183,7 +201,12 @@ mod tests {
         assert_eq!((c[2].remote_addr, c[2].rkey), (0x3000, 7));
 
         // A short last range is read only as far as it goes.
-        let s = plan_write(&[sge(1, 3, 1)], &[riov(0x10, 3, 2)], None, OpFlags::COMMIT_COMPLETE);
+        let s = plan_write(
+            &[sge(1, 3, 1)],
+            &[riov(0x10, 3, 2)],
+            None,
+            OpFlags::COMMIT_COMPLETE,
+        );
         assert_eq!(s[1].op, RdmaOp::FlushRead { len: 3 });
     }
 
