@@ -1080,6 +1080,32 @@ impl EpInner {
             .ok_or_else(|| not_connected("the endpoint has no queue pair"))
     }
 
+    /// The record of a send-side operation (the work-request counts are set when it
+    /// is posted).
+    fn send_op(
+        &self,
+        context: u64,
+        flags: CompFlags,
+        len: usize,
+        completion: bool,
+        segments: Vec<Segment>,
+        inline: Option<Vec<u8>>,
+    ) -> PendingOp {
+        PendingOp {
+            ep: self.me.clone(),
+            context,
+            flags,
+            len,
+            completion,
+            remaining: 0,
+            tx_slots: 0,
+            recv: false,
+            error: None,
+            _segments: segments,
+            _inline: inline,
+        }
+    }
+
     fn reserve_tx(&self, n: usize) -> Result<()> {
         let cap = self.limits.tx_size * (mapping::MAX_RMA_IOV + 1);
         let prev = self.tx_outstanding.fetch_add(n, Ordering::AcqRel);
@@ -1145,7 +1171,9 @@ impl EpInner {
                 sge_lists[i].as_mut_ptr()
             };
             w.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
-            if inline {
+            // Inline applies to the data-carrying requests; a read (the flush read of
+            // a delivery or commit write) never carries it.
+            if inline && *opcode != ibv_wr_opcode::IBV_WR_RDMA_READ {
                 w.send_flags |= ibv_send_flags::IBV_SEND_INLINE.0;
             }
             if let Some(d) = imm {
@@ -1390,19 +1418,14 @@ impl EndpointOps for VEp {
             qp,
             vec![(opcode, list, None, imm)],
             inline,
-            PendingOp {
-                ep: ep.me.clone(),
-                context: req.context,
-                flags: CompFlags::MSG | CompFlags::SEND,
+            ep.send_op(
+                req.context,
+                CompFlags::MSG | CompFlags::SEND,
                 len,
-                completion: req.completion,
-                remaining: 0,
-                tx_slots: 0,
-                recv: false,
-                error: None,
-                _segments: segs,
-                _inline: inl,
-            },
+                req.completion,
+                segs,
+                inl,
+            ),
         )
     }
 
@@ -1483,9 +1506,6 @@ impl EndpointOps for VEp {
                 ),
             })
             .collect::<Vec<_>>();
-        // Inline applies to writes only; a read in the chain must not carry it, so
-        // an inject with a completion level is posted without inline when it has one.
-        let inline = inline && chain.iter().all(|c| c.0 != ibv_wr_opcode::IBV_WR_RDMA_READ);
         let mut flags = CompFlags::RMA | CompFlags::WRITE;
         if commit {
             flags |= CompFlags::COMMIT;
@@ -1494,19 +1514,7 @@ impl EndpointOps for VEp {
             qp,
             chain,
             inline,
-            PendingOp {
-                ep: ep.me.clone(),
-                context: req.context,
-                flags,
-                len,
-                completion: req.completion,
-                remaining: 0,
-                tx_slots: 0,
-                recv: false,
-                error: None,
-                _segments: segs,
-                _inline: inl,
-            },
+            ep.send_op(req.context, flags, len, req.completion, segs, inl),
         )
     }
 
@@ -1537,19 +1545,14 @@ impl EndpointOps for VEp {
             qp,
             chain,
             false,
-            PendingOp {
-                ep: ep.me.clone(),
-                context: req.context,
-                flags: CompFlags::RMA | CompFlags::READ,
+            ep.send_op(
+                req.context,
+                CompFlags::RMA | CompFlags::READ,
                 len,
-                completion: req.completion,
-                remaining: 0,
-                tx_slots: 0,
-                recv: false,
-                error: None,
-                _segments: segs,
-                _inline: None,
-            },
+                req.completion,
+                segs,
+                None,
+            ),
         )
     }
 
