@@ -2,7 +2,7 @@
 //!
 //! One import for the fabric API ([`fabric_core`], re-exported here) and every provider
 //! enabled by cargo features: `tcp` and `softroce` (both default, pure Rust), and
-//! further providers as they land.
+//! `verbs` (libibverbs + librdmacm through rdma-sys; needs the C libraries).
 //! [`getinfo`] searches them all; set `FABRIC_PROVIDER` (like libfabric's `FI_PROVIDER`)
 //! to narrow the set.
 //!
@@ -31,6 +31,8 @@ pub fn registry() -> &'static Registry {
         r.register(fabric_tcp::provider());
         #[cfg(feature = "softroce")]
         r.register(fabric_softroce::provider());
+        #[cfg(feature = "verbs")]
+        r.register(fabric_verbs::provider());
         r
     })
 }

@@ -1,0 +1,227 @@
+//! The `Provider` implementation: getinfo answers from the devices present.
+
+use std::sync::Arc;
+
+use fabric_core::provider::FabricOps;
+use fabric_core::{Caps, Info, Provider, Result};
+
+/// Capabilities offered on every device.
+pub const CAPS: Caps = Caps::MSG
+    .union(Caps::RMA)
+    .union(Caps::READ)
+    .union(Caps::WRITE)
+    .union(Caps::SEND)
+    .union(Caps::RECV)
+    .union(Caps::REMOTE_READ)
+    .union(Caps::REMOTE_WRITE)
+    .union(Caps::REMOTE_CQ_DATA);
+
+/// The rejection when the host has no RDMA device.
+pub const NO_DEVICE: &str = "no RDMA device: load rdma_rxe (`modprobe rdma_rxe; rdma link add rxe0 type rxe netdev eth0`) or plug in a NIC";
+
+/// The environment variable by which an operator states that the target platforms
+/// put NIC-placed writes into their persistence domain (librpma's "direct write to
+/// PMem": Intel DDIO off, or eADR): `1` offers `RMA_PMEM` with COMMIT by
+/// read-after-write.
+pub const DIRECT_PMEM_ENV: &str = "VERBS_DIRECT_PMEM";
+
+/// Whether the operator declared direct write to PMem ([`DIRECT_PMEM_ENV`]).
+pub fn raw_commit_declared() -> bool {
+    std::env::var(DIRECT_PMEM_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// The capabilities offered, given the operator's declaration.
+pub fn caps(direct_pmem: bool) -> Caps {
+    if direct_pmem {
+        CAPS | Caps::RMA_PMEM
+    } else {
+        CAPS
+    }
+}
+
+struct VerbsProvider;
+
+#[cfg(not(feature = "verbs"))]
+impl Provider for VerbsProvider {
+    fn name(&self) -> &'static str {
+        "verbs"
+    }
+    fn available(&self) -> std::result::Result<(), String> {
+        Err(
+            "fabric-verbs was built without its `verbs` cargo feature (libibverbs and librdmacm); \
+             build with `--features verbs`"
+                .into(),
+        )
+    }
+    fn offers(&self) -> Vec<Info> {
+        Vec::new()
+    }
+    fn open_fabric(&self, _info: &Info) -> Result<Arc<dyn FabricOps>> {
+        Err(fabric_core::Error::unsupported(
+            "fabric-verbs was built without the `verbs` feature",
+        ))
+    }
+}
+
+#[cfg(feature = "verbs")]
+mod with_verbs {
+    use super::*;
+    use crate::sys;
+    use fabric_core::{Address, EpType, Hints, MrMode};
+    use std::net::{IpAddr, SocketAddr};
+
+    /// One answer: a device, an active port, a GID.
+    pub(crate) fn answers() -> Vec<Info> {
+        let direct = raw_commit_declared();
+        let mut out = Vec::new();
+        for ctx in sys::cm_devices() {
+            let dev = match sys::query(ctx) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!("verbs: cannot query {}: {e}", ctx.name());
+                    continue;
+                }
+            };
+            if dev.flush_persistent {
+                tracing::debug!(
+                    "verbs: {} reports IB FLUSH (persistent); this build's rdma-core headers \
+                     have no ibv_wr_flush, so COMMIT uses read-after-write",
+                    dev.name
+                );
+            }
+            for port in dev.ports.iter().filter(|p| p.active) {
+                for gid in &port.gids {
+                    // RoCE v1 GIDs duplicate the v2 ones (same IP); rdma_cm uses v2.
+                    let ip = gid.ip();
+                    let ib = port.gids.iter().all(|g| g.kind != sys::GidKind::RoceV2);
+                    if ip.is_none() && !ib {
+                        continue;
+                    }
+                    let mut i = Info::new(
+                        "verbs",
+                        caps(direct),
+                        EpType::Msg,
+                        crate::mapping::limits(&port.limits),
+                    );
+                    i.mr_mode = MrMode::LOCAL | MrMode::VIRT_ADDR | MrMode::PROV_KEY;
+                    i.domain_name = dev.name.clone();
+                    i.fabric_name = format!(
+                        "{} port {} gid {}{}",
+                        if ip.is_some() { "RoCEv2" } else { "IB" },
+                        port.num,
+                        gid.index,
+                        ip.map(|a| format!(" ({a})")).unwrap_or_default()
+                    );
+                    i.src_addr = ip.map(|a| Address::Inet(SocketAddr::new(a, 0)));
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// The GID address an answer was made for (from its fabric name).
+    fn gid_ip(info: &Info) -> Option<IpAddr> {
+        let s = info.fabric_name.rsplit_once('(')?.1.strip_suffix(')')?;
+        s.parse().ok()
+    }
+
+    impl Provider for VerbsProvider {
+        fn name(&self) -> &'static str {
+            "verbs"
+        }
+        fn available(&self) -> std::result::Result<(), String> {
+            if sys::cm_devices().is_empty() {
+                return Err(NO_DEVICE.into());
+            }
+            Ok(())
+        }
+        fn offers(&self) -> Vec<Info> {
+            answers()
+        }
+        fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+            check_source(info, gid_ip(info))
+        }
+        fn open_fabric(&self, info: &Info) -> Result<Arc<dyn FabricOps>> {
+            Ok(Arc::new(crate::objects::VFabric::open(info)?))
+        }
+    }
+}
+
+/// An answer made for the GID address `gid` keeps a hint's source address only if it
+/// is that address, the unspecified address or loopback (rdma_cm binds loopback to a
+/// device of its choice).
+pub fn check_source(
+    info: &mut Info,
+    gid: Option<std::net::IpAddr>,
+) -> std::result::Result<(), String> {
+    let Some(src) = info
+        .src_addr
+        .as_ref()
+        .and_then(fabric_core::Address::as_inet)
+    else {
+        return Ok(());
+    };
+    let ip = src.ip();
+    match gid {
+        Some(g) if g != ip && !ip.is_unspecified() && !ip.is_loopback() => Err(format!(
+            "source address {ip} is not on {} ({})",
+            info.domain_name, info.fabric_name
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The verbs provider, for [`Registry::register`](fabric_core::Registry::register).
+pub fn provider() -> Arc<dyn Provider> {
+    Arc::new(VerbsProvider)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_core::{Address, EpType, Limits, Registry};
+
+    #[test]
+    fn pmem_only_when_stated() {
+        assert!(!caps(false).contains(Caps::RMA_PMEM));
+        assert!(caps(true).contains(Caps::RMA_PMEM | Caps::REMOTE_CQ_DATA));
+    }
+
+    #[test]
+    fn source_addresses_must_be_the_gid_s() {
+        let mut i = Info::new("verbs", CAPS, EpType::Msg, Limits::DEFAULT);
+        i.domain_name = "rxe0".into();
+        i.fabric_name = "RoCEv2 port 1 gid 1 (10.0.2.15)".into();
+        let gid = Some("10.0.2.15".parse().unwrap());
+        for ok in ["10.0.2.15:0", "0.0.0.0:0", "127.0.0.1:7000"] {
+            i.src_addr = Some(Address::Inet(ok.parse().unwrap()));
+            assert!(check_source(&mut i, gid).is_ok(), "{ok}");
+        }
+        i.src_addr = Some(Address::Inet("10.9.9.9:0".parse().unwrap()));
+        let e = check_source(&mut i, gid).unwrap_err();
+        assert!(e.contains("not on rxe0"), "{e}");
+    }
+
+    /// On a host without RDMA devices (this one: no /sys/class/infiniband), getinfo
+    /// says so and what to do; without the `verbs` feature it says that instead.
+    #[test]
+    fn getinfo_without_a_device_says_why() {
+        if std::path::Path::new("/sys/class/infiniband").exists() {
+            return;
+        }
+        let r = Registry::new().with(provider());
+        let e = r
+            .getinfo(&fabric_core::Hints::new().provider("verbs").caps(Caps::MSG))
+            .unwrap_err();
+        let msg = e.to_string();
+        if cfg!(feature = "verbs") {
+            assert!(
+                msg.contains("verbs: not available: no RDMA device: load rdma_rxe"),
+                "{msg}"
+            );
+        } else {
+            assert!(msg.contains("without its `verbs` cargo feature"), "{msg}");
+        }
+    }
+}
