@@ -11,6 +11,23 @@ use std::path::PathBuf;
 pub(crate) struct DeviceDax {
     /// Usable size in bytes (`/sys/dev/char/M:m/size`).
     pub size: u64,
+    /// The device's mapping alignment (`/sys/dev/char/M:m/align`, Linux 5.10 and
+    /// later; 2 MiB by default, also 4 KiB or 1 GiB): mmap lengths must be
+    /// multiples of it. `None` where the kernel does not say.
+    pub align: Option<u64>,
+}
+
+impl DeviceDax {
+    /// `len` rounded up to the device alignment (unchanged if it is unknown).
+    pub fn map_len(&self, len: usize) -> usize {
+        match self.align {
+            Some(a) if a > 1 => match usize::try_from(a) {
+                Ok(a) => len.div_ceil(a).saturating_mul(a),
+                Err(_) => len,
+            },
+            _ => len,
+        }
+    }
 }
 
 /// `Ok(None)` if `file` is not a character device; `Ok(Some)` if it is device
@@ -52,7 +69,11 @@ pub(crate) fn probe(file: &File) -> io::Result<Option<DeviceDax>> {
             format!("{}: {text:?}: {e}", size_path.display()),
         )
     })?;
-    Ok(Some(DeviceDax { size }))
+    let align = std::fs::read_to_string(sys.join("align"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|&a| a > 0);
+    Ok(Some(DeviceDax { size, align }))
 }
 
 /// Device DAX exists only on Linux.
@@ -69,6 +90,20 @@ mod tests {
     fn regular_file_is_not_device_dax() {
         let f = tempfile::tempfile().unwrap();
         assert_eq!(probe(&f).unwrap(), None);
+    }
+
+    #[test]
+    fn map_len_rounds_up_to_the_alignment() {
+        let dax = |align| DeviceDax {
+            size: 1 << 30,
+            align,
+        };
+        let two_mib = 2 << 20;
+        assert_eq!(dax(Some(two_mib)).map_len(1), 2 << 20);
+        assert_eq!(dax(Some(two_mib)).map_len(2 << 20), 2 << 20);
+        assert_eq!(dax(Some(two_mib)).map_len((2 << 20) + 1), 4 << 20);
+        assert_eq!(dax(Some(4096)).map_len(5000), 8192);
+        assert_eq!(dax(None).map_len(5000), 5000);
     }
 
     #[cfg(target_os = "linux")]

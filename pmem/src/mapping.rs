@@ -66,6 +66,9 @@ pub enum MappingKind {
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// What was mmapped: `len`, or on device DAX `len` rounded up to the
+    /// device alignment (the kernel refuses other lengths there).
+    map_len: usize,
     path: PathBuf,
     kind: MappingKind,
     is_pmem: bool,
@@ -94,7 +97,9 @@ impl Mapping {
     /// maps it, using [`PersistStrategy::global`].
     ///
     /// For device DAX, `len` must not exceed the device size; the device is not
-    /// resized.
+    /// resized. The kernel maps device DAX only in multiples of the device's
+    /// alignment (`/sys/dev/char/M:m/align`, 2 MiB by default), so the mapping
+    /// is made that much longer; [`len`](Self::len) stays `len`.
     ///
     /// Errors: `InvalidInput` for a zero `len`, one too large for a file
     /// offset, or an existing regular file longer than `len`; any error of the
@@ -174,7 +179,7 @@ impl Mapping {
                     &format!("length {len} exceeds the device DAX size {}", dax.size),
                 ));
             }
-            return Mapping::map(&file, path, len, MappingKind::DeviceDax, strategy);
+            return Mapping::map(&file, path, len, Some(dax), strategy);
         }
         if !file
             .metadata()
@@ -201,7 +206,7 @@ impl Mapping {
         if created {
             sync_parent_dir(path).map_err(|e| context(e, "fsync directory of", path))?;
         }
-        Mapping::map(&file, path, len, MappingKind::PageCache, strategy)
+        Mapping::map(&file, path, len, None, strategy)
     }
 
     /// Maps the whole of an existing file or device DAX at `path`, using
@@ -222,14 +227,15 @@ impl Mapping {
             .write(true)
             .open(path)
             .map_err(|e| context(e, "open", path))?;
-        let (size, kind) = match device_dax::probe(&file).map_err(|e| context(e, "probe", path))? {
-            Some(dax) => (dax.size, MappingKind::DeviceDax),
+        let dax = device_dax::probe(&file).map_err(|e| context(e, "probe", path))?;
+        let size = match dax {
+            Some(dax) => dax.size,
             None => {
                 let meta = file.metadata().map_err(|e| context(e, "stat", path))?;
                 if !meta.is_file() {
                     return Err(invalid(path, "not a regular file or device DAX"));
                 }
-                (meta.len(), MappingKind::PageCache)
+                meta.len()
             }
         };
         if size == 0 {
@@ -237,25 +243,51 @@ impl Mapping {
         }
         let len = usize::try_from(size)
             .map_err(|_| invalid(path, &format!("size {size} does not fit in memory")))?;
-        Mapping::map(&file, path, len, kind, strategy)
+        Mapping::map(&file, path, len, dax, strategy)
     }
 
-    /// mmaps `file`; `kind` is `DeviceDax` or `PageCache` (upgraded to `Sync`
-    /// when MAP_SYNC is accepted).
+    /// mmaps `file`: device DAX when `dax` says so, else a regular file
+    /// (`PageCache`, upgraded to `Sync` when MAP_SYNC is accepted).
     fn map(
         file: &File,
         path: &Path,
         len: usize,
-        kind: MappingKind,
+        dax: Option<device_dax::DeviceDax>,
         strategy: &PersistStrategy,
     ) -> io::Result<Mapping> {
-        let (ptr, kind) = map_shared(file, len, kind).map_err(|e| context(e, "mmap", path))?;
+        let (kind, map_len) = match dax {
+            Some(d) => (MappingKind::DeviceDax, d.map_len(len)),
+            None => (MappingKind::PageCache, len),
+        };
+        let (ptr, kind) = map_shared(file, map_len, kind).map_err(|e| match dax {
+            // Device DAX refuses (EINVAL) lengths that are not a multiple of its
+            // alignment; say which alignment, or that the kernel did not tell.
+            Some(d) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let align = match d.align {
+                    Some(a) => format!("the device alignment is {a} bytes"),
+                    None => "the kernel does not publish the device alignment \
+                             (sysfs has no align attribute); use a multiple of it \
+                             (2 MiB by default)"
+                        .to_string(),
+                };
+                context(
+                    io::Error::new(
+                        e.kind(),
+                        format!("{e}: device DAX mapping of {map_len} bytes refused; {align}"),
+                    ),
+                    "mmap",
+                    path,
+                )
+            }
+            _ => context(e, "mmap", path),
+        })?;
         let is_pmem = strategy
             .is_pmem_force()
             .unwrap_or(kind != MappingKind::PageCache);
         Ok(Mapping {
             ptr,
             len,
+            map_len,
             path: path.to_path_buf(),
             kind,
             is_pmem,
@@ -398,7 +430,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned and nothing is unmapped
         // twice; the mapping is ours. munmap only fails for invalid arguments.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 

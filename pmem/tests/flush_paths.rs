@@ -1,5 +1,7 @@
 //! Every flush path this CPU has, executed on real mapped memory.
 
+mod common;
+
 use pmem::{FlushMethod, Mapping, PersistStrategy};
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -26,7 +28,7 @@ fn the_best_instruction_is_among_the_tested_ones() {
 
 #[test]
 fn each_method_persists_through_a_pmem_forced_mapping() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let len = 256 * 1024 + 100;
     for method in supported() {
         let s = PersistStrategy::global()
@@ -60,7 +62,7 @@ fn each_method_persists_through_a_pmem_forced_mapping() {
 
 #[test]
 fn method_flush_on_raw_mapped_memory() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let mut m = Mapping::create(dir.path().join("raw"), 64 * 1024).unwrap();
     let data = pattern(64 * 1024, 5);
     m.write_at(0, &data).unwrap();
@@ -79,7 +81,7 @@ fn method_flush_on_raw_mapped_memory() {
 
 #[test]
 fn global_free_functions_on_mapped_memory() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let mut m = Mapping::create(dir.path().join("global"), 8192).unwrap();
     m.write_at(123, b"persist me").unwrap();
     let p = m.range_ptr(123, 10).unwrap();
@@ -101,7 +103,7 @@ fn global_free_functions_on_mapped_memory() {
 
 #[test]
 fn msync_reaches_the_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("ms");
     let s = PersistStrategy::global()
         .with_flush_method(FlushMethod::Msync)

@@ -1,5 +1,7 @@
 //! Mapping files: create/open/size, msync fallback durability, errors.
 
+mod common;
+
 use std::io::ErrorKind;
 use std::path::Path;
 
@@ -47,12 +49,79 @@ fn roundtrip_in(dir: &Path) {
 
 #[test]
 fn msync_fallback_on_temp_dir_file_system() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     roundtrip_in(dir.path());
     let m = Mapping::open(dir.path().join("data")).unwrap();
     // Whatever the file system, is_pmem follows the kind unless forced.
     if PersistStrategy::global().is_pmem_force().is_none() {
         assert_eq!(m.is_pmem(), m.kind() != MappingKind::PageCache);
+    }
+    if common::on_dax() {
+        assert_eq!(
+            m.kind(),
+            MappingKind::Sync,
+            "PMEM_TEST_DAX=1: MAP_SYNC must succeed"
+        );
+    }
+}
+
+/// On a DAX file system (`PMEM_TEST_DAX=1`, set by the VM tier) MAP_SYNC must
+/// succeed and the mapping must be pmem: stores are persisted by flushing CPU
+/// caches, not by msync.
+#[test]
+fn dax_file_system_gives_map_sync_and_is_pmem() {
+    if !common::on_dax() {
+        eprintln!("PMEM_TEST_DAX is not 1: no DAX file system to test; skipped");
+        return;
+    }
+    let dir = common::tempdir();
+    let path = dir.path().join("dax");
+    let detect = PersistStrategy::global().with_is_pmem_force(None);
+    let len = 2 * pmem::page_size() + 17;
+    let data = pattern(len, 42);
+    {
+        let mut m = Mapping::create_with(&path, len, &detect).unwrap();
+        assert_eq!(m.kind(), MappingKind::Sync, "{m:?}");
+        assert!(m.is_pmem(), "{m:?}");
+        m.write_persist(0, &data).unwrap();
+    }
+    let m = Mapping::open_with(&path, &detect).unwrap();
+    assert_eq!(m.kind(), MappingKind::Sync);
+    assert!(m.is_pmem());
+    assert_eq!(read_all(&m), data);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    // Forcing it off keeps MAP_SYNC but persists with msync, which DAX accepts.
+    let forced_off = detect.with_is_pmem_force(Some(false));
+    let mut m = Mapping::open_with(&path, &forced_off).unwrap();
+    assert_eq!(m.kind(), MappingKind::Sync);
+    assert!(!m.is_pmem());
+    m.write_persist(5, b"msync").unwrap();
+}
+
+/// Device DAX (`PMEM_TEST_DEVDAX=/dev/daxX.Y`, set by the VM tier): a length
+/// that is not a multiple of the device alignment is mapped rounded up, and
+/// `len()` stays what was asked.
+#[cfg(target_os = "linux")]
+#[test]
+fn device_dax_length_need_not_be_a_multiple_of_the_alignment() {
+    let Some(dev) = common::devdax() else {
+        eprintln!("PMEM_TEST_DEVDAX not set: no device DAX to test; skipped");
+        return;
+    };
+    let detect = PersistStrategy::global().with_is_pmem_force(None);
+    let data = pattern(5000, 7);
+    for len in [5000, (2 << 20) + 1] {
+        let mut m = Mapping::create_with(&dev, len, &detect).unwrap();
+        assert_eq!(m.len(), len);
+        assert_eq!(m.kind(), MappingKind::DeviceDax);
+        assert!(m.is_pmem());
+        m.write_persist(len - data.len(), &data).unwrap();
+        drop(m);
+        let m = Mapping::open_with(&dev, &detect).unwrap();
+        assert!(m.len() >= len, "open maps the whole device");
+        let mut back = vec![0u8; data.len()];
+        m.read_at(len - data.len(), &mut back).unwrap();
+        assert_eq!(back, data, "len {len}");
     }
 }
 
@@ -76,7 +145,7 @@ fn msync_fallback_on_tmpfs() {
 
 #[test]
 fn write_persist_survives_remap() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("wp");
     let data = pattern(10_000, 3);
     let base = *PersistStrategy::global();
@@ -96,7 +165,7 @@ fn write_persist_survives_remap() {
 
 #[test]
 fn create_resizes_an_existing_file() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("resize");
     let data = pattern(8192, 1);
     let mut m = Mapping::create(&path, 8192).unwrap();
@@ -128,7 +197,7 @@ fn create_resizes_an_existing_file() {
 
 #[test]
 fn create_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("zero");
     let err = Mapping::create(&path, 0).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
@@ -153,7 +222,7 @@ fn create_errors() {
 #[test]
 fn create_too_large_for_the_file_system_fails_cleanly() {
     // 2^62 bytes: beyond any ext4/tmpfs maximum file size, yet a valid off_t.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("huge");
     let err = Mapping::create(&path, 1usize << 62).unwrap_err();
     assert!(err.to_string().contains("huge"), "{err}");
@@ -162,7 +231,7 @@ fn create_too_large_for_the_file_system_fails_cleanly() {
 
 #[test]
 fn open_errors() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let missing = dir.path().join("missing");
     let err = Mapping::open(&missing).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -192,7 +261,7 @@ fn char_device_that_is_not_dax_is_rejected() {
 
 #[test]
 fn out_of_range_is_invalid_input_never_a_panic() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let mut m = Mapping::create(dir.path().join("r"), 4096).unwrap();
     let cases = [
         (4096, 1),
@@ -245,12 +314,15 @@ fn out_of_range_is_invalid_input_never_a_panic() {
 
 #[test]
 fn is_pmem_false_on_a_normal_file_and_forced_by_the_strategy() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("f");
     let detect = PersistStrategy::global().with_is_pmem_force(None);
     let m = Mapping::create_with(&path, 8192, &detect).unwrap();
-    // The temp dir is not DAX here (a DAX fs exists only in the VM tier).
-    if m.kind() == MappingKind::PageCache {
+    // The test dir is DAX only where PMEM_TEST_DAX says so (the VM tier).
+    if common::on_dax() {
+        assert_eq!(m.kind(), MappingKind::Sync);
+        assert!(m.is_pmem());
+    } else if m.kind() == MappingKind::PageCache {
         assert!(!m.is_pmem());
     }
     drop(m);
@@ -268,7 +340,7 @@ fn mapping_is_send_and_sync_and_threads_can_persist_disjoint_ranges() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Mapping>();
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let path = dir.path().join("threads");
     let chunk = 64 * 1024;
     let m = Mapping::create(&path, 2 * chunk).unwrap();
@@ -292,7 +364,7 @@ fn mapping_is_send_and_sync_and_threads_can_persist_disjoint_ranges() {
 
 #[test]
 fn mapping_can_move_to_another_thread() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let mut m = Mapping::create(dir.path().join("moved"), 4096).unwrap();
     m.write_at(10, b"abc").unwrap();
     let m = std::thread::spawn(move || {

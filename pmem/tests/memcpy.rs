@@ -1,5 +1,7 @@
 //! Non-temporal copy and copy+persist: sizes, misalignments, large copies.
 
+mod common;
+
 use pmem::{FlushMethod, Mapping, PersistStrategy};
 
 fn pattern(n: usize, seed: u32) -> Vec<u8> {
@@ -24,7 +26,7 @@ const GUARD: u8 = 0xA5;
 
 #[test]
 fn memcpy_nt_every_size_to_300_at_every_offset_to_64() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let m = Mapping::create(dir.path().join("small"), 4096).unwrap();
     let src = pattern(600, 1);
     let area = 512;
@@ -59,7 +61,7 @@ fn memcpy_nt_every_size_to_300_at_every_offset_to_64() {
 
 #[test]
 fn memcpy_persist_every_strategy_sizes_and_offsets() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let m = Mapping::create(dir.path().join("persist"), 8192).unwrap();
     let src = pattern(4096, 2);
     let mut back = vec![0u8; 4096];
@@ -88,7 +90,7 @@ fn memcpy_persist_every_strategy_sizes_and_offsets() {
 
 #[test]
 fn a_few_mib_misaligned() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let len = 3 * 1024 * 1024 + 17;
     let path = dir.path().join("large");
     let mut m = Mapping::create(&path, len + 128).unwrap();
@@ -118,7 +120,7 @@ fn a_few_mib_misaligned() {
 
 #[test]
 fn global_memcpy_functions() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tempdir();
     let m = Mapping::create(dir.path().join("g"), 4096).unwrap();
     let src = pattern(1000, 4);
     let mut back = vec![0u8; 1000];
