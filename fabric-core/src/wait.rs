@@ -154,7 +154,8 @@ impl<T> WaitQueue<T> {
 
     /// Takes the next item.
     pub fn pop(&self) -> Option<T> {
-        let mut v = Vec::with_capacity(1);
+        // Allocates nothing: an empty Vec has no buffer until an item is pushed.
+        let mut v = Vec::new();
         self.pop_into(&mut v, 1);
         v.pop()
     }

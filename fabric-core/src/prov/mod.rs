@@ -6,10 +6,16 @@
 //!   ([`KeyMap::verify`](key_map::KeyMap::verify)): key, rights, bounds, PMEM.
 //! - [`sgl`]: scatter/gather lists over an operation's segments or a remote access's
 //!   verified ranges, with copies by offset and a streaming cursor.
-//! - [`crate::wait`]: the waitable FIFO behind completion and event queues.
+//! - [`queue`]: completion and event queue objects over a provider's [`Progress`]
+//!   engine, and the background progress thread.
+//! - [`crate::wait`]: the waitable FIFO behind those queues.
 
 pub mod key_map;
+#[cfg(target_os = "linux")]
+pub mod queue;
 pub mod sgl;
 
 pub use key_map::{AccessError, AddrMode, KeyMap, Need, Registration, RemoteRange};
+#[cfg(target_os = "linux")]
+pub use queue::{start_progress_thread, Progress, ProviderCq, ProviderEq};
 pub use sgl::{Cursor, ScatterList};
