@@ -10,6 +10,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fabric_core::{
     Access, CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Event, Fid, RecvRequest,
@@ -43,6 +44,9 @@ const TX_IOV_MAX: usize = 64;
 const TX_BATCH_BYTES: usize = 16 << 20;
 /// At most this many receive system calls per connection per progress call.
 const RX_ROUNDS: usize = 32;
+/// How long a connection that refused a remote access waits for the peer to close
+/// after its refusal was sent, before it closes the socket itself.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -51,6 +55,8 @@ pub(crate) struct Fatal {
     pub(crate) protocol: bool,
     /// What the Shutdown event says.
     pub(crate) reason: ShutdownReason,
+    /// How the operations still outstanding complete.
+    pub(crate) kind: CqErrorKind,
 }
 
 impl Fatal {
@@ -59,6 +65,7 @@ impl Fatal {
             detail: format!("{what}: {e}"),
             protocol: false,
             reason: ShutdownReason::Lost,
+            kind: CqErrorKind::ConnectionLost,
         }
     }
     fn eof() -> Fatal {
@@ -66,6 +73,7 @@ impl Fatal {
             detail: "peer closed the connection".into(),
             protocol: false,
             reason: ShutdownReason::Peer,
+            kind: CqErrorKind::ConnectionLost,
         }
     }
     fn protocol(msg: impl std::fmt::Display) -> Fatal {
@@ -73,6 +81,17 @@ impl Fatal {
             detail: format!("{msg}"),
             protocol: true,
             reason: ShutdownReason::Protocol,
+            kind: CqErrorKind::ConnectionLost,
+        }
+    }
+    /// The peer refused one of our remote accesses: the connection ends and what was
+    /// posted after it completes `Canceled`.
+    fn access_refused(detail: String) -> Fatal {
+        Fatal {
+            detail,
+            protocol: false,
+            reason: ShutdownReason::AccessError,
+            kind: CqErrorKind::Canceled,
         }
     }
 }
@@ -90,6 +109,10 @@ pub(crate) enum ConnState {
     Accepting,
     /// Data may flow.
     Connected,
+    /// This side refused a remote access: the refusal (NAK) and the answers queued
+    /// ahead of it are still being sent, everything arriving is discarded, and the
+    /// socket closes once the peer closes or [`LINGER`] passes. Posts fail.
+    Closing,
     /// Shut down, refused or lost.
     Closed,
 }
@@ -286,11 +309,6 @@ enum AfterRx {
         /// payload streams in.
         ranges: Vec<RegionRange>,
     },
-    Refused {
-        op_id: u64,
-        status: Status,
-        index: usize,
-    },
     ReadResp(Pending),
     ConnResp {
         status: Status,
@@ -477,6 +495,15 @@ pub(crate) struct Conn {
     pub(crate) rx_size: usize,
     pub(crate) connect_data: Vec<u8>,
     iov_scratch: Vec<libc::iovec>,
+    /// The application called shutdown(): later posts fail with `Shutdown`.
+    local_shutdown: bool,
+    /// While [`ConnState::Closing`]: when the socket closes at the latest.
+    closing_deadline: Option<Instant>,
+    /// The sending direction has been shut down (Closing, everything sent).
+    wr_shut: bool,
+    /// The endpoint was closed while the connection was still Closing: the engine
+    /// drops the connection once its socket has closed.
+    pub(crate) detached: bool,
 }
 
 // SAFETY: libc::iovec in iov_scratch is only a reusable buffer (emptied after each use,
@@ -510,6 +537,10 @@ impl Conn {
             rx_size,
             connect_data: Vec::new(),
             iov_scratch: Vec::with_capacity(TX_IOV_MAX + 1),
+            local_shutdown: false,
+            closing_deadline: None,
+            wr_shut: false,
+            detached: false,
         }
     }
 
@@ -526,7 +557,10 @@ impl Conn {
     /// Whether the receive side should be read now.
     pub(crate) fn readable(&self) -> bool {
         self.sock.is_some()
-            && matches!(self.state, ConnState::Connected | ConnState::WaitConnResp)
+            && matches!(
+                self.state,
+                ConnState::Connected | ConnState::WaitConnResp | ConnState::Closing
+            )
             && !matches!(self.rx.phase, Phase::Stalled(_))
     }
 
@@ -560,7 +594,9 @@ impl Conn {
     fn tx_allowed(&self) -> bool {
         match self.txq.front() {
             None => false,
-            Some(op) => self.state == ConnState::Connected || op.control,
+            Some(op) => {
+                matches!(self.state, ConnState::Connected | ConnState::Closing) || op.control
+            }
         }
     }
 
@@ -598,7 +634,7 @@ impl Conn {
             iov.clear();
             let mut bytes = 0usize;
             for (k, op) in self.txq.iter().enumerate() {
-                if self.state != ConnState::Connected && !op.control {
+                if !matches!(self.state, ConnState::Connected | ConnState::Closing) && !op.control {
                     break;
                 }
                 let skip = if k == 0 { self.tx_done } else { 0 };
@@ -628,7 +664,18 @@ impl Conn {
         };
         iov.clear();
         self.iov_scratch = iov;
+        if result.is_ok() && self.state == ConnState::Closing && self.txq.is_empty() {
+            self.shut_write();
+        }
         result
+    }
+
+    /// Closing: once the refusal is out, tell the peer we are done sending.
+    fn shut_write(&mut self) {
+        if let (false, Some(sock)) = (self.wr_shut, &self.sock) {
+            sys::shutdown_write(sock.as_raw_fd());
+            self.wr_shut = true;
+        }
     }
 
     fn advance_tx(&mut self, mut n: usize) {
@@ -671,9 +718,18 @@ impl Conn {
 
     /// Reads and processes what the socket has, then sends any answers it produced.
     pub(crate) fn read(&mut self) -> Result<(), Fatal> {
+        if self.state == ConnState::Closing {
+            self.discard_input();
+            return Ok(());
+        }
         let mut rounds = 0;
         loop {
             self.process_buffered()?;
+            if self.state == ConnState::Closing {
+                // This side just refused an access: drop the rest of the stream.
+                self.discard_input();
+                break;
+            }
             if !self.readable() || rounds >= RX_ROUNDS {
                 break;
             }
@@ -755,6 +811,10 @@ impl Conn {
                     let h = Header::parse(&b[..size]).map_err(Fatal::protocol)?;
                     self.rx.start += size;
                     self.on_header(h)?;
+                    if self.state == ConnState::Closing {
+                        // This side refused an access: nothing more is acted upon.
+                        return Ok(());
+                    }
                 }
                 Phase::Payload(inc) => {
                     if inc.remaining > 0 {
@@ -829,15 +889,10 @@ impl Conn {
                     }
                     Err((status, index)) => {
                         debug!(fid = %self.fid, ?status, index, "refusing remote write");
-                        self.expect(
-                            Sink::Discard,
-                            size,
-                            AfterRx::Refused {
-                                op_id: h.op_id,
-                                status,
-                                index,
-                            },
-                        );
+                        let mut nak = Header::new(Op::Ack, h.op_id, 0);
+                        nak.status = status;
+                        nak.data = index as u64;
+                        self.refuse(&nak);
                     }
                 }
             }
@@ -856,7 +911,8 @@ impl Conn {
                         debug!(fid = %self.fid, ?status, index, "refusing remote read");
                         resp.status = status;
                         resp.data = index as u64;
-                        Body::Empty
+                        self.refuse(&resp);
+                        return Ok(());
                     }
                 };
                 self.queue(TxOp::new(&resp, body, AfterTx::Nothing), false);
@@ -865,9 +921,13 @@ impl Conn {
                 let p = self.take_pending(h.op_id, PendKind::Read)?;
                 if h.status != Status::Ok {
                     let err = remote_error(h.status, h.data, &p, "read");
+                    let detail = err.detail.clone();
                     self.rep
                         .tx_cq
                         .push(Completion::error(p.context, p.flags, err));
+                    if h.status.is_access_refusal() {
+                        return Err(Fatal::access_refused(detail));
+                    }
                     return Ok(());
                 }
                 if size != p.len {
@@ -900,7 +960,15 @@ impl Conn {
                     } else {
                         "send"
                     };
-                    Completion::error(p.context, p.flags, remote_error(h.status, h.data, &p, what))
+                    let err = remote_error(h.status, h.data, &p, what);
+                    let detail = err.detail.clone();
+                    self.rep
+                        .tx_cq
+                        .push(Completion::error(p.context, p.flags, err));
+                    if h.status.is_access_refusal() {
+                        return Err(Fatal::access_refused(detail));
+                    }
+                    return Ok(());
                 };
                 self.rep.tx_cq.push(c);
             }
@@ -1023,26 +1091,28 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                if let Some(d) = data {
-                    if let Some(recv) = self.posted.pop_front() {
-                        self.complete_recv(recv, size, 0, Some(d), true);
-                    } else {
+                // With CQ data the initiator's completion waits until the data has
+                // consumed a receive here (as RNR holds an RC write-with-immediate):
+                // the ACK goes out when the entry is matched.
+                match data {
+                    Some(d) if self.posted.is_empty() => {
                         self.unexpected.push_back(Unexpected {
                             bytes: Vec::new(),
                             size,
                             data: Some(d),
-                            ack: None,
+                            ack: Some(op_id),
                             write_data: true,
                         });
                     }
+                    Some(d) => {
+                        if let Some(recv) = self.posted.pop_front() {
+                            self.complete_recv(recv, size, 0, Some(d), true);
+                        }
+                        self.ack(op_id, Status::Ok, 0);
+                    }
+                    None => self.ack(op_id, Status::Ok, 0),
                 }
-                self.ack(op_id, Status::Ok, 0);
             }
-            AfterRx::Refused {
-                op_id,
-                status,
-                index,
-            } => self.ack(op_id, status, index as u64),
             AfterRx::ReadResp(p) => {
                 if p.completion {
                     self.rep
@@ -1170,7 +1240,8 @@ impl Conn {
     /// Ends the connection: every outstanding operation completes in error (`kind` for
     /// transmit operations, `Canceled` for receives), the socket closes, and with
     /// `event` a Shutdown event with that reason is raised when the connection had been
-    /// established.
+    /// established (a connection that is [`ConnState::Closing`] raised its event when
+    /// it began closing).
     pub(crate) fn teardown(
         &mut self,
         kind: CqErrorKind,
@@ -1188,9 +1259,27 @@ impl Conn {
         }
         self.interest = 0;
         self.want_write = false;
+        self.closing_deadline = None;
+        self.cancel_all(kind, detail, false);
+        if let (Some(reason), ConnState::Connected) = (event, was) {
+            self.rep.eq.push(Event::Shutdown {
+                fid: self.fid,
+                reason,
+            });
+        }
+    }
+
+    /// Completes every outstanding operation in error (`kind` for transmit operations,
+    /// `Canceled` for receives) and forgets buffered input. With `keep_answers`, the
+    /// queued answers to the peer (ACKs, read responses) and the operation partly on
+    /// the wire stay queued so the stream stays well framed.
+    fn cancel_all(&mut self, kind: CqErrorKind, detail: &str, keep_answers: bool) {
         let err = |what: &str| CqError::new(kind, 0, format!("{what}: {detail}"));
-        for op in std::mem::take(&mut self.txq) {
-            match op.then {
+        let mut kept = VecDeque::new();
+        for (i, mut op) in std::mem::take(&mut self.txq).into_iter().enumerate() {
+            let started = i == 0 && self.tx_done > 0;
+            let answer = matches!(op.then, AfterTx::Nothing);
+            match std::mem::replace(&mut op.then, AfterTx::Nothing) {
                 AfterTx::Nothing => {}
                 AfterTx::Complete { context, flags, .. } => {
                     self.rep.tx_cq.push(Completion::error(
@@ -1205,8 +1294,14 @@ impl Conn {
                         .push(Completion::error(p.context, p.flags, err("not sent")));
                 }
             }
+            if keep_answers && (started || answer) {
+                kept.push_back(op);
+            }
         }
-        self.tx_done = 0;
+        if kept.is_empty() {
+            self.tx_done = 0;
+        }
+        self.txq = kept;
         for p in std::mem::take(&mut self.inflight) {
             self.rep.tx_cq.push(Completion::error(
                 p.context,
@@ -1246,12 +1341,91 @@ impl Conn {
         self.unexpected_bytes = 0;
         self.rx.start = 0;
         self.rx.end = 0;
-        if let (Some(reason), ConnState::Connected) = (event, was) {
-            self.rep.eq.push(Event::Shutdown {
-                fid: self.fid,
-                reason,
-            });
+    }
+
+    /// Refuses a remote access, as an RC responder does: queues the refusal `answer`
+    /// (an error ACK or READ_RESP) behind the answers already queued, and ends the
+    /// connection. Everything this side had outstanding completes `Canceled`, the
+    /// endpoint gets `Shutdown { reason: AccessError }`, nothing that arrives from now
+    /// on is acted upon, and the socket closes once the answer is out and the peer has
+    /// closed (at the latest after [`LINGER`]), so the refusal is not lost to a reset.
+    fn refuse(&mut self, answer: &Header) {
+        if self.state != ConnState::Connected {
+            return;
         }
+        self.state = ConnState::Closing;
+        self.closing_deadline = Some(Instant::now() + LINGER);
+        let detail = format!(
+            "this side refused a remote access ({})",
+            answer.status.describe()
+        );
+        self.cancel_all(CqErrorKind::Canceled, &detail, true);
+        self.queue(TxOp::new(answer, Body::Empty, AfterTx::Nothing), false);
+        self.rep.eq.push(Event::Shutdown {
+            fid: self.fid,
+            reason: ShutdownReason::AccessError,
+        });
+    }
+
+    /// Closing: reads and drops whatever arrives; closes the socket on end of stream,
+    /// on an error, or once the deadline has passed.
+    fn discard_input(&mut self) {
+        let Some(sock) = &self.sock else { return };
+        let fd = sock.as_raw_fd();
+        for _ in 0..RX_ROUNDS {
+            match sys::recv(fd, &mut self.rx.buf) {
+                Ok(0) => return self.close_quietly(),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return self.close_quietly(),
+            }
+        }
+        self.check_linger(Instant::now());
+    }
+
+    /// Closes a Closing connection whose deadline has passed.
+    pub(crate) fn check_linger(&mut self, now: Instant) {
+        if self.closing_deadline.is_some_and(|d| now >= d) {
+            self.close_quietly();
+        }
+    }
+
+    /// Whether the connection is Closing (its socket is still open).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.state == ConnState::Closing
+    }
+
+    /// Ends a Closing connection: its Shutdown event was raised when it began closing.
+    fn close_quietly(&mut self) {
+        debug!(fid = %self.fid, "closing after a refused remote access");
+        self.teardown(CqErrorKind::Canceled, "connection closed", None);
+    }
+
+    /// Why a post must fail at the call, if it must: the connection has ended
+    /// (`NotConnected`), or this side shut it down (`Shutdown`).
+    pub(crate) fn post_refusal(&self) -> Option<Error> {
+        match self.state {
+            ConnState::Closed | ConnState::Closing if self.local_shutdown => Some(Error::new(
+                ErrorKind::Shutdown,
+                "the endpoint was shut down",
+            )),
+            ConnState::Closed | ConnState::Closing => Some(Error::new(
+                ErrorKind::NotConnected,
+                "the connection has ended",
+            )),
+            _ => None,
+        }
+    }
+
+    /// The application shuts the connection down.
+    pub(crate) fn shutdown(&mut self) {
+        self.local_shutdown = true;
+        self.teardown(
+            CqErrorKind::Canceled,
+            "endpoint shut down locally",
+            Some(ShutdownReason::Local),
+        );
     }
 
     /// Tears down after a fatal error from the peer side.
@@ -1278,7 +1452,7 @@ impl Conn {
                 data: Vec::new(),
             });
         }
-        self.teardown(CqErrorKind::ConnectionLost, &f.detail, Some(f.reason));
+        self.teardown(f.kind, &f.detail, Some(f.reason));
     }
 
     /// Queues CONN_REQ with the connect data ahead of any early operations.

@@ -244,8 +244,10 @@ impl EngineState {
         self.tick = self.tick.wrapping_add(1);
         let direct = self.conns.len() <= DIRECT_MAX;
         let mut need_epoll = full || !direct || !self.half_open.is_empty();
+        let mut reap = false;
         if direct {
             for c in self.conns.values_mut() {
+                reap |= c.is_closing() || c.detached;
                 let r = if c.readable() { c.read() } else { Ok(()) };
                 let r = r.and_then(|_| if c.want_write { c.flush() } else { Ok(()) });
                 if let Err(f) = r {
@@ -257,6 +259,9 @@ impl EngineState {
                 c.update_interest(ep);
             }
         }
+        if reap || self.tick.is_multiple_of(EPOLL_EVERY) {
+            self.reap_closing(ep);
+        }
         if need_epoll || self.tick.is_multiple_of(EPOLL_EVERY) {
             let mut events = std::mem::take(&mut self.events);
             match ep.wait(&mut events, 0) {
@@ -266,6 +271,20 @@ impl EngineState {
             events.clear();
             self.events = events;
         }
+    }
+
+    /// Connections that refused a remote access and are sending their refusal: closes
+    /// the ones past their deadline and drops the closed ones whose endpoint is gone.
+    fn reap_closing(&mut self, ep: &Epoll) {
+        let now = Instant::now();
+        self.conns.retain(|_, c| {
+            if c.is_closing() {
+                c.check_linger(now);
+                c.update_interest(ep);
+            }
+            // Keep all but detached connections whose socket has closed.
+            !c.detached || c.is_closing()
+        });
     }
 
     fn dispatch_events(&mut self, ep: &Epoll, events: &[EpollEvent]) {

@@ -8,6 +8,23 @@
 //! access before touching memory and answers each write with an ACK, so remote access
 //! errors always reach the initiator as error completions.
 //!
+//! - A refused remote access (bad key, bounds, rights, COMMIT into a region not
+//!   registered PMEM) ends the connection at both ends, as the NAK of an RC queue pair
+//!   does: the target answers with the refusal, ends its side (its outstanding
+//!   operations complete `Canceled`, `Event::Shutdown { reason: AccessError }`) and
+//!   acts on nothing the peer sends after it; the initiator completes the refused
+//!   operation with `RemoteAccess` (`RemoteInvalid` for COMMIT), everything posted
+//!   after it `Canceled`, and raises its own `Shutdown { reason: AccessError }`. The
+//!   target closes its socket once the refusal is out and the peer has closed, at the
+//!   latest after 2 s, so a reset cannot swallow the refusal.
+//! - Posts to an endpoint whose connection has ended fail at the call with
+//!   `NotConnected` (`Shutdown` when this side called `shutdown()`). Each end raises
+//!   exactly one `Event::Shutdown` with its reason (`Local`, `Peer`, `Lost`,
+//!   `AccessError`, `Protocol`).
+//! - A write with remote CQ data completes at the initiator once the CQ data has
+//!   consumed a receive at the target (the target holds its ACK until then), as RNR
+//!   holds an RC write-with-immediate.
+//!
 //! - Completion levels: sends complete when handed to the socket (transmit), or on the
 //!   target's ACK after placement with `DELIVERY_COMPLETE`; writes always complete on
 //!   the target's ACK (delivery: placed and visible, not necessarily durable); reads

@@ -344,8 +344,8 @@ impl TcpEndpoint {
 
     fn post_tx(&self, op_builder: impl FnOnce(&mut Conn) -> TxOp) -> Result<()> {
         self.with_conn(|c| {
-            if c.state == ConnState::Closed {
-                return Err(closed());
+            if let Some(e) = c.post_refusal() {
+                return Err(e);
             }
             if c.tx_outstanding() >= c.tx_size {
                 return Err(Error::new(
@@ -443,11 +443,7 @@ impl EndpointOps for TcpEndpoint {
 
     fn shutdown(&self) -> Result<()> {
         self.with_conn(|c| {
-            c.teardown(
-                fabric_core::CqErrorKind::Canceled,
-                "endpoint shut down locally",
-                Some(fabric_core::ShutdownReason::Local),
-            );
+            c.shutdown();
             Ok(())
         })
     }
@@ -500,8 +496,8 @@ impl EndpointOps for TcpEndpoint {
 
     fn post_recv(&self, req: RecvRequest) -> Result<()> {
         self.with_conn(|c| {
-            if c.state == ConnState::Closed {
-                return Err(closed());
+            if let Some(e) = c.post_refusal() {
+                return Err(e);
             }
             if c.posted_len() >= c.rx_size {
                 return Err(Error::new(
@@ -567,7 +563,17 @@ impl EndpointOps for TcpEndpoint {
     }
 
     fn close(&self) {
-        let conn = self.engine.with(|st, _| st.conns.remove(&self.fid.0));
+        let conn = self
+            .engine
+            .with(|st, _| match st.conns.get_mut(&self.fid.0) {
+                // Still sending its refusal of a remote access: the engine finishes that
+                // and drops the connection when its socket closes.
+                Some(c) if c.is_closing() => {
+                    c.detached = true;
+                    None
+                }
+                _ => st.conns.remove(&self.fid.0),
+            });
         if let Some(mut c) = conn {
             c.teardown(fabric_core::CqErrorKind::Canceled, "endpoint closed", None);
         }

@@ -259,3 +259,9 @@ pub fn shutdown_both(fd: RawFd) {
     // SAFETY: plain system call on a descriptor we own; errors (not connected) are fine.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
+
+/// Shuts the sending direction down (the peer sees end of stream; reading goes on).
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain system call on a descriptor we own; errors (not connected) are fine.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
