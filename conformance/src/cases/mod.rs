@@ -14,6 +14,7 @@ pub mod mr;
 pub mod msg;
 pub mod pmem;
 pub mod rma;
+pub mod semantics;
 
 /// Every case, group by group.
 pub fn all() -> Vec<Case> {
@@ -26,11 +27,22 @@ pub fn all() -> Vec<Case> {
     v.extend(rma::cases());
     v.extend(errors::cases());
     v.extend(pmem::cases());
+    v.extend(semantics::cases());
     v
 }
 
 /// The group names, in run order.
-pub const GROUPS: &[&str] = &["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
+pub const GROUPS: &[&str] = &[
+    "getinfo",
+    "mr",
+    "cq",
+    "eq",
+    "msg",
+    "rma",
+    "errors",
+    "pmem",
+    "semantics",
+];
 
 /// Shorthand for a table entry.
 pub(crate) const fn case(
