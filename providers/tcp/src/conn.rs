@@ -1391,6 +1391,11 @@ impl Conn {
         }
     }
 
+    /// While Closing: when the socket closes at the latest.
+    pub(crate) fn closing_deadline(&self) -> Option<Instant> {
+        self.closing_deadline
+    }
+
     /// Whether the connection is Closing (its socket is still open).
     pub(crate) fn is_closing(&self) -> bool {
         self.state == ConnState::Closing

@@ -44,6 +44,14 @@
 //!   connection data, tx_size / rx_size 1024. Memory registration mode `PROV_KEY`:
 //!   keys are random 64-bit values and remote addresses are offsets (`base_addr` 0).
 //!
+//! - Listener limits (per fabric): at most 128 accepted connections whose connection
+//!   request has not fully arrived ("half-open"); one more closes the oldest. A
+//!   half-open connection has 10 s to send its request (as softroce's), then it is
+//!   closed. When accept fails for want of descriptors (EMFILE / ENFILE) the
+//!   listening socket is left unpolled for 100 ms (the pending connection waits in the
+//!   kernel's backlog) instead of being polled in a busy loop. These are defaults of
+//!   the provider, not settings yet.
+//!
 //! ## Persistent memory (`RMA_PMEM`, `COMMIT_COMPLETE`)
 //! The provider offers [`Caps::RMA_PMEM`]: memory whose
 //! [`MemoryBacking::supports_persist`](fabric_core::MemoryBacking::supports_persist) is
