@@ -41,6 +41,14 @@ impl TcpFabric {
     }
 }
 
+impl TcpFabric {
+    /// The progress engine (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
 impl FabricOps for TcpFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
@@ -119,6 +127,14 @@ fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueu
 pub(crate) struct TcpDomain {
     engine: Arc<Engine>,
     keys: Arc<KeyTable>,
+}
+
+impl TcpDomain {
+    /// The key table (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> &Arc<KeyTable> {
+        &self.keys
+    }
 }
 
 impl DomainOps for TcpDomain {
