@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use crate::conn::{Conn, ConnState, EventQueueShared};
-use crate::sys::{self, Epoll, EpollEvent};
+use crate::sys::{self, Epoll, EpollEvent, Interest};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
 use fabric_core::wait::{poll_readable, EventFd, WaitQueue};
 
@@ -139,7 +139,9 @@ impl Engine {
     pub(crate) fn with_limits(limits: ListenLimits) -> io::Result<Arc<Engine>> {
         let epoll = Epoll::new()?;
         let stop_fd = EventFd::new()?;
-        epoll.add(stop_fd.raw(), STOP_TOKEN, libc::EPOLLIN as u32)?;
+        // SAFETY: the eventfd lives in the Waker next to the epoll set, as long as it.
+        let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop_fd.raw()) };
+        epoll.add(stop, STOP_TOKEN, Interest::IN)?;
         Ok(Arc::new(Engine {
             state: Mutex::new(EngineState {
                 conns: HashMap::new(),
@@ -239,9 +241,7 @@ impl Engine {
             .get_mut(&fid.0)
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         if !l.listening {
-            self.waker
-                .epoll
-                .add(l.sock.as_raw_fd(), fid.0, libc::EPOLLIN as u32)?;
+            self.waker.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
             l.listening = true;
         }
         Ok(())
@@ -352,7 +352,7 @@ impl EngineState {
             match l.paused_until {
                 Some(t) if now >= t => {
                     l.paused_until = None;
-                    if let Err(e) = ep.add(l.sock.as_raw_fd(), *token, libc::EPOLLIN as u32) {
+                    if let Err(e) = ep.add(l.sock.as_fd(), *token, Interest::IN) {
                         warn!("cannot resume the listener: {e}");
                     }
                 }
@@ -391,8 +391,8 @@ impl EngineState {
 
     fn dispatch_events(&mut self, ep: &Epoll, events: &[EpollEvent]) {
         for ev in events {
-            let token = ev.u64;
-            let bits = ev.events;
+            let token = ev.token;
+            let flags = ev.flags;
             if token == STOP_TOKEN {
                 continue;
             }
@@ -404,7 +404,7 @@ impl EngineState {
                     if c.readable() {
                         r = c.read();
                     }
-                    if r.is_ok() && bits & libc::EPOLLOUT as u32 != 0 {
+                    if r.is_ok() && flags.contains(Interest::OUT) {
                         r = c.flush();
                     }
                     r
@@ -434,7 +434,7 @@ impl EngineState {
                     }
                     self.make_half_open_room();
                     let id = Fid::next().0;
-                    if let Err(e) = ep.add(sock.as_raw_fd(), id, libc::EPOLLIN as u32) {
+                    if let Err(e) = ep.add(sock.as_fd(), id, Interest::IN) {
                         warn!("epoll add: {e}");
                         continue;
                     }
@@ -458,7 +458,7 @@ impl EngineState {
                     let backoff = self.limits.accept_backoff;
                     warn!("accept: {e}; not accepting for {backoff:?}");
                     if let Some(l) = self.listeners.get_mut(&token) {
-                        let _ = ep.delete(l.sock.as_raw_fd());
+                        let _ = ep.delete(l.sock.as_fd());
                         l.paused_until = Some(Instant::now() + backoff);
                         self.paused = true;
                     }
@@ -493,7 +493,7 @@ impl EngineState {
             }
             let mut tmp = [0u8; BASE_HDR_SIZE + MAX_CM_DATA as usize];
             let want = need - h.buf.len();
-            match sys::recv(h.sock.as_raw_fd(), &mut tmp[..want]) {
+            match sys::recv(h.sock.as_fd(), &mut tmp[..want]) {
                 Ok(0) => break Err("peer closed before its connection request".into()),
                 Ok(n) => h.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
@@ -511,7 +511,7 @@ impl EngineState {
                 let Some(h) = self.half_open.remove(&id) else {
                     return;
                 };
-                let _ = ep.delete(h.sock.as_raw_fd());
+                let _ = ep.delete(h.sock.as_fd());
                 let Some(l) = self.listeners.get(&h.listener.0) else {
                     return;
                 };
@@ -539,7 +539,7 @@ impl EngineState {
 /// error on the event queue.
 pub(crate) fn finish_connect(c: &mut Conn) -> Result<(), crate::conn::Fatal> {
     let Some(sock) = &c.sock else { return Ok(()) };
-    match sys::take_socket_error(sock.as_raw_fd()) {
+    match sys::take_socket_error(sock) {
         Ok(()) => c.start_handshake(),
         Err(e) => {
             connect_failed(c, e);

@@ -320,7 +320,7 @@ impl PassiveEndpointOps for TcpPep {
         // SAFETY: both iovecs point at live local buffers (buf, data) for the call.
         let r = unsafe { sys::sendv(sock.as_raw_fd(), &iov) };
         debug!(fid = %self.fid, "rejected a connection request: {r:?}");
-        sys::shutdown_both(sock.as_raw_fd());
+        sys::shutdown_both(&sock);
         Ok(())
     }
 

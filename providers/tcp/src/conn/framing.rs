@@ -222,7 +222,7 @@ impl Conn {
     /// Closing: once the refusal is out, tell the peer we are done sending.
     pub(super) fn shut_write(&mut self) {
         if let (false, Some(sock)) = (self.wr_shut, &self.sock) {
-            sys::shutdown_write(sock.as_raw_fd());
+            sys::shutdown_write(sock);
             self.wr_shut = true;
         }
     }

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use fabric_core::{
@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use super::{
     AfterRx, AfterTx, Body, Conn, ConnState, Fatal, Incoming, Phase, TxOp, LINGER, RX_ROUNDS,
 };
-use crate::sys;
+use crate::sys::{self, Interest};
 use crate::wire::{Header, Op};
 
 impl Conn {
@@ -36,10 +36,10 @@ impl Conn {
         }
         self.state = ConnState::Closed;
         if let Some(sock) = self.sock.take() {
-            sys::shutdown_both(sock.as_raw_fd());
+            sys::shutdown_both(&sock);
             // Closing the descriptor removes it from epoll.
         }
-        self.interest = 0;
+        self.interest = Interest::empty();
         self.want_write = false;
         self.closing_deadline = None;
         self.cancel_all(kind, detail, false);
@@ -153,7 +153,7 @@ impl Conn {
     /// on an error, or once the deadline has passed.
     pub(super) fn discard_input(&mut self) {
         let Some(sock) = &self.sock else { return };
-        let fd = sock.as_raw_fd();
+        let fd = sock.as_fd();
         for _ in 0..RX_ROUNDS {
             match sys::recv(fd, &mut self.rx.buf) {
                 Ok(0) => return self.close_quietly(),

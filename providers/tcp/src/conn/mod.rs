@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use fabric_core::{Completion, CqErrorKind, Event, Fid, RecvRequest, ShutdownReas
 use tracing::warn;
 
 use crate::mr::KeyTable;
-use crate::sys::Epoll;
+use crate::sys::{Epoll, Interest};
 use fabric_core::wait::WaitQueue;
 
 mod framing;
@@ -149,7 +149,7 @@ pub(crate) struct Conn {
     pub(crate) fid: Fid,
     pub(crate) state: ConnState,
     pub(crate) sock: Option<TcpStream>,
-    interest: u32,
+    interest: Interest,
     pub(crate) rep: Reporting,
     next_op_id: u64,
     txq: VecDeque<TxOp>,
@@ -186,7 +186,7 @@ impl Conn {
             fid,
             state: ConnState::Idle,
             sock: None,
-            interest: 0,
+            interest: Interest::empty(),
             rep,
             next_op_id: 1,
             txq: VecDeque::new(),
@@ -238,21 +238,23 @@ impl Conn {
     /// being read (stalled receive) cannot make sleepers spin.
     pub(crate) fn update_interest(&mut self, ep: &Epoll) {
         let Some(sock) = &self.sock else { return };
-        let mut want = 0u32;
+        let mut want = Interest::empty();
         if self.readable() {
-            want |= libc::EPOLLIN as u32;
+            want |= Interest::IN;
         }
         if self.state == ConnState::Connecting || (self.want_write && self.tx_allowed()) {
-            want |= libc::EPOLLOUT as u32;
+            want |= Interest::OUT;
         }
         if want == self.interest {
             return;
         }
-        let fd = sock.as_raw_fd();
-        let r = match (self.interest, want) {
-            (0, w) => ep.add(fd, self.token(), w),
-            (_, 0) => ep.delete(fd),
-            (_, w) => ep.modify(fd, self.token(), w),
+        let fd = sock.as_fd();
+        let r = if self.interest.is_empty() {
+            ep.add(fd, self.token(), want)
+        } else if want.is_empty() {
+            ep.delete(fd)
+        } else {
+            ep.modify(fd, self.token(), want)
         };
         if let Err(e) = r {
             warn!(fid = %self.fid, "epoll update failed: {e}");

@@ -3,7 +3,7 @@
 //! each operation and answer.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use fabric_core::{
     CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Event, RecvRequest,
@@ -114,7 +114,7 @@ impl Conn {
                     self.iov_scratch = iov;
                     (r, direct + free, direct)
                 }
-                _ => (sys::recv(fd, &mut rx.buf[rx.end..]), free, 0),
+                _ => (sys::recv(sock.as_fd(), &mut rx.buf[rx.end..]), free, 0),
             };
             match r {
                 Ok(0) => return Err(Fatal::eof()),
