@@ -1,8 +1,9 @@
 //! # fabric-tcp
 //!
 //! The tcp provider of the fabric API: reliable connected endpoints
-//! ([`EpType::Msg`]) over TCP sockets, in pure Rust (libc for
-//! epoll, eventfd and socket options). It offers messages with remote CQ data, inject,
+//! ([`EpType::Msg`]) over TCP sockets, in pure Rust (rustix for epoll, socket2 for
+//! socket creation and options; only `readv` / `sendmsg` over registered memory call
+//! libc, as `unsafe fn` with their contract). It offers messages with remote CQ data, inject,
 //! and RMA write / read / write-with-data emulated over the byte stream with a framing
 //! of its own ([`wire`]): the target checks key, rights and bounds of every remote
 //! access before touching memory and answers each write with an ACK, so remote access
