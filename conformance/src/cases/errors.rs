@@ -4,12 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use fabric::{
-    Access, Caps, Completion, CqErrorKind, ErrorKind, Event, OpFlags, RemoteIov, RemoteMr, RmaMsg,
-};
+use fabric::{Access, Caps, CqErrorKind, ErrorKind, Event, OpFlags, RemoteIov, RemoteMr, RmaMsg};
 
 use super::semantics::{expect_access_error_shutdown, posts_fail};
-use super::{case, expect_cq_error, limits};
+use super::{case, expect_cq_error, is_flushed, limits, wrong_key};
 use crate::case::{expect_err, Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, Side, Who};
@@ -100,12 +98,6 @@ fn violation(
         )?;
     }
     Ok(())
-}
-
-fn wrong_key(r: &RemoteMr) -> RemoteIov {
-    let mut i = r.iov(0, 64);
-    i.key = r.key ^ 0x5A5A_5A5A;
-    i
 }
 
 fn bad_key_write(ctx: &Ctx) -> CaseResult {
@@ -207,7 +199,7 @@ fn writedata_bad_key(ctx: &Ctx) -> CaseResult {
     // by the refused write's CQ data.
     let c = p.wait(Who::Server).ctx("the target's posted receive")?;
     ensure!(
-        c.context == 1 && is_lost(&c),
+        c.context == 1 && is_flushed(&c),
         "target of a refused writedata: expected its receive flushed (Canceled), got {c:?}"
     );
     expect_access_error_shutdown(&p, t.remote().iov(0, 8))?;
@@ -289,10 +281,6 @@ fn reject_with_data(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
-fn is_lost(c: &Completion) -> bool {
-    matches!(&c.status, Err(e) if matches!(e.kind, CqErrorKind::ConnectionLost | CqErrorKind::Canceled))
-}
-
 fn peer_death(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(RMA)?;
     let big = (8usize << 20).min(limits(&p).max_msg_size);
@@ -366,13 +354,13 @@ fn peer_death(ctx: &Ctx) -> CaseResult {
     for c in &done {
         if (10..14).contains(&c.context) {
             ensure!(
-                is_lost(c),
+                is_flushed(c),
                 "posted receive {}: expected Canceled or ConnectionLost, got {c:?}",
                 c.context
             );
         } else {
             ensure!(
-                c.is_ok() || is_lost(c),
+                c.is_ok() || is_flushed(c),
                 "operation {}: expected success or ConnectionLost/Canceled, got {c:?}",
                 c.context
             );
@@ -433,7 +421,7 @@ fn ops_after_shutdown(ctx: &Ctx) -> CaseResult {
         .map_err(|e| e.context("the receive posted before shutdown"))?;
     ensure_eq!(c.context, 1, "flushed receive context");
     ensure!(
-        is_lost(&c),
+        is_flushed(&c),
         "receive posted before shutdown: expected Canceled or ConnectionLost, got {c:?}"
     );
     posts_fail(

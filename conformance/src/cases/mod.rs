@@ -108,6 +108,19 @@ impl Gather {
     }
 }
 
+/// A remote iovec of the first 64 bytes of `r` with a key that is not `r`'s.
+pub(crate) fn wrong_key(r: &fabric::RemoteMr) -> fabric::RemoteIov {
+    let mut i = r.iov(0, 64);
+    i.key = r.key ^ 0x5A5A_5A5A;
+    i
+}
+
+/// Whether `c` is an operation flushed by the end of its connection (`Canceled`, or
+/// `ConnectionLost` where the connection was lost).
+pub(crate) fn is_flushed(c: &Completion) -> bool {
+    matches!(&c.status, Err(e) if matches!(e.kind, CqErrorKind::Canceled | CqErrorKind::ConnectionLost))
+}
+
 /// Fails unless `c` is an error completion of `kind`.
 pub(crate) fn expect_cq_error(c: &Completion, kind: CqErrorKind, what: &str) -> CaseResult {
     match &c.status {

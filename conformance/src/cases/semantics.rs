@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{Access, Caps, Completion, CqErrorKind, ErrorKind, Event, RemoteIov, ShutdownReason};
 
-use super::{case, expect_cq_error};
+use super::{case, expect_cq_error, is_flushed, wrong_key};
 use crate::case::{Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, Side, Who};
@@ -30,12 +30,6 @@ pub fn cases() -> Vec<Case> {
         case(G, "writedata_waits_for_receive", RMA | Caps::REMOTE_CQ_DATA, "a write with CQ data completes at the initiator only after it consumed a receive at the target (posted 200 ms later)", writedata_waits_for_receive),
         case(G, "quiet_server_keeps_connection", RMA, "a server that does not read its queues for 2 s does not break its client's connection: the operations complete then, no Shutdown", quiet_server_keeps_connection),
     ]
-}
-
-fn wrong_key(r: &fabric::RemoteMr) -> RemoteIov {
-    let mut i = r.iov(0, 64);
-    i.key = r.key ^ 0x5A5A_5A5A;
-    i
 }
 
 /// The next event of `who` must be its Shutdown with `reason`.
@@ -130,10 +124,6 @@ pub(crate) fn expect_access_error_shutdown(p: &Pair, remote: RemoteIov) -> CaseR
 
 fn is_canceled(c: &Completion) -> bool {
     matches!(&c.status, Err(e) if e.kind == CqErrorKind::Canceled)
-}
-
-fn is_flushed(c: &Completion) -> bool {
-    matches!(&c.status, Err(e) if matches!(e.kind, CqErrorKind::Canceled | CqErrorKind::ConnectionLost))
 }
 
 fn access_error_ends_connection(ctx: &Ctx) -> CaseResult {
