@@ -35,12 +35,21 @@
 //!   REMOTE_WRITE / REMOTE_READ, a key of a dropped region: each an error completion
 //!   `RemoteAccess` with the target memory verified untouched; connection refused;
 //!   reject with data; peer death mid-transfer; operations after shutdown; length
-//!   mismatches and iovec limits refused at post.
+//!   mismatches and iovec limits refused at post. Each violation runs on a fresh pair
+//!   and checks that it ended the connection at both ends (`semantics`).
 //! - `pmem` (needs `RMA_PMEM`): COMMIT_COMPLETE writes into `pmem::Mapping` regions
 //!   registered PMEM are in the file when they complete (1 B to 1 MiB, several iovecs,
 //!   with remote CQ data, PMEM | UNCACHED), DELIVERY_COMPLETE vs COMMIT_COMPLETE
 //!   completion flags, COMMIT naming a non-PMEM region refused with `RemoteInvalid` and
 //!   nothing touched, INJECT | COMMIT_COMPLETE.
+//! - `semantics`: the rules every provider keeps, as RC queue pairs do: a refused
+//!   remote access ends the connection at both ends (`RemoteAccess` for it, `Canceled`
+//!   for what was posted after, `Shutdown { reason: AccessError }` on both, target
+//!   untouched); posts to an ended connection fail at the call (`NotConnected`, or
+//!   `Shutdown` on the side that shut down); one Shutdown per end with its reason
+//!   (`Local`, `Peer`); a write with remote CQ data completes at the initiator only once
+//!   it consumed a receive at the target; a server that does not read its queues for
+//!   2 s does not break its client's connection.
 //!
 //! Cases declare the capabilities they need ([`Case::needs`]); when the provider's
 //! getinfo does not offer them the case is skipped with the provider's reason. A case
@@ -150,11 +159,14 @@ macro_rules! group_tests {
         $crate::group_tests!(@one $provider, rma $(, $guard)?);
         $crate::group_tests!(@one $provider, errors $(, $guard)?);
         $crate::group_tests!(@one $provider, pmem $(, $guard)?);
+        $crate::group_tests!(@one $provider, semantics $(, $guard)?);
 
         /// The per-group tests together run every case.
         #[test]
         fn groups_cover_every_case() {
-            let tested = ["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
+            let tested = [
+                "getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem", "semantics",
+            ];
             assert_eq!($crate::cases::GROUPS, tested);
             for c in $crate::cases::all() {
                 assert!(tested.contains(&c.group), "{} is in no tested group", c.id());

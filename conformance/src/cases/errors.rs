@@ -1,13 +1,13 @@
-//! errors: remote access violations (with the target verified untouched), connection
-//! refusal and rejection, peer death, use after shutdown, requests refused at post.
+//! errors: remote access violations (each on a fresh pair, with the target verified
+//! untouched and the connection ended at both ends), connection refusal and rejection,
+//! peer death, use after shutdown, requests refused at post.
 
 use std::time::{Duration, Instant};
 
-use fabric::{
-    Access, Caps, Completion, CqErrorKind, ErrorKind, Event, OpFlags, RemoteIov, RemoteMr, RmaMsg,
-};
+use fabric::{Access, Caps, CqErrorKind, ErrorKind, Event, OpFlags, RemoteIov, RemoteMr, RmaMsg};
 
-use super::{case, expect_cq_error, limits};
+use super::semantics::{expect_access_error_shutdown, posts_fail};
+use super::{case, expect_cq_error, is_flushed, limits, wrong_key};
 use crate::case::{expect_err, Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
 use crate::pair::{Pair, Side, Who};
@@ -20,24 +20,24 @@ const RMA: Caps = Caps::MSG.union(Caps::RMA);
 /// The cases of this group.
 pub fn cases() -> Vec<Case> {
     vec![
-        case(G, "bad_key_write", RMA, "write with a wrong key: RemoteAccess, target untouched", bad_key_write),
-        case(G, "bad_key_read", RMA, "read with a wrong key: RemoteAccess, local buffer and target untouched", bad_key_read),
-        case(G, "out_of_bounds_write", RMA, "write running 10 bytes past the region: RemoteAccess, target untouched", out_of_bounds_write),
-        case(G, "out_of_bounds_read", RMA, "read running past the region: RemoteAccess, local buffer untouched", out_of_bounds_read),
-        case(G, "offset_overflow_write", RMA, "write at an offset near u64::MAX (address wraps): RemoteAccess, target untouched", offset_overflow_write),
-        case(G, "offset_overflow_read", RMA, "read at an offset near u64::MAX: RemoteAccess, local buffer untouched", offset_overflow_read),
-        case(G, "no_remote_write", RMA, "write into a region without REMOTE_WRITE: RemoteAccess, target untouched", no_remote_write),
-        case(G, "no_remote_read", RMA, "read from a region without REMOTE_READ: RemoteAccess, local buffer untouched", no_remote_read),
-        case(G, "stale_key", RMA, "write with the key of a dropped region: RemoteAccess, a newer region untouched", stale_key),
-        case(G, "writedata_bad_key", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data and a wrong key: RemoteAccess, no target completion", writedata_bad_key),
+        case(G, "bad_key_write", RMA, "write with a wrong key: RemoteAccess, connection ended at both ends (Shutdown AccessError, posts fail), target untouched", bad_key_write),
+        case(G, "bad_key_read", RMA, "read with a wrong key: RemoteAccess, connection ended at both ends, local buffer and target untouched", bad_key_read),
+        case(G, "out_of_bounds_write", RMA, "write running 10 bytes past the region (and one just past its end): RemoteAccess, connection ended at both ends, target untouched", out_of_bounds_write),
+        case(G, "out_of_bounds_read", RMA, "read running past the region: RemoteAccess, connection ended at both ends, local buffer untouched", out_of_bounds_read),
+        case(G, "offset_overflow_write", RMA, "write at an offset near u64::MAX (address wraps): RemoteAccess, connection ended at both ends, target untouched", offset_overflow_write),
+        case(G, "offset_overflow_read", RMA, "read at an offset near u64::MAX: RemoteAccess, connection ended at both ends, local buffer untouched", offset_overflow_read),
+        case(G, "no_remote_write", RMA, "write into a region without REMOTE_WRITE: RemoteAccess, connection ended at both ends, target untouched", no_remote_write),
+        case(G, "no_remote_read", RMA, "read from a region without REMOTE_READ: RemoteAccess, connection ended at both ends, local buffer untouched", no_remote_read),
+        case(G, "stale_key", RMA, "write with the key of a dropped region: RemoteAccess, connection ended at both ends, a newer region untouched", stale_key),
+        case(G, "writedata_bad_key", RMA | Caps::REMOTE_CQ_DATA, "write with CQ data and a wrong key: RemoteAccess, the target's posted receive flushed (never a CQ-data completion), connection ended at both ends", writedata_bad_key),
         case(G, "connection_refused", Caps::MSG, "connect to a port with no listener: Event::Error ConnectionRefused", connection_refused),
         case(G, "reject_with_data", Caps::MSG, "reject: client gets Event::Error ConnectionRefused with the reject data; listener keeps listening", reject_with_data),
-        case(G, "peer_death", RMA, "peer endpoint dropped mid-transfer: every operation completes, receives in error, Shutdown, no hang", peer_death),
-        case(G, "ops_after_shutdown", Caps::MSG, "after shutdown, posted receives complete in error and new operations fail cleanly", ops_after_shutdown),
+        case(G, "peer_death", RMA, "peer endpoint dropped mid-transfer: every operation completes, receives in error, Shutdown, later posts fail at the call, no hang", peer_death),
+        case(G, "ops_after_shutdown", Caps::MSG, "after shutdown, posted receives complete in error; new posts fail at the call (Shutdown on the side that shut down, NotConnected at its peer)", ops_after_shutdown),
         case(G, "length_mismatch", RMA, "local and remote iovec lengths that differ are refused at post", length_mismatch),
         case(G, "iov_limits", RMA, "more iovecs than iov_limit / rma_iov_limit, or no remote iovec, refused at post", iov_limits),
         case(G, "max_msg_exceeded", Caps::MSG, "a send or receive over max_msg_size bytes is refused at post", max_msg_exceeded),
-        case(G, "commit_without_pmem", RMA, "COMMIT_COMPLETE: refused without RMA_PMEM; into a non-PMEM region an error completion", commit_without_pmem),
+        case(G, "commit_without_pmem", RMA, "COMMIT_COMPLETE: refused without RMA_PMEM; into a non-PMEM region RemoteInvalid and the connection ended at both ends", commit_without_pmem),
     ]
 }
 
@@ -79,6 +79,7 @@ fn violation(
     let c = p.wait(Who::Client)?;
     expect_cq_error(&c, CqErrorKind::RemoteAccess, &what)?;
     ensure_eq!(c.context, 0xBAD, "{what}: context of the error completion");
+    expect_access_error_shutdown(&p, t.remote().iov(0, 8)).map_err(|e| e.context(&what))?;
     p.expect_no_completion(
         Who::Server,
         Duration::from_millis(100),
@@ -97,12 +98,6 @@ fn violation(
         )?;
     }
     Ok(())
-}
-
-fn wrong_key(r: &RemoteMr) -> RemoteIov {
-    let mut i = r.iov(0, 64);
-    i.key = r.key ^ 0x5A5A_5A5A;
-    i
 }
 
 fn bad_key_write(ctx: &Ctx) -> CaseResult {
@@ -178,7 +173,7 @@ fn stale_key(ctx: &Ctx) -> CaseResult {
         CqErrorKind::RemoteAccess,
         "write with the key of a dropped region",
     )?;
-    p.drive_for(Duration::from_millis(100))?;
+    expect_access_error_shutdown(&p, newer.remote().iov(0, 8))?;
     all_bytes(
         "a region registered after the drop",
         &newer.to_vec(0, TARGET)?,
@@ -200,9 +195,17 @@ fn writedata_bad_key(ctx: &Ctx) -> CaseResult {
         .ctx("writedata")?;
     let c = p.wait(Who::Client)?;
     expect_cq_error(&c, CqErrorKind::RemoteAccess, "writedata with a wrong key")?;
+    // The refusal ends the connection: the target's receive is flushed, never consumed
+    // by the refused write's CQ data.
+    let c = p.wait(Who::Server).ctx("the target's posted receive")?;
+    ensure!(
+        c.context == 1 && is_flushed(&c),
+        "target of a refused writedata: expected its receive flushed (Canceled), got {c:?}"
+    );
+    expect_access_error_shutdown(&p, t.remote().iov(0, 8))?;
     p.expect_no_completion(
         Who::Server,
-        Duration::from_millis(200),
+        Duration::from_millis(100),
         "target of a refused writedata",
     )?;
     all_bytes("target", &t.to_vec(0, TARGET)?, TARGET_FILL)?;
@@ -278,10 +281,6 @@ fn reject_with_data(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
-fn is_lost(c: &Completion) -> bool {
-    matches!(&c.status, Err(e) if matches!(e.kind, CqErrorKind::ConnectionLost | CqErrorKind::Canceled))
-}
-
 fn peer_death(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(RMA)?;
     let big = (8usize << 20).min(limits(&p).max_msg_size);
@@ -355,20 +354,24 @@ fn peer_death(ctx: &Ctx) -> CaseResult {
     for c in &done {
         if (10..14).contains(&c.context) {
             ensure!(
-                is_lost(c),
+                is_flushed(c),
                 "posted receive {}: expected Canceled or ConnectionLost, got {c:?}",
                 c.context
             );
         } else {
             ensure!(
-                c.is_ok() || is_lost(c),
+                c.is_ok() || is_flushed(c),
                 "operation {}: expected success or ConnectionLost/Canceled, got {c:?}",
                 c.context
             );
         }
     }
-    let after = client.ep.send(tx.iov(0, 8), 99);
-    expect_err_or_error_completion(&client, after, "send after the peer died")
+    posts_fail(
+        &client,
+        None,
+        ErrorKind::NotConnected,
+        "after the peer died",
+    )
 }
 
 /// An operation on a dead connection fails cleanly: an error at post, or an error
@@ -400,7 +403,6 @@ fn expect_err_or_error_completion(
 fn ops_after_shutdown(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(Caps::MSG)?;
     let rx = p.client.alloc(64, Access::RECV | Access::SEND)?;
-    let srv = p.server.alloc(64, Access::SEND | Access::RECV)?;
     p.client.ep.recv(rx.full(), 1).ctx("post recv")?;
     p.client.ep.shutdown().ctx("shutdown")?;
     for who in [Who::Client, Who::Server] {
@@ -419,23 +421,20 @@ fn ops_after_shutdown(ctx: &Ctx) -> CaseResult {
         .map_err(|e| e.context("the receive posted before shutdown"))?;
     ensure_eq!(c.context, 1, "flushed receive context");
     ensure!(
-        is_lost(&c),
+        is_flushed(&c),
         "receive posted before shutdown: expected Canceled or ConnectionLost, got {c:?}"
     );
-    expect_err_or_error_completion(
+    posts_fail(
         &p.client,
-        p.client.ep.send(rx.iov(0, 8), 2),
-        "client send after shutdown",
+        None,
+        ErrorKind::Shutdown,
+        "client after shutdown",
     )?;
-    expect_err_or_error_completion(
-        &p.client,
-        p.client.ep.recv(rx.full(), 3),
-        "client recv after shutdown",
-    )?;
-    expect_err_or_error_completion(
+    posts_fail(
         &p.server,
-        p.server.ep.send(srv.iov(0, 8), 4),
-        "server send after the peer's shutdown",
+        None,
+        ErrorKind::NotConnected,
+        "server after the peer's shutdown",
     )?;
     Ok(())
 }
@@ -615,6 +614,7 @@ fn commit_without_pmem(ctx: &Ctx) -> CaseResult {
             CqErrorKind::RemoteInvalid,
             "COMMIT_COMPLETE into a region not registered PMEM",
         )?;
+        expect_access_error_shutdown(&p, t.remote().iov(0, 8))?;
     }
     all_bytes("target", &t.to_vec(0, 4096)?, TARGET_FILL)?;
     Ok(())

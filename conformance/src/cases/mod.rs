@@ -14,6 +14,7 @@ pub mod mr;
 pub mod msg;
 pub mod pmem;
 pub mod rma;
+pub mod semantics;
 
 /// Every case, group by group.
 pub fn all() -> Vec<Case> {
@@ -26,11 +27,22 @@ pub fn all() -> Vec<Case> {
     v.extend(rma::cases());
     v.extend(errors::cases());
     v.extend(pmem::cases());
+    v.extend(semantics::cases());
     v
 }
 
 /// The group names, in run order.
-pub const GROUPS: &[&str] = &["getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem"];
+pub const GROUPS: &[&str] = &[
+    "getinfo",
+    "mr",
+    "cq",
+    "eq",
+    "msg",
+    "rma",
+    "errors",
+    "pmem",
+    "semantics",
+];
 
 /// Shorthand for a table entry.
 pub(crate) const fn case(
@@ -94,6 +106,19 @@ impl Gather {
     pub(crate) fn iovs(&self) -> [fabric::LocalIov<'_>; 3] {
         [self.b.iov(100, 100), self.a.iov(1, 4000), self.b.iov(0, 30)]
     }
+}
+
+/// A remote iovec of the first 64 bytes of `r` with a key that is not `r`'s.
+pub(crate) fn wrong_key(r: &fabric::RemoteMr) -> fabric::RemoteIov {
+    let mut i = r.iov(0, 64);
+    i.key = r.key ^ 0x5A5A_5A5A;
+    i
+}
+
+/// Whether `c` is an operation flushed by the end of its connection (`Canceled`, or
+/// `ConnectionLost` where the connection was lost).
+pub(crate) fn is_flushed(c: &Completion) -> bool {
+    matches!(&c.status, Err(e) if matches!(e.kind, CqErrorKind::Canceled | CqErrorKind::ConnectionLost))
 }
 
 /// Fails unless `c` is an error completion of `kind`.

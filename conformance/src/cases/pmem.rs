@@ -31,7 +31,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "commit_lands_in_file", PM, "COMMIT writes of 1 B to 1 MiB into a PMEM file mapping complete with COMMIT and are in the file when read back", commit_lands_in_file),
         case(G, "commit_iovs", PM, "COMMIT writemsg with 3 local and 2 remote iovecs: every range in the file, in order", commit_iovs),
         case(G, "commit_cq_data", PM.union(Caps::REMOTE_CQ_DATA), "COMMIT with remote CQ data: target gets the data, initiator COMMIT, bytes in the file", commit_cq_data),
-        case(G, "commit_mixed_regions_refused", PM, "COMMIT naming a PMEM and a non-PMEM region: RemoteInvalid naming PMEM, neither region touched", commit_mixed_regions_refused),
+        case(G, "commit_mixed_regions_refused", PM, "COMMIT naming a PMEM and a non-PMEM region: RemoteInvalid naming PMEM, neither region touched, connection ended at both ends", commit_mixed_regions_refused),
         case(G, "delivery_vs_commit", PM, "DELIVERY_COMPLETE and COMMIT_COMPLETE into a PMEM region both succeed; only COMMIT carries CompFlags::COMMIT", delivery_vs_commit),
         case(G, "pmem_uncached", PM, "COMMIT writes into a region registered PMEM | UNCACHED land in the file", pmem_uncached),
         case(G, "inject_commit", PM, "INJECT | COMMIT_COMPLETE: no completion; durable once a later COMMIT on the endpoint completes; into non-PMEM an error completion", inject_commit),
@@ -256,6 +256,7 @@ fn commit_mixed_regions_refused(ctx: &Ctx) -> CaseResult {
             "the error detail should say the region is not registered PMEM: {e}"
         );
     }
+    super::semantics::expect_access_error_shutdown(&p, heap.remote().iov(0, 8))?;
     all_bytes("PMEM region", &pm.to_vec(0, 8192)?, 0)?;
     all_bytes("PMEM file", &file_bytes(&dir, "region", 0, 8192)?, 0)?;
     all_bytes("heap region", &heap.to_vec(0, 8192)?, 0xA5)?;
@@ -401,5 +402,6 @@ fn inject_commit(ctx: &Ctx) -> CaseResult {
     )?;
     ensure_eq!(c.context, 0x2, "error completion of an inject");
     all_bytes("heap region", &heap.to_vec(0, 4096)?, 0xA5)?;
+    super::semantics::expect_access_error_shutdown(&p, heap.remote().iov(0, 8))?;
     Ok(())
 }

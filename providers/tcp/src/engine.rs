@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use crate::conn::{Conn, ConnState, EventQueueShared};
-use crate::sys::{self, Epoll, EpollEvent};
+use crate::sys::{self, Epoll, EpollEvent, Interest};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
 use fabric_core::wait::{poll_readable, EventFd, WaitQueue};
 
@@ -35,12 +35,37 @@ const EPOLL_EVERY: u32 = 64;
 /// Token of the stop eventfd in the epoll set.
 const STOP_TOKEN: u64 = 0;
 
+/// Bounds on what a listener holds for peers that have not finished their handshake.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ListenLimits {
+    /// Accepted sockets whose connection request has not fully arrived, per engine;
+    /// past it the oldest is closed to make room.
+    pub(crate) half_open_max: usize,
+    /// How long such a socket may take to send its connection request.
+    pub(crate) half_open_age: Duration,
+    /// How long a listener is left unpolled after accept failed for want of
+    /// descriptors (EMFILE / ENFILE), instead of spinning on it.
+    pub(crate) accept_backoff: Duration,
+}
+
+impl Default for ListenLimits {
+    fn default() -> Self {
+        ListenLimits {
+            half_open_max: 128,
+            half_open_age: Duration::from_secs(10),
+            accept_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
 /// A listening socket.
 struct Listener {
     sock: TcpListener,
     info: Info,
     eq: Arc<EventQueueShared>,
     listening: bool,
+    /// Accept ran out of descriptors: the socket is out of the epoll set until then.
+    paused_until: Option<Instant>,
 }
 
 /// An accepted socket whose CONN_REQ is still arriving.
@@ -48,6 +73,8 @@ struct HalfOpen {
     sock: TcpStream,
     buf: Vec<u8>,
     listener: Fid,
+    /// When it was accepted.
+    since: Instant,
 }
 
 /// The socket of a connection request, held by the request's [`ConnHandle`] until an
@@ -78,6 +105,9 @@ pub(crate) struct EngineState {
     half_open: HashMap<u64, HalfOpen>,
     events: Vec<EpollEvent>,
     tick: u32,
+    limits: ListenLimits,
+    /// Some listener is paused (accept backoff).
+    paused: bool,
 }
 
 /// Shared between the engine and its background thread.
@@ -103,9 +133,15 @@ impl Drop for Engine {
 
 impl Engine {
     pub(crate) fn new() -> io::Result<Arc<Engine>> {
+        Engine::with_limits(ListenLimits::default())
+    }
+
+    pub(crate) fn with_limits(limits: ListenLimits) -> io::Result<Arc<Engine>> {
         let epoll = Epoll::new()?;
         let stop_fd = EventFd::new()?;
-        epoll.add(stop_fd.raw(), STOP_TOKEN, libc::EPOLLIN as u32)?;
+        // SAFETY: the eventfd lives in the Waker next to the epoll set, as long as it.
+        let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop_fd.raw()) };
+        epoll.add(stop, STOP_TOKEN, Interest::IN)?;
         Ok(Arc::new(Engine {
             state: Mutex::new(EngineState {
                 conns: HashMap::new(),
@@ -113,6 +149,8 @@ impl Engine {
                 half_open: HashMap::new(),
                 events: Vec::with_capacity(64),
                 tick: 0,
+                limits,
+                paused: false,
             }),
             waker: Arc::new(Waker {
                 epoll,
@@ -146,7 +184,17 @@ impl Engine {
     /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
     /// until `deadline`.
     pub(crate) fn sleep(&self, queue_fd: std::os::fd::RawFd, deadline: Option<Instant>) {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // Timers of the engine itself (accept backoff, half-open ages, lingering
+        // closes) are not in the epoll set: wake for them too.
+        let timer = match self.state.try_lock() {
+            Some(st) => st.next_timer(),
+            None => Some(Instant::now() + Duration::from_millis(10)),
+        };
+        let wake = match (deadline, timer) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
+        };
+        let left = wake.map(|d| d.saturating_duration_since(Instant::now()));
         poll_readable(&[self.waker.epoll.raw(), queue_fd], left);
     }
 
@@ -181,6 +229,7 @@ impl Engine {
                 info,
                 eq,
                 listening: false,
+                paused_until: None,
             },
         );
     }
@@ -192,9 +241,7 @@ impl Engine {
             .get_mut(&fid.0)
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         if !l.listening {
-            self.waker
-                .epoll
-                .add(l.sock.as_raw_fd(), fid.0, libc::EPOLLIN as u32)?;
+            self.waker.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
             l.listening = true;
         }
         Ok(())
@@ -244,8 +291,10 @@ impl EngineState {
         self.tick = self.tick.wrapping_add(1);
         let direct = self.conns.len() <= DIRECT_MAX;
         let mut need_epoll = full || !direct || !self.half_open.is_empty();
+        let mut reap = false;
         if direct {
             for c in self.conns.values_mut() {
+                reap |= c.is_closing() || c.detached;
                 let r = if c.readable() { c.read() } else { Ok(()) };
                 let r = r.and_then(|_| if c.want_write { c.flush() } else { Ok(()) });
                 if let Err(f) = r {
@@ -256,6 +305,12 @@ impl EngineState {
                 }
                 c.update_interest(ep);
             }
+        }
+        if reap || self.tick.is_multiple_of(EPOLL_EVERY) {
+            self.reap_closing(ep);
+        }
+        if self.paused || !self.half_open.is_empty() {
+            self.listener_timers(ep, Instant::now());
         }
         if need_epoll || self.tick.is_multiple_of(EPOLL_EVERY) {
             let mut events = std::mem::take(&mut self.events);
@@ -268,10 +323,76 @@ impl EngineState {
         }
     }
 
+    /// The earliest moment a timer of the engine needs progress.
+    fn next_timer(&self) -> Option<Instant> {
+        let paused = self.listeners.values().filter_map(|l| l.paused_until);
+        let aged = self
+            .half_open
+            .values()
+            .map(|h| h.since + self.limits.half_open_age);
+        let closing = self.conns.values().filter_map(|c| c.closing_deadline());
+        paused.chain(aged).chain(closing).min()
+    }
+
+    /// Closes half-open sockets past their age and puts paused listeners back.
+    fn listener_timers(&mut self, ep: &Epoll, now: Instant) {
+        let age = self.limits.half_open_age;
+        self.half_open.retain(|_, h| {
+            let keep = now.duration_since(h.since) < age;
+            if !keep {
+                debug!("closing a connection whose request did not arrive within {age:?}");
+            }
+            keep
+        });
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        for (token, l) in &mut self.listeners {
+            match l.paused_until {
+                Some(t) if now >= t => {
+                    l.paused_until = None;
+                    if let Err(e) = ep.add(l.sock.as_fd(), *token, Interest::IN) {
+                        warn!("cannot resume the listener: {e}");
+                    }
+                }
+                Some(_) => self.paused = true,
+                None => {}
+            }
+        }
+    }
+
+    /// Makes room for one more half-open socket: closes the oldest when at the cap.
+    fn make_half_open_room(&mut self) {
+        while self.half_open.len() >= self.limits.half_open_max.max(1) {
+            let oldest = self.half_open.iter().min_by_key(|(_, h)| h.since);
+            let Some((&id, _)) = oldest else { return };
+            debug!(
+                "{} connections without a request: closing the oldest",
+                self.half_open.len()
+            );
+            self.half_open.remove(&id);
+        }
+    }
+
+    /// Connections that refused a remote access and are sending their refusal: closes
+    /// the ones past their deadline and drops the closed ones whose endpoint is gone.
+    fn reap_closing(&mut self, ep: &Epoll) {
+        let now = Instant::now();
+        self.conns.retain(|_, c| {
+            if c.is_closing() {
+                c.check_linger(now);
+                c.update_interest(ep);
+            }
+            // Keep all but detached connections whose socket has closed.
+            !c.detached || c.is_closing()
+        });
+    }
+
     fn dispatch_events(&mut self, ep: &Epoll, events: &[EpollEvent]) {
         for ev in events {
-            let token = ev.u64;
-            let bits = ev.events;
+            let token = ev.token;
+            let flags = ev.flags;
             if token == STOP_TOKEN {
                 continue;
             }
@@ -283,7 +404,7 @@ impl EngineState {
                     if c.readable() {
                         r = c.read();
                     }
-                    if r.is_ok() && bits & libc::EPOLLOUT as u32 != 0 {
+                    if r.is_ok() && flags.contains(Interest::OUT) {
                         r = c.flush();
                     }
                     r
@@ -311,8 +432,9 @@ impl EngineState {
                         warn!("cannot configure accepted socket from {peer}: {e}");
                         continue;
                     }
+                    self.make_half_open_room();
                     let id = Fid::next().0;
-                    if let Err(e) = ep.add(sock.as_raw_fd(), id, libc::EPOLLIN as u32) {
+                    if let Err(e) = ep.add(sock.as_fd(), id, Interest::IN) {
                         warn!("epoll add: {e}");
                         continue;
                     }
@@ -323,12 +445,25 @@ impl EngineState {
                             sock,
                             buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
                             listener: Fid(token),
+                            since: Instant::now(),
                         },
                     );
                     self.read_request(ep, id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // The pending connection stays in the backlog and the socket stays
+                    // readable: polling it now would spin. Rest for a while.
+                    let backoff = self.limits.accept_backoff;
+                    warn!("accept: {e}; not accepting for {backoff:?}");
+                    if let Some(l) = self.listeners.get_mut(&token) {
+                        let _ = ep.delete(l.sock.as_fd());
+                        l.paused_until = Some(Instant::now() + backoff);
+                        self.paused = true;
+                    }
+                    return;
+                }
                 Err(e) => {
                     warn!("accept: {e}");
                     return;
@@ -358,7 +493,7 @@ impl EngineState {
             }
             let mut tmp = [0u8; BASE_HDR_SIZE + MAX_CM_DATA as usize];
             let want = need - h.buf.len();
-            match sys::recv(h.sock.as_raw_fd(), &mut tmp[..want]) {
+            match sys::recv(h.sock.as_fd(), &mut tmp[..want]) {
                 Ok(0) => break Err("peer closed before its connection request".into()),
                 Ok(n) => h.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
@@ -376,7 +511,7 @@ impl EngineState {
                 let Some(h) = self.half_open.remove(&id) else {
                     return;
                 };
-                let _ = ep.delete(h.sock.as_raw_fd());
+                let _ = ep.delete(h.sock.as_fd());
                 let Some(l) = self.listeners.get(&h.listener.0) else {
                     return;
                 };
@@ -404,7 +539,7 @@ impl EngineState {
 /// error on the event queue.
 pub(crate) fn finish_connect(c: &mut Conn) -> Result<(), crate::conn::Fatal> {
     let Some(sock) = &c.sock else { return Ok(()) };
-    match sys::take_socket_error(sock.as_raw_fd()) {
+    match sys::take_socket_error(sock) {
         Ok(()) => c.start_handshake(),
         Err(e) => {
             connect_failed(c, e);
@@ -432,4 +567,122 @@ pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
 /// Creates the event queue shared part.
 pub(crate) fn new_event_queue() -> io::Result<Arc<EventQueueShared>> {
     Ok(Arc::new(WaitQueue::new()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_core::EpType;
+    use std::io::{Read, Write};
+
+    fn listener(limits: ListenLimits) -> (Arc<Engine>, Arc<EventQueueShared>, SocketAddr) {
+        let engine = Engine::with_limits(limits).unwrap();
+        let sock = TcpListener::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let eq = new_event_queue().unwrap();
+        let fid = Fid::next();
+        let info = Info::new("tcp", crate::CAPS, EpType::Msg, crate::LIMITS);
+        engine.add_listener(fid, sock, info, eq.clone());
+        engine.listen(fid).unwrap();
+        (engine, eq, addr)
+    }
+
+    fn half_open(engine: &Engine) -> usize {
+        engine.with(|st, _| st.half_open.len())
+    }
+
+    /// Polls the engine until `cond` holds (at most 5 s).
+    fn poll_until(engine: &Engine, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            engine.poll_full();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Whether the peer closed `s` (end of stream or reset), waiting up to `wait`.
+    fn closed_by_peer(s: &mut TcpStream, wait: Duration) -> bool {
+        if wait.is_zero() {
+            s.set_nonblocking(true).unwrap();
+        } else {
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(wait)).unwrap();
+        }
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    fn conn_req(data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; BASE_HDR_SIZE];
+        Header::new(Op::ConnReq, 0, data.len() as u64).emit(&mut b);
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn half_open_connections_are_capped_and_a_client_still_connects() {
+        let cap = 8;
+        let (engine, eq, addr) = listener(ListenLimits {
+            half_open_max: cap,
+            ..ListenLimits::default()
+        });
+        let n = 20;
+        let mut silent: Vec<TcpStream> =
+            (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut closed = 0;
+        poll_until(&engine, "the excess half-open connections closed", || {
+            assert!(
+                half_open(&engine) <= cap,
+                "{} half-open over the cap",
+                half_open(&engine)
+            );
+            closed = silent
+                .iter_mut()
+                .filter_map(|s| closed_by_peer(s, Duration::ZERO).then_some(()))
+                .count();
+            closed >= n - cap
+        });
+        assert_eq!(half_open(&engine), cap);
+        // A legitimate client still gets through (it displaces the oldest silent one).
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(&conn_req(b"hi")).unwrap();
+        let mut req = None;
+        poll_until(&engine, "the legitimate request", || {
+            req = eq.pop();
+            req.is_some()
+        });
+        match req {
+            Some(Event::ConnRequest(r)) => assert_eq!(r.data, b"hi"),
+            other => panic!("expected a connection request, got {other:?}"),
+        }
+        assert!(half_open(&engine) <= cap);
+    }
+
+    #[test]
+    fn aged_half_open_connection_is_closed() {
+        let (engine, _eq, addr) = listener(ListenLimits {
+            half_open_age: Duration::from_millis(200),
+            ..ListenLimits::default()
+        });
+        let mut silent = TcpStream::connect(addr).unwrap();
+        poll_until(&engine, "accepted", || half_open(&engine) == 1);
+        let accepted = Instant::now();
+        // A sleeping waiter wakes for the age timer: next_timer bounds its sleep.
+        let timer = engine.with(|st, _| st.next_timer()).expect("an age timer");
+        assert!(timer <= accepted + Duration::from_millis(200));
+        poll_until(&engine, "the aged connection closed", || {
+            half_open(&engine) == 0
+        });
+        assert!(accepted.elapsed() >= Duration::from_millis(150));
+        assert!(closed_by_peer(&mut silent, Duration::from_secs(2)));
+    }
 }

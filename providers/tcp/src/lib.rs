@@ -1,12 +1,30 @@
 //! # fabric-tcp
 //!
 //! The tcp provider of the fabric API: reliable connected endpoints
-//! ([`EpType::Msg`]) over TCP sockets, in pure Rust (libc for
-//! epoll, eventfd and socket options). It offers messages with remote CQ data, inject,
+//! ([`EpType::Msg`]) over TCP sockets, in pure Rust (rustix for epoll, socket2 for
+//! socket creation and options; only `readv` / `sendmsg` over registered memory call
+//! libc, as `unsafe fn` with their contract). It offers messages with remote CQ data, inject,
 //! and RMA write / read / write-with-data emulated over the byte stream with a framing
 //! of its own ([`wire`]): the target checks key, rights and bounds of every remote
 //! access before touching memory and answers each write with an ACK, so remote access
 //! errors always reach the initiator as error completions.
+//!
+//! - A refused remote access (bad key, bounds, rights, COMMIT into a region not
+//!   registered PMEM) ends the connection at both ends, as the NAK of an RC queue pair
+//!   does: the target answers with the refusal, ends its side (its outstanding
+//!   operations complete `Canceled`, `Event::Shutdown { reason: AccessError }`) and
+//!   acts on nothing the peer sends after it; the initiator completes the refused
+//!   operation with `RemoteAccess` (`RemoteInvalid` for COMMIT), everything posted
+//!   after it `Canceled`, and raises its own `Shutdown { reason: AccessError }`. The
+//!   target closes its socket once the refusal is out and the peer has closed, at the
+//!   latest after 2 s, so a reset cannot swallow the refusal.
+//! - Posts to an endpoint whose connection has ended fail at the call with
+//!   `NotConnected` (`Shutdown` when this side called `shutdown()`). Each end raises
+//!   exactly one `Event::Shutdown` with its reason (`Local`, `Peer`, `Lost`,
+//!   `AccessError`, `Protocol`).
+//! - A write with remote CQ data completes at the initiator once the CQ data has
+//!   consumed a receive at the target (the target holds its ACK until then), as RNR
+//!   holds an RC write-with-immediate.
 //!
 //! - Completion levels: sends complete when handed to the socket (transmit), or on the
 //!   target's ACK after placement with `DELIVERY_COMPLETE`; writes always complete on
@@ -26,6 +44,14 @@
 //!   copy), 8-byte keys and CQ data, 8 local and 8 remote iovecs, 256 bytes of
 //!   connection data, tx_size / rx_size 1024. Memory registration mode `PROV_KEY`:
 //!   keys are random 64-bit values and remote addresses are offsets (`base_addr` 0).
+//!
+//! - Listener limits (per fabric): at most 128 accepted connections whose connection
+//!   request has not fully arrived ("half-open"); one more closes the oldest. A
+//!   half-open connection has 10 s to send its request (as softroce's), then it is
+//!   closed. When accept fails for want of descriptors (EMFILE / ENFILE) the
+//!   listening socket is left unpolled for 100 ms (the pending connection waits in the
+//!   kernel's backlog) instead of being polled in a busy loop. These are defaults of
+//!   the provider, not settings yet.
 //!
 //! ## Persistent memory (`RMA_PMEM`, `COMMIT_COMPLETE`)
 //! The provider offers [`Caps::RMA_PMEM`]: memory whose

@@ -41,6 +41,14 @@ impl TcpFabric {
     }
 }
 
+impl TcpFabric {
+    /// The progress engine (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
 impl FabricOps for TcpFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
@@ -119,6 +127,14 @@ fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueu
 pub(crate) struct TcpDomain {
     engine: Arc<Engine>,
     keys: Arc<KeyTable>,
+}
+
+impl TcpDomain {
+    /// The key table (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn keys(&self) -> &Arc<KeyTable> {
+        &self.keys
+    }
 }
 
 impl DomainOps for TcpDomain {
@@ -304,7 +320,7 @@ impl PassiveEndpointOps for TcpPep {
         // SAFETY: both iovecs point at live local buffers (buf, data) for the call.
         let r = unsafe { sys::sendv(sock.as_raw_fd(), &iov) };
         debug!(fid = %self.fid, "rejected a connection request: {r:?}");
-        sys::shutdown_both(sock.as_raw_fd());
+        sys::shutdown_both(&sock);
         Ok(())
     }
 
@@ -344,8 +360,8 @@ impl TcpEndpoint {
 
     fn post_tx(&self, op_builder: impl FnOnce(&mut Conn) -> TxOp) -> Result<()> {
         self.with_conn(|c| {
-            if c.state == ConnState::Closed {
-                return Err(closed());
+            if let Some(e) = c.post_refusal() {
+                return Err(e);
             }
             if c.tx_outstanding() >= c.tx_size {
                 return Err(Error::new(
@@ -443,11 +459,7 @@ impl EndpointOps for TcpEndpoint {
 
     fn shutdown(&self) -> Result<()> {
         self.with_conn(|c| {
-            c.teardown(
-                fabric_core::CqErrorKind::Canceled,
-                "endpoint shut down locally",
-                Some(fabric_core::ShutdownReason::Local),
-            );
+            c.shutdown();
             Ok(())
         })
     }
@@ -500,8 +512,8 @@ impl EndpointOps for TcpEndpoint {
 
     fn post_recv(&self, req: RecvRequest) -> Result<()> {
         self.with_conn(|c| {
-            if c.state == ConnState::Closed {
-                return Err(closed());
+            if let Some(e) = c.post_refusal() {
+                return Err(e);
             }
             if c.posted_len() >= c.rx_size {
                 return Err(Error::new(
@@ -567,7 +579,17 @@ impl EndpointOps for TcpEndpoint {
     }
 
     fn close(&self) {
-        let conn = self.engine.with(|st, _| st.conns.remove(&self.fid.0));
+        let conn = self
+            .engine
+            .with(|st, _| match st.conns.get_mut(&self.fid.0) {
+                // Still sending its refusal of a remote access: the engine finishes that
+                // and drops the connection when its socket closes.
+                Some(c) if c.is_closing() => {
+                    c.detached = true;
+                    None
+                }
+                _ => st.conns.remove(&self.fid.0),
+            });
         if let Some(mut c) = conn {
             c.teardown(fabric_core::CqErrorKind::Canceled, "endpoint closed", None);
         }

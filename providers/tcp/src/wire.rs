@@ -26,7 +26,8 @@
 //!   once the message has been placed in a posted receive.
 //! - `WRITE`: `size` payload bytes for the remote iovecs (their lengths sum to `size`);
 //!   always answered by an `ACK` carrying a [`Status`]. Flag `CQ_DATA`: the target
-//!   consumes a posted receive to report `data`. Flag `COMMIT` (a write posted with
+//!   consumes a posted receive to report `data`, and sends the `ACK` only once it has
+//!   (a write whose data finds no receive waits for one). Flag `COMMIT` (a write posted with
 //!   `COMMIT_COMPLETE`): every remote iovec must lie in a region registered `PMEM`,
 //!   else the target discards the payload and answers `NOT_PMEM`; otherwise it places
 //!   the payload, persists every range, and only then answers `OK` (or
@@ -35,6 +36,10 @@
 //!   `READ_RESP` with the same `op_id`: status OK and the data, or an error status and
 //!   no payload.
 //! - `ACK`: no payload; `op_id` names the `WRITE` or `MSG` it acknowledges.
+//!
+//! An `ACK` or `READ_RESP` whose status refuses the access
+//! ([`Status::is_access_refusal`]) is the last thing the target sends: it ignores the
+//! rest of the stream and closes, and the initiator ends the connection on reading it.
 //!
 //! Every header from a peer is validated ([`Header::parse`]) before anything acts on
 //! it; a malformed header is a protocol error that tears the connection down.
@@ -134,6 +139,20 @@ impl Status {
             6 => Status::NotPmem,
             _ => return None,
         })
+    }
+
+    /// Whether the status refuses a remote access (key, bounds, rights, COMMIT into a
+    /// region not registered PMEM, or a malformed request): such a refusal ends the
+    /// connection at both ends, as the NAK of an RC queue pair does.
+    pub fn is_access_refusal(self) -> bool {
+        matches!(
+            self,
+            Status::BadKey
+                | Status::OutOfBounds
+                | Status::NoAccess
+                | Status::Invalid
+                | Status::NotPmem
+        )
     }
 
     /// Human-readable reason, for error completions.

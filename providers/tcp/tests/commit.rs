@@ -213,11 +213,13 @@ fn commit_into_a_region_not_registered_pmem_is_refused_untouched() {
     assert_eq!(heap.to_vec(0, 4096).unwrap(), vec![0xA5; 4096]);
     assert_eq!(pm.to_vec(0, 100).unwrap(), vec![0; 100]);
     assert_eq!(vc.persists(), 0);
-    // A plain write into the same heap region is fine.
-    p.client
+    // The refusal ended the connection (as an RC NAK does): later posts fail at the
+    // call, and nothing reaches the region.
+    let e = p
+        .client
         .ep
         .write(l.iov(0, 100), heap.remote().iov(0, 100), 5)
-        .unwrap();
-    ok(&next(&p.client.cq));
-    assert_eq!(heap.to_vec(0, 100).unwrap(), vec![0x11; 100]);
+        .expect_err("a write after a refused access");
+    assert_eq!(e.kind(), fabric_core::ErrorKind::NotConnected, "{e}");
+    assert_eq!(heap.to_vec(0, 4096).unwrap(), vec![0xA5; 4096]);
 }

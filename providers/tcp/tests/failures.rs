@@ -116,8 +116,15 @@ fn local_shutdown_cancels_and_peer_sees_shutdown() {
     assert_eq!(c.status.unwrap_err().kind, CqErrorKind::Canceled);
     expect_shutdown(&p.client.eq, p.client.ep.fid());
     expect_shutdown(&p.server.eq, p.server.ep.fid());
+    // Posts fail at the call: Shutdown on the side that shut down, NotConnected at
+    // its peer.
     assert_eq!(
         p.client.ep.send(buf.full(), 2).unwrap_err().kind(),
+        ErrorKind::Shutdown
+    );
+    let sbuf = p.server.domain.alloc(64, Access::LOCAL).unwrap();
+    assert_eq!(
+        p.server.ep.send(sbuf.full(), 3).unwrap_err().kind(),
         ErrorKind::NotConnected
     );
 }

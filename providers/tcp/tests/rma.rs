@@ -98,15 +98,22 @@ fn writedata_consumes_a_receive() {
     );
     assert_eq!(target.to_vec(0, 128).unwrap(), vec![0xab; 128]);
     ok(&next(&p.client.cq));
-    // Without a posted receive the notification waits for one.
+    // Without a posted receive the notification waits for one, and so does the
+    // initiator's completion (as RNR holds an RC write with immediate).
     p.client
         .ep
         .writedata(src.iov(0, 8), target.remote().iov(0, 8), 7, 2)
         .unwrap();
-    ok(&next(&p.client.cq)); // the write itself completes (data placed)
+    assert!(
+        p.client.cq.wait(Duration::from_millis(100)).is_err(),
+        "the write completed before the target had a receive for its CQ data"
+    );
     p.server.ep.recv(rbuf.full(), 56).unwrap();
     let c = next(&p.server.cq);
     assert_eq!((c.context, c.data, c.len), (56, 7, 8));
+    let c = next(&p.client.cq);
+    ok(&c);
+    assert_eq!(c.context, 2);
 }
 
 fn expect_remote_access(cq: &CompletionQueue, context: u64, needle: &str) {
@@ -121,82 +128,123 @@ fn expect_remote_access(cq: &CompletionQueue, context: u64, needle: &str) {
     );
 }
 
-#[test]
-fn remote_access_violations_leave_memory_untouched() {
+/// The server's regions of one violation: read-write, read-only, write-only, all
+/// filled with 0x5a, and a client source of 0xff.
+struct Regions {
+    rw: MemoryRegion,
+    ro: MemoryRegion,
+    wo: MemoryRegion,
+    src: MemoryRegion,
+}
+
+/// Runs one refused access on a fresh pair: the initiator gets RemoteAccess naming
+/// `needle`, no region is touched, the target's posted receive is flushed (never
+/// consumed), both ends get Shutdown AccessError and later posts fail at the call.
+fn violation(needle: &str, post: impl FnOnce(&Pair, &Regions)) {
     let p = pair();
-    let rw = p.server.domain.alloc(4096, Access::REMOTE).unwrap();
-    let ro = p.server.domain.alloc(4096, Access::REMOTE_READ).unwrap();
-    let wo = p.server.domain.alloc(4096, Access::REMOTE_WRITE).unwrap();
-    for m in [&rw, &ro, &wo] {
+    let r = Regions {
+        rw: p.server.domain.alloc(4096, Access::REMOTE).unwrap(),
+        ro: p.server.domain.alloc(4096, Access::REMOTE_READ).unwrap(),
+        wo: p.server.domain.alloc(4096, Access::REMOTE_WRITE).unwrap(),
+        src: p.client.domain.alloc(8192, Access::LOCAL).unwrap(),
+    };
+    for m in [&r.rw, &r.ro, &r.wo] {
         m.fill(0, 4096, 0x5a).unwrap();
     }
-    let src = p.client.domain.alloc(8192, Access::LOCAL).unwrap();
-    src.fill(0, 8192, 0xff).unwrap();
-
-    // Unknown key.
-    let mut bad = rw.remote();
-    bad.key ^= 0x8000_0000_0000_0001;
-    p.client
-        .ep
-        .write(src.iov(0, 16), bad.iov(0, 16), 1)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 1, "key");
-    p.client.ep.read(src.iov(0, 16), bad.iov(0, 16), 2).unwrap();
-    expect_remote_access(&p.client.cq, 2, "key");
-    // Out of bounds (end past the region, and an offset that overflows).
-    p.client
-        .ep
-        .write(src.iov(0, 4096), rw.remote().iov(1, 4096), 3)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 3, "outside");
-    p.client
-        .ep
-        .write(src.iov(0, 16), rw.remote().iov(u64::MAX - 7, 16), 4)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 4, "outside");
-    p.client
-        .ep
-        .read(src.iov(0, 8192), rw.remote().iov(0, 8192), 5)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 5, "outside");
-    // Missing rights.
-    p.client
-        .ep
-        .write(src.iov(0, 16), ro.remote().iov(0, 16), 6)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 6, "right");
-    p.client
-        .ep
-        .read(src.iov(0, 16), wo.remote().iov(0, 16), 7)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 7, "right");
-    // One bad iovec of several: nothing is written, the error names iov 1.
-    let msg = RmaMsg {
-        iov: &[src.iov(0, 32)],
-        rma_iov: &[rw.remote().iov(0, 16), ro.remote().iov(0, 16)],
-        context: 8,
-        data: 0,
-    };
-    p.client.ep.writemsg(&msg, OpFlags::COMPLETION).unwrap();
-    expect_remote_access(&p.client.cq, 8, "iov 1");
-    // Writedata refused: no receive consumed at the target.
+    r.src.fill(0, 8192, 0xff).unwrap();
     let rbuf = p.server.domain.alloc(8, Access::LOCAL).unwrap();
     p.server.ep.recv(rbuf.full(), 77).unwrap();
-    p.client
-        .ep
-        .writedata(src.iov(0, 8), ro.remote().iov(0, 8), 1, 9)
-        .unwrap();
-    expect_remote_access(&p.client.cq, 9, "right");
-
-    for m in [&rw, &ro, &wo] {
-        assert_eq!(m.to_vec(0, 4096).unwrap(), vec![0x5a; 4096]);
-    }
-    // The connection still works, and the receive is still there.
-    p.client.ep.send(src.iov(0, 4), 10).unwrap();
+    post(&p, &r);
+    expect_remote_access(&p.client.cq, 9, needle);
     let c = next(&p.server.cq);
-    ok(&c);
-    assert_eq!((c.context, c.len), (77, 4));
-    ok(&next(&p.client.cq));
+    assert_eq!(c.context, 77);
+    assert_eq!(c.status.unwrap_err().kind, CqErrorKind::Canceled);
+    for m in [&r.rw, &r.ro, &r.wo] {
+        assert_eq!(m.to_vec(0, 4096).unwrap(), vec![0x5a; 4096], "{needle}");
+    }
+    for side in [&p.client, &p.server] {
+        match side.eq.wait(T).unwrap() {
+            Event::Shutdown { fid, reason } => {
+                assert_eq!(fid, side.ep.fid());
+                assert_eq!(reason, ShutdownReason::AccessError);
+            }
+            other => panic!("expected Shutdown, got {other:?}"),
+        }
+    }
+    let e = p.client.ep.send(r.src.iov(0, 4), 10).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotConnected);
+    let e = p.server.ep.recv(rbuf.full(), 11).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotConnected);
+}
+
+#[test]
+fn remote_access_violations_leave_memory_untouched_and_end_the_connection() {
+    let bad = |r: &Regions| {
+        let mut b = r.rw.remote();
+        b.key ^= 0x8000_0000_0000_0001;
+        b
+    };
+    violation("key", |p, r| {
+        p.client
+            .ep
+            .write(r.src.iov(0, 16), bad(r).iov(0, 16), 9)
+            .unwrap()
+    });
+    violation("key", |p, r| {
+        p.client
+            .ep
+            .read(r.src.iov(0, 16), bad(r).iov(0, 16), 9)
+            .unwrap()
+    });
+    // Out of bounds (end past the region, and an offset that overflows).
+    violation("outside", |p, r| {
+        p.client
+            .ep
+            .write(r.src.iov(0, 4096), r.rw.remote().iov(1, 4096), 9)
+            .unwrap()
+    });
+    violation("outside", |p, r| {
+        p.client
+            .ep
+            .write(r.src.iov(0, 16), r.rw.remote().iov(u64::MAX - 7, 16), 9)
+            .unwrap()
+    });
+    violation("outside", |p, r| {
+        p.client
+            .ep
+            .read(r.src.iov(0, 8192), r.rw.remote().iov(0, 8192), 9)
+            .unwrap()
+    });
+    // Missing rights.
+    violation("right", |p, r| {
+        p.client
+            .ep
+            .write(r.src.iov(0, 16), r.ro.remote().iov(0, 16), 9)
+            .unwrap()
+    });
+    violation("right", |p, r| {
+        p.client
+            .ep
+            .read(r.src.iov(0, 16), r.wo.remote().iov(0, 16), 9)
+            .unwrap()
+    });
+    // One bad iovec of several: nothing is written, the error names iov 1.
+    violation("iov 1", |p, r| {
+        let msg = RmaMsg {
+            iov: &[r.src.iov(0, 32)],
+            rma_iov: &[r.rw.remote().iov(0, 16), r.ro.remote().iov(0, 16)],
+            context: 9,
+            data: 0,
+        };
+        p.client.ep.writemsg(&msg, OpFlags::COMPLETION).unwrap();
+    });
+    // Writedata refused: the target's receive is flushed, never consumed.
+    violation("right", |p, r| {
+        p.client
+            .ep
+            .writedata(r.src.iov(0, 8), r.ro.remote().iov(0, 8), 1, 9)
+            .unwrap()
+    });
 }
 
 #[test]
@@ -226,6 +274,8 @@ fn inject_write_error_has_context_zero() {
         )
         .unwrap();
     expect_remote_access(&p.client.cq, 0, "key");
+    // The refusal ended that connection; a successful inject_write on a new one.
+    let p = pair();
     let target = p.server.domain.alloc(8, Access::REMOTE).unwrap();
     p.client
         .ep
