@@ -52,8 +52,27 @@ use crate::wire::{self, BthRepr, IcrcContext, Opcode, RocePacket, RoceRepr};
 use requester::Requester;
 use responder::Responder;
 
-/// The QP must enter ERROR; carries the error completion, if one is due.
-pub(crate) struct Fatal(pub(crate) Option<Completion>);
+/// The QP must enter ERROR; carries the error completion, if one is due, and why.
+pub(crate) struct Fatal(pub(crate) Option<Completion>, pub(crate) ErrorCause);
+
+/// Why a queue pair entered ERROR ([`QueuePair::error_cause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCause {
+    /// The driver moved it ([`QueuePair::modify_to_error`]).
+    Modified,
+    /// A send work request failed with this status: the transport or RNR retries ran
+    /// out (`RetryExceeded`, `RnrRetryExceeded`), the peer refused it with a NAK
+    /// (`RemoteAccessError`, `RemoteInvalidRequest`, `RemoteOperationalError`), or a
+    /// local buffer could not be written (`LocalAccessError`).
+    Requester(WcStatus),
+    /// The responder refused a remote access of the peer (R_Key, bounds, rights, or a
+    /// persistent FLUSH into memory that is not persistent) with this NAK. As in
+    /// rdma_rxe, the responder's QP enters ERROR after the NAK is queued.
+    AccessRefused(wire::ext::NakCode),
+    /// The responder answered a malformed request, or one it could not carry out (a
+    /// receive that failed, a memory error), with this NAK.
+    RequestFailed(wire::ext::NakCode),
+}
 
 /// Per-connection constants used to build packets.
 pub(crate) struct Ctx {
@@ -137,6 +156,7 @@ pub struct QueuePair {
     resp: Responder,
     comps: VecDeque<Completion>,
     stats: QpStats,
+    cause: Option<ErrorCause>,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -163,6 +183,7 @@ impl QueuePair {
             resp: Responder::new(),
             comps: VecDeque::new(),
             stats: QpStats::default(),
+            cause: None,
         }
     }
 
@@ -174,6 +195,11 @@ impl QueuePair {
     /// Current state.
     pub fn state(&self) -> QpState {
         self.state
+    }
+
+    /// Why the QP entered ERROR (`None` while it has not).
+    pub fn error_cause(&self) -> Option<ErrorCause> {
+        self.cause
     }
 
     /// Protocol counters.
@@ -256,7 +282,7 @@ impl QueuePair {
 
     /// Any state -> ERROR: every queued work request completes with `Flushed`.
     pub fn modify_to_error(&mut self) {
-        self.enter_error();
+        self.enter_error(ErrorCause::Modified);
     }
 
     /// Any state -> RESET: queues are emptied without completions.
@@ -268,9 +294,10 @@ impl QueuePair {
         self.stats = stats;
     }
 
-    fn enter_error(&mut self) {
+    fn enter_error(&mut self, cause: ErrorCause) {
         if self.state != QpState::Error {
-            debug!(qpn = self.qpn, "QP enters ERROR");
+            debug!(qpn = self.qpn, ?cause, "QP enters ERROR");
+            self.cause = Some(cause);
         }
         self.state = QpState::Error;
         self.req.flush(&mut self.comps);
@@ -281,7 +308,7 @@ impl QueuePair {
         if let Some(c) = f.0 {
             self.comps.push_back(c);
         }
-        self.enter_error();
+        self.enter_error(f.1);
     }
 
     /// Posts a send work request (RTS). In ERROR it completes at once with `Flushed`.
