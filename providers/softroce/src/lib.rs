@@ -137,6 +137,7 @@ pub mod rc;
 pub mod wire;
 
 pub use provider::device::{
-    configure_device, device_stats, parse_faults, DeviceConfig, DeviceStats,
+    configure_device, device_stats, free_loopback_ip, parse_faults, DeviceConfig, DeviceStats,
+    DEFAULT_BACKSTOP,
 };
 pub use provider::{limits, provider, CAPS, MAX_MSG_SIZE};
