@@ -10,6 +10,11 @@
 //! A post works on its own QP only (a lock per QP): it never waits for a poller of
 //! the device, and sends its packets itself. Completions go to the endpoints'
 //! completion queues.
+//!
+//! When no application thread has done so for the backstop interval, the device's
+//! backstop thread does the same work ([`backstop`]). A QP that enters ERROR on its
+//! own (a refused access, a NAK, retries exhausted) is reported to its owner (the
+//! endpoint, [`QpOwner`]) after the work, outside every device lock.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;

@@ -23,7 +23,9 @@
 //! out-of-order packets until the expected PSN arrives, re-ACKs duplicate SEND/WRITE
 //! packets, replays READ/atomic/FLUSH responses from its resource ring, sends RNR NAK
 //! when no receive is posted, and checks R_Key, bounds and rights before touching
-//! memory (NAK remote access error otherwise). Behaviour follows Linux rdma_rxe.
+//! memory (NAK remote access error otherwise, and the QP enters ERROR, as in rxe;
+//! [`QueuePair::error_cause`] says why a QP entered ERROR). Behaviour follows Linux
+//! rdma_rxe.
 
 mod memory;
 mod psn;
