@@ -29,15 +29,20 @@ use fabric_core::*;
 use fabric_softroce::fault::FaultConfig;
 use fabric_softroce::{configure_device, device_stats, free_loopback_ip, DeviceConfig};
 
-/// Two free loopback addresses: server, client.
+/// Two free loopback addresses, server and client, whose devices get the default
+/// configuration (not the environment's) unless the test configures them otherwise.
 fn addrs() -> (Ipv4Addr, Ipv4Addr) {
     let s = free_loopback_ip().expect("a free loopback address");
-    loop {
+    let c = loop {
         let c = free_loopback_ip().expect("a free loopback address");
         if c != s {
-            return (s, c);
+            break c;
         }
+    };
+    for ip in [s, c] {
+        configure_device(ip, DeviceConfig::default()).unwrap();
     }
+    (s, c)
 }
 
 struct Side {
@@ -390,8 +395,6 @@ fn lossy_link_delivers_messages_writes_and_reads_verified() {
 #[test]
 fn vanished_peer_gives_retry_exceeded_not_a_hang() {
     let (sip, cip) = addrs();
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
     let (p, mrs) = pair(sip, cip, b"", |d| {
         vec![d.alloc(1 << 20, Access::REMOTE).unwrap()]
     });
@@ -491,8 +494,6 @@ fn temp_path(name: &str) -> std::path::PathBuf {
 #[test]
 fn commit_lands_in_the_pmem_file_and_non_pmem_is_refused() {
     let (sip, cip) = addrs();
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
     let path = temp_path("commit.pmem");
     let len = 1 << 20;
     let path2 = path.clone();
@@ -599,8 +600,6 @@ fn gather(
 #[test]
 fn a_server_reading_no_queue_for_5s_still_serves_its_client() {
     let (sip, cip) = addrs();
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
     let (p, mrs) = pair(sip, cip, b"", |d| {
         vec![d.alloc(1 << 20, Access::REMOTE).unwrap()]
     });
@@ -712,8 +711,6 @@ fn a_server_reading_no_queue_for_5s_still_serves_its_client() {
 #[test]
 fn a_refused_access_ends_the_connection_at_both_ends() {
     let (sip, cip) = addrs();
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
     let (p, mrs) = pair(sip, cip, b"", |d| {
         vec![d.alloc(4096, Access::REMOTE).unwrap()]
     });
