@@ -542,6 +542,31 @@ pub fn free_loopback_ip() -> std::io::Result<Ipv4Addr> {
     ))
 }
 
+/// The source address a client with none connects to loopback address `dest` from,
+/// so that it never depends on owning 127.0.0.1:4791: `dest` itself when this process
+/// has a device there (both ends in one process share it, as two QPs of one NIC);
+/// else the route's choice (`None`, 127.0.0.1) when this process has that device or
+/// its port is free; else a free loopback address. `None` for other destinations.
+pub(crate) fn loopback_source(dest: Ipv4Addr) -> Option<Ipv4Addr> {
+    if !dest.is_loopback() {
+        return None;
+    }
+    let has = |ip: &Ipv4Addr| {
+        registry()
+            .lock()
+            .get(ip)
+            .is_some_and(|e| e.0.strong_count() > 0)
+    };
+    if has(&dest) {
+        return Some(dest);
+    }
+    let route = Ipv4Addr::LOCALHOST;
+    if has(&route) || UdpSocket::bind(SocketAddrV4::new(route, ROCE_UDP_PORT)).is_ok() {
+        return None;
+    }
+    free_loopback_ip().ok()
+}
+
 /// Counters of the device on `ip`, if one exists in this process.
 pub fn device_stats(ip: Ipv4Addr) -> Option<DeviceStats> {
     let dev = registry().lock().get(&ip).and_then(|e| e.0.upgrade())?;

@@ -1085,7 +1085,11 @@ impl EndpointOps for SrEndpoint {
                 cm.phase
             )));
         }
-        let connected = match ep.src.filter(|s| !s.ip().is_unspecified()) {
+        let src = ep.src.filter(|s| !s.ip().is_unspecified()).or_else(|| {
+            let dest = ipv4_of(sa).ok()?;
+            device::loopback_source(dest).map(|ip| SocketAddr::new(ip.into(), 0))
+        });
+        let connected = match src {
             Some(src) => {
                 sys::connect_from(SocketAddr::new(src.ip(), 0), sa, Duration::from_secs(5))
             }
