@@ -10,10 +10,9 @@
 //! [`device_stats`]). Several devices on one machine use several loopback addresses;
 //! if 4791 on an address is taken by another process, opening fails with
 //! `AddressInUse` and says to use another one. A client picks its device from
-//! `info.src_addr`; without one, from the route to the server, except that a client
-//! of a loopback address connects from that address when its process has a device
-//! there (both ends of one process share it) and from a free loopback address when
-//! 127.0.0.1:4791 is taken by someone else. Tests and tools never depend
+//! `info.src_addr`; without one, from the route to the server (127.0.0.1 for a
+//! loopback server), or from a free loopback address when 127.0.0.1:4791 is taken by
+//! another process. Tests and tools never depend
 //! on owning 127.0.0.1:4791: [`free_loopback_ip`] gives a random 127.x.y.z whose port
 //! 4791 is free (the tests, `fabric-conformance` by default and with `--addr`).
 //!

@@ -543,25 +543,21 @@ pub fn free_loopback_ip() -> std::io::Result<Ipv4Addr> {
 }
 
 /// The source address a client with none connects to loopback address `dest` from,
-/// so that it never depends on owning 127.0.0.1:4791: `dest` itself when this process
-/// has a device there (both ends in one process share it, as two QPs of one NIC);
-/// else the route's choice (`None`, 127.0.0.1) when this process has that device or
-/// its port is free; else a free loopback address. `None` for other destinations.
+/// so that it never depends on owning 127.0.0.1:4791: the route's choice (`None`,
+/// 127.0.0.1) when this process has that device or its port is free, else a free
+/// loopback address. `None` for other destinations. (A client does not share the
+/// server's device of its own process unless told to with `src_addr`: two devices
+/// keep a busy-polled ping-pong in one process about 3 µs faster.)
 pub(crate) fn loopback_source(dest: Ipv4Addr) -> Option<Ipv4Addr> {
     if !dest.is_loopback() {
         return None;
     }
-    let has = |ip: &Ipv4Addr| {
-        registry()
-            .lock()
-            .get(ip)
-            .is_some_and(|e| e.0.strong_count() > 0)
-    };
-    if has(&dest) {
-        return Some(dest);
-    }
     let route = Ipv4Addr::LOCALHOST;
-    if has(&route) || UdpSocket::bind(SocketAddrV4::new(route, ROCE_UDP_PORT)).is_ok() {
+    let ours = registry()
+        .lock()
+        .get(&route)
+        .is_some_and(|e| e.0.strong_count() > 0);
+    if ours || UdpSocket::bind(SocketAddrV4::new(route, ROCE_UDP_PORT)).is_ok() {
         return None;
     }
     free_loopback_ip().ok()
