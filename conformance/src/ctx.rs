@@ -1,8 +1,19 @@
 //! What a case gets: the provider under test, getinfo helpers that always name that
 //! provider and loopback addresses, and opened objects ([`Node`]).
+//!
+//! ## Addresses
+//! Cases write their hints with the loopback address [`LOOPBACK`] (127.0.0.1); a
+//! context runs them on *its* address ([`Ctx::addr`]): [`Ctx::open`] moves a listener's
+//! 127.0.0.1 source there and gives a connector with no source that address as its
+//! source, so every object a case opens lives on it. The default is 127.0.0.1, except
+//! for softroce, whose device owns UDP 4791 of its address: there each context picks a
+//! free loopback address of its own ([`fabric_softroce::free_loopback_ip`]), so the
+//! suite never depends on owning 127.0.0.1:4791 and several runs go on side by side.
+//! `fabric-conformance --addr IP` chooses it.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use fabric::{
@@ -15,7 +26,7 @@ use crate::case::{CaseError, Check};
 /// How long one blocking step of a case (a completion, an event) may take by default.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The loopback address every case uses.
+/// The loopback address cases write in their hints (see "Addresses" above).
 pub const LOOPBACK: &str = "127.0.0.1";
 
 /// A case's view of the provider under test.
@@ -24,16 +35,45 @@ pub struct Ctx {
     provider: String,
     registry: Registry,
     op_timeout: Duration,
+    addr: IpAddr,
+}
+
+/// The address a context for `provider` uses unless told otherwise: a free loopback
+/// address for softroce (its device needs UDP 4791 of the address to itself), else
+/// 127.0.0.1.
+pub fn default_addr(provider: &str) -> IpAddr {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if provider != "softroce" {
+        return loopback;
+    }
+    match fabric_softroce::free_loopback_ip() {
+        Ok(ip) => IpAddr::V4(ip),
+        // Every try was taken (unlikely): 127.0.0.1, whose error then says so.
+        Err(_) => loopback,
+    }
 }
 
 impl Ctx {
-    /// A context for `provider` among the providers of `registry`.
+    /// A context for `provider` among the providers of `registry`, on
+    /// [`default_addr`].
     pub fn new(provider: &str, registry: Registry) -> Self {
         Ctx {
             provider: provider.to_string(),
             registry,
             op_timeout: DEFAULT_OP_TIMEOUT,
+            addr: default_addr(provider),
         }
+    }
+
+    /// Runs the cases on `addr` (a loopback address) instead.
+    pub fn with_addr(mut self, addr: IpAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// The address every listener and connector of the cases uses.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
     }
 
     /// Sets the time one completion or event may take.
@@ -126,8 +166,11 @@ impl Ctx {
         })
     }
 
-    /// Opens fabric, domain, event queue and completion queue from an answer.
-    pub fn open(&self, info: Info) -> Result<Node, CaseError> {
+    /// Opens fabric, domain, event queue and completion queue from an answer, placed
+    /// on this context's address: a source of 127.0.0.1 moves there (port kept), and a
+    /// connector with no source gets it as source (see "Addresses" above).
+    pub fn open(&self, mut info: Info) -> Result<Node, CaseError> {
+        self.place(&mut info);
         let fabric = Fabric::open(&info).ctx("open fabric")?;
         let domain = fabric.domain(&info).ctx("open domain")?;
         let eq = fabric.eq(EqAttr::default()).ctx("open event queue")?;
@@ -141,6 +184,23 @@ impl Ctx {
             completions: RefCell::new(VecDeque::new()),
             events: RefCell::new(VecDeque::new()),
         })
+    }
+
+    fn place(&self, info: &mut Info) {
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        if self.addr == loopback {
+            return;
+        }
+        match info.src_addr.as_ref().and_then(Address::as_inet) {
+            Some(sa) if sa.ip() == loopback => {
+                info.src_addr = Some(Address::Inet(SocketAddr::new(self.addr, sa.port())));
+            }
+            Some(_) => {}
+            None if info.dest_addr.is_some() => {
+                info.src_addr = Some(Address::Inet(SocketAddr::new(self.addr, 0)));
+            }
+            None => {}
+        }
     }
 
     /// Opens a node for `caps` (no address), for cases that need only a domain.

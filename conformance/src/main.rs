@@ -21,7 +21,8 @@ use fabric_conformance::{cases, ctx_for, run, RunOptions};
         fabric-conformance -p tcp --filter 'rma/*'     only the rma group\n  \
         fabric-conformance -p tcp --filter bad_key     cases whose id contains bad_key\n  \
         fabric-conformance -p tcp --list               list the cases\n  \
-        fabric-conformance -p tcp --json > report.json a report for machines\n\n\
+        fabric-conformance -p tcp --json > report.json a report for machines\n  \
+        fabric-conformance -p softroce --addr 127.9.0.1  softroce on that address\n\n\
         Output: one line per case (PASS/FAIL/SKIP), then 'N passed, N failed, N skipped'.\n\
         The exit status is 1 if any case failed."
 )]
@@ -41,6 +42,10 @@ struct Cli {
     /// Time limit per case, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     case_timeout: u64,
+    /// Loopback address both ends of every case use (default: 127.0.0.1; for
+    /// softroce a free 127.x.y.z, since its device needs UDP 4791 of the address).
+    #[arg(long, value_name = "IP")]
+    addr: Option<std::net::IpAddr>,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +67,13 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let ctx = ctx_for(&cli.provider);
+    let mut ctx = ctx_for(&cli.provider);
+    if let Some(a) = cli.addr {
+        ctx = ctx.with_addr(a);
+    }
+    if !cli.json {
+        println!("# {} on {}", cli.provider, ctx.addr());
+    }
     let opts = RunOptions {
         filter: cli.filter.clone(),
         case_timeout: Duration::from_secs(cli.case_timeout),

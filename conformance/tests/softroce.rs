@@ -2,20 +2,55 @@
 //! easy to read. Each test prints every case line and asserts no failure and at least
 //! one pass (a provider that cannot run here fails the test rather than skipping it).
 //!
-//! The groups share the process's softroce device on 127.0.0.1:4791, and
-//! [`capture_checked_by_scapy`] runs the `fabric-conformance` binary (which needs that
-//! address for its own device) in a child process, so the tests of this file take a
-//! lock and run one at a time.
+//! Each group runs on a free loopback address of its own (the context's default for
+//! softroce, `fabric_conformance::ctx::default_addr`), and the `fabric-conformance`
+//! children of [`capture_checked_by_scapy`] pick their own: nothing depends on owning
+//! 127.0.0.1:4791 ([`runs_while_127_0_0_1_4791_is_held`]). The tests of this file
+//! still run one at a time: the suite is timing-sensitive (bounded waits) and the
+//! machines it runs on have few cores.
 
 const PROVIDER: &str = "softroce";
 
 /// Serializes the tests of this file (see the module docs).
-static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fabric_conformance::group_tests!(
     PROVIDER,
-    guard = DEVICE.lock().unwrap_or_else(|e| e.into_inner())
+    guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 );
+
+/// With 127.0.0.1:4791 held (by this test, or already by another process, which
+/// proves the point as well), a group of the suite passes on this process's own free
+/// address, and the `fabric-conformance` binary passes on the address `--addr` names.
+#[test]
+fn runs_while_127_0_0_1_4791_is_held() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let held = std::net::UdpSocket::bind("127.0.0.1:4791");
+    println!(
+        "127.0.0.1:4791 {}",
+        if held.is_ok() {
+            "held by this test"
+        } else {
+            "already held by another process"
+        }
+    );
+    fabric_conformance::assert_group(PROVIDER, "eq");
+    let addr = fabric_softroce::free_loopback_ip().expect("a free loopback address");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fabric-conformance"))
+        .args(["-p", PROVIDER, "--filter", "rma/write_sizes*", "--addr"])
+        .arg(addr.to_string())
+        .env_remove("SOFTROCE_FAULTS")
+        .output()
+        .expect("run fabric-conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains(&format!("on {addr}")),
+        "fabric-conformance --addr {addr} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+}
 
 /// Captures a representative part of the suite (the errors group and message and RMA
 /// cases, sizes up to 64 KiB) with `SOFTROCE_PCAP` in a child process, and checks every
@@ -23,7 +58,7 @@ fabric_conformance::group_tests!(
 /// must parse as RoCEv2 and its ICRC must verify.
 #[test]
 fn capture_checked_by_scapy() {
-    let _one_at_a_time = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let has_scapy = std::process::Command::new("python3")
         .args(["-c", "import scapy.contrib.roce"])
         .output()

@@ -7,13 +7,19 @@
 //! `<ip>:4791` per process (`IP_PMTUDISC_DO`: DF set and IP ID 0, as rxe sends, so the
 //! ICRC matches), shared by every domain using that address; packets are demultiplexed
 //! by destination QPN, every ICRC is verified (bad packets are dropped and counted,
-//! [`device_stats`]). Several devices on one machine use several 127.0.0.x addresses;
+//! [`device_stats`]). Several devices on one machine use several loopback addresses;
 //! if 4791 on an address is taken by another process, opening fails with
-//! `AddressInUse` and says to use another 127.0.0.x. A client picks its device from
-//! `info.src_addr` (else from the route to the server).
+//! `AddressInUse` and says to use another one. A client picks its device from
+//! `info.src_addr`; without one, from the route to the server (127.0.0.1 for a
+//! loopback server), or from a free loopback address when 127.0.0.1:4791 is taken by
+//! another process. Tests and tools never depend
+//! on owning 127.0.0.1:4791: [`free_loopback_ip`] gives a random 127.x.y.z whose port
+//! 4791 is free (the tests, `fabric-conformance` by default and with `--addr`).
 //!
 //! - Offer: MSG, RMA, READ, WRITE, SEND, RECV, REMOTE_READ, REMOTE_WRITE,
-//!   REMOTE_CQ_DATA (4 bytes: the immediate), RMA_PMEM; `mr_mode` PROV_KEY | VIRT_ADDR
+//!   REMOTE_CQ_DATA (4 bytes: the immediate; a write with CQ data completes at the
+//!   initiator only once the target has matched the data with a posted receive: the
+//!   WRITE with immediate is RNR-NAKed until one is posted), RMA_PMEM; `mr_mode` PROV_KEY | VIRT_ADDR
 //!   (remote addresses are virtual addresses, keys random non-zero 32-bit), path MTU
 //!   4096 (`SOFTROCE_MTU` = 256..4096), max_msg_size 2^31 (the RC limit), inject 4096,
 //!   16 local / 8 remote iovecs, 256 bytes of connection data.
@@ -27,29 +33,57 @@
 //! - Receive not ready: RC semantics. RNR NAK (timer 0.64 ms) and infinite RNR retry
 //!   (rnr_retry 7): a message sent before the receive is posted is delivered once it
 //!   is; a write with CQ data waits likewise. retry_cnt 7 with a 2.1 ms timeout
-//!   (`SOFTROCE_TIMEOUT_US`; transport retry count `SOFTROCE_RETRY_CNT`, default 7) that doubles on consecutive expiries: a peer that stops
-//!   answering gives `RetryExceeded` after about 0.5 s.
+//!   (`SOFTROCE_TIMEOUT_US`; transport retry count `SOFTROCE_RETRY_CNT`, default 7)
+//!   that doubles on consecutive expiries: a peer that stops answering gives
+//!   `RetryExceeded` after about 0.5 s (and `Shutdown { reason: Lost }`). A peer whose
+//!   application merely stops reading its queues keeps answering (the backstop).
 //! - Connections: an `ibv_rc_pingpong`-style exchange over TCP at the listener's
 //!   address (`LLLL:QQQQQQ:PPPPPP:GID` text plus an extension with kind, MTU and
-//!   connection data; REQ, REP or REJ, RTU). The TCP connection stays open: its closure
-//!   raises `Shutdown` and moves the QP to ERROR (outstanding work completes
-//!   `Canceled`).
+//!   connection data; REQ, REP or REJ, RTU). The TCP connection stays open as the
+//!   connection's management channel; a side that ends an established connection sends
+//!   DISCONNECT with its reason on it before closing it.
+//! - End of a connection: every end raises exactly one `Event::Shutdown { fid, reason }`
+//!   per endpoint, moves the QP to ERROR (outstanding work completes `Canceled`), and
+//!   from then on every post (send, recv, write, read, inject, the `*msg` forms) fails
+//!   at the call with `ErrorKind::NotConnected` (`ErrorKind::Shutdown` after this
+//!   side's `shutdown()`). Reasons: `Local` (this side's `shutdown()`), `Peer` (the
+//!   peer's shutdown, close or exit: DISCONNECT or an orderly TCP closure), `Lost`
+//!   (transport or RNR retries exhausted, a reset TCP connection), `AccessError` (a
+//!   refused remote access, below), `Protocol` (a malformed CM message or request). The
+//!   peer of a side that lost its connection or refused an access hears the same
+//!   reason through DISCONNECT.
+//! - Refused remote access (unknown key, bounds, rights, a COMMIT/FLUSH into memory not
+//!   registered PMEM), as rdma_rxe and RC hardware: the target's responder sends the
+//!   NAK and its QP enters ERROR (its posted receives complete `Canceled`); the
+//!   initiator's operation completes `RemoteAccess` (`RemoteInvalid` for the FLUSH),
+//!   what it posted after completes `Canceled`; both endpoints get `Shutdown {
+//!   reason: AccessError }`. Nothing of the refused request touches memory.
 //! - Progress: manual by default (completion and event queue reads drive the devices
 //!   and the connection manager), sleeping `sread`/`wait` (ppoll on the sockets with
-//!   the next timer), `Progress::Auto` or an async waiter start a thread. Threads
+//!   the next timer), `Progress::Auto` or an async waiter start a thread. Under it all,
+//!   each device has a *backstop* thread, as a NIC's transport never stops when the
+//!   application is busy: whenever no application thread has run the device's
+//!   transport for the backstop interval (default 1 ms, [`DEFAULT_BACKSTOP`];
+//!   `SOFTROCE_BACKSTOP_US`, or [`DeviceConfig::backstop`], 0 turns it off) and none
+//!   sleeps on it, the backstop receives, ACKs, NAKs, answers READs, retransmits and
+//!   ends failed connections, then sleeps on the socket and the next timer while the
+//!   application stays away. So a peer never loses its connection (nor waits more than
+//!   about the interval) because this application does not read its queues, and a busy
+//!   poller keeps its latency: the backstop then only wakes once per interval to see
+//!   that the application is there. 1 ms is below the peer's first retransmission
+//!   timeout (2.1 ms), so stepping in rarely costs a retransmission. Threads
 //!   polling one device share it without waiting for each other (a lock per QP; the
 //!   receive side is only tried). When a busy-polled completion queue read completes
 //!   a one-packet receive, the QP holds its ACK up to 50 µs so that it leaves in the
 //!   same `sendmmsg` as the application's answer (released earlier by the next send
 //!   posted on the QP or before any sleep).
 //! - Environment, read when a device is created (or set per address in a program with
-//!   [`configure_device`]): `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
+//!   [`configure_device`]): `SOFTROCE_BACKSTOP_US=1000` (the backstop interval, 0: off),
+//!   `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
 //!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the
 //!   device sends; `SOFTROCE_PCAP=/path/file.pcap` captures every frame it sends.
 //!
-//! Not rxe-compatible (deliberately): a responder that refuses a remote access (or a
-//! FLUSH into non-PMEM memory) NAKs without moving its own QP to ERROR (rxe does, which
-//! would flush the target's posted receives); an oversized SEND is delivered truncated
+//! Not rxe-compatible (deliberately): an oversized SEND is delivered truncated
 //! (`Truncated`, libfabric semantics) instead of failing both QPs; the retransmission
 //! timer backs off exponentially; packets leave from UDP port 4791 rather than rxe's
 //! per-QP source port; the connection exchange extends pingpong's text, so a plain
@@ -137,6 +171,7 @@ pub mod rc;
 pub mod wire;
 
 pub use provider::device::{
-    configure_device, device_stats, parse_faults, DeviceConfig, DeviceStats,
+    configure_device, device_stats, free_loopback_ip, parse_faults, DeviceConfig, DeviceStats,
+    DEFAULT_BACKSTOP,
 };
 pub use provider::{limits, provider, CAPS, MAX_MSG_SIZE};

@@ -2,9 +2,11 @@
 //! devices: delivery under seeded faults, a vanishing peer, COMMIT into a pmem file
 //! and its refusal.
 //!
-//! Every test uses its own pair of 127.0.0.x addresses (one device each, configured
+//! Every test uses its own pair of free loopback addresses
+//! ([`fabric_softroce::free_loopback_ip`]: random 127.x.y.z whose UDP 4791 nothing
+//! holds, so no test depends on owning 127.0.0.1:4791), one device each, configured
 //! with [`fabric_softroce::configure_device`], so tests running in parallel threads do
-//! not share faults or race on the environment).
+//! not share faults or race on the environment.
 //!
 //! The fault test moves 10,000 messages, 1 GiB of RMA writes and 1 GiB of RMA reads
 //! (1 MiB transfers) in release builds (`cargo test --release`, as CI runs it); debug
@@ -25,7 +27,23 @@ use std::time::{Duration, Instant};
 
 use fabric_core::*;
 use fabric_softroce::fault::FaultConfig;
-use fabric_softroce::{configure_device, device_stats, DeviceConfig};
+use fabric_softroce::{configure_device, device_stats, free_loopback_ip, DeviceConfig};
+
+/// Two free loopback addresses, server and client, whose devices get the default
+/// configuration (not the environment's) unless the test configures them otherwise.
+fn addrs() -> (Ipv4Addr, Ipv4Addr) {
+    let s = free_loopback_ip().expect("a free loopback address");
+    let c = loop {
+        let c = free_loopback_ip().expect("a free loopback address");
+        if c != s {
+            break c;
+        }
+    };
+    for ip in [s, c] {
+        configure_device(ip, DeviceConfig::default()).unwrap();
+    }
+    (s, c)
+}
 
 struct Side {
     _fabric: Fabric,
@@ -199,13 +217,14 @@ fn lossy() -> FaultConfig {
 
 #[test]
 fn lossy_link_delivers_messages_writes_and_reads_verified() {
-    let (sip, cip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
+    let (sip, cip) = addrs();
     configure_device(
         sip,
         DeviceConfig {
             faults: Some((lossy(), 42)),
             pcap: None,
             retry_cnt: Some(LOSSY_RETRY_CNT),
+            ..DeviceConfig::default()
         },
     )
     .unwrap();
@@ -215,6 +234,7 @@ fn lossy_link_delivers_messages_writes_and_reads_verified() {
             faults: Some((lossy(), 43)),
             pcap: None,
             retry_cnt: Some(LOSSY_RETRY_CNT),
+            ..DeviceConfig::default()
         },
     )
     .unwrap();
@@ -374,9 +394,7 @@ fn lossy_link_delivers_messages_writes_and_reads_verified() {
 
 #[test]
 fn vanished_peer_gives_retry_exceeded_not_a_hang() {
-    let (sip, cip) = (Ipv4Addr::new(127, 0, 0, 43), Ipv4Addr::new(127, 0, 0, 44));
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
+    let (sip, cip) = addrs();
     let (p, mrs) = pair(sip, cip, b"", |d| {
         vec![d.alloc(1 << 20, Access::REMOTE).unwrap()]
     });
@@ -400,8 +418,7 @@ fn vanished_peer_gives_retry_exceeded_not_a_hang() {
         sip,
         DeviceConfig {
             faults: Some((dead, 1)),
-            pcap: None,
-            retry_cnt: None,
+            ..DeviceConfig::default()
         },
     )
     .unwrap();
@@ -443,15 +460,29 @@ fn vanished_peer_gives_retry_exceeded_not_a_hang() {
             "{kinds:?}"
         );
     }
-    // Afterwards operations fail at once instead of hanging.
-    let _ = p.client.ep.send(tx.iov(0, 8), 23);
-    let c = p
+    // The connection is lost: one Shutdown event says so, and posts fail at the call.
+    match p
         .client
-        .cq
-        .wait(Duration::from_secs(2))
-        .expect("post after failure completes");
-    assert!(c.status.is_err());
-    drop(p.client.eq);
+        .eq
+        .wait(Duration::from_secs(5))
+        .expect("shutdown event")
+    {
+        Event::Shutdown { fid, reason } => {
+            assert_eq!(fid, p.client.ep.fid());
+            assert_eq!(reason, ShutdownReason::Lost);
+        }
+        other => panic!("client: {other:?}"),
+    }
+    let e = p
+        .client
+        .ep
+        .send(tx.iov(0, 8), 23)
+        .expect_err("post after loss");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+    assert!(
+        p.client.eq.read().unwrap().is_none(),
+        "one Shutdown event only"
+    );
 }
 
 fn temp_path(name: &str) -> std::path::PathBuf {
@@ -462,9 +493,7 @@ fn temp_path(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn commit_lands_in_the_pmem_file_and_non_pmem_is_refused() {
-    let (sip, cip) = (Ipv4Addr::new(127, 0, 0, 45), Ipv4Addr::new(127, 0, 0, 46));
-    configure_device(sip, DeviceConfig::default()).unwrap();
-    configure_device(cip, DeviceConfig::default()).unwrap();
+    let (sip, cip) = addrs();
     let path = temp_path("commit.pmem");
     let len = 1 << 20;
     let path2 = path.clone();
@@ -540,4 +569,256 @@ fn commit_lands_in_the_pmem_file_and_non_pmem_is_refused() {
     );
     drop(p);
     let _ = std::fs::remove_file(&path);
+}
+
+/// Reads both sides' completion and event queues until `done` says enough arrived or
+/// `t` passed; returns what arrived (client completions, server completions, client
+/// events, server events).
+#[allow(clippy::type_complexity)]
+fn gather(
+    p: &Pair,
+    t: Duration,
+    done: impl Fn(&[Completion], &[Completion], &[Event], &[Event]) -> bool,
+) -> (Vec<Completion>, Vec<Completion>, Vec<Event>, Vec<Event>) {
+    let deadline = Instant::now() + t;
+    let (mut cc, mut sc, mut ce, mut se) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    while !done(&cc, &sc, &ce, &se) && Instant::now() < deadline {
+        p.client.cq.read(&mut cc, 64).unwrap();
+        p.server.cq.read(&mut sc, 64).unwrap();
+        ce.extend(p.client.eq.read().unwrap());
+        se.extend(p.server.eq.read().unwrap());
+    }
+    (cc, sc, ce, se)
+}
+
+/// The progress backstop: a server whose application reads none of its queues for
+/// 5 s (manual progress, nothing else runs its transport) still answers its client at
+/// once: sends into posted receives, an RMA write, a write with CQ data, an RMA read
+/// all complete at the client within that time, and the server finds its receives
+/// when it looks again. Without the backstop the client's operations end with
+/// `RetryExceeded` after about 0.5 s.
+#[test]
+fn a_server_reading_no_queue_for_5s_still_serves_its_client() {
+    let (sip, cip) = addrs();
+    let (p, mrs) = pair(sip, cip, b"", |d| {
+        vec![d.alloc(1 << 20, Access::REMOTE).unwrap()]
+    });
+    const MSGS: usize = 16;
+    let rx = p
+        .server
+        .domain
+        .alloc((MSGS + 1) * 4096, Access::RECV)
+        .unwrap();
+    for i in 0..=MSGS {
+        p.server.ep.recv(rx.iov(i * 4096, 4096), i as u64).unwrap();
+    }
+    let readable = pattern(9, 256 << 10);
+    mrs[0].write_at(512 << 10, &readable).unwrap();
+    let remote = mrs[0].remote();
+    let tx = p
+        .client
+        .domain
+        .alloc(1 << 20, Access::SEND | Access::WRITE | Access::READ)
+        .unwrap();
+    let data = pattern(8, 512 << 10);
+    tx.write_at(0, &data).unwrap();
+
+    // From here on the server's application is busy elsewhere: no queue of the
+    // server is read until `idle` has passed.
+    let idle = Duration::from_secs(5);
+    let start = Instant::now();
+    for i in 0..MSGS {
+        p.client
+            .ep
+            .send(tx.iov(i * 1000, 1000 + i), 100 + i as u64)
+            .unwrap();
+    }
+    p.client
+        .ep
+        .write(tx.iov(0, 256 << 10), remote.iov(0, 256 << 10), 200)
+        .unwrap();
+    p.client
+        .ep
+        .writedata(
+            tx.iov(256 << 10, 4096),
+            remote.iov(256 << 10, 4096),
+            0xC0DA,
+            201,
+        )
+        .unwrap();
+    p.client
+        .ep
+        .read(
+            tx.iov(768 << 10, 256 << 10),
+            remote.iov(512 << 10, 256 << 10),
+            202,
+        )
+        .unwrap();
+    let mut got = Vec::new();
+    let mut v = Vec::new();
+    while got.len() < MSGS + 3 && start.elapsed() < idle {
+        v.clear();
+        p.client.cq.read(&mut v, 64).unwrap();
+        got.append(&mut v);
+    }
+    let served = start.elapsed();
+    println!("client done after {served:?} while the server application was away");
+    assert_eq!(got.len(), MSGS + 3, "completions at the client: {got:?}");
+    assert!(got.iter().all(|c| c.is_ok()), "{got:?}");
+    assert_eq!(
+        tx.to_vec(768 << 10, 256 << 10).unwrap(),
+        readable,
+        "read data"
+    );
+    assert!(
+        p.client.eq.read().unwrap().is_none(),
+        "no event at the client"
+    );
+    std::thread::sleep(idle.saturating_sub(start.elapsed()));
+
+    // The server's application comes back: everything is there.
+    let mut rcv = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rcv.len() < MSGS + 1 && Instant::now() < deadline {
+        p.server.cq.read(&mut rcv, 64).unwrap();
+    }
+    assert_eq!(rcv.len(), MSGS + 1, "{rcv:?}");
+    assert!(rcv.iter().all(|c| c.is_ok()), "{rcv:?}");
+    for c in &rcv {
+        if c.flags.contains(CompFlags::REMOTE_CQ_DATA) {
+            assert_eq!((c.data, c.len), (0xC0DA, 4096), "{c:?}");
+        } else {
+            let i = c.context as usize;
+            assert_eq!(c.len, 1000 + i, "{c:?}");
+            assert_eq!(
+                rx.to_vec(i * 4096, c.len).unwrap(),
+                data[i * 1000..i * 1000 + c.len],
+                "message {i}"
+            );
+        }
+    }
+    assert_eq!(mrs[0].to_vec(0, 256 << 10).unwrap(), data[..256 << 10]);
+    assert!(
+        p.server.eq.read().unwrap().is_none(),
+        "no event at the server"
+    );
+}
+
+/// A refused remote access ends the connection at both ends, as on RC hardware: the
+/// initiator's operation fails `RemoteAccess`, what it posted after completes
+/// `Canceled`, the target's posted receives complete `Canceled`, both sides get one
+/// `Shutdown { reason: AccessError }`, and posts on either fail at the call.
+#[test]
+fn a_refused_access_ends_the_connection_at_both_ends() {
+    let (sip, cip) = addrs();
+    let (p, mrs) = pair(sip, cip, b"", |d| {
+        vec![d.alloc(4096, Access::REMOTE).unwrap()]
+    });
+    mrs[0].fill(0, 4096, 0x5A).unwrap();
+    let rx = p
+        .server
+        .domain
+        .alloc(2 * 4096, Access::RECV | Access::SEND)
+        .unwrap();
+    p.server.ep.recv(rx.iov(0, 4096), 1).unwrap();
+    p.server.ep.recv(rx.iov(4096, 4096), 2).unwrap();
+    let tx = p
+        .client
+        .domain
+        .alloc(8192, Access::SEND | Access::WRITE | Access::READ)
+        .unwrap();
+    let mut bad = mrs[0].remote();
+    bad.key ^= 0x8000_0001;
+    p.client
+        .ep
+        .write(tx.iov(0, 100), bad.iov(0, 100), 10)
+        .unwrap();
+    p.client.ep.send(tx.iov(0, 10), 11).unwrap();
+    p.client
+        .ep
+        .read(tx.iov(4096, 64), mrs[0].remote().iov(0, 64), 12)
+        .unwrap();
+    let (cc, sc, ce, se) = gather(&p, Duration::from_secs(10), |cc, sc, ce, se| {
+        cc.len() == 3 && sc.len() == 2 && !ce.is_empty() && !se.is_empty()
+    });
+    let kind = |c: &Completion| (c.context, c.status.as_ref().err().map(|e| e.kind));
+    let ck: Vec<_> = cc.iter().map(kind).collect();
+    assert_eq!(
+        ck,
+        vec![
+            (10, Some(CqErrorKind::RemoteAccess)),
+            (11, Some(CqErrorKind::Canceled)),
+            (12, Some(CqErrorKind::Canceled)),
+        ]
+    );
+    let sk: Vec<_> = sc.iter().map(kind).collect();
+    assert_eq!(
+        sk,
+        vec![
+            (1, Some(CqErrorKind::Canceled)),
+            (2, Some(CqErrorKind::Canceled))
+        ]
+    );
+    for (who, evs, ep) in [("client", &ce, &p.client.ep), ("server", &se, &p.server.ep)] {
+        match evs.as_slice() {
+            [Event::Shutdown { fid, reason }] => {
+                assert_eq!(*fid, ep.fid(), "{who}");
+                assert_eq!(*reason, ShutdownReason::AccessError, "{who}");
+            }
+            other => panic!("{who}: {other:?}"),
+        }
+    }
+    let e = p.client.ep.send(tx.iov(0, 8), 13).expect_err("client post");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+    let e = p
+        .client
+        .ep
+        .write(tx.iov(0, 8), mrs[0].remote().iov(0, 8), 14)
+        .expect_err("client write");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+    let e = p.server.ep.recv(rx.iov(0, 8), 3).expect_err("server recv");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+    let e = p.server.ep.send(rx.iov(0, 8), 4).expect_err("server send");
+    assert_eq!(e.kind(), ErrorKind::NotConnected, "{e}");
+    // Nothing more: no second event, no completion for the refused posts.
+    let (cc, sc, ce, se) = gather(&p, Duration::from_millis(300), |_, _, _, _| false);
+    assert!(
+        cc.is_empty() && sc.is_empty() && ce.is_empty() && se.is_empty(),
+        "{cc:?} {sc:?} {ce:?} {se:?}"
+    );
+    assert!(mrs[0].to_vec(0, 4096).unwrap().iter().all(|&b| b == 0x5A));
+    // A local shutdown after the end changes nothing; posts then still say so.
+    p.client.ep.shutdown().unwrap();
+    assert!(p.client.eq.read().unwrap().is_none());
+}
+
+/// Nothing here depends on owning 127.0.0.1:4791: with that address held (by this
+/// test, or by someone else already), a pair on other addresses works.
+#[test]
+fn works_while_127_0_0_1_4791_is_held() {
+    let held = std::net::UdpSocket::bind("127.0.0.1:4791");
+    println!(
+        "127.0.0.1:4791 {}",
+        if held.is_ok() {
+            "held by this test"
+        } else {
+            "already held by another process"
+        }
+    );
+    let (sip, cip) = addrs();
+    let (p, _) = pair(sip, cip, b"", |_| Vec::new());
+    let rx = p.server.domain.alloc(64, Access::RECV).unwrap();
+    let tx = p.client.domain.alloc(64, Access::SEND).unwrap();
+    tx.write_at(0, b"not on 127.0.0.1").unwrap();
+    p.server.ep.recv(rx.full(), 1).unwrap();
+    p.client.ep.send(tx.iov(0, 16), 2).unwrap();
+    let (cc, sc, _, _) = gather(&p, Duration::from_secs(10), |cc, sc, _, _| {
+        cc.len() == 1 && sc.len() == 1
+    });
+    assert!(
+        cc[0].is_ok() && sc[0].is_ok() && sc[0].len == 16,
+        "{cc:?} {sc:?}"
+    );
+    assert_eq!(rx.to_vec(0, 16).unwrap(), b"not on 127.0.0.1");
+    drop(held);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use fabric_softroce::fault::FaultConfig;
 use fabric_softroce::rc::{
-    FlushPlacement, LocalMemory, Mtu, QpState, RemoteAccess, SendOp, WcOpcode, WcStatus,
+    ErrorCause, FlushPlacement, LocalMemory, Mtu, QpState, RemoteAccess, SendOp, WcOpcode, WcStatus,
 };
 
 const MTUS: [Mtu; 5] = [
@@ -524,10 +524,17 @@ fn access_case(op: SendOp, access: RemoteAccess, expect: WcStatus) {
     assert_eq!(sim.completions[0][1].status, WcStatus::Flushed);
     assert_eq!(target.to_vec(), vec![0xEE; 4096], "nothing written");
     assert_eq!(sim.qps[0].state(), QpState::Error);
-    // The responder refuses with a NAK but stays usable (unlike rxe, whose responder
-    // QP also enters ERROR): a bad request from a peer does not flush the target's
-    // posted receives.
-    assert_eq!(sim.qps[1].state(), QpState::Rts);
+    assert_eq!(
+        sim.qps[0].error_cause(),
+        Some(ErrorCause::Requester(expect))
+    );
+    // As in rxe, the responder NAKs and its QP enters ERROR too: the connection ends
+    // at both ends.
+    assert_eq!(sim.qps[1].state(), QpState::Error);
+    assert!(matches!(
+        sim.qps[1].error_cause(),
+        Some(ErrorCause::AccessRefused(_))
+    ));
 }
 
 #[test]

@@ -26,6 +26,34 @@ pub(crate) enum Kind {
     Accept = 2,
     Reject = 3,
     ReadyToUse = 4,
+    /// Either side, before it closes the TCP connection of an established one: why
+    /// the connection ends (one byte of data, [`reason_code`]).
+    Disconnect = 5,
+}
+
+/// The byte a `Disconnect` carries for a reason.
+pub(crate) fn reason_code(r: fabric_core::ShutdownReason) -> u8 {
+    use fabric_core::ShutdownReason as R;
+    match r {
+        R::Local => 1,
+        R::Peer => 2,
+        R::Lost => 3,
+        R::AccessError => 4,
+        R::Protocol => 5,
+        _ => 0,
+    }
+}
+
+/// The reason a `Disconnect`'s byte names, as the receiving side sees it: the sender
+/// shutting down is `Peer` here, the other reasons are the same.
+pub(crate) fn peer_reason(code: Option<u8>) -> fabric_core::ShutdownReason {
+    use fabric_core::ShutdownReason as R;
+    match code {
+        Some(3) => R::Lost,
+        Some(4) => R::AccessError,
+        Some(5) => R::Protocol,
+        _ => R::Peer,
+    }
 }
 
 /// One CM message.
@@ -123,6 +151,7 @@ impl CmMsg {
             2 => Kind::Accept,
             3 => Kind::Reject,
             4 => Kind::ReadyToUse,
+            5 => Kind::Disconnect,
             k => return Err(format!("CM message kind {k}")),
         };
         let mtu = u16::from_be_bytes([body[1], body[2]]);

@@ -10,6 +10,11 @@
 //! A post works on its own QP only (a lock per QP): it never waits for a poller of
 //! the device, and sends its packets itself. Completions go to the endpoints'
 //! completion queues.
+//!
+//! When no application thread has done so for the backstop interval, the device's
+//! backstop thread does the same work ([`backstop`]). A QP that enters ERROR on its
+//! own (a refused access, a NAK, retries exhausted) is reported to its owner (the
+//! endpoint, [`QpOwner`]) after the work, outside every device lock.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
@@ -21,7 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use fabric_core::{CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Fid};
+use fabric_core::{
+    CompFlags, Completion, CqError, CqErrorKind, Error, ErrorKind, Fid, ShutdownReason,
+};
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
@@ -29,6 +36,7 @@ use super::sys::{self, RecvBatch, BATCH};
 use crate::fault::{FaultConfig, FaultInjector};
 use crate::pcap::{PcapWriter, LINKTYPE_RAW};
 use crate::rc::{self, QueuePair, RecvWr, RtrAttr, RtsAttr, SendWr, Time, WcOpcode, WcStatus};
+use crate::wire::ext::NakCode;
 use crate::wire::frame::{build_frame, FrameInfo, ROCE_UDP_PORT};
 use crate::wire::IcrcContext;
 use fabric_core::wait::{EventFd, WaitQueue};
@@ -52,13 +60,19 @@ pub struct DeviceConfig {
     /// most applications use). Counts above 7 are a local extension for very lossy
     /// links (see `RtsAttr::retry_cnt`); they change no packet.
     pub retry_cnt: Option<u8>,
+    /// The progress backstop's interval (`None`: [`DEFAULT_BACKSTOP`], 1 ms;
+    /// `Some(Duration::ZERO)`: no backstop). When no application thread has run the
+    /// device's transport for this long, the device's backstop thread runs it (see
+    /// the crate docs, "Progress").
+    pub backstop: Option<Duration>,
 }
 
 impl DeviceConfig {
     /// The configuration the environment asks for. `SOFTROCE_FAULTS` is a comma list
     /// of `drop=P`, `dup=P`, `reorder=P`, `corrupt=P` (probabilities 0..1), `seed=N`,
     /// `delay_us=N`, `jitter_us=N`, `reorder_us=N` (extra delay of a reordered frame,
-    /// default 200); `SOFTROCE_PCAP` a file path.
+    /// default 200); `SOFTROCE_PCAP` a file path; `SOFTROCE_RETRY_CNT` the transport
+    /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off).
     pub fn from_env() -> Result<Self, String> {
         let mut c = DeviceConfig::default();
         if let Ok(s) = std::env::var("SOFTROCE_FAULTS") {
@@ -69,6 +83,13 @@ impl DeviceConfig {
         if let Ok(p) = std::env::var("SOFTROCE_PCAP") {
             if !p.trim().is_empty() {
                 c.pcap = Some(PathBuf::from(p));
+            }
+        }
+        if let Ok(b) = std::env::var("SOFTROCE_BACKSTOP_US") {
+            if !b.trim().is_empty() {
+                c.backstop = Some(Duration::from_micros(b.trim().parse().map_err(|_| {
+                    format!("SOFTROCE_BACKSTOP_US={b} is not a whole number of µs (0: off)")
+                })?));
             }
         }
         if let Ok(r) = std::env::var("SOFTROCE_RETRY_CNT") {
@@ -158,11 +179,35 @@ struct RecvTrack {
     context: u64,
 }
 
-/// Where an endpoint's completions go.
+/// Where an endpoint's completions go, and who hears that its QP failed.
 pub(crate) struct Reporting {
     pub(crate) fid: Fid,
     pub(crate) tx_cq: Arc<CompQueue>,
     pub(crate) rx_cq: Arc<CompQueue>,
+    /// Told (outside every device lock) when the QP enters ERROR on its own.
+    pub(crate) owner: OnceLock<Weak<dyn QpOwner>>,
+}
+
+/// The owner of a QP (an endpoint): hears why its QP entered ERROR on its own (not
+/// through [`Device::error_qp`]), so it can end the connection.
+pub(crate) trait QpOwner: Send + Sync {
+    /// The QP entered ERROR; the connection ends for `reason`.
+    fn qp_failed(&self, reason: ShutdownReason);
+}
+
+/// What a QP's entry into ERROR means for its connection (`None`: the driver moved
+/// it, and knows why).
+fn shutdown_reason(cause: rc::ErrorCause) -> Option<ShutdownReason> {
+    use rc::ErrorCause as C;
+    use WcStatus as S;
+    Some(match cause {
+        C::Modified => return None,
+        C::AccessRefused(_) => ShutdownReason::AccessError,
+        C::Requester(S::RemoteAccessError | S::RemoteInvalidRequest) => ShutdownReason::AccessError,
+        C::Requester(_) => ShutdownReason::Lost,
+        C::RequestFailed(NakCode::InvalidRequest) => ShutdownReason::Protocol,
+        C::RequestFailed(_) => ShutdownReason::Lost,
+    })
 }
 
 /// A QP on the device and its bookkeeping.
@@ -173,6 +218,8 @@ pub(crate) struct QpSlot {
     recvs: HashMap<u64, RecvTrack>,
     next_op: u64,
     next_recv: u64,
+    /// The QP's entry into ERROR was noticed (and reported, if it was a failure).
+    ended: bool,
 }
 
 /// Bit of a work-request id that marks a receive.
@@ -431,6 +478,17 @@ pub struct Device {
     retry_cnt: std::sync::atomic::AtomicU8,
     counters: Counters,
     sleepers: AtomicUsize,
+    /// When an application thread last ran the transport (ns since `epoch`).
+    app_progress: AtomicU64,
+    /// Backstop interval in ns (0: off).
+    backstop_ns: AtomicU64,
+    /// The backstop sleeps on the socket (posts wake it through `backstop_efd` to
+    /// recompute its timeout).
+    backstop_waiting: AtomicBool,
+    backstop_efd: EventFd,
+    /// QPs that entered ERROR on their own, for their owners to hear.
+    failed: Mutex<Vec<(Arc<Reporting>, ShutdownReason)>>,
+    has_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Device {
@@ -456,6 +514,53 @@ pub fn configure_device(ip: Ipv4Addr, config: DeviceConfig) -> Result<(), Error>
     }
     entry.1 = Some(config);
     Ok(())
+}
+
+/// A random loopback address 127.x.y.z (never in 127.0.0.0/24) whose RoCEv2 port
+/// (UDP 4791) nothing holds at the moment: a device of its own for a test or a tool, so
+/// that it never depends on owning 127.0.0.1:4791 (another softroce process or kernel
+/// rxe may hold that). Checked by binding the port there; the address stays free
+/// unless someone else picks the same one of 16 million before the caller opens it.
+pub fn free_loopback_ip() -> std::io::Result<Ipv4Addr> {
+    for _ in 0..100 {
+        let r: u32 = rand::random();
+        let [_, b, c, d] = r.to_be_bytes();
+        if b == 0 || d == 0 || d == 255 {
+            continue;
+        }
+        let ip = Ipv4Addr::new(127, b, c, d);
+        if registry().lock().contains_key(&ip) {
+            continue;
+        }
+        if UdpSocket::bind(SocketAddrV4::new(ip, ROCE_UDP_PORT)).is_ok() {
+            return Ok(ip);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "softroce: no free loopback address for UDP 4791 found in 100 tries",
+    ))
+}
+
+/// The source address a client with none connects to loopback address `dest` from,
+/// so that it never depends on owning 127.0.0.1:4791: the route's choice (`None`,
+/// 127.0.0.1) when this process has that device or its port is free, else a free
+/// loopback address. `None` for other destinations. (A client does not share the
+/// server's device of its own process unless told to with `src_addr`: two devices
+/// keep a busy-polled ping-pong in one process about 3 µs faster.)
+pub(crate) fn loopback_source(dest: Ipv4Addr) -> Option<Ipv4Addr> {
+    if !dest.is_loopback() {
+        return None;
+    }
+    let route = Ipv4Addr::LOCALHOST;
+    let ours = registry()
+        .lock()
+        .get(&route)
+        .is_some_and(|e| e.0.strong_count() > 0);
+    if ours || UdpSocket::bind(SocketAddrV4::new(route, ROCE_UDP_PORT)).is_ok() {
+        return None;
+    }
+    free_loopback_ip().ok()
 }
 
 /// Counters of the device on `ip`, if one exists in this process.
@@ -535,8 +640,21 @@ impl Device {
             retry_cnt: std::sync::atomic::AtomicU8::new(DEFAULT_RETRY_CNT),
             counters: Counters::default(),
             sleepers: AtomicUsize::new(0),
+            app_progress: AtomicU64::new(0),
+            backstop_ns: AtomicU64::new(0),
+            backstop_waiting: AtomicBool::new(false),
+            backstop_efd: EventFd::new()?,
+            failed: Mutex::new(Vec::new()),
+            has_failed: AtomicBool::new(false),
         });
         dev.apply(&config)?;
+        let weak = Arc::downgrade(&dev);
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("softroce-backstop-{ip}"))
+            .spawn(move || backstop(weak))
+        {
+            warn!("softroce: cannot start the backstop thread of {ip}: {e}");
+        }
         debug!(%ip, ?config, "softroce device created");
         r.insert(ip, (Arc::downgrade(&dev), Some(config)));
         Ok(dev)
@@ -546,6 +664,10 @@ impl Device {
         let pcap = config.pcap.as_ref().map(open_pcap).transpose()?;
         self.retry_cnt.store(
             config.retry_cnt.unwrap_or(DEFAULT_RETRY_CNT),
+            Ordering::Relaxed,
+        );
+        self.backstop_ns.store(
+            config.backstop.unwrap_or(DEFAULT_BACKSTOP).as_nanos() as u64,
             Ordering::Relaxed,
         );
         let mut x = self.extras.lock();
@@ -640,6 +762,7 @@ impl Device {
                     recvs: HashMap::new(),
                     next_op: 0,
                     next_recv: 0,
+                    ended: false,
                 }),
                 deadline: AtomicU64::new(u64::MAX),
                 acks_held: AtomicU64::new(u64::MAX),
@@ -695,6 +818,9 @@ impl Device {
         drop(slot);
         if self.sleepers.load(Ordering::Acquire) > 0 {
             self.efd.signal();
+        }
+        if self.backstop_waiting.load(Ordering::SeqCst) {
+            self.backstop_efd.signal();
         }
         r
     }
@@ -762,7 +888,14 @@ impl Device {
     /// QP that just received a one-packet message hold its ACK back for the
     /// application's answer (the caller is a busy poller; see [`Self::dispatch`]).
     pub(crate) fn progress(&self, wait_lock: bool) {
-        self.release_acks(true);
+        self.app_progress.store(self.now().0, Ordering::Relaxed);
+        self.run(wait_lock, !wait_lock);
+    }
+
+    /// Receives, runs timers, sends. `wait_lock` false: skip when another thread is
+    /// receiving; `hold_acks`: see [`Self::dispatch`].
+    fn run(&self, wait_lock: bool, hold_acks: bool) {
+        self.release_acks(hold_acks || wait_lock);
         let mut rx = if wait_lock {
             self.rx.lock()
         } else {
@@ -786,7 +919,7 @@ impl Device {
             };
             if n > 0 {
                 now = self.now();
-                self.dispatch(&mut rx, now, n, !wait_lock);
+                self.dispatch(&mut rx, now, n, hold_acks);
             }
             if n < BATCH {
                 break;
@@ -794,6 +927,20 @@ impl Device {
         }
         self.timers(now);
         drop(rx);
+    }
+
+    /// Tells the owners of QPs that entered ERROR on their own (a refused access, a
+    /// NAK, retries exhausted). Call with no lock held: owners take their own.
+    pub(crate) fn report_failures(&self) {
+        if !self.has_failed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let failed = std::mem::take(&mut *self.failed.lock());
+        for (rep, reason) in failed {
+            if let Some(owner) = rep.owner.get().and_then(Weak::upgrade) {
+                owner.qp_failed(reason);
+            }
+        }
     }
 
     /// Hands a received batch to the QPs, then sends what they produced.
@@ -932,6 +1079,13 @@ impl Device {
         }
         cell.acks_held.store(u64::MAX, Ordering::Release);
         slot.drain_completions();
+        if !slot.ended && slot.qp.state() == rc::QpState::Error {
+            slot.ended = true;
+            if let Some(reason) = slot.qp.error_cause().and_then(shutdown_reason) {
+                self.failed.lock().push((slot.rep.clone(), reason));
+                self.has_failed.store(true, Ordering::Release);
+            }
+        }
         cell.deadline.store(
             slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
             Ordering::Release,
@@ -1025,6 +1179,59 @@ impl Device {
             remote: SocketAddrV4::new(peer, ROCE_UDP_PORT),
         }
     }
+}
+
+/// Default interval of the progress backstop: short enough that the peer's first
+/// retransmission timer (2.1 ms) rarely fires when the application stops polling, long
+/// enough that its checks cost a busy-polling application nothing measurable.
+pub const DEFAULT_BACKSTOP: Duration = Duration::from_millis(1);
+
+/// Longest the backstop sleeps on an idle device (bounds how long it keeps a dropped
+/// device's socket open).
+const BACKSTOP_IDLE: Duration = Duration::from_millis(50);
+
+/// The backstop thread of a device, as a NIC's transport never stops: whenever no
+/// application thread has run the device's transport (a completion or event queue
+/// read, a sleeping wait that woke, the auto-progress thread) for the backstop
+/// interval and none sleeps on the device, it runs it: receives, answers (ACK, NAK,
+/// RNR NAK, READ responses), retransmits, and tells QP owners of failures. While the
+/// application stays away it sleeps on the socket and the next timer, so it answers
+/// at once; when the application polls again it steps back and only looks every
+/// interval. Ends when the device is dropped.
+fn backstop(weak: Weak<Device>) {
+    debug!("softroce backstop started");
+    loop {
+        let Some(dev) = weak.upgrade() else { break };
+        let every = dev.backstop_ns.load(Ordering::Relaxed);
+        if every == 0 {
+            drop(dev);
+            std::thread::sleep(BACKSTOP_IDLE);
+            continue;
+        }
+        let now = dev.now().0;
+        let since = now.saturating_sub(dev.app_progress.load(Ordering::Relaxed));
+        if dev.sleepers.load(Ordering::Acquire) > 0 || since < every {
+            // An application thread runs the transport, or sleeps on the socket
+            // and will: look again when it may have stopped.
+            let wait = if since < every { every - since } else { every };
+            drop(dev);
+            std::thread::sleep(Duration::from_nanos(wait));
+            continue;
+        }
+        dev.run(false, false);
+        dev.report_failures();
+        dev.backstop_waiting.store(true, Ordering::SeqCst);
+        let timeout = dev
+            .next_timer()
+            .map_or(BACKSTOP_IDLE, |t| t.min(BACKSTOP_IDLE));
+        fabric_core::wait::poll_readable(
+            &[dev.sock.as_raw_fd(), dev.backstop_efd.raw()],
+            Some(timeout),
+        );
+        dev.backstop_waiting.store(false, Ordering::Release);
+        dev.backstop_efd.drain();
+    }
+    debug!("softroce backstop stopped");
 }
 
 /// Longest a busy-polled QP holds an ACK back for the application's answer (a

@@ -18,13 +18,13 @@ use fabric_core::provider::{
 use fabric_core::{
     Access, Address, CompFlags, Completion, ConnHandle, ConnRequest, CqAttr, EqAttr, Error,
     ErrorKind, Event, Fid, Info, MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest,
-    Result, RmaRequest, SendRequest,
+    Result, RmaRequest, SendRequest, ShutdownReason,
 };
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
-use super::cm::{CmMsg, Kind};
-use super::device::{self, CompQueue, Device, QpSlot, Reporting};
+use super::cm::{self, CmMsg, Kind};
+use super::device::{self, CompQueue, Device, QpOwner, QpSlot, Reporting};
 use super::memory::{KeyTable, OpMemory, SoftRoceMr};
 use super::sys;
 use super::Config;
@@ -136,6 +136,7 @@ impl Shared {
     fn progress(&self, full: bool) {
         for d in self.devices.read().iter() {
             d.progress(full);
+            d.report_failures();
         }
         let t = self.tick.fetch_add(1, Ordering::Relaxed);
         if full || t.is_multiple_of(CM_EVERY) {
@@ -470,6 +471,7 @@ impl DomainOps for SrDomain {
             fid: Fid::next(),
             tx_cq: downcast_cq(&bind.tx_cq, &self.shared)?,
             rx_cq: downcast_cq(&bind.rx_cq, &self.shared)?,
+            owner: OnceLock::new(),
         });
         let inner = Arc::new(EpInner {
             fid: rep.fid,
@@ -491,7 +493,10 @@ impl DomainOps for SrDomain {
             tx_size: info.limits.tx_size,
             rx_size: info.limits.rx_size,
             src: info.src_addr.as_ref().and_then(Address::as_inet),
+            ended: OnceLock::new(),
         });
+        let owner: Weak<dyn QpOwner> = Arc::downgrade(&inner) as Weak<dyn QpOwner>;
+        let _ = inner.rep.owner.set(owner);
         if info.conn_handle().is_some() {
             let (sock, req) = ConnToken::take(info)?;
             let local = sock.local_addr()?;
@@ -701,6 +706,8 @@ pub(crate) struct EpInner {
     rx_size: usize,
     /// Local address a client connects from (its IP selects the device).
     src: Option<SocketAddr>,
+    /// Why the connection ended, once it has (set once: one `Shutdown` event).
+    ended: OnceLock<ShutdownReason>,
 }
 
 fn not_connected(why: &str) -> Error {
@@ -721,6 +728,13 @@ fn recv_segment(req: RecvRequest) -> Option<LocalSegment> {
     }
     let mem: Arc<dyn LocalMemory> = Arc::new(OpMemory::segments(req.segments));
     Some(LocalSegment::new(mem, 0, len as u32))
+}
+
+impl QpOwner for EpInner {
+    fn qp_failed(&self, reason: ShutdownReason) {
+        let mut cm = self.cm.lock();
+        self.end(&mut cm, reason, true);
+    }
 }
 
 impl EpInner {
@@ -768,20 +782,22 @@ impl EpInner {
         let Some(sock) = cm.sock.as_mut() else {
             return;
         };
-        let mut closed = false;
+        // Why the TCP connection closed, if it did: an orderly closure is the peer's
+        // shutdown (or exit), a reset or error a lost connection.
+        let mut closed = None;
         let mut tmp = [0u8; 1024];
         let mut got = Vec::new();
         loop {
             match sock.read(&mut tmp) {
                 Ok(0) => {
-                    closed = true;
+                    closed = Some(ShutdownReason::Peer);
                     break;
                 }
                 Ok(n) => got.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    closed = true;
+                    closed = Some(ShutdownReason::Lost);
                     break;
                 }
             }
@@ -792,16 +808,20 @@ impl EpInner {
                 Ok(None) => break,
                 Ok(Some((msg, n))) => {
                     cm.rbuf.drain(..n);
+                    if msg.kind == Kind::Disconnect {
+                        closed = Some(cm::peer_reason(msg.data.first().copied()));
+                        break;
+                    }
                     self.on_message(&mut cm, msg);
                 }
                 Err(why) => {
                     debug!(fid = %self.fid, "softroce CM protocol error: {why}");
-                    closed = true;
+                    closed = Some(ShutdownReason::Protocol);
                     break;
                 }
             }
         }
-        if closed && cm.sock.is_some() {
+        if let Some(reason) = closed.filter(|_| cm.sock.is_some()) {
             match cm.phase {
                 Phase::AwaitReply => {
                     self.event(Event::Error {
@@ -814,11 +834,15 @@ impl EpInner {
                     });
                 }
                 Phase::AwaitRtu | Phase::Connected => {
-                    debug!(fid = %self.fid, "softroce: peer closed the connection");
-                    self.event(Event::Shutdown {
-                        fid: self.fid,
-                        reason: fabric_core::ShutdownReason::Peer,
-                    });
+                    debug!(fid = %self.fid, %reason, "softroce: the peer ended the connection");
+                    // A NAK the peer sent before it said goodbye may wait in the
+                    // device's socket: let it complete the operation it refused
+                    // (with its error kind) before the rest is canceled.
+                    if let Some((dev, _)) = self.qp.get() {
+                        dev.progress(true);
+                    }
+                    self.end(&mut cm, reason, false);
+                    return;
                 }
                 _ => {}
             }
@@ -919,10 +943,69 @@ impl EpInner {
             .qp
             .get()
             .ok_or_else(|| not_connected("the endpoint is not connected"))?;
+        self.check_open()?;
         dev.with_qp(*qpn, |slot| match slot.state() {
-            rc::QpState::Rts | rc::QpState::Error => f(slot),
+            rc::QpState::Rts => f(slot),
+            rc::QpState::Error => Err(self.ended_error()),
             _ => Err(not_connected("the endpoint is not connected yet")),
         })
+    }
+
+    /// Fails when the connection is known to have ended (rule: posts to an ended
+    /// connection fail at the call).
+    fn check_open(&self) -> Result<()> {
+        match self.ended.get() {
+            Some(_) => Err(self.ended_error()),
+            None => Ok(()),
+        }
+    }
+
+    /// The error of a post to an endpoint whose connection ended: `Shutdown` after
+    /// this side's `shutdown()`, else `NotConnected`, with the reason.
+    fn ended_error(&self) -> Error {
+        match self.ended.get() {
+            Some(ShutdownReason::Local) => Error::new(
+                ErrorKind::Shutdown,
+                "the endpoint was shut down (shutdown() on this side)",
+            ),
+            Some(r) => Error::new(
+                ErrorKind::NotConnected,
+                format!("the connection has ended: {r}"),
+            ),
+            None => not_connected("the connection has ended (its queue pair is in error)"),
+        }
+    }
+
+    /// Ends an established or establishing connection once: tells the peer why
+    /// (`tell_peer`), tears it down, and raises `Shutdown { reason }` if it was
+    /// connected (or accepted). Later ends (the peer's closure after an access error,
+    /// a local `shutdown()` after a loss) change nothing.
+    fn end(&self, cm: &mut EpCm, reason: ShutdownReason, tell_peer: bool) {
+        if cm.phase == Phase::Closed || self.ended.set(reason).is_err() {
+            return;
+        }
+        let was = cm.phase;
+        if tell_peer && matches!(was, Phase::AwaitRtu | Phase::Connected) {
+            if let (Some(s), Some((dev, qpn))) = (cm.sock.as_mut(), self.qp.get()) {
+                let bye = CmMsg {
+                    kind: Kind::Disconnect,
+                    qpn: *qpn,
+                    psn: 0,
+                    ip: dev.ip(),
+                    mtu: 0,
+                    data: vec![cm::reason_code(reason)],
+                };
+                let _ = write_all_nb(s, &bye.encode());
+            }
+        }
+        debug!(fid = %self.fid, %reason, "softroce: connection ends");
+        self.teardown(cm, false);
+        if matches!(was, Phase::AwaitRtu | Phase::Connected) {
+            self.event(Event::Shutdown {
+                fid: self.fid,
+                reason,
+            });
+        }
     }
 
     fn check_tx(&self, slot: &QpSlot) -> Result<()> {
@@ -1002,7 +1085,11 @@ impl EndpointOps for SrEndpoint {
                 cm.phase
             )));
         }
-        let connected = match ep.src.filter(|s| !s.ip().is_unspecified()) {
+        let src = ep.src.filter(|s| !s.ip().is_unspecified()).or_else(|| {
+            let dest = ipv4_of(sa).ok()?;
+            device::loopback_source(dest).map(|ip| SocketAddr::new(ip.into(), 0))
+        });
+        let connected = match src {
             Some(src) => {
                 sys::connect_from(SocketAddr::new(src.ip(), 0), sa, Duration::from_secs(5))
             }
@@ -1088,17 +1175,10 @@ impl EndpointOps for SrEndpoint {
     fn shutdown(&self) -> Result<()> {
         let ep = &self.inner;
         let mut cm = ep.cm.lock();
-        let was = cm.phase;
-        if was == Phase::Closed {
+        if cm.phase == Phase::Closed {
             return Ok(());
         }
-        ep.teardown(&mut cm, false);
-        if matches!(was, Phase::AwaitRtu | Phase::Connected) {
-            ep.event(Event::Shutdown {
-                fid: ep.fid,
-                reason: fabric_core::ShutdownReason::Local,
-            });
-        }
+        ep.end(&mut cm, ShutdownReason::Local, true);
         Ok(())
     }
 
@@ -1151,7 +1231,11 @@ impl EndpointOps for SrEndpoint {
             .qp
             .get()
             .ok_or_else(|| not_connected("the endpoint is not connected"))?;
+        ep.check_open()?;
         dev.with_qp_quiet(*qpn, |slot| {
+            if slot.state() == rc::QpState::Error {
+                return Err(ep.ended_error());
+            }
             if slot.posted_recvs() >= ep.rx_size {
                 return Err(Error::new(
                     ErrorKind::WouldBlock,

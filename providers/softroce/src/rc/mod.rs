@@ -23,7 +23,9 @@
 //! out-of-order packets until the expected PSN arrives, re-ACKs duplicate SEND/WRITE
 //! packets, replays READ/atomic/FLUSH responses from its resource ring, sends RNR NAK
 //! when no receive is posted, and checks R_Key, bounds and rights before touching
-//! memory (NAK remote access error otherwise). Behaviour follows Linux rdma_rxe.
+//! memory (NAK remote access error otherwise, and the QP enters ERROR, as in rxe;
+//! [`QueuePair::error_cause`] says why a QP entered ERROR). Behaviour follows Linux
+//! rdma_rxe.
 
 mod memory;
 mod psn;
@@ -52,8 +54,27 @@ use crate::wire::{self, BthRepr, IcrcContext, Opcode, RocePacket, RoceRepr};
 use requester::Requester;
 use responder::Responder;
 
-/// The QP must enter ERROR; carries the error completion, if one is due.
-pub(crate) struct Fatal(pub(crate) Option<Completion>);
+/// The QP must enter ERROR; carries the error completion, if one is due, and why.
+pub(crate) struct Fatal(pub(crate) Option<Completion>, pub(crate) ErrorCause);
+
+/// Why a queue pair entered ERROR ([`QueuePair::error_cause`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCause {
+    /// The driver moved it ([`QueuePair::modify_to_error`]).
+    Modified,
+    /// A send work request failed with this status: the transport or RNR retries ran
+    /// out (`RetryExceeded`, `RnrRetryExceeded`), the peer refused it with a NAK
+    /// (`RemoteAccessError`, `RemoteInvalidRequest`, `RemoteOperationalError`), or a
+    /// local buffer could not be written (`LocalAccessError`).
+    Requester(WcStatus),
+    /// The responder refused a remote access of the peer (R_Key, bounds, rights, or a
+    /// persistent FLUSH into memory that is not persistent) with this NAK. As in
+    /// rdma_rxe, the responder's QP enters ERROR after the NAK is queued.
+    AccessRefused(wire::ext::NakCode),
+    /// The responder answered a malformed request, or one it could not carry out (a
+    /// receive that failed, a memory error), with this NAK.
+    RequestFailed(wire::ext::NakCode),
+}
 
 /// Per-connection constants used to build packets.
 pub(crate) struct Ctx {
@@ -137,6 +158,7 @@ pub struct QueuePair {
     resp: Responder,
     comps: VecDeque<Completion>,
     stats: QpStats,
+    cause: Option<ErrorCause>,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -163,6 +185,7 @@ impl QueuePair {
             resp: Responder::new(),
             comps: VecDeque::new(),
             stats: QpStats::default(),
+            cause: None,
         }
     }
 
@@ -174,6 +197,11 @@ impl QueuePair {
     /// Current state.
     pub fn state(&self) -> QpState {
         self.state
+    }
+
+    /// Why the QP entered ERROR (`None` while it has not).
+    pub fn error_cause(&self) -> Option<ErrorCause> {
+        self.cause
     }
 
     /// Protocol counters.
@@ -256,7 +284,7 @@ impl QueuePair {
 
     /// Any state -> ERROR: every queued work request completes with `Flushed`.
     pub fn modify_to_error(&mut self) {
-        self.enter_error();
+        self.enter_error(ErrorCause::Modified);
     }
 
     /// Any state -> RESET: queues are emptied without completions.
@@ -268,9 +296,10 @@ impl QueuePair {
         self.stats = stats;
     }
 
-    fn enter_error(&mut self) {
+    fn enter_error(&mut self, cause: ErrorCause) {
         if self.state != QpState::Error {
-            debug!(qpn = self.qpn, "QP enters ERROR");
+            debug!(qpn = self.qpn, ?cause, "QP enters ERROR");
+            self.cause = Some(cause);
         }
         self.state = QpState::Error;
         self.req.flush(&mut self.comps);
@@ -281,7 +310,7 @@ impl QueuePair {
         if let Some(c) = f.0 {
             self.comps.push_back(c);
         }
-        self.enter_error();
+        self.enter_error(f.1);
     }
 
     /// Posts a send work request (RTS). In ERROR it completes at once with `Flushed`.

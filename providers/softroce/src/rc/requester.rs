@@ -379,7 +379,7 @@ impl Requester {
     fn fail_front(&mut self, status: WcStatus) -> Fatal {
         let mut comps = VecDeque::new();
         self.pop_front(status, &mut comps);
-        Fatal(comps.pop_front())
+        Fatal(comps.pop_front(), super::ErrorCause::Requester(status))
     }
 
     /// Completes every SEND/WRITE WQE whose packets all precede `upto_excl`; returns

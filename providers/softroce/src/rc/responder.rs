@@ -159,19 +159,23 @@ impl Responder {
     fn fatal(&mut self, p: u32, code: NakCode) -> Fatal {
         debug!(psn = p, ?code, "responder error: NAK and QP to ERROR");
         self.queue_nak(p, Syndrome::Nak(code));
-        Fatal(None)
+        Fatal(None, super::ErrorCause::RequestFailed(code))
     }
 
-    /// Refuses the request at `p` with a NAK but keeps the responder running (remote
-    /// access and invalid-FLUSH errors): the expected PSN does not advance, so the rest
-    /// of the refused message is dropped, and the requester's QP fails on the NAK. A
-    /// lost NAK is answered again when the requester retransmits. (rxe also moves its
-    /// responder QP to ERROR here, flushing the target's receives.)
+    /// Refuses the remote access at `p` (R_Key, bounds, rights, a persistent FLUSH
+    /// into memory that is not persistent) as rdma_rxe does: NAK, then the QP enters
+    /// ERROR (its posted receives are flushed), and the requester's QP fails on the
+    /// NAK. Nothing of the refused request touches memory. A lost NAK is not sent
+    /// again (the QP in ERROR drops the retransmissions): the requester then ends
+    /// with `RetryExceeded`, as against rxe.
     fn refuse(&mut self, p: u32, code: NakCode) -> Result<(), Fatal> {
-        debug!(psn = p, ?code, "responder refuses a request: NAK");
-        self.nak_sent = true;
+        debug!(
+            psn = p,
+            ?code,
+            "responder refuses a remote access: NAK and QP to ERROR"
+        );
         self.queue_nak(p, Syndrome::Nak(code));
-        Ok(())
+        Err(Fatal(None, super::ErrorCause::AccessRefused(code)))
     }
 
     fn add_resource(&mut self, r: Resource) {
