@@ -88,6 +88,7 @@
 pub mod error;
 pub mod host;
 pub mod target;
+pub mod tools;
 pub mod transport;
 pub mod wire;
 
