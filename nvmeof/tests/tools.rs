@@ -81,7 +81,14 @@ impl TargetProc {
     fn nvmeof(&self, cmd: &str, svc_flag: &str, args: &[&str]) -> Output {
         Command::new(NVMEOF)
             .arg(cmd)
-            .args(["-t", "softroce", "-a", &self.traddr, svc_flag, &self.trsvcid])
+            .args([
+                "-t",
+                "softroce",
+                "-a",
+                &self.traddr,
+                svc_flag,
+                &self.trsvcid,
+            ])
             .args(args)
             .output()
             .expect("nvmeof runs")
@@ -157,7 +164,10 @@ fn default_target_discover_identify_write_read() {
     let id = json(&t.nvmeof("id-ctrl", "-s", &["-o", "json"]), "id-ctrl");
     assert_eq!(id["subnqn"], DEFAULT_NQN);
     assert_eq!(id["sn"].as_str().map(str::trim), Some("fabric0001"));
-    assert_eq!(id["mn"].as_str().map(str::trim), Some("fabric nvmeof memory"));
+    assert_eq!(
+        id["mn"].as_str().map(str::trim),
+        Some("fabric nvmeof memory")
+    );
     assert_eq!(id["cntrltype"], 1, "an I/O controller");
     assert_eq!(hex_field(&id, "sqes"), 0x66, "64-byte SQEs");
     assert_eq!(hex_field(&id, "cqes"), 0x44, "16-byte CQEs");
@@ -245,7 +255,11 @@ fn config_file_two_namespaces_and_a_refused_host() {
 
     let q_a = ["-q", HOST_A, "-o", "json"];
     let list = json(
-        &t.nvmeof("list-ns", "--trsvcid", &[&["--nqn", nqn][..], &q_a].concat()),
+        &t.nvmeof(
+            "list-ns",
+            "--trsvcid",
+            &[&["--nqn", nqn][..], &q_a].concat(),
+        ),
         "list-ns",
     );
     let nsids: Vec<u64> = list["nsid_list"]
@@ -268,7 +282,10 @@ fn config_file_two_namespaces_and_a_refused_host() {
         assert_eq!(ns["nsfeat"], thin, "files are thin provisioned");
         assert_eq!(ns["lbafs"][0]["ds"], 9);
     }
-    let id = json(&t.nvmeof("id-ctrl", "-s", &q_a), "id-ctrl (NQN from discovery)");
+    let id = json(
+        &t.nvmeof("id-ctrl", "-s", &q_a),
+        "id-ctrl (NQN from discovery)",
+    );
     assert_eq!(id["subnqn"], nqn);
     assert_eq!(id["sn"].as_str().map(str::trim), Some("cfg-serial"));
 
@@ -287,13 +304,18 @@ fn config_file_two_namespaces_and_a_refused_host() {
     let r = t.nvmeof(
         "read",
         "--trsvcid",
-        &["--nqn", nqn, "-q", HOST_A, "-n", "2", "-s", "100", "-c", "1"],
+        &[
+            "--nqn", nqn, "-q", HOST_A, "-n", "2", "-s", "100", "-c", "1",
+        ],
     );
     ok(&r, "read");
     assert_eq!(r.stdout, pattern(7, 1024));
 
     // Host B is not allowed: discovery shows it nothing, and connecting is refused.
-    let disc = json(&t.nvmeof("discover", "-s", &["-q", HOST_B, "-o", "json"]), "discover");
+    let disc = json(
+        &t.nvmeof("discover", "-s", &["-q", HOST_B, "-o", "json"]),
+        "discover",
+    );
     assert_eq!(disc["records"].as_array().map(Vec::len), Some(0), "{disc}");
     let refused = t.nvmeof("id-ctrl", "-s", &["-n", nqn, "-q", HOST_B]);
     assert!(!refused.status.success(), "host B must be refused");
@@ -321,8 +343,19 @@ fn perf_self_short_run_gives_sane_json() {
     let dir = temp_dir("perf");
     let svg = dir.join("lat.svg");
     let out = Command::new(PERF)
-        .args(["--self", "-w", "randrw", "-M", "70", "-o", "4k", "-q", "4", "-P", "2"])
-        .args(["-t", "0.5", "--warmup", "0", "--ns-size", "8M", "--json", "--svg"])
+        .args([
+            "--self", "-w", "randrw", "-M", "70", "-o", "4k", "-q", "4", "-P", "2",
+        ])
+        .args([
+            "-t",
+            "0.5",
+            "--warmup",
+            "0",
+            "--ns-size",
+            "8M",
+            "--json",
+            "--svg",
+        ])
         .arg(&svg)
         .output()
         .expect("nvmeof-perf runs");
@@ -347,9 +380,18 @@ fn perf_self_short_run_gives_sane_json() {
     let f = |k: &str| lat[k].as_f64().unwrap_or_else(|| panic!("{k}: {lat}"));
     assert_eq!(lat["count"].as_u64(), Some(ios));
     assert!(f("min_us") > 0.0);
-    assert!(f("min_us") <= f("p50_us") && f("p50_us") <= f("p99_us"), "{lat}");
-    assert!(f("p99_us") <= f("p99_9_us") && f("p99_9_us") <= f("max_us"), "{lat}");
-    assert!(f("min_us") <= f("avg_us") && f("avg_us") <= f("max_us"), "{lat}");
+    assert!(
+        f("min_us") <= f("p50_us") && f("p50_us") <= f("p99_us"),
+        "{lat}"
+    );
+    assert!(
+        f("p99_us") <= f("p99_9_us") && f("p99_9_us") <= f("max_us"),
+        "{lat}"
+    );
+    assert!(
+        f("min_us") <= f("avg_us") && f("avg_us") <= f("max_us"),
+        "{lat}"
+    );
     let picture = std::fs::read_to_string(&svg).expect("the SVG exists");
     assert!(picture.starts_with("<svg") && picture.contains("p99.9"));
     let _ = std::fs::remove_dir_all(dir);

@@ -36,13 +36,13 @@ memory keys do not fit keyed SGLs: use softroce (or verbs).";
     after_help = EXAMPLES
 )]
 struct Args {
-    /// Target as spdk's transport ID: 'trtype:softroce traddr:A trsvcid:P [subnqn:N]'.
+    /// Target as spdk's transport ID: 'trtype:softroce traddr:A trsvcid:P', optionally subnqn:N.
     #[arg(short = 'r', long = "transport-id")]
     transport_id: Option<String>,
     /// Start a target in this process (a namespace on a free loopback address).
     #[arg(long = "self")]
     self_target: bool,
-    /// --self: back end, memory or file[:PATH] (default path: a temporary file).
+    /// --self: back end, memory, file (a temporary file) or file:PATH.
     #[arg(long, default_value = "memory")]
     backend: String,
     /// --self: namespace size.

@@ -96,7 +96,9 @@ fn run(a: Args) -> Result<(), String> {
     let (mut cfg, default) = match &a.config {
         Some(path) => {
             if a.trtype.is_some() || a.traddr.is_some() || a.trsvcid.is_some() {
-                return Err("-t/-a/-s change the embedded default; with a file, edit the file".into());
+                return Err(
+                    "-t/-a/-s change the embedded default; with a file, edit the file".into(),
+                );
             }
             let json = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
             (

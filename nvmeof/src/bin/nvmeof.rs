@@ -76,7 +76,12 @@ struct Conn {
     #[arg(short = 'q', long = "hostnqn")]
     hostnqn: Option<String>,
     /// Output format.
-    #[arg(short = 'o', long = "output-format", value_enum, default_value = "normal")]
+    #[arg(
+        short = 'o',
+        long = "output-format",
+        value_enum,
+        default_value = "normal"
+    )]
     output: Format,
 }
 
@@ -102,7 +107,12 @@ struct ConnLong {
     #[arg(short = 'q', long = "hostnqn")]
     hostnqn: Option<String>,
     /// Output format.
-    #[arg(short = 'o', long = "output-format", value_enum, default_value = "normal")]
+    #[arg(
+        short = 'o',
+        long = "output-format",
+        value_enum,
+        default_value = "normal"
+    )]
     output: Format,
 }
 
@@ -275,10 +285,14 @@ enum Command {
     /// Get Features.
     GetFeature(GetFeatureArgs),
     /// Read blocks.
-    #[command(after_help = "Example: nvmeof read -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d back.bin")]
+    #[command(
+        after_help = "Example: nvmeof read -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d back.bin"
+    )]
     Read(RwArgs),
     /// Write blocks.
-    #[command(after_help = "Example: nvmeof write -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d data.bin")]
+    #[command(
+        after_help = "Example: nvmeof write -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d data.bin"
+    )]
     Write(RwArgs),
     /// Flush a namespace (or all with -n 0xffffffff).
     Flush(FlushArgs),
@@ -491,7 +505,10 @@ fn discover(c: &Conn) -> Res<()> {
                 )
             })
             .collect();
-        println!("{}", pretty(&json!({"genctr": log.genctr, "records": records})));
+        println!(
+            "{}",
+            pretty(&json!({"genctr": log.genctr, "records": records}))
+        );
         return Ok(());
     }
     println!(
@@ -520,7 +537,11 @@ fn each_subsystem(
     let log = c.discovery_log()?;
     let provider = c.provider();
     let mut failures = Vec::new();
-    for e in log.entries.iter().filter(|e| e.subtype == SubsystemType::Nvme) {
+    for e in log
+        .entries
+        .iter()
+        .filter(|e| e.subtype == SubsystemType::Nvme)
+    {
         if c.nqn.as_deref().is_some_and(|n| n != e.subnqn.as_str()) {
             continue;
         }
@@ -576,7 +597,10 @@ fn connect_all(c: &Conn) -> Res<()> {
                 o["namespaces"]
             );
         }
-        println!("({} subsystem(s); a user-space host: connections end when nvmeof exits)", out.len());
+        println!(
+            "({} subsystem(s); a user-space host: connections end when nvmeof exits)",
+            out.len()
+        );
     }
     Ok(())
 }
@@ -810,7 +834,13 @@ fn hexdump(data: &[u8]) {
         let bytes: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
         let text: String = chunk
             .iter()
-            .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         println!("{:04x}: {:<48} \"{text}\"", i * 16, bytes.join(" "));
     }
@@ -818,8 +848,11 @@ fn hexdump(data: &[u8]) {
 
 fn get_log(a: GetLogArgs) -> Res<()> {
     let c: Conn = a.conn.into();
-    if a.log_len == 0 || a.log_len % 4 != 0 {
-        return Err(format!("log length {} is not a positive multiple of 4", a.log_len));
+    if a.log_len == 0 || !a.log_len.is_multiple_of(4) {
+        return Err(format!(
+            "log length {} is not a positive multiple of 4",
+            a.log_len
+        ));
     }
     let ctrl = c.connect()?;
     let mut page = Vec::new();
@@ -1039,7 +1072,11 @@ fn flush(a: FlushArgs) -> Res<()> {
     let r = ctrl.flush(a.nsid).map_err(err);
     let _ = ctrl.disconnect();
     r?;
-    report(&c, "flush", json!({"namespace_id": a.nsid, "all": a.nsid == NSID_ALL}));
+    report(
+        &c,
+        "flush",
+        json!({"namespace_id": a.nsid, "all": a.nsid == NSID_ALL}),
+    );
     Ok(())
 }
 
@@ -1103,7 +1140,11 @@ fn dsm(a: DsmArgs) -> Res<()> {
     let r = ns_of(&ctrl, a.nsid).and_then(|ns| ctrl.deallocate(&ns, &list).map_err(err));
     let _ = ctrl.disconnect();
     r?;
-    report(&c, "dsm", json!({"namespace_id": a.nsid, "ranges": list.len()}));
+    report(
+        &c,
+        "dsm",
+        json!({"namespace_id": a.nsid, "ranges": list.len()}),
+    );
     Ok(())
 }
 

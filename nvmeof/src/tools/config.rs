@@ -239,9 +239,8 @@ impl TargetConfig {
 
     /// The embedded default ([`DEFAULT_CONFIG`]).
     pub fn default_config() -> TargetConfig {
-        TargetConfig::from_json(DEFAULT_CONFIG).unwrap_or_else(|e| {
-            unreachable!("the embedded default configuration is valid: {e}")
-        })
+        TargetConfig::from_json(DEFAULT_CONFIG)
+            .unwrap_or_else(|e| unreachable!("the embedded default configuration is valid: {e}"))
     }
 }
 

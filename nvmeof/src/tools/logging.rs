@@ -103,9 +103,7 @@ pub fn level_from_env(default: Level) -> Level {
 /// Installs a [`StderrSubscriber`] as the global default (once; later calls do
 /// nothing).
 pub fn init(default: Level) {
-    let _ = tracing::subscriber::set_global_default(StderrSubscriber::new(level_from_env(
-        default,
-    )));
+    let _ = tracing::subscriber::set_global_default(StderrSubscriber::new(level_from_env(default)));
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -190,7 +190,10 @@ fn run_queue(
     // Sequential streams start apart, one region per queue.
     let mut next_seq = slots / queues as u64 * index as u64;
     let mut rng = Xorshift(
-        0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) << 32) ^ start_measure.elapsed().as_nanos() as u64 | 1,
+        0x9E37_79B9_7F4A_7C15
+            ^ ((index as u64 + 1) << 32)
+            ^ start_measure.elapsed().as_nanos() as u64
+            | 1,
     );
     let wbuf: Vec<u8> = (0..cfg.block_size)
         .map(|i| (i as u8) ^ (index as u8))
@@ -268,7 +271,7 @@ pub fn run(
     cfg: &PerfConfig,
     mut progress: impl FnMut(Progress),
 ) -> Result<PerfResult> {
-    if cfg.block_size == 0 || cfg.block_size % ns.block_size as usize != 0 {
+    if cfg.block_size == 0 || !cfg.block_size.is_multiple_of(ns.block_size as usize) {
         return Err(Error::Config(format!(
             "I/O size {} is not a multiple of the {}-byte block",
             cfg.block_size, ns.block_size
@@ -329,8 +332,7 @@ pub fn run(
                 let ios = shared.ios.load(Ordering::Relaxed);
                 let bytes = shared.bytes.load(Ordering::Relaxed);
                 progress(Progress {
-                    elapsed_s: now.duration_since(begin).as_secs_f64()
-                        - cfg.warmup.as_secs_f64(),
+                    elapsed_s: now.duration_since(begin).as_secs_f64() - cfg.warmup.as_secs_f64(),
                     iops: (ios - last.1) as f64 / dt,
                     mb_s: (bytes - last.2) as f64 / 1e6 / dt,
                 });

@@ -153,7 +153,11 @@ impl Histogram {
             escape(title)
         );
         if self.count == 0 {
-            let _ = writeln!(s, r#"<text x="{left}" y="{}">no samples</text></svg>"#, h / 2.0);
+            let _ = writeln!(
+                s,
+                r#"<text x="{left}" y="{}">no samples</text></svg>"#,
+                h / 2.0
+            );
             return s;
         }
         // Range: a little below the minimum to a little above the maximum.
@@ -237,7 +241,15 @@ impl Histogram {
                 fmt_ns(v),
                 y = top + ph,
                 tx = x + 3.0,
-                ty = top + 12.0 + if name == "p99" { 14.0 } else if name == "p99.9" { 28.0 } else { 0.0 }
+                ty = top
+                    + 12.0
+                    + if name == "p99" {
+                        14.0
+                    } else if name == "p99.9" {
+                        28.0
+                    } else {
+                        0.0
+                    }
             );
         }
         s.push_str("</svg>\n");
@@ -279,7 +291,19 @@ mod tests {
 
     #[test]
     fn buckets_cover_values() {
-        for v in [0u64, 1, 31, 32, 33, 63, 64, 1000, 123_456, u64::MAX / 3, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            31,
+            32,
+            33,
+            63,
+            64,
+            1000,
+            123_456,
+            u64::MAX / 3,
+            u64::MAX,
+        ] {
             let (lo, w) = bounds(index(v));
             assert!(lo <= v && v - lo < w, "{v}: bucket {lo}+{w}");
         }
