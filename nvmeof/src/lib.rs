@@ -24,9 +24,38 @@
 //! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
 //!   number of queues, I/O queues), keep-alive, and a block API with several commands
 //!   in flight per queue.
+//! * [`tools`] – what the command line tools share: nvmetcli's saved-config JSON
+//!   ([`tools::config`]), the `nvmeof-perf` load generator ([`tools::perf`]), latency
+//!   histograms with an SVG picture ([`tools::stats`]), stderr logging and signals.
+//!
+//! The tools (`src/bin`):
+//!
+//! * `nvmeof-target [CONFIG.json]` – a target from nvmetcli's saved-config format
+//!   (`trtype` names the fabric provider: softroce, tcp, rdma = verbs), or with no
+//!   file an embedded default (64 MiB memory namespace, softroce on 127.0.0.1, a free
+//!   port, printed); logs through `tracing` (`NVMEOF_LOG`); stops cleanly on SIGINT
+//!   or SIGTERM.
+//! * `nvmeof` – a user-space host in the manner of nvme-cli: `discover`,
+//!   `connect-all`, `list`, `id-ctrl`, `id-ns`, `list-ns`, `get-log`, `get-feature`,
+//!   `read`, `write`, `flush`, `write-zeroes`, `dsm`, `verify`, `compare`, `copy`,
+//!   with nvme-cli's option names (`-t -a -s -n`; `read`/`write` take `-s` start
+//!   block, `-c` 0's based block count, `-z` data size, `-d` data file) and `-o json`.
+//! * `nvmeof-perf` – in the manner of spdk_nvme_perf/fio: random or sequential
+//!   read/write/mix, I/O size, queue depth 1..=128, queues, bounded duration; IOPS,
+//!   MB/s, latency min/avg/p50/p99/p99.9/max, progress, `--json`, an SVG histogram;
+//!   `--self` runs its own target in-process.
+//!
+//! ```text
+//! $ nvmeof-target &
+//! nvmeof-target: port 1 listening: trtype softroce traddr 127.0.0.1 trsvcid 41234 ...
+//! $ nvmeof discover -t softroce -a 127.0.0.1 -s 41234
+//! $ nvmeof write -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d data.bin
+//! $ nvmeof read  -a 127.0.0.1 --trsvcid 41234 -n 1 -s 0 -c 7 -z 4096 -d back.bin
+//! $ nvmeof-perf --self -w randread -o 4k -q 32
+//! ```
 //!
 //! Not here: direct I/O and pmem back ends, in-band authentication, asynchronous
-//! events ever firing, ANA, reservations, command line tools.
+//! events ever firing, ANA, reservations, persistent (kernel) host connections.
 //!
 //! A target with a memory namespace and a host reading it back, over softroce:
 //!
@@ -88,6 +117,7 @@
 pub mod error;
 pub mod host;
 pub mod target;
+pub mod tools;
 pub mod transport;
 pub mod wire;
 

@@ -16,6 +16,15 @@ pub(crate) struct PortRecord {
     pub(crate) traddr: String,
     pub(crate) trsvcid: String,
     pub(crate) alive: bool,
+    /// Subsystems exported; empty: all.
+    pub(crate) subsystems: Vec<String>,
+}
+
+impl PortRecord {
+    /// Whether the port exports subsystem `nqn`.
+    pub(crate) fn exports(&self, nqn: &str) -> bool {
+        self.subsystems.is_empty() || self.subsystems.iter().any(|s| s == nqn)
+    }
 }
 
 impl Shared {
@@ -24,7 +33,7 @@ impl Shared {
         let mut entries = Vec::new();
         for port in ports.iter().filter(|p| p.alive) {
             for subsys in self.subsystems() {
-                if !subsys.host_allowed(hostnqn) {
+                if !subsys.host_allowed(hostnqn) || !port.exports(&subsys.nqn) {
                     continue;
                 }
                 let adrfam = if port.traddr.contains(':') {

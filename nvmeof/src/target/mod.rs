@@ -8,7 +8,8 @@
 //!   discovery log page;
 //! * ports ([`PortConfig`], [`Port`]) listen with one fabric passive endpoint each.
 //!
-//! Every subsystem is reachable through every port, and the discovery subsystem
+//! A port exports the subsystems its [`PortConfig::subsystems`] names (every
+//! subsystem when the list is empty), and the discovery subsystem
 //! (`nqn.2014-08.org.nvmexpress.discovery`) lists each port and subsystem a host may
 //! connect to.
 
@@ -79,12 +80,24 @@ impl Shared {
         self.genctr.load(Ordering::Acquire)
     }
 
-    /// The subsystem named `nqn` (the discovery subsystem included).
-    pub(crate) fn subsystem(&self, nqn: &str, _portid: u16) -> Option<Arc<Subsystem>> {
+    /// The subsystem named `nqn` (the discovery subsystem included), if port
+    /// `portid` exports it (port 0: any subsystem, for the target's own use).
+    pub(crate) fn subsystem(&self, nqn: &str, portid: u16) -> Option<Arc<Subsystem>> {
         if nqn == self.discovery.nqn {
             return Some(self.discovery.clone());
         }
+        if portid != 0 && !self.port_exports(portid, nqn) {
+            return None;
+        }
         self.subsystems().into_iter().find(|s| s.nqn == nqn)
+    }
+
+    /// Whether port `portid` exports subsystem `nqn`.
+    pub(crate) fn port_exports(&self, portid: u16, nqn: &str) -> bool {
+        self.ports()
+            .iter()
+            .find(|p| p.portid == portid)
+            .is_some_and(|p| p.exports(nqn))
     }
 
     /// A new controller with the next free ID (1 ..= 0xFFEF, as nvmet).
@@ -146,6 +159,9 @@ pub struct PortConfig {
     pub service: String,
     /// In-capsule data accepted per command, bytes.
     pub inline_data: usize,
+    /// NQNs of the subsystems this port exports (as nvmetcli's port `subsystems`
+    /// links); empty: every subsystem.
+    pub subsystems: Vec<String>,
 }
 
 impl PortConfig {
@@ -156,6 +172,7 @@ impl PortConfig {
             addr: addr.into(),
             service: "0".into(),
             inline_data: DEFAULT_INLINE_DATA,
+            subsystems: Vec::new(),
         }
     }
 }
@@ -292,6 +309,7 @@ impl Target {
                 traddr: local.ip().to_string(),
                 trsvcid: local.port().to_string(),
                 alive: true,
+                subsystems: cfg.subsystems.clone(),
             });
             portid
         };

@@ -2,8 +2,6 @@
 //! fresh random loopback address, and a host connecting from another one.
 #![allow(dead_code)]
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -21,21 +19,7 @@ pub const NS_BLOCKS: u64 = 8192;
 /// A random 127.x.y.z address (softroce devices are per address and process, so
 /// tests running at once, here or in other processes, do not collide).
 pub fn random_loopback() -> Ipv4Addr {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    let v = h.finish();
-    Ipv4Addr::new(
-        127,
-        10 + (v % 240) as u8,
-        (v >> 8) as u8,
-        1 + ((v >> 16) % 253) as u8,
-    )
+    nvmeof::tools::random_loopback(None)
 }
 
 pub struct Setup {
