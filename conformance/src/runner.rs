@@ -317,7 +317,7 @@ mod tests {
         panic!("boom {}", 42)
     }
     fn hangs(_: &Ctx) -> CaseResult {
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(Duration::from_secs(30));
         Ok(())
     }
     fn must_not_run(_: &Ctx) -> CaseResult {
@@ -356,9 +356,11 @@ mod tests {
 
     #[test]
     fn outcomes_cover_pass_fail_skip_panic_and_timeout() {
+        // Generous enough for a panic to print its backtrace (RUST_BACKTRACE=1) on a
+        // loaded machine; the hanging case sleeps far longer.
         let opts = RunOptions {
             filter: None,
-            case_timeout: Duration::from_millis(300),
+            case_timeout: Duration::from_secs(5),
         };
         let mut lines = Vec::new();
         let r = run(&ctx(), &cases(), &opts, |c| lines.push(c.to_string())).unwrap();

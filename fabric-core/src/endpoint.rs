@@ -98,6 +98,11 @@ pub struct RecvRequest {
 }
 
 impl RecvRequest {
+    /// A receive into `segments` (validated ranges: see [`Segment::new`]), for a
+    /// provider's own tests and layers that post below the [`Endpoint`] checks.
+    pub fn new(segments: Vec<Segment>, context: u64) -> Self {
+        RecvRequest { segments, context }
+    }
     /// Total buffer space.
     pub fn len(&self) -> usize {
         self.segments.iter().map(Segment::len).sum()
