@@ -260,6 +260,10 @@ pub struct Hints {
     pub src_addr: Option<SocketAddr>,
     /// Registration modes the application can handle (`None`: any).
     pub mr_mode: Option<MrMode>,
+    /// The widest memory key the application can carry, in bytes (libfabric's
+    /// `domain_attr->mr_key_size` hint; e.g. 4 for NVMe-oF keyed SGLs). A provider
+    /// whose keys are wider either narrows them for this answer or is rejected.
+    pub mr_key_size: Option<usize>,
     /// Progress model wanted (`None`: the provider's default).
     pub progress: Option<Progress>,
 }
@@ -308,6 +312,12 @@ impl Hints {
     /// Sets the local address (and port, 0 for any) of a connecting endpoint.
     pub fn src_addr(mut self, addr: SocketAddr) -> Self {
         self.src_addr = Some(addr);
+        self
+    }
+    /// Asks for memory keys of at most `bytes` bytes (see [`Hints::mr_key_size`] the
+    /// field).
+    pub fn mr_key_size(mut self, bytes: usize) -> Self {
+        self.mr_key_size = Some(bytes);
         self
     }
     /// Sets the registration modes the application supports.

@@ -30,7 +30,10 @@ pub trait Provider: Send + Sync + 'static {
     /// What the provider can do: one template [`Info`] per endpoint type / domain.
     fn offers(&self) -> Vec<Info>;
     /// Provider-specific check of a matched answer (e.g. whether the address is
-    /// usable); may fill in names. `Err` is the rejection reason.
+    /// usable); may fill in names, and may narrow `info.limits.mr_key_size` to what
+    /// `hints.mr_key_size` asks for when the provider can hand out narrower keys
+    /// (getinfo rejects an answer whose keys are still wider). `Err` is the rejection
+    /// reason.
     fn check(&self, _hints: &Hints, _info: &mut Info) -> std::result::Result<(), String> {
         Ok(())
     }
@@ -281,7 +284,13 @@ impl Registry {
         for offer in p.offers() {
             match match_offer(&offer, hints, addr) {
                 Ok(mut info) => match p.check(hints, &mut info) {
-                    Ok(()) => answers.push(info.with_provider(p.clone())),
+                    Ok(()) => match hints.mr_key_size {
+                        Some(max) if info.limits.mr_key_size > max => reasons.push(format!(
+                            "memory keys are {} bytes, the hints allow at most {max}",
+                            info.limits.mr_key_size
+                        )),
+                        _ => answers.push(info.with_provider(p.clone())),
+                    },
                     Err(why) => reasons.push(why),
                 },
                 Err(why) => reasons.push(why),

@@ -282,3 +282,16 @@ fn src_addr_is_carried_and_must_be_local() {
         .unwrap_err();
     assert!(err.to_string().contains("two source addresses"), "{err}");
 }
+
+#[test]
+fn mr_key_size_hint_rejects_wider_keys_with_a_reason() {
+    let r = registry();
+    // The fakes have 8-byte keys and do not narrow them.
+    let err = r.getinfo(&Hints::new().mr_key_size(4)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("alpha: memory keys are 8 bytes, the hints allow at most 4"),
+        "{err}"
+    );
+    assert!(r.getinfo(&Hints::new().mr_key_size(8)).is_ok());
+}
