@@ -162,5 +162,6 @@ mod objects;
 mod sys;
 
 pub use provider::{
-    caps, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV, NO_DEVICE,
+    caps, check_pmem, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV,
+    NO_DEVICE, NO_PMEM,
 };

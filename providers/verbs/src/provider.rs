@@ -72,7 +72,6 @@ mod with_verbs {
 
     /// One answer: a device, an active port, a GID.
     pub(crate) fn answers() -> Vec<Info> {
-        let direct = raw_commit_declared();
         let mut out = Vec::new();
         for ctx in sys::cm_devices() {
             let dev = match sys::query(ctx) {
@@ -97,9 +96,11 @@ mod with_verbs {
                     if ip.is_none() && !ib {
                         continue;
                     }
+                    // RMA_PMEM is in every offer so that hints asking for it reach
+                    // `check`, which states why it is not offered (check_pmem).
                     let mut i = Info::new(
                         "verbs",
-                        caps(direct),
+                        caps(true),
                         EpType::Msg,
                         crate::mapping::limits(&port.limits),
                     );
@@ -133,7 +134,8 @@ mod with_verbs {
         fn offers(&self) -> Vec<Info> {
             answers()
         }
-        fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+        fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+            check_pmem(hints.caps, info, raw_commit_declared())?;
             check_source(info, crate::mapping::gid_ip(&info.fabric_name))
         }
         fn open_fabric(&self, info: &Info) -> Result<Arc<dyn FabricOps>> {
@@ -179,6 +181,31 @@ pub fn check_source(
     Ok(())
 }
 
+/// Why verbs does not offer `RMA_PMEM` unless the operator states
+/// [`DIRECT_PMEM_ENV`].
+pub const NO_PMEM: &str = "RMA_PMEM is not offered: COMMIT on verbs is the writes and \
+    then a read-after-write, which is durable only where the target platform puts NIC \
+    writes into its persistence domain (DDIO off with ADR, or eADR); state that with \
+    VERBS_DIRECT_PMEM=1. Even then verbs cannot refuse a COMMIT into a region not \
+    registered PMEM (the target NIC does not know), and this build has no IB FLUSH";
+
+/// Without the operator's statement ([`raw_commit_declared`]) an answer loses
+/// `RMA_PMEM`, and hints that ask for it are rejected with [`NO_PMEM`].
+pub fn check_pmem(
+    want: Caps,
+    info: &mut Info,
+    direct_pmem: bool,
+) -> std::result::Result<(), String> {
+    if direct_pmem {
+        return Ok(());
+    }
+    if want.contains(Caps::RMA_PMEM) {
+        return Err(NO_PMEM.into());
+    }
+    info.caps.remove(Caps::RMA_PMEM);
+    Ok(())
+}
+
 /// The verbs provider, for [`Registry::register`](fabric_core::Registry::register).
 pub fn provider() -> Arc<dyn Provider> {
     Arc::new(VerbsProvider)
@@ -193,6 +220,18 @@ mod tests {
     fn pmem_only_when_stated() {
         assert!(!caps(false).contains(Caps::RMA_PMEM));
         assert!(caps(true).contains(Caps::RMA_PMEM | Caps::REMOTE_CQ_DATA));
+    }
+
+    #[test]
+    fn pmem_rejected_with_the_reason_unless_stated() {
+        let mut i = Info::new("verbs", caps(true), EpType::Msg, Limits::DEFAULT);
+        let e = check_pmem(Caps::MSG | Caps::RMA_PMEM, &mut i, false).unwrap_err();
+        assert!(e.contains("VERBS_DIRECT_PMEM=1"), "{e}");
+        check_pmem(Caps::MSG, &mut i, false).unwrap();
+        assert!(!i.caps.contains(Caps::RMA_PMEM));
+        let mut i = Info::new("verbs", caps(true), EpType::Msg, Limits::DEFAULT);
+        check_pmem(Caps::RMA_PMEM, &mut i, true).unwrap();
+        assert!(i.caps.contains(Caps::RMA_PMEM));
     }
 
     #[test]

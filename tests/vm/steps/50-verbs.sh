@@ -24,9 +24,38 @@ part() { # name, exit status
 # provider serves loopback with the device's own address, here $VM_IP.)
 { timeout 400 fabric-conformance -p verbs --case-timeout 30 ${VERBS_CONF_ARGS:-}; echo $? > /tmp/conf.rc; } 2>&1 | tee /tmp/conf.out
 rc=$(cat /tmp/conf.rc)
-# Nothing passed (no device found) is a failure too.
-grep -q '^[1-9][0-9]* passed, 0 failed' /tmp/conf.out || [ "$rc" != 0 ] || rc=1
+# Cases that fail on verbs for a reason only a suite change can address (reported;
+# see providers/verbs crate docs). Any other failure fails the step; a known one that
+# passes is printed so that it can be taken off this list.
+KNOWN="msg/size_max msg/after_truncation errors/writedata_bad_key"
+known_reason() {
+  case $1 in
+    msg/size_max) echo "the case posts a receive of max_msg_size + 64 bytes, which fabric-core refuses at post; rxe's max_msg_size (8 MiB) is below the case's 64 MiB cap";;
+    msg/after_truncation) echo "RC cannot truncate: the too-short receive fails Truncated and the QP goes to error, which ends the connection; the suite has no way for a provider to declare that";;
+    errors/writedata_bad_key) echo "the refusal ends the connection, which flushes the target's posted receive (Canceled) as the semantics say; this case expects no completion (the suite of branch tcp-work expects the flush)";;
+  esac
+}
+summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' /tmp/conf.out | tail -1)
+unexpected=0; known=0
+for f in $(sed -n 's/^FAIL  \([^:]*\):.*/\1/p' /tmp/conf.out); do
+  case " $KNOWN " in
+    *" $f "*) known=$((known + 1)); echo "known failure $f: $(known_reason "$f")";;
+    *) unexpected=$((unexpected + 1)); echo "UNEXPECTED failure $f";;
+  esac
+done
+for k in $KNOWN; do grep -q "^PASS  $k " /tmp/conf.out && echo "known failure $k now PASSES: take it off KNOWN"; done
+echo "verbs conformance: ${summary:-no summary (crashed or timed out)}; $known known failures, $unexpected unexpected"
+case $summary in
+  0\ passed*|"") rc=1;;                       # no device, a crash or a timeout
+  *) [ "$rc" = 0 ] || { [ "$rc" = 1 ] && [ $unexpected = 0 ] && rc=0; };;
+esac
 part conformance "$rc"
+
+# 1b. The pmem group with the operator's statement VERBS_DIRECT_PMEM=1 (without it the
+#     provider does not offer RMA_PMEM and says why: the cases above skip): COMMIT by
+#     read-after-write. Informational: verbs cannot refuse a COMMIT into a region not
+#     registered PMEM, which some of these cases require.
+VERBS_DIRECT_PMEM=1 timeout 120 fabric-conformance -p verbs --case-timeout 30 --filter 'pmem/*' 2>&1 | sed 's/^/[VERBS_DIRECT_PMEM=1] /'
 
 # 2. What only a device shows (conformance/tests/verbs.rs, by name): a refused access
 #    ends both ends (the target from its own QP), the RNR NAK timer is lowered.
