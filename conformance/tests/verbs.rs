@@ -52,7 +52,10 @@ fn access_error_ends_both_ends() {
     let l = ok(p.client.alloc(64, Access::WRITE | Access::SEND));
     let mut bad = t.remote().iov(0, 64);
     bad.key ^= 0x5A5A_5A5A;
-    p.client.ep.writedata(l.full(), bad, 7, 2).expect("writedata"); // data 7, context 2
+    p.client
+        .ep
+        .writedata(l.full(), bad, 7, 2)
+        .expect("writedata"); // data 7, context 2
     let c = ok(p.wait(Who::Client));
     assert_eq!(c.context, 2);
     assert!(
@@ -67,11 +70,23 @@ fn access_error_ends_both_ends() {
     );
     expect_shutdown(&p, Who::Client, ShutdownReason::AccessError);
     expect_shutdown(&p, Who::Server, ShutdownReason::AccessError);
-    let e = p.client.ep.send(l.iov(0, 8), 9).expect_err("client send after the end");
+    let e = p
+        .client
+        .ep
+        .send(l.iov(0, 8), 9)
+        .expect_err("client send after the end");
     assert_eq!(e.kind(), ErrorKind::NotConnected, "client: {e}");
-    let e = p.server.ep.recv(rx.full(), 9).expect_err("server recv after the end");
+    let e = p
+        .server
+        .ep
+        .recv(rx.full(), 9)
+        .expect_err("server recv after the end");
     assert_eq!(e.kind(), ErrorKind::NotConnected, "server: {e}");
-    assert_eq!(t.to_vec(0, 64).expect("read target"), vec![0x5A; 64], "target untouched");
+    assert_eq!(
+        t.to_vec(0, 64).expect("read target"),
+        vec![0x5A; 64],
+        "target untouched"
+    );
 }
 
 /// The RNR NAK timer is lowered on the connected QP (the CM leaves 655 ms): a write
@@ -89,7 +104,11 @@ fn rnr_timer_is_lowered() {
         .writedata(l.full(), t.remote().iov(0, 64), 7, 1) // data 7, context 1
         .expect("writedata");
     // The first attempt meets no receive: RNR NAK, the initiator waits.
-    ok(p.expect_no_completion(Who::Client, Duration::from_millis(100), "before the receive"));
+    ok(p.expect_no_completion(
+        Who::Client,
+        Duration::from_millis(100),
+        "before the receive",
+    ));
     let t0 = Instant::now();
     p.server.ep.recv(rx.full(), 2).expect("post recv");
     let r = ok(p.wait_ok(Who::Server));

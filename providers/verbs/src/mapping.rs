@@ -311,7 +311,10 @@ mod tests {
         assert_eq!(recv_error_kind(wc::LOC_QP_OP_ERR), CqErrorKind::Truncated);
         assert_eq!(recv_error_kind(wc::REM_ACCESS_ERR), CqErrorKind::Canceled);
         assert_eq!(recv_error_kind(wc::WR_FLUSH_ERR), CqErrorKind::Canceled);
-        assert_eq!(recv_error_kind(wc::RETRY_EXC_ERR), CqErrorKind::RetryExceeded);
+        assert_eq!(
+            recv_error_kind(wc::RETRY_EXC_ERR),
+            CqErrorKind::RetryExceeded
+        );
         assert_eq!(shutdown_cause(wc::SUCCESS), None);
         assert_eq!(shutdown_cause(wc::WR_FLUSH_ERR), None);
         assert_eq!(
@@ -403,10 +406,7 @@ mod tests {
         let v4: IpAddr = "192.168.100.2".parse().unwrap();
         let ll: IpAddr = "fe80::5054:ff:fe12:3456".parse().unwrap();
         let lo: SocketAddr = "127.0.0.1:7471".parse().unwrap();
-        assert_eq!(
-            gid_ip("RoCEv2 port 1 gid 1 (192.168.100.2)"),
-            Some(v4)
-        );
+        assert_eq!(gid_ip("RoCEv2 port 1 gid 1 (192.168.100.2)"), Some(v4));
         assert_eq!(gid_ip("IB port 1 gid 0"), None);
         assert_eq!(
             loopback_to_gid(lo, Some(v4)),
@@ -415,12 +415,18 @@ mod tests {
         assert_eq!(loopback_to_gid(lo, Some(ll)), None);
         assert_eq!(loopback_to_gid(lo, None), None);
         assert!(!gid_serves_loopback("::1".parse().unwrap(), ll));
-        assert!(gid_serves_loopback("::1".parse().unwrap(), "fd00::2".parse().unwrap()));
+        assert!(gid_serves_loopback(
+            "::1".parse().unwrap(),
+            "fd00::2".parse().unwrap()
+        ));
         let other: SocketAddr = "10.0.0.9:1".parse().unwrap();
         assert_eq!(loopback_to_gid(other, None), Some(other));
         let own: SocketAddr = "192.168.100.2:9".parse().unwrap();
         let l = Some(lo.ip());
-        assert_eq!(gid_to_loopback(own, Some(v4), l), "127.0.0.1:9".parse().unwrap());
+        assert_eq!(
+            gid_to_loopback(own, Some(v4), l),
+            "127.0.0.1:9".parse().unwrap()
+        );
         assert_eq!(gid_to_loopback(other, Some(v4), l), other);
         assert_eq!(gid_to_loopback(own, Some(v4), None), own);
     }

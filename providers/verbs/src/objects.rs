@@ -1454,13 +1454,21 @@ impl EndpointOps for VEp {
     fn local_addr(&self) -> Option<Address> {
         let st = self.inner.st.lock();
         let a = st.id.as_ref().and_then(CmId::local_addr)?;
-        Some(Address::Inet(mapping::gid_to_loopback(a, self.inner.gid, st.lo)))
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
     }
 
     fn peer_addr(&self) -> Option<Address> {
         let st = self.inner.st.lock();
         let a = st.id.as_ref().and_then(CmId::peer_addr)?;
-        Some(Address::Inet(mapping::gid_to_loopback(a, self.inner.gid, st.lo)))
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
     }
 
     fn post_send(&self, req: SendRequest) -> Result<()> {

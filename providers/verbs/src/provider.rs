@@ -154,7 +154,8 @@ pub fn check_source(
     info: &mut Info,
     gid: Option<std::net::IpAddr>,
 ) -> std::result::Result<(), String> {
-    let inet = |a: &Option<fabric_core::Address>| a.as_ref().and_then(fabric_core::Address::as_inet);
+    let inet =
+        |a: &Option<fabric_core::Address>| a.as_ref().and_then(fabric_core::Address::as_inet);
     let on = || format!("{} ({})", info.domain_name, info.fabric_name);
     if let Some(src) = inet(&info.src_addr) {
         let ip = src.ip();
@@ -166,7 +167,10 @@ pub fn check_source(
         }
     }
     let Some(g) = gid else { return Ok(()) };
-    for a in [inet(&info.src_addr), inet(&info.dest_addr)].into_iter().flatten() {
+    for a in [inet(&info.src_addr), inet(&info.dest_addr)]
+        .into_iter()
+        .flatten()
+    {
         let ip = a.ip();
         if ip.is_loopback() && !crate::mapping::gid_serves_loopback(ip, g) {
             return Err(format!(
