@@ -307,14 +307,15 @@ mod tests {
         );
         assert_eq!(cq_error_kind(999), CqErrorKind::Other);
         // Receives: too long a message (hardware, rxe), a refused request of the peer.
-        assert_eq!(recv_error_kind(wc::LOC_LEN_ERR), CqErrorKind::Truncated);
-        assert_eq!(recv_error_kind(wc::LOC_QP_OP_ERR), CqErrorKind::Truncated);
-        assert_eq!(recv_error_kind(wc::REM_ACCESS_ERR), CqErrorKind::Canceled);
-        assert_eq!(recv_error_kind(wc::WR_FLUSH_ERR), CqErrorKind::Canceled);
-        assert_eq!(
-            recv_error_kind(wc::RETRY_EXC_ERR),
-            CqErrorKind::RetryExceeded
-        );
+        for (status, kind) in [
+            (wc::LOC_LEN_ERR, CqErrorKind::Truncated),
+            (wc::LOC_QP_OP_ERR, CqErrorKind::Truncated),
+            (wc::REM_ACCESS_ERR, CqErrorKind::Canceled),
+            (wc::WR_FLUSH_ERR, CqErrorKind::Canceled),
+            (wc::RETRY_EXC_ERR, CqErrorKind::RetryExceeded),
+        ] {
+            assert_eq!(recv_error_kind(status), kind, "receive, status {status}");
+        }
         assert_eq!(shutdown_cause(wc::SUCCESS), None);
         assert_eq!(shutdown_cause(wc::WR_FLUSH_ERR), None);
         assert_eq!(
