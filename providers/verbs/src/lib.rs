@@ -4,9 +4,10 @@
 //! through the [`rdma-sys`](https://docs.rs/rdma-sys) binding, for RDMA NICs
 //! (InfiniBand, RoCE, iWARP) and kernel soft-RoCE (`rdma_rxe`).
 //!
-//! **Status: built and unit-tested without a device; end-to-end verbs traffic has not
-//! yet been run** (the development hosts have no RDMA device and no KVM; the VM tier
-//! with `rdma_rxe`, `providers/verbs/vm/verbs-step.sh`, is where it will run first).
+//! **Status: runs over kernel soft-RoCE** (`rdma_rxe`, Debian 12's 6.1 kernel) in the
+//! project's VM tier (`tests/vm/run`, step `verbs`: the conformance suite, the
+//! device-only checks of `conformance/tests/verbs.rs`, `fabric-pingpong` and
+//! `fabric-rma-bw`). Not yet run on RDMA hardware (the development hosts have none).
 //!
 //! ## Building
 //! The binding is behind this crate's cargo feature `verbs` (the `fabric` facade's
@@ -29,7 +30,20 @@
 //! bytes an RDMA CM REQ carries in the TCP port space, less a length byte, since IB CM
 //! pads private data); `mtu` = the port's active MTU. `mr_mode` LOCAL | VIRT_ADDR |
 //! PROV_KEY. No device: "no RDMA device: load rdma_rxe ... or plug in a NIC". A source
-//! address in the hints must be the GID's (or unspecified, or loopback).
+//! address in the hints must be the GID's (or unspecified, or loopback); an address
+//! of the other family than the GID's is not served by that answer.
+//!
+//! ## Loopback
+//! rdma_cm cannot bind or resolve 127.0.0.1 on RoCE: no device has a GID for `lo`
+//! (`rdma_bind_addr` fails with ENODEV; librpma's answer is "loopback will never
+//! work"). The provider gives loopback its usual meaning, *this machine*, by serving
+//! it with the answer's own GID address of the same family (IPv6 link-local cannot
+//! serve `::1`): a listener on 127.0.0.1:P binds GID:P, a connect to 127.0.0.1:P
+//! resolves GID:P, and such endpoints report the GID's address as the loopback
+//! address they were opened on (so `local_addr` says 127.0.0.1:P). Traffic between
+//! two ids on the device's own address never leaves the device (rxe loops it back).
+//! A listener on loopback refuses requests from any other address than the GID's,
+//! since, unlike `lo`, that address is reachable from other machines.
 //!
 //! ## Mapping
 //! - Connections: librdmacm on one event channel per fabric (RDMA_PS_TCP). Connect is
@@ -65,9 +79,16 @@
 //!   its own and reports `AccessError` too (else `Peer`).
 //! - Posting to a dead endpoint fails at the call: `NotConnected`, `Shutdown` after a
 //!   local shutdown. Outstanding work is flushed by the QP (`Canceled`).
+//! - A write with CQ data that the target refuses has already taken one of the
+//!   target's receives (rxe completes it with `REM_ACCESS_ERR` at the responder): that
+//!   receive is reported `Canceled` (flushed by the end of the connection, nothing
+//!   placed), and the target knows at once that its connection ended `AccessError`.
 //! - Differences from tcp/softroce that RC hardware imposes: an oversized SEND fails
-//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate); the
-//!   target's posted receives are flushed (`Canceled`) when its QP goes to error.
+//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate; the
+//!   conformance case `msg/after_truncation` therefore fails on verbs); the target's
+//!   posted receives are flushed (`Canceled`) when its QP goes to error. rxe reports
+//!   the too-short receive as `LOC_QP_OP_ERR`, hardware as `LOC_LEN_ERR`: on a receive
+//!   both are `Truncated` ([`mapping::recv_error_kind`]).
 //!
 //! ## Completion levels and COMMIT
 //! - Default, INJECT_COMPLETE, TRANSMIT_COMPLETE: the RC completion (the responder's
@@ -114,11 +135,12 @@
 //! Inline data is copied by `ibv_post_send`.
 //!
 //! ## The VM step
-//! `providers/verbs/vm/verbs-step.sh` is what the VM tier runs inside a VM with
-//! `rdma_rxe`: it needs the binaries `fabric-conformance`, `fabric-pingpong` and
-//! `fabric-rma-bw` built with the facade's `verbs` feature, plus `libibverbs.so.1`,
-//! `librdmacm.so.1`, the rxe provider (`/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so`
-//! and `/etc/libibverbs.d/rxe.driver`) and glibc.
+//! `tests/vm/steps/50-verbs.sh` is what the VM tier runs inside a VM with `rdma_rxe`
+//! (`tests/vm/run --steps verbs`): the binaries `fabric-conformance`,
+//! `fabric-pingpong` and `fabric-rma-bw` built with the facade's `verbs` feature and
+//! the `verbs` test target of `fabric-conformance` (lines in `tests/vm/binaries`),
+//! with `libibverbs.so.1`, `librdmacm.so.1`, the rxe provider and glibc from the
+//! guest's Debian packages.
 //!
 //! ```
 //! // Without a device (or without the `verbs` feature) getinfo says why.
@@ -140,5 +162,6 @@ mod objects;
 mod sys;
 
 pub use provider::{
-    caps, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV, NO_DEVICE,
+    caps, check_pmem, check_source, provider, raw_commit_declared, CAPS, DIRECT_PMEM_ENV,
+    NO_DEVICE, NO_PMEM,
 };

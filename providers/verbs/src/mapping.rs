@@ -4,6 +4,8 @@
 //! `<infiniband/verbs.h>` (stable since libibverbs 1.0); with the `verbs` feature a
 //! test checks each against rdma-sys.
 
+use std::net::{IpAddr, SocketAddr};
+
 use fabric_core::{Access, CqErrorKind, Limits, MrFlags, ShutdownReason};
 
 /// `IBV_ACCESS_LOCAL_WRITE`.
@@ -81,6 +83,28 @@ pub fn cq_error_kind(status: u32) -> CqErrorKind {
         wc::RNR_RETRY_EXC_ERR => CqErrorKind::RnrRetryExceeded,
         wc::REM_ABORT_ERR => CqErrorKind::ConnectionLost,
         _ => CqErrorKind::Other,
+    }
+}
+
+/// The error kind of a failed *receive* work completion. Two statuses mean something
+/// else on a receive than on a send:
+/// - A message longer than the receive is `Truncated`: hardware reports
+///   `LOC_LEN_ERR`; rxe (Linux 6.1) reports `LOC_QP_OP_ERR`, because its `copy_data`
+///   fails the too-short receive with -EINVAL, which the responder treats as a
+///   malformed WQE. The provider's receive WQEs carry only valid lkeys of live
+///   registrations, so on this provider that status has no other cause.
+/// - A remote-side status (`REM_ACCESS_ERR`, `REM_INV_REQ_ERR`, `REM_OP_ERR`) on a
+///   receive is the responder's own record of a request *from the peer* it refused (a
+///   write with immediate data with a bad key takes a receive, then fails it): nothing
+///   was placed in the receive, and the refusal ends the connection, so the receive
+///   is flushed by that end: `Canceled`, as every other provider reports it.
+pub fn recv_error_kind(status: u32) -> CqErrorKind {
+    match status {
+        wc::LOC_LEN_ERR | wc::LOC_QP_OP_ERR => CqErrorKind::Truncated,
+        wc::REM_ACCESS_ERR | wc::REM_INV_REQ_ERR | wc::REM_INV_RD_REQ_ERR | wc::REM_OP_ERR => {
+            CqErrorKind::Canceled
+        }
+        s => cq_error_kind(s),
     }
 }
 
@@ -180,6 +204,47 @@ pub fn limits(d: &DeviceLimits) -> Limits {
     l
 }
 
+/// The IP address of the GID an answer was made for, from its fabric name
+/// (`RoCEv2 port 1 gid 1 (192.168.100.2)`); `None` for an InfiniBand GID.
+pub fn gid_ip(fabric_name: &str) -> Option<IpAddr> {
+    let s = fabric_name.rsplit_once('(')?.1.strip_suffix(')')?;
+    s.parse().ok()
+}
+
+/// Whether `gid` can stand in for the loopback address `lo`: an address of the same
+/// family that is not IPv6 link-local (which needs a scope).
+pub fn gid_serves_loopback(lo: IpAddr, gid: IpAddr) -> bool {
+    match (lo, gid) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => true,
+        (IpAddr::V6(_), IpAddr::V6(g)) => g.segments()[0] & 0xffc0 != 0xfe80,
+        _ => false,
+    }
+}
+
+/// Loopback on verbs. rdma_cm cannot bind or resolve 127.0.0.1 on RoCE (no device
+/// has a GID for `lo`; `rdma_bind_addr` fails with ENODEV), so the provider gives a
+/// loopback address the meaning it has everywhere else, "this machine", by using the
+/// answer's own GID address `gid` instead: a connection between two ids on that
+/// address never leaves the device (rxe loops it back). `addr` unchanged when it is
+/// not loopback; `None` when it is but `gid` cannot stand in for it.
+pub fn loopback_to_gid(addr: SocketAddr, gid: Option<IpAddr>) -> Option<SocketAddr> {
+    if !addr.ip().is_loopback() {
+        return Some(addr);
+    }
+    let g = gid.filter(|g| gid_serves_loopback(addr.ip(), *g))?;
+    Some(SocketAddr::new(g, addr.port()))
+}
+
+/// The reverse of [`loopback_to_gid`] for addresses reported to the application: on
+/// an endpoint opened on the loopback address `lo`, the device's own address `gid`
+/// reads as `lo` (the port kept); every other address is unchanged.
+pub fn gid_to_loopback(addr: SocketAddr, gid: Option<IpAddr>, lo: Option<IpAddr>) -> SocketAddr {
+    match (gid, lo) {
+        (Some(g), Some(l)) if addr.ip() == g => SocketAddr::new(l, addr.port()),
+        _ => addr,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +306,16 @@ mod tests {
             CqErrorKind::LocalProtection
         );
         assert_eq!(cq_error_kind(999), CqErrorKind::Other);
+        // Receives: too long a message (hardware, rxe), a refused request of the peer.
+        for (status, kind) in [
+            (wc::LOC_LEN_ERR, CqErrorKind::Truncated),
+            (wc::LOC_QP_OP_ERR, CqErrorKind::Truncated),
+            (wc::REM_ACCESS_ERR, CqErrorKind::Canceled),
+            (wc::WR_FLUSH_ERR, CqErrorKind::Canceled),
+            (wc::RETRY_EXC_ERR, CqErrorKind::RetryExceeded),
+        ] {
+            assert_eq!(recv_error_kind(status), kind, "receive, status {status}");
+        }
         assert_eq!(shutdown_cause(wc::SUCCESS), None);
         assert_eq!(shutdown_cause(wc::WR_FLUSH_ERR), None);
         assert_eq!(
@@ -326,5 +401,34 @@ mod tests {
             ),
             (7, 64, 4, 0)
         );
+    }
+    #[test]
+    fn loopback_is_the_gid_s_address() {
+        let v4: IpAddr = "192.168.100.2".parse().unwrap();
+        let ll: IpAddr = "fe80::5054:ff:fe12:3456".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:7471".parse().unwrap();
+        assert_eq!(gid_ip("RoCEv2 port 1 gid 1 (192.168.100.2)"), Some(v4));
+        assert_eq!(gid_ip("IB port 1 gid 0"), None);
+        assert_eq!(
+            loopback_to_gid(lo, Some(v4)),
+            Some("192.168.100.2:7471".parse().unwrap())
+        );
+        assert_eq!(loopback_to_gid(lo, Some(ll)), None);
+        assert_eq!(loopback_to_gid(lo, None), None);
+        assert!(!gid_serves_loopback("::1".parse().unwrap(), ll));
+        assert!(gid_serves_loopback(
+            "::1".parse().unwrap(),
+            "fd00::2".parse().unwrap()
+        ));
+        let other: SocketAddr = "10.0.0.9:1".parse().unwrap();
+        assert_eq!(loopback_to_gid(other, None), Some(other));
+        let own: SocketAddr = "192.168.100.2:9".parse().unwrap();
+        let l = Some(lo.ip());
+        assert_eq!(
+            gid_to_loopback(own, Some(v4), l),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert_eq!(gid_to_loopback(other, Some(v4), l), other);
+        assert_eq!(gid_to_loopback(own, Some(v4), None), own);
     }
 }

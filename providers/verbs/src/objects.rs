@@ -5,7 +5,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -43,7 +43,7 @@ fn os_err(what: &str) -> Error {
     Error::from(std::io::Error::last_os_error()).context(what)
 }
 
-fn not_connected(why: impl Into<String>) -> Error {
+fn not_connected(why: impl Into<std::borrow::Cow<'static, str>>) -> Error {
     Error::new(ErrorKind::NotConnected, why)
 }
 
@@ -233,6 +233,21 @@ impl VFabric {
     }
 }
 
+/// The address to bind or resolve for `addr`: loopback becomes the answer's GID
+/// address (see [`mapping::loopback_to_gid`]).
+fn loopback_bind(addr: SocketAddr, gid: Option<IpAddr>) -> Result<SocketAddr> {
+    mapping::loopback_to_gid(addr, gid).ok_or_else(|| {
+        Error::new(
+            ErrorKind::AddressNotAvailable,
+            format!(
+                "{addr}: rdma_cm cannot use loopback; the provider uses the device's own \
+                 address of that family instead, and this answer's GID ({}) is not one",
+                gid.map_or("InfiniBand".to_string(), |g| g.to_string())
+            ),
+        )
+    })
+}
+
 fn downcast_eq(eq: &Arc<dyn EqOps>) -> Result<Arc<EqInner>> {
     eq.as_any()
         .downcast_ref::<VEq>()
@@ -305,12 +320,21 @@ impl FabricOps for VFabric {
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq)?;
+        let addr = info
+            .src_addr
+            .as_ref()
+            .and_then(Address::as_inet)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let gid = mapping::gid_ip(&info.fabric_name);
+        let bind = loopback_bind(addr, gid)?;
         let inner = Arc::new_cyclic(|w: &Weak<PepInner>| {
             let key = self.shared.key(Target::Pep(w.clone()));
             PepInner {
                 fid: Fid::next(),
                 key,
                 id: Mutex::new(None),
+                gid,
+                lo: addr.ip().is_loopback().then_some(addr.ip()),
                 info: info.clone(),
                 eq,
                 shared: self.shared.clone(),
@@ -318,15 +342,10 @@ impl FabricOps for VFabric {
         });
         let id = CmId::create(&self.shared.channel, inner.key)
             .map_err(|e| Error::from(e).context("rdma_create_id"))?;
-        let addr = info
-            .src_addr
-            .as_ref()
-            .and_then(Address::as_inet)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut sa = sys::to_sockaddr(addr);
+        let mut sa = sys::to_sockaddr(bind);
         // SAFETY: id is live; sa is a valid sockaddr of its family.
         if unsafe { rdma_bind_addr(id.0, (&mut sa as *mut libc::sockaddr_storage).cast()) } != 0 {
-            return Err(os_err(&format!("rdma_bind_addr {addr}")));
+            return Err(os_err(&format!("rdma_bind_addr {bind} (for {addr})")));
         }
         *inner.id.lock() = Some(id);
         Ok(Arc::new(VPep { inner }))
@@ -401,12 +420,27 @@ impl DomainShared {
                 if let (Some(ep), Some(cause)) = (&ep, mapping::shutdown_cause(status)) {
                     ep.fail(cause);
                 }
-                let what = if op.recv { "receive" } else { "operation" };
+                let (kind, what) = if op.recv {
+                    let k = mapping::recv_error_kind(status);
+                    match k {
+                        fabric_core::CqErrorKind::Canceled if status != wc::WR_FLUSH_ERR => (
+                            k,
+                            "receive flushed: this side refused the peer's request and the \
+                             connection ended",
+                        ),
+                        fabric_core::CqErrorKind::Truncated => {
+                            (k, "receive: the message is longer than the receive")
+                        }
+                        _ => (k, "receive"),
+                    }
+                } else {
+                    (mapping::cq_error_kind(status), "operation")
+                };
                 let e = CqError::new(
-                    mapping::cq_error_kind(status),
+                    kind,
                     vendor as i32,
                     format!(
-                        "{what}: {} (ibv_wc_status {status})",
+                        "{what} ({}, ibv_wc_status {status})",
                         sys::wc_status_str(status)
                     ),
                 );
@@ -563,8 +597,18 @@ impl DomainOps for VDomain {
             eq,
             limits: info.limits,
             src: info.src_addr.as_ref().and_then(Address::as_inet),
+            gid: mapping::gid_ip(&info.fabric_name),
             tx_outstanding: AtomicUsize::new(0),
-            st: Mutex::new(EpState::default()),
+            st: Mutex::new(EpState {
+                // An accepted connection's request says loopback where the listener was.
+                lo: info
+                    .src_addr
+                    .as_ref()
+                    .and_then(Address::as_inet)
+                    .map(|a| a.ip())
+                    .filter(IpAddr::is_loopback),
+                ..EpState::default()
+            }),
         });
         if let Some(h) = info.conn_handle() {
             let req = h.0.downcast_ref::<PendingConn>().ok_or_else(|| {
@@ -724,6 +768,10 @@ pub(crate) struct PepInner {
     fid: Fid,
     key: u64,
     id: Mutex<Option<CmId>>,
+    /// The answer's GID address.
+    gid: Option<IpAddr>,
+    /// The loopback address the application listens on (bound as `gid`).
+    lo: Option<IpAddr>,
     info: Info,
     eq: Arc<EqInner>,
     shared: Arc<Shared>,
@@ -731,9 +779,20 @@ pub(crate) struct PepInner {
 
 impl PepInner {
     fn on_request(&self, id: CmId, raw: &[u8]) {
+        let peer = id.peer_addr();
+        if self.lo.is_some() && peer.is_some_and(|p| Some(p.ip()) != self.gid) {
+            // A listener on loopback is bound to the GID's address, which other
+            // machines can reach: only this machine may connect, as on loopback.
+            debug!("verbs: request from {peer:?} to a loopback listener refused");
+            drop(PendingConn {
+                id: Mutex::new(Some(id)),
+            });
+            return;
+        }
         let mut info = self.info.clone();
-        info.src_addr = id.local_addr().map(Address::Inet);
-        info.dest_addr = id.peer_addr().map(Address::Inet);
+        let show = |a: SocketAddr| Address::Inet(mapping::gid_to_loopback(a, self.gid, self.lo));
+        info.src_addr = id.local_addr().map(show);
+        info.dest_addr = peer.map(show);
         if let Some(name) = sys::cm_devices()
             .into_iter()
             .find(|c| c.0 == id.verbs())
@@ -778,7 +837,7 @@ impl PassiveEndpointOps for VPep {
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         id.local_addr()
-            .map(Address::Inet)
+            .map(|a| Address::Inet(mapping::gid_to_loopback(a, self.inner.gid, self.inner.lo)))
             .ok_or_else(|| Error::invalid("the listener has no address"))
     }
     fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
@@ -821,6 +880,9 @@ enum Phase {
 #[derive(Default)]
 struct EpState {
     id: Option<CmId>,
+    /// The loopback address the application connected from or to (see
+    /// [`mapping::loopback_to_gid`]): the GID's address reads as it.
+    lo: Option<IpAddr>,
     phase: Phase,
     cause: Option<ShutdownReason>,
     connect_data: Vec<u8>,
@@ -842,6 +904,8 @@ pub(crate) struct EpInner {
     eq: Arc<EqInner>,
     limits: fabric_core::Limits,
     src: Option<SocketAddr>,
+    /// The answer's GID address.
+    gid: Option<IpAddr>,
     tx_outstanding: AtomicUsize,
     st: Mutex<EpState>,
 }
@@ -1309,13 +1373,21 @@ impl EndpointOps for VEp {
                 "connect: the endpoint is already connecting or connected",
             ));
         }
-        let id = CmId::create(&ep.domain.fabric.channel, ep.key)
-            .map_err(|e| Error::from(e).context("rdma_create_id"))?;
-        let mut d = sys::to_sockaddr(dst);
-        let mut s = ep
+        let lo = [Some(dst), ep.src]
+            .into_iter()
+            .flatten()
+            .map(|a| a.ip())
+            .find(IpAddr::is_loopback);
+        let to = loopback_bind(dst, ep.gid)?;
+        let from = ep
             .src
             .filter(|s| !s.ip().is_unspecified())
-            .map(sys::to_sockaddr);
+            .map(|s| loopback_bind(s, ep.gid))
+            .transpose()?;
+        let id = CmId::create(&ep.domain.fabric.channel, ep.key)
+            .map_err(|e| Error::from(e).context("rdma_create_id"))?;
+        let mut d = sys::to_sockaddr(to);
+        let mut s = from.map(sys::to_sockaddr);
         let sp = s.as_mut().map_or(ptr::null_mut(), |s| {
             (s as *mut libc::sockaddr_storage).cast()
         });
@@ -1329,9 +1401,10 @@ impl EndpointOps for VEp {
             )
         } != 0
         {
-            return Err(os_err(&format!("rdma_resolve_addr {dst}")));
+            return Err(os_err(&format!("rdma_resolve_addr {to} (for {dst})")));
         }
         st.id = Some(id);
+        st.lo = lo;
         st.connect_data = framed;
         st.phase = Phase::Resolving;
         Ok(())
@@ -1379,23 +1452,23 @@ impl EndpointOps for VEp {
     }
 
     fn local_addr(&self) -> Option<Address> {
-        self.inner
-            .st
-            .lock()
-            .id
-            .as_ref()
-            .and_then(CmId::local_addr)
-            .map(Address::Inet)
+        let st = self.inner.st.lock();
+        let a = st.id.as_ref().and_then(CmId::local_addr)?;
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
     }
 
     fn peer_addr(&self) -> Option<Address> {
-        self.inner
-            .st
-            .lock()
-            .id
-            .as_ref()
-            .and_then(CmId::peer_addr)
-            .map(Address::Inet)
+        let st = self.inner.st.lock();
+        let a = st.id.as_ref().and_then(CmId::peer_addr)?;
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
     }
 
     fn post_send(&self, req: SendRequest) -> Result<()> {

@@ -68,11 +68,10 @@ mod with_verbs {
     use super::*;
     use crate::sys;
     use fabric_core::{Address, EpType, Hints, MrMode};
-    use std::net::{IpAddr, SocketAddr};
+    use std::net::SocketAddr;
 
     /// One answer: a device, an active port, a GID.
     pub(crate) fn answers() -> Vec<Info> {
-        let direct = raw_commit_declared();
         let mut out = Vec::new();
         for ctx in sys::cm_devices() {
             let dev = match sys::query(ctx) {
@@ -97,9 +96,11 @@ mod with_verbs {
                     if ip.is_none() && !ib {
                         continue;
                     }
+                    // RMA_PMEM is in every offer so that hints asking for it reach
+                    // `check`, which states why it is not offered (check_pmem).
                     let mut i = Info::new(
                         "verbs",
-                        caps(direct),
+                        caps(true),
                         EpType::Msg,
                         crate::mapping::limits(&port.limits),
                     );
@@ -120,12 +121,6 @@ mod with_verbs {
         out
     }
 
-    /// The GID address an answer was made for (from its fabric name).
-    fn gid_ip(info: &Info) -> Option<IpAddr> {
-        let s = info.fabric_name.rsplit_once('(')?.1.strip_suffix(')')?;
-        s.parse().ok()
-    }
-
     impl Provider for VerbsProvider {
         fn name(&self) -> &'static str {
             "verbs"
@@ -139,8 +134,9 @@ mod with_verbs {
         fn offers(&self) -> Vec<Info> {
             answers()
         }
-        fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
-            check_source(info, gid_ip(info))
+        fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+            check_pmem(hints.caps, info, raw_commit_declared())?;
+            check_source(info, crate::mapping::gid_ip(&info.fabric_name))
         }
         fn open_fabric(&self, info: &Info) -> Result<Arc<dyn FabricOps>> {
             Ok(Arc::new(crate::objects::VFabric::open(info)?))
@@ -149,27 +145,69 @@ mod with_verbs {
 }
 
 /// An answer made for the GID address `gid` keeps a hint's source address only if it
-/// is that address, the unspecified address or loopback (rdma_cm binds loopback to a
-/// device of its choice).
+/// is that address, the unspecified address or loopback. A loopback source or
+/// destination is served by the GID's own address (see
+/// [`mapping::loopback_to_gid`](crate::mapping::loopback_to_gid)), so for one the
+/// answer's GID must be of the same family and not link-local; a destination of the
+/// other family than the GID's is not reached from it either.
 pub fn check_source(
     info: &mut Info,
     gid: Option<std::net::IpAddr>,
 ) -> std::result::Result<(), String> {
-    let Some(src) = info
-        .src_addr
-        .as_ref()
-        .and_then(fabric_core::Address::as_inet)
-    else {
-        return Ok(());
-    };
-    let ip = src.ip();
-    match gid {
-        Some(g) if g != ip && !ip.is_unspecified() && !ip.is_loopback() => Err(format!(
-            "source address {ip} is not on {} ({})",
-            info.domain_name, info.fabric_name
-        )),
-        _ => Ok(()),
+    let inet =
+        |a: &Option<fabric_core::Address>| a.as_ref().and_then(fabric_core::Address::as_inet);
+    let on = || format!("{} ({})", info.domain_name, info.fabric_name);
+    if let Some(src) = inet(&info.src_addr) {
+        let ip = src.ip();
+        match gid {
+            Some(g) if g != ip && !ip.is_unspecified() && !ip.is_loopback() => {
+                return Err(format!("source address {ip} is not on {}", on()))
+            }
+            _ => {}
+        }
     }
+    let Some(g) = gid else { return Ok(()) };
+    for a in [inet(&info.src_addr), inet(&info.dest_addr)]
+        .into_iter()
+        .flatten()
+    {
+        let ip = a.ip();
+        if ip.is_loopback() && !crate::mapping::gid_serves_loopback(ip, g) {
+            return Err(format!(
+                "loopback {ip} is served by the device's own address of its family; {} is not one",
+                on()
+            ));
+        }
+        if !ip.is_unspecified() && ip.is_ipv4() != g.is_ipv4() {
+            return Err(format!("address {ip} is of another family than {}", on()));
+        }
+    }
+    Ok(())
+}
+
+/// Why verbs does not offer `RMA_PMEM` unless the operator states
+/// [`DIRECT_PMEM_ENV`].
+pub const NO_PMEM: &str = "RMA_PMEM is not offered: COMMIT on verbs is the writes and \
+    then a read-after-write, which is durable only where the target platform puts NIC \
+    writes into its persistence domain (DDIO off with ADR, or eADR); state that with \
+    VERBS_DIRECT_PMEM=1. Even then verbs cannot refuse a COMMIT into a region not \
+    registered PMEM (the target NIC does not know), and this build has no IB FLUSH";
+
+/// Without the operator's statement ([`raw_commit_declared`]) an answer loses
+/// `RMA_PMEM`, and hints that ask for it are rejected with [`NO_PMEM`].
+pub fn check_pmem(
+    want: Caps,
+    info: &mut Info,
+    direct_pmem: bool,
+) -> std::result::Result<(), String> {
+    if direct_pmem {
+        return Ok(());
+    }
+    if want.contains(Caps::RMA_PMEM) {
+        return Err(NO_PMEM.into());
+    }
+    info.caps.remove(Caps::RMA_PMEM);
+    Ok(())
 }
 
 /// The verbs provider, for [`Registry::register`](fabric_core::Registry::register).
@@ -189,6 +227,18 @@ mod tests {
     }
 
     #[test]
+    fn pmem_rejected_with_the_reason_unless_stated() {
+        let mut i = Info::new("verbs", caps(true), EpType::Msg, Limits::DEFAULT);
+        let e = check_pmem(Caps::MSG | Caps::RMA_PMEM, &mut i, false).unwrap_err();
+        assert!(e.contains("VERBS_DIRECT_PMEM=1"), "{e}");
+        check_pmem(Caps::MSG, &mut i, false).unwrap();
+        assert!(!i.caps.contains(Caps::RMA_PMEM));
+        let mut i = Info::new("verbs", caps(true), EpType::Msg, Limits::DEFAULT);
+        check_pmem(Caps::RMA_PMEM, &mut i, true).unwrap();
+        assert!(i.caps.contains(Caps::RMA_PMEM));
+    }
+
+    #[test]
     fn source_addresses_must_be_the_gid_s() {
         let mut i = Info::new("verbs", CAPS, EpType::Msg, Limits::DEFAULT);
         i.domain_name = "rxe0".into();
@@ -201,6 +251,17 @@ mod tests {
         i.src_addr = Some(Address::Inet("10.9.9.9:0".parse().unwrap()));
         let e = check_source(&mut i, gid).unwrap_err();
         assert!(e.contains("not on rxe0"), "{e}");
+        // Loopback and IPv4 destinations need an IPv4 GID; link-local cannot serve.
+        i.src_addr = None;
+        i.dest_addr = Some(Address::Inet("127.0.0.1:9".parse().unwrap()));
+        assert!(check_source(&mut i, gid).is_ok());
+        i.fabric_name = "RoCEv2 port 1 gid 0 (fe80::1)".into();
+        let ll = Some("fe80::1".parse().unwrap());
+        let e = check_source(&mut i, ll).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        i.dest_addr = Some(Address::Inet("10.0.2.16:9".parse().unwrap()));
+        let e = check_source(&mut i, ll).unwrap_err();
+        assert!(e.contains("another family"), "{e}");
     }
 
     /// On a host without RDMA devices (this one: no /sys/class/infiniband), getinfo
