@@ -99,7 +99,17 @@ impl TargetProc {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let status = self.child.wait().expect("wait");
-        let rest = self.lines.try_iter().collect();
+        // The reader thread may still be passing on the last lines: take them until it
+        // sees the end of the pipe (bounded).
+        let mut rest = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => rest.push(l),
+                Err(_) => break,
+            }
+        }
         (status.success(), rest)
     }
 }
