@@ -27,12 +27,10 @@ rc=$(cat /tmp/conf.rc)
 # Cases that fail on verbs for a reason only a suite change can address (reported;
 # see providers/verbs crate docs). Any other failure fails the step; a known one that
 # passes is printed so that it can be taken off this list.
-KNOWN="msg/size_max msg/after_truncation errors/writedata_bad_key"
+KNOWN="msg/after_truncation"
 known_reason() {
   case $1 in
-    msg/size_max) echo "the case posts a receive of max_msg_size + 64 bytes, which fabric-core refuses at post; rxe's max_msg_size (8 MiB) is below the case's 64 MiB cap";;
     msg/after_truncation) echo "RC cannot truncate: the too-short receive fails Truncated and the QP goes to error, which ends the connection; the suite has no way for a provider to declare that";;
-    errors/writedata_bad_key) echo "the refusal ends the connection, which flushes the target's posted receive (Canceled) as the semantics say; this case expects no completion (the suite of branch tcp-work expects the flush)";;
   esac
 }
 summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' /tmp/conf.out | tail -1)
