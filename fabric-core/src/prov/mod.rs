@@ -17,5 +17,5 @@ pub mod sgl;
 
 pub use key_map::{AccessError, AddrMode, KeyMap, Need, Registration, RemoteRange};
 #[cfg(target_os = "linux")]
-pub use queue::{start_progress_thread, Progress, ProviderCq, ProviderEq};
+pub use queue::{start_progress_thread, Progress, ProviderCq, ProviderEq, PROGRESS_THREAD_TICK};
 pub use sgl::{Cursor, ScatterList};

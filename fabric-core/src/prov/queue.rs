@@ -36,9 +36,15 @@ pub trait Progress: Send + Sync + 'static {
     fn start_auto(self: &Arc<Self>);
 }
 
+/// How long the progress thread sleeps at most between two looks at whether its engine
+/// is still alive (it holds the engine while it sleeps).
+pub const PROGRESS_THREAD_TICK: Duration = Duration::from_millis(100);
+
 /// Starts the background progress thread of `engine` once (`started` is the engine's
-/// flag): it sleeps until activity and progresses, until the engine is dropped.
-/// Returns false (and clears the flag) when the thread cannot be started.
+/// flag): it sleeps until activity (at most [`PROGRESS_THREAD_TICK`]) and progresses,
+/// until the engine is dropped; between rounds it holds only a weak reference, so the
+/// engine is released at most one tick after its last user. Returns false (and clears
+/// the flag) when the thread cannot be started.
 pub fn start_progress_thread<P: Progress>(
     engine: &Arc<P>,
     started: &AtomicBool,
@@ -52,7 +58,7 @@ pub fn start_progress_thread<P: Progress>(
         .name(name.to_string())
         .spawn(move || {
             while let Some(p) = weak.upgrade() {
-                p.sleep(None, None);
+                p.sleep(None, Some(Instant::now() + PROGRESS_THREAD_TICK));
                 p.poll_full();
             }
         });

@@ -1,20 +1,23 @@
 //! The progress engine of a fabric: every socket of its endpoints, listeners and
 //! half-open connections, one epoll set, and one lock.
 //!
-//! Manual progress: reading a completion queue calls [`Engine::poll`], which tries the
+//! Manual progress: reading a completion queue calls the engine's [`poll`](prov::Progress::poll), which tries the
 //! lock (a thread already progressing is enough), receives directly on each connection
 //! when there are few (one system call per connection, no epoll round trip), and
 //! consults epoll only for listeners, connects in progress and blocked writes.
 //! Blocking reads sleep in `poll(2)` on the epoll descriptor and the queue's eventfd,
-//! never holding the lock. [`Progress::Auto`](fabric_core::Progress::Auto) and async
-//! waiters start a background thread that sleeps in `epoll_wait`.
+//! never holding the lock. The engine is the [`prov::Progress`] of the provider's
+//! queues ([`prov::ProviderCq`], [`prov::ProviderEq`]);
+//! [`Progress::Auto`](fabric_core::Progress::Auto) and async waiters start the shared
+//! background thread ([`prov::start_progress_thread`]), which sleeps in `poll(2)` on
+//! the epoll descriptor.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::os::fd::{AsFd, RawFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fabric_core::{
@@ -26,14 +29,13 @@ use tracing::{debug, warn};
 use crate::conn::{Conn, ConnState, EventQueueShared};
 use crate::sys::{self, Epoll, EpollEvent, Interest};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
-use fabric_core::wait::{poll_readable, EventFd, WaitQueue};
+use fabric_core::prov;
+use fabric_core::wait::{poll_readable, WaitQueue};
 
 /// Connections up to which manual progress receives directly instead of asking epoll.
 const DIRECT_MAX: usize = 4;
 /// Manual progress consults epoll at least every this many polls (for listeners).
 const EPOLL_EVERY: u32 = 64;
-/// Token of the stop eventfd in the epoll set.
-const STOP_TOKEN: u64 = 0;
 
 /// Bounds on what a listener holds for peers that have not finished their handshake.
 #[derive(Debug, Clone, Copy)]
@@ -110,25 +112,11 @@ pub(crate) struct EngineState {
     paused: bool,
 }
 
-/// Shared between the engine and its background thread.
-struct Waker {
-    epoll: Epoll,
-    stop_fd: EventFd,
-    stop: AtomicBool,
-}
-
 /// The progress engine of one fabric.
 pub(crate) struct Engine {
     state: Mutex<EngineState>,
-    waker: Arc<Waker>,
+    epoll: Epoll,
     auto: AtomicBool,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.waker.stop.store(true, Ordering::Release);
-        self.waker.stop_fd.signal();
-    }
 }
 
 impl Engine {
@@ -137,11 +125,6 @@ impl Engine {
     }
 
     pub(crate) fn with_limits(limits: ListenLimits) -> io::Result<Arc<Engine>> {
-        let epoll = Epoll::new()?;
-        let stop_fd = EventFd::new()?;
-        // SAFETY: the eventfd lives in the Waker next to the epoll set, as long as it.
-        let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop_fd.raw()) };
-        epoll.add(stop, STOP_TOKEN, Interest::IN)?;
         Ok(Arc::new(Engine {
             state: Mutex::new(EngineState {
                 conns: HashMap::new(),
@@ -152,11 +135,7 @@ impl Engine {
                 limits,
                 paused: false,
             }),
-            waker: Arc::new(Waker {
-                epoll,
-                stop_fd,
-                stop: AtomicBool::new(false),
-            }),
+            epoll: Epoll::new()?,
             auto: AtomicBool::new(false),
         }))
     }
@@ -164,54 +143,7 @@ impl Engine {
     /// Runs `f` on the state under the lock.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut EngineState, &Epoll) -> R) -> R {
         let mut st = self.state.lock();
-        f(&mut st, &self.waker.epoll)
-    }
-
-    /// Manual progress from a completion-queue read: cheap, skipped when another thread
-    /// holds the lock.
-    pub(crate) fn poll(&self) {
-        if let Some(mut st) = self.state.try_lock() {
-            st.progress(&self.waker.epoll, false);
-        }
-    }
-
-    /// Full progress (event-queue reads, blocking waits): also consults epoll.
-    pub(crate) fn poll_full(&self) {
-        let mut st = self.state.lock();
-        st.progress(&self.waker.epoll, true);
-    }
-
-    /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
-    /// until `deadline`.
-    pub(crate) fn sleep(&self, queue_fd: std::os::fd::RawFd, deadline: Option<Instant>) {
-        // Timers of the engine itself (accept backoff, half-open ages, lingering
-        // closes) are not in the epoll set: wake for them too.
-        let timer = match self.state.try_lock() {
-            Some(st) => st.next_timer(),
-            None => Some(Instant::now() + Duration::from_millis(10)),
-        };
-        let wake = match (deadline, timer) {
-            (Some(d), Some(t)) => Some(d.min(t)),
-            (d, t) => d.or(t),
-        };
-        let left = wake.map(|d| d.saturating_duration_since(Instant::now()));
-        poll_readable(&[self.waker.epoll.raw(), queue_fd], left);
-    }
-
-    /// Starts the background progress thread (once).
-    pub(crate) fn ensure_auto(self: &Arc<Self>) {
-        if self.auto.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak: Weak<Engine> = Arc::downgrade(self);
-        let waker = self.waker.clone();
-        let r = std::thread::Builder::new()
-            .name("fabric-tcp-progress".into())
-            .spawn(move || auto_progress(weak, waker));
-        if let Err(e) = r {
-            warn!("cannot start the progress thread: {e}");
-            self.auto.store(false, Ordering::Release);
-        }
+        f(&mut st, &self.epoll)
     }
 
     /// Registers a listening socket.
@@ -241,7 +173,7 @@ impl Engine {
             .get_mut(&fid.0)
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         if !l.listening {
-            self.waker.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
+            self.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
             l.listening = true;
         }
         Ok(())
@@ -264,26 +196,46 @@ impl Engine {
     }
 }
 
-fn auto_progress(weak: Weak<Engine>, waker: Arc<Waker>) {
-    let mut events: Vec<EpollEvent> = Vec::with_capacity(64);
-    debug!("progress thread started");
-    loop {
-        if waker.stop.load(Ordering::Acquire) {
-            break;
+impl prov::Progress for Engine {
+    /// Manual progress from a completion-queue read: cheap, skipped when another
+    /// thread holds the lock.
+    fn poll(&self) {
+        if let Some(mut st) = self.state.try_lock() {
+            st.progress(&self.epoll, false);
         }
-        if let Err(e) = waker.epoll.wait(&mut events, 1000) {
-            warn!("epoll_wait failed in the progress thread: {e}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let Some(engine) = weak.upgrade() else { break };
-        {
-            let mut st = engine.state.lock();
-            st.dispatch_events(&waker.epoll, &events);
-            st.progress(&waker.epoll, false);
-        }
-        drop(engine);
     }
-    debug!("progress thread stopped");
+
+    /// Full progress (event-queue reads, blocking waits, the progress thread): also
+    /// consults epoll.
+    fn poll_full(&self) {
+        let mut st = self.state.lock();
+        st.progress(&self.epoll, true);
+    }
+
+    /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
+    /// until `deadline`.
+    fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
+        // Timers of the engine itself (accept backoff, half-open ages, lingering
+        // closes) are not in the epoll set: wake for them too.
+        let timer = match self.state.try_lock() {
+            Some(st) => st.next_timer(),
+            None => Some(Instant::now() + Duration::from_millis(10)),
+        };
+        let wake = match (deadline, timer) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
+        };
+        let left = wake.map(|d| d.saturating_duration_since(Instant::now()));
+        match queue_fd {
+            Some(q) => poll_readable(&[self.epoll.raw(), q], left),
+            None => poll_readable(&[self.epoll.raw()], left),
+        }
+    }
+
+    /// Starts the background progress thread (once).
+    fn start_auto(self: &Arc<Self>) {
+        prov::start_progress_thread(self, &self.auto, "fabric-tcp-progress");
+    }
 }
 
 impl EngineState {
@@ -393,9 +345,6 @@ impl EngineState {
         for ev in events {
             let token = ev.token;
             let flags = ev.flags;
-            if token == STOP_TOKEN {
-                continue;
-            }
             if let Some(c) = self.conns.get_mut(&token) {
                 let r = if c.state == ConnState::Connecting {
                     finish_connect(c)
@@ -572,6 +521,7 @@ pub(crate) fn new_event_queue() -> io::Result<Arc<EventQueueShared>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fabric_core::prov::Progress as _;
     use fabric_core::EpType;
     use std::io::{Read, Write};
 

@@ -4,16 +4,14 @@
 use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::task::Waker;
-use std::time::Duration;
 
+use fabric_core::prov::{Progress as _, ProviderCq, ProviderEq};
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
 };
 use fabric_core::{
-    Access, Address, CompFlags, Completion, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info,
-    MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest,
-    SendRequest,
+    Access, Address, CompFlags, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info, MemoryBacking,
+    MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest, SendRequest,
 };
 use tracing::debug;
 
@@ -35,7 +33,7 @@ impl TcpFabric {
     pub(crate) fn open(info: &Info) -> Result<TcpFabric> {
         let engine = Engine::new()?;
         if info.progress == Progress::Auto {
-            engine.ensure_auto();
+            engine.start_auto();
         }
         Ok(TcpFabric { engine })
     }
@@ -52,7 +50,7 @@ impl TcpFabric {
 impl FabricOps for TcpFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
-            self.engine.ensure_auto();
+            self.engine.start_auto();
         }
         Ok(Arc::new(TcpDomain {
             engine: self.engine.clone(),
@@ -61,10 +59,10 @@ impl FabricOps for TcpFabric {
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(TcpEq {
-            queue: new_event_queue()?,
-            engine: self.engine.clone(),
-        }))
+        Ok(Arc::new(TcpEq::new(
+            new_event_queue()?,
+            self.engine.clone(),
+        )))
     }
 
     fn open_passive_ep(
@@ -104,10 +102,10 @@ fn downcast_eq(eq: &Arc<dyn EqOps>, engine: &Arc<Engine>) -> Result<Arc<WaitQueu
         .as_any()
         .downcast_ref::<TcpEq>()
         .ok_or_else(|| Error::invalid("the event queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(&eq.engine, engine) {
+    if !Arc::ptr_eq(eq.progress(), engine) {
         return Err(Error::invalid("the event queue belongs to another fabric"));
     }
-    Ok(eq.queue.clone())
+    Ok(eq.queue().clone())
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueue>> {
@@ -115,12 +113,12 @@ fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueu
         .as_any()
         .downcast_ref::<TcpCq>()
         .ok_or_else(|| Error::invalid("the completion queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(&cq.engine, engine) {
+    if !Arc::ptr_eq(cq.progress(), engine) {
         return Err(Error::invalid(
             "the completion queue belongs to another fabric",
         ));
     }
-    Ok(cq.queue.clone())
+    Ok(cq.queue().clone())
 }
 
 /// A domain: the key table of its registrations.
@@ -139,10 +137,10 @@ impl TcpDomain {
 
 impl DomainOps for TcpDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(TcpCq {
-            queue: Arc::new(WaitQueue::new()?),
-            engine: self.engine.clone(),
-        }))
+        Ok(Arc::new(TcpCq::new(
+            Arc::new(WaitQueue::new()?),
+            self.engine.clone(),
+        )))
     }
 
     fn register(
@@ -195,87 +193,10 @@ impl DomainOps for TcpDomain {
     }
 }
 
-/// The blocking read of completion and event queues over the engine.
-fn sread_loop<T>(
-    engine: &Engine,
-    queue: &WaitQueue<T>,
-    out: &mut Vec<T>,
-    max: usize,
-    timeout: Option<Duration>,
-) -> usize {
-    queue.sread(
-        out,
-        max,
-        timeout,
-        || engine.poll_full(),
-        |fd, deadline| engine.sleep(fd, deadline),
-    )
-}
-
-/// A completion queue.
-pub(crate) struct TcpCq {
-    queue: Arc<CompQueue>,
-    engine: Arc<Engine>,
-}
-
-impl CqOps for TcpCq {
-    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.engine.poll();
-        Ok(self.queue.pop_into(out, max))
-    }
-
-    fn sread(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        Ok(sread_loop(
-            &self.engine,
-            &self.queue,
-            out,
-            max.max(1),
-            timeout,
-        ))
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.engine.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
+/// A completion queue: the shared queue object over the engine.
+pub(crate) type TcpCq = ProviderCq<Engine>;
 /// An event queue.
-pub(crate) struct TcpEq {
-    queue: Arc<WaitQueue<Event>>,
-    engine: Arc<Engine>,
-}
-
-impl EqOps for TcpEq {
-    fn read(&self) -> Result<Option<Event>> {
-        self.engine.poll_full();
-        Ok(self.queue.pop())
-    }
-
-    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        let mut v = Vec::with_capacity(1);
-        sread_loop(&self.engine, &self.queue, &mut v, 1, timeout);
-        Ok(v.pop())
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.engine.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
+pub(crate) type TcpEq = ProviderEq<Engine>;
 
 /// A passive endpoint.
 pub(crate) struct TcpPep {

@@ -9,7 +9,6 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use fabric_core::provider::{
@@ -29,6 +28,7 @@ use super::memory::{KeyTable, OpMemory, SoftRoceMr};
 use super::sys;
 use super::Config;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
+use fabric_core::prov::{self, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::wait::WaitQueue;
 
 type EqQueue = WaitQueue<Event>;
@@ -185,27 +185,6 @@ impl Shared {
         }
     }
 
-    fn ensure_auto(self: &Arc<Self>) {
-        if self.auto.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let r = std::thread::Builder::new()
-            .name("softroce-progress".into())
-            .spawn(move || {
-                debug!("softroce progress thread started");
-                while let Some(s) = weak.upgrade() {
-                    s.sleep(None, None);
-                    s.progress(true);
-                }
-                debug!("softroce progress thread stopped");
-            });
-        if let Err(e) = r {
-            warn!("softroce: cannot start the progress thread: {e}");
-            self.auto.store(false, Ordering::Release);
-        }
-    }
-
     fn cm_progress(&self) {
         let mut cm = self.cm.lock();
         let CmState {
@@ -324,6 +303,21 @@ impl Shared {
     }
 }
 
+impl prov::Progress for Shared {
+    fn poll(&self) {
+        self.progress(false);
+    }
+    fn poll_full(&self) {
+        self.progress(true);
+    }
+    fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
+        Shared::sleep(self, queue_fd, deadline);
+    }
+    fn start_auto(self: &Arc<Self>) {
+        prov::start_progress_thread(self, &self.auto, "softroce-progress");
+    }
+}
+
 /// The fabric.
 pub(crate) struct SrFabric {
     shared: Arc<Shared>,
@@ -339,7 +333,7 @@ impl SrFabric {
             config,
         });
         if info.progress == Progress::Auto {
-            shared.ensure_auto();
+            shared.start_auto();
         }
         Ok(SrFabric { shared })
     }
@@ -360,8 +354,8 @@ fn downcast_eq(eq: &Arc<dyn EqOps>, shared: &Arc<Shared>) -> Result<Arc<EqQueue>
         .as_any()
         .downcast_ref::<SrEq>()
         .ok_or_else(|| Error::invalid("the event queue is not from the softroce provider"))?;
-    same(&eq.shared, shared, "event queue")?;
-    Ok(eq.queue.clone())
+    same(eq.progress(), shared, "event queue")?;
+    Ok(eq.queue().clone())
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>, shared: &Arc<Shared>) -> Result<Arc<CompQueue>> {
@@ -369,14 +363,14 @@ fn downcast_cq(cq: &Arc<dyn CqOps>, shared: &Arc<Shared>) -> Result<Arc<CompQueu
         .as_any()
         .downcast_ref::<SrCq>()
         .ok_or_else(|| Error::invalid("the completion queue is not from the softroce provider"))?;
-    same(&cq.shared, shared, "completion queue")?;
-    Ok(cq.queue.clone())
+    same(cq.progress(), shared, "completion queue")?;
+    Ok(cq.queue().clone())
 }
 
 impl FabricOps for SrFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
-            self.shared.ensure_auto();
+            self.shared.start_auto();
         }
         Ok(Arc::new(SrDomain {
             shared: self.shared.clone(),
@@ -385,10 +379,10 @@ impl FabricOps for SrFabric {
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(SrEq {
-            queue: Arc::new(WaitQueue::new()?),
-            shared: self.shared.clone(),
-        }))
+        Ok(Arc::new(SrEq::new(
+            Arc::new(WaitQueue::new()?),
+            self.shared.clone(),
+        )))
     }
 
     fn open_passive_ep(
@@ -445,10 +439,10 @@ pub(crate) struct SrDomain {
 
 impl DomainOps for SrDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(SrCq {
-            queue: Arc::new(WaitQueue::new()?),
-            shared: self.shared.clone(),
-        }))
+        Ok(Arc::new(SrCq::new(
+            Arc::new(WaitQueue::new()?),
+            self.shared.clone(),
+        )))
     }
 
     fn register(
@@ -521,87 +515,10 @@ impl DomainOps for SrDomain {
     }
 }
 
-/// The blocking read of completion and event queues over the devices.
-fn sread_loop<T>(
-    shared: &Shared,
-    queue: &WaitQueue<T>,
-    out: &mut Vec<T>,
-    max: usize,
-    timeout: Option<Duration>,
-) -> usize {
-    queue.sread(
-        out,
-        max,
-        timeout,
-        || shared.progress(true),
-        |fd, deadline| shared.sleep(Some(fd), deadline),
-    )
-}
-
-/// A completion queue.
-pub(crate) struct SrCq {
-    queue: Arc<CompQueue>,
-    shared: Arc<Shared>,
-}
-
-impl CqOps for SrCq {
-    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.shared.progress(false);
-        Ok(self.queue.pop_into(out, max))
-    }
-
-    fn sread(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        Ok(sread_loop(
-            &self.shared,
-            &self.queue,
-            out,
-            max.max(1),
-            timeout,
-        ))
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.shared.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
+/// A completion queue: the shared queue object over the fabric's progress.
+pub(crate) type SrCq = ProviderCq<Shared>;
 /// An event queue.
-pub(crate) struct SrEq {
-    queue: Arc<EqQueue>,
-    shared: Arc<Shared>,
-}
-
-impl EqOps for SrEq {
-    fn read(&self) -> Result<Option<Event>> {
-        self.shared.progress(true);
-        Ok(self.queue.pop())
-    }
-
-    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        let mut v = Vec::with_capacity(1);
-        sread_loop(&self.shared, &self.queue, &mut v, 1, timeout);
-        Ok(v.pop())
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.shared.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
+pub(crate) type SrEq = ProviderEq<Shared>;
 
 /// A passive endpoint.
 pub(crate) struct SrPep {
