@@ -19,9 +19,10 @@ use crate::conn::{
     wire_iovs, AfterTx, Body, CompQueue, Conn, ConnState, PendKind, Pending, Reporting, TxOp,
 };
 use crate::engine::{connect_failed, new_event_queue, ConnToken, Engine};
-use crate::mr::{KeyTable, MrEntry, TcpMr};
+use crate::mr::{self, TcpMr};
 use crate::sys;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
+use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
 /// The fabric: owns the progress engine.
@@ -54,7 +55,7 @@ impl FabricOps for TcpFabric {
         }
         Ok(Arc::new(TcpDomain {
             engine: self.engine.clone(),
-            keys: Arc::new(KeyTable::default()),
+            keys: Arc::new(mr::key_map(info.limits.mr_key_size)),
         }))
     }
 
@@ -121,16 +122,16 @@ fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueu
     Ok(cq.queue().clone())
 }
 
-/// A domain: the key table of its registrations.
+/// A domain: the key map of its registrations.
 pub(crate) struct TcpDomain {
     engine: Arc<Engine>,
-    keys: Arc<KeyTable>,
+    keys: Arc<KeyMap>,
 }
 
 impl TcpDomain {
     /// The key table (for the crate's tests).
     #[cfg(test)]
-    pub(crate) fn keys(&self) -> &Arc<KeyTable> {
+    pub(crate) fn keys(&self) -> &Arc<KeyMap> {
         &self.keys
     }
 }
@@ -151,13 +152,10 @@ impl DomainOps for TcpDomain {
     ) -> Result<Arc<dyn MrOps>> {
         // PMEM: fabric-core has checked that the memory can persist; COMMIT writes into
         // the region persist through MemoryBacking::persist before they are acked.
-        let key = self.keys.insert(MrEntry {
-            memory,
-            access,
-            flags,
-        });
+        let (key, base) = self.keys.insert(memory, access, flags);
         Ok(Arc::new(TcpMr {
             key,
+            base,
             table: self.keys.clone(),
         }))
     }

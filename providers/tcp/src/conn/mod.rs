@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use fabric_core::{Completion, CqErrorKind, Event, Fid, RecvRequest, ShutdownReason};
 use tracing::warn;
 
-use crate::mr::KeyTable;
 use crate::sys::{Epoll, Interest};
+use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
 mod framing;
@@ -141,7 +141,7 @@ pub(crate) struct Reporting {
     pub(crate) tx_cq: Arc<CompQueue>,
     pub(crate) rx_cq: Arc<CompQueue>,
     pub(crate) eq: Arc<EventQueueShared>,
-    pub(crate) keys: Arc<KeyTable>,
+    pub(crate) keys: Arc<KeyMap>,
 }
 
 /// One endpoint's connection.

@@ -13,9 +13,9 @@ use tracing::debug;
 use super::{
     Body, Conn, ConnState, Fatal, IovList, PendKind, Pending, Sink, Unexpected, RX_ROUNDS,
 };
-use crate::mr::RegionRange;
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
+use fabric_core::prov::RemoteRange;
 
 /// What to do once a payload has been received.
 pub(super) enum AfterRx {
@@ -37,7 +37,7 @@ pub(super) enum AfterRx {
         commit: bool,
         /// The checked target ranges; they also keep the memory alive while the
         /// payload streams in.
-        ranges: Vec<RegionRange>,
+        ranges: Vec<RemoteRange>,
     },
     ReadResp(Pending),
     ConnResp {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use fabric_core::Segment;
 
-use crate::mr::RegionRange;
 use crate::wire::MAX_RMA_IOV;
+use fabric_core::prov::RemoteRange;
 
 /// A pointer + length into memory that the owning operation keeps alive.
 #[derive(Clone, Copy)]
@@ -60,14 +60,14 @@ impl IovList {
         }
         l
     }
-    pub(super) fn from_ranges(r: &[RegionRange]) -> IovList {
+    pub(super) fn from_ranges(r: &[RemoteRange]) -> IovList {
         let mut l = IovList::new();
-        let uncached = r.iter().any(|x| x.uncached);
+        let uncached = r.iter().any(|x| x.uncached());
         for x in r {
-            if uncached && x.len > 0 {
-                l.nt.push((x.memory.clone(), x.offset));
+            if uncached && !x.is_empty() {
+                l.nt.push((x.memory().clone(), x.offset()));
             }
-            l.push(x.ptr(), x.len);
+            l.push(x.ptr(), x.len());
         }
         l
     }
