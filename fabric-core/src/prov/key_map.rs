@@ -357,6 +357,21 @@ impl KeyMap {
         })
     }
 
+    /// [`verify`](Self::verify) of the whole registration `key` (e.g. an IB FLUSH of a
+    /// memory region).
+    pub fn verify_region(
+        &self,
+        key: u64,
+        need: impl Into<Need>,
+    ) -> Result<RemoteRange, AccessError> {
+        let (base, len) = {
+            let map = self.map.read();
+            let reg = map.get(&key).ok_or(AccessError::BadKey)?;
+            (reg.base, reg.memory.len() as u64)
+        };
+        self.verify(key, base, len, need)
+    }
+
     /// [`verify`](Self::verify) for each of several (key, addr, len) ranges, all or
     /// nothing: the first refusal and its index.
     pub fn verify_all(
@@ -443,6 +458,16 @@ mod tests {
         assert_eq!(m.len(), 1000);
         let (k, _) = m.insert(mem, Access::REMOTE, MrFlags::empty());
         assert!(m.verify(k, ptr + 8, 56, Access::REMOTE_READ).is_ok());
+        let whole = m.verify_region(k, Access::REMOTE_READ).unwrap();
+        assert_eq!((whole.offset(), whole.len()), (0, 64));
+        assert_eq!(
+            m.verify_region(k ^ 1, Access::REMOTE_READ).unwrap_err(),
+            AccessError::BadKey
+        );
+        assert_eq!(
+            m.verify_region(k, Need::COMMIT).unwrap_err(),
+            AccessError::NotPmem
+        );
         assert_eq!(
             m.verify(k, ptr - 1, 1, Access::REMOTE_READ).unwrap_err(),
             AccessError::OutOfBounds

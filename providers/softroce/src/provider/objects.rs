@@ -24,10 +24,11 @@ use tracing::{debug, warn};
 
 use super::cm::{self, CmMsg, Kind};
 use super::device::{self, CompQueue, Device, QpOwner, QpSlot, Reporting};
-use super::memory::{KeyTable, OpMemory, SoftRoceMr};
+use super::memory::{self, OpMemory, SoftRoceMr};
 use super::sys;
 use super::Config;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
+use fabric_core::prov::KeyMap;
 use fabric_core::prov::{self, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::wait::WaitQueue;
 
@@ -374,7 +375,7 @@ impl FabricOps for SrFabric {
         }
         Ok(Arc::new(SrDomain {
             shared: self.shared.clone(),
-            keys: Arc::new(KeyTable::default()),
+            keys: Arc::new(memory::key_map()),
         }))
     }
 
@@ -434,7 +435,7 @@ impl FabricOps for SrFabric {
 /// A domain: its registrations.
 pub(crate) struct SrDomain {
     shared: Arc<Shared>,
-    keys: Arc<KeyTable>,
+    keys: Arc<KeyMap>,
 }
 
 impl DomainOps for SrDomain {
@@ -451,10 +452,10 @@ impl DomainOps for SrDomain {
         access: Access,
         flags: MrFlags,
     ) -> Result<Arc<dyn MrOps>> {
-        let base = memory.as_ptr() as u64;
-        let key = self.keys.insert(memory, access, flags);
+        let (key, base) = self.keys.insert(memory, access, flags);
         Ok(Arc::new(SoftRoceMr {
-            key,
+            // 4-byte keys (mr_key_size): the map hands out 32-bit values.
+            key: key as u32,
             base,
             table: self.keys.clone(),
         }))
@@ -614,7 +615,7 @@ struct EpCm {
 pub(crate) struct EpInner {
     fid: Fid,
     shared: Arc<Shared>,
-    table: Arc<KeyTable>,
+    table: Arc<KeyMap>,
     rep: Arc<Reporting>,
     eq: Arc<EqQueue>,
     qp: OnceLock<(Arc<Device>, u32)>,
