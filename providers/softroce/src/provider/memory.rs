@@ -2,7 +2,7 @@
 //! [`prov::KeyMap`](fabric_core::prov::KeyMap) whose one `verify` is the core's
 //! [`RemoteMemoryTable::verify`] ([`nak_of`] maps a refusal to its NAK code), verified
 //! ranges are [`RemoteRange`]s, and the local buffers of posted operations
-//! ([`LocalMemory`]) are fabric-core segments.
+//! ([`LocalMemory`]) are [`ScatterList`]s over fabric-core segments.
 //!
 //! Remote addresses are virtual addresses (`MrMode::VIRT_ADDR`, as in rxe): a region's
 //! base VA is its pointer.
@@ -10,7 +10,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use fabric_core::prov::{AccessError, AddrMode, KeyMap, Need, RemoteRange};
+use fabric_core::prov::{AccessError, AddrMode, KeyMap, Need, RemoteRange, ScatterList};
 use fabric_core::provider::MrOps;
 use fabric_core::{Access, Segment};
 
@@ -131,71 +131,17 @@ impl Drop for SoftRoceMr {
     }
 }
 
-/// The local data of one operation: the concatenation of its segments (a gather list
-/// for sends and writes, a scatter list for receives and reads), or bytes copied at
-/// the call (inject). Holding it holds the regions.
+/// The local data of one operation: its segments as one
+/// [`ScatterList`] (a gather list for sends and writes, a scatter list for receives
+/// and reads), or bytes copied at the call (inject). Holding it holds the regions.
 pub(crate) enum OpMemory {
     Inline(Vec<u8>),
-    Segments {
-        segs: Vec<Segment>,
-        /// Offset of each segment in the concatenation.
-        starts: Vec<u64>,
-        total: u64,
-    },
+    Segments(ScatterList),
 }
 
 impl OpMemory {
     pub(crate) fn segments(segs: Vec<Segment>) -> Self {
-        let mut starts = Vec::with_capacity(segs.len());
-        let mut total = 0u64;
-        for s in &segs {
-            starts.push(total);
-            total += s.len() as u64;
-        }
-        OpMemory::Segments {
-            segs,
-            starts,
-            total,
-        }
-    }
-
-    /// Calls `f(segment pointer, offset in the segment, offset in the buffer, n)` for
-    /// each piece of `[offset, offset + len)`.
-    fn pieces(
-        &self,
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(*mut u8, usize, usize),
-    ) -> Result<(), MemoryError> {
-        let OpMemory::Segments {
-            segs,
-            starts,
-            total,
-        } = self
-        else {
-            return Err(MemoryError::Unavailable);
-        };
-        let end = offset
-            .checked_add(len as u64)
-            .filter(|&e| e <= *total)
-            .ok_or(MemoryError::OutOfBounds)?;
-        let mut i = starts.partition_point(|&s| s <= offset).saturating_sub(1);
-        let mut pos = offset;
-        while pos < end && i < segs.len() {
-            let seg_start = starts[i];
-            let seg = &segs[i];
-            let within = (pos - seg_start) as usize;
-            let n = (seg.len() - within).min((end - pos) as usize);
-            if n > 0 {
-                // SAFETY: within + n <= seg.len(), and a Segment lies inside its region
-                // (its type invariant); the region is alive while the segment is.
-                let p = unsafe { seg.ptr().add(within) };
-                f(p, (pos - offset) as usize, n);
-            }
-            pos += n as u64;
-            i += 1;
-        }
-        Ok(())
+        OpMemory::Segments(ScatterList::local(segs))
     }
 }
 
@@ -203,33 +149,30 @@ impl LocalMemory for OpMemory {
     fn len(&self) -> u64 {
         match self {
             OpMemory::Inline(v) => v.len() as u64,
-            OpMemory::Segments { total, .. } => *total,
+            OpMemory::Segments(l) => l.len() as u64,
         }
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        if let OpMemory::Inline(v) = self {
-            let s = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
-            let src = s
-                .checked_add(buf.len())
-                .and_then(|e| v.get(s..e))
-                .ok_or(MemoryError::OutOfBounds)?;
-            buf.copy_from_slice(src);
-            return Ok(());
-        }
-        let dst = buf.as_mut_ptr();
-        self.pieces(offset, buf.len(), |p, at, n| {
-            // SAFETY: p is valid for n bytes (see `pieces`); at + n <= buf.len().
-            unsafe { std::ptr::copy_nonoverlapping(p, dst.add(at), n) }
-        })
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        let ok = match self {
+            OpMemory::Inline(v) => match at.checked_add(buf.len()).and_then(|e| v.get(at..e)) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            },
+            OpMemory::Segments(l) => l.copy_out(at, buf),
+        };
+        ok.then_some(()).ok_or(MemoryError::OutOfBounds)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
-        if let OpMemory::Inline(_) = self {
+        let OpMemory::Segments(l) = self else {
             return Err(MemoryError::Unavailable);
-        }
-        let src = data.as_ptr();
-        self.pieces(offset, data.len(), |p, at, n| {
-            // SAFETY: p is valid for n bytes; at + n <= data.len().
-            unsafe { std::ptr::copy_nonoverlapping(src.add(at), p, n) }
-        })
+        };
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        l.copy_in(at, data)
+            .then_some(())
+            .ok_or(MemoryError::OutOfBounds)
     }
 }

@@ -43,7 +43,7 @@ mod tests;
 pub(crate) use framing::{wire_iovs, AfterTx, Body, PendKind, Pending, TxOp};
 use matching::Unexpected;
 use parser::{AfterRx, Incoming, Phase, RxState};
-use sink::{IovList, Sink};
+use sink::Sink;
 
 /// Completions as the engine delivers them.
 pub(crate) type CompQueue = WaitQueue<Completion>;

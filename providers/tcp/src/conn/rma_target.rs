@@ -2,11 +2,11 @@
 //! for COMMIT) before a byte is touched, then placed or answered; a refused one ends
 //! the connection ([`Conn::refuse`]).
 
-use fabric_core::prov::{AccessError, Need, RemoteRange};
+use fabric_core::prov::{AccessError, Need, RemoteRange, ScatterList};
 use fabric_core::Access;
 use tracing::{debug, warn};
 
-use super::{AfterRx, AfterTx, Body, Conn, IovList, Sink, TxOp};
+use super::{AfterRx, AfterTx, Body, Conn, Sink, TxOp};
 use crate::mr;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA};
 
@@ -26,7 +26,7 @@ impl Conn {
         };
         match mr::check(&self.rep.keys, h.iovs(), need) {
             Ok(ranges) => {
-                let sink = Sink::Iov(IovList::from_ranges(&ranges));
+                let sink = Sink::list(ScatterList::remote(ranges.clone()));
                 self.expect(
                     sink,
                     size,
