@@ -388,6 +388,49 @@ impl KeyMap {
     }
 }
 
+/// A registration as a provider hands it to fabric-core: its key and remote address
+/// in a domain's [`KeyMap`]; dropping it removes the key.
+pub struct KeyedMr {
+    key: u64,
+    base: u64,
+    map: Arc<KeyMap>,
+}
+
+impl KeyedMr {
+    /// Registers `memory` in `map` ([`KeyMap::insert`]).
+    pub fn register(
+        map: &Arc<KeyMap>,
+        memory: Arc<dyn MemoryBacking>,
+        access: Access,
+        flags: MrFlags,
+    ) -> KeyedMr {
+        let (key, base) = map.insert(memory, access, flags);
+        KeyedMr {
+            key,
+            base,
+            map: map.clone(),
+        }
+    }
+}
+
+impl crate::provider::MrOps for KeyedMr {
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn base_addr(&self) -> u64 {
+        self.base
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for KeyedMr {
+    fn drop(&mut self) {
+        self.map.remove(self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +485,25 @@ mod tests {
         assert_eq!(
             r.write(15, b"123456").unwrap_err(),
             AccessError::OutOfBounds
+        );
+    }
+
+    #[test]
+    fn a_keyed_mr_removes_its_key_when_dropped() {
+        use crate::provider::MrOps;
+        let m = Arc::new(KeyMap::new(4, AddrMode::Virtual));
+        let mem = heap(16);
+        let ptr = mem.as_ptr() as u64;
+        let mr = KeyedMr::register(&m, mem, Access::REMOTE, MrFlags::empty());
+        assert_eq!(mr.base_addr(), ptr);
+        assert!(mr.key() <= u64::from(u32::MAX));
+        assert!(m.verify(mr.key(), ptr, 16, Access::REMOTE_READ).is_ok());
+        let k = mr.key();
+        drop(mr);
+        assert!(m.is_empty());
+        assert_eq!(
+            m.verify(k, ptr, 1, Access::REMOTE_READ).unwrap_err(),
+            AccessError::BadKey
         );
     }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cq::Completion;
 use crate::eq::Event;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::provider::{CqOps, EqOps};
 use crate::wait::WaitQueue;
 
@@ -110,6 +110,25 @@ impl<P: Progress> ProviderCq<P> {
     pub fn progress(&self) -> &Arc<P> {
         &self.progress
     }
+    /// The queue behind `cq` for an endpoint of `provider` bound with `progress`:
+    /// refused when `cq` is another provider's or another engine's.
+    pub fn queue_of(
+        cq: &Arc<dyn CqOps>,
+        progress: &Arc<P>,
+        provider: &str,
+    ) -> Result<Arc<WaitQueue<Completion>>> {
+        let cq = cq.as_any().downcast_ref::<Self>().ok_or_else(|| {
+            Error::invalid(format!(
+                "the completion queue is not from the {provider} provider"
+            ))
+        })?;
+        if !Arc::ptr_eq(&cq.progress, progress) {
+            return Err(Error::invalid(
+                "the completion queue belongs to another fabric",
+            ));
+        }
+        Ok(cq.queue.clone())
+    }
 }
 
 impl<P: Progress> CqOps for ProviderCq<P> {
@@ -152,6 +171,23 @@ impl<P: Progress> ProviderEq<P> {
     /// The progress engine.
     pub fn progress(&self) -> &Arc<P> {
         &self.progress
+    }
+    /// The queue behind `eq` for an object of `provider` opened with `progress`:
+    /// refused when `eq` is another provider's or another engine's.
+    pub fn queue_of(
+        eq: &Arc<dyn EqOps>,
+        progress: &Arc<P>,
+        provider: &str,
+    ) -> Result<Arc<WaitQueue<Event>>> {
+        let eq = eq.as_any().downcast_ref::<Self>().ok_or_else(|| {
+            Error::invalid(format!(
+                "the event queue is not from the {provider} provider"
+            ))
+        })?;
+        if !Arc::ptr_eq(&eq.progress, progress) {
+            return Err(Error::invalid("the event queue belongs to another fabric"));
+        }
+        Ok(eq.queue.clone())
     }
 }
 
@@ -241,6 +277,35 @@ mod tests {
         let t = Instant::now();
         assert!(q.sread(Some(Duration::from_millis(20))).unwrap().is_none());
         assert!(t.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn queue_of_accepts_only_this_engines_queues() {
+        let f = fake();
+        let other = fake();
+        let cq: Arc<dyn CqOps> = Arc::new(ProviderCq::new(f.cq.clone(), f.clone()));
+        let q = ProviderCq::queue_of(&cq, &f, "fake").unwrap();
+        assert!(Arc::ptr_eq(&q, &f.cq));
+        let e = ProviderCq::queue_of(&cq, &other, "fake").err().unwrap();
+        assert!(e.to_string().contains("another fabric"), "{e}");
+        let eq: Arc<dyn EqOps> = Arc::new(ProviderEq::new(
+            Arc::new(WaitQueue::new().unwrap()),
+            f.clone(),
+        ));
+        assert!(ProviderEq::queue_of(&eq, &f, "fake").is_ok());
+        assert!(ProviderEq::queue_of(&eq, &other, "fake").is_err());
+        // Another provider's queue (another engine type) is named as such.
+        struct Other;
+        impl Progress for Other {
+            fn poll(&self) {}
+            fn poll_full(&self) {}
+            fn sleep(&self, _: Option<RawFd>, _: Option<Instant>) {}
+            fn start_auto(self: &Arc<Self>) {}
+        }
+        let e = ProviderCq::queue_of(&cq, &Arc::new(Other), "other")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not from the other provider"), "{e}");
     }
 
     #[test]

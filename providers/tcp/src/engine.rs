@@ -20,9 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::{
-    Address, ConnHandle, ConnRequest, CqErrorKind, Error, ErrorKind, Event, Fid, Info,
-};
+use fabric_core::{Address, ConnRequest, CqErrorKind, Error, ErrorKind, Event, Fid, Info};
 use parking_lot::Mutex;
 use tracing::{debug, warn};
 
@@ -53,8 +51,8 @@ pub(crate) struct ListenLimits {
 impl Default for ListenLimits {
     fn default() -> Self {
         ListenLimits {
-            half_open_max: 128,
-            half_open_age: Duration::from_secs(10),
+            half_open_max: prov::HALF_OPEN_MAX,
+            half_open_age: prov::HALF_OPEN_AGE,
             accept_backoff: Duration::from_millis(100),
         }
     }
@@ -70,41 +68,25 @@ struct Listener {
     paused_until: Option<Instant>,
 }
 
-/// An accepted socket whose CONN_REQ is still arriving.
-struct HalfOpen {
+/// An accepted socket whose CONN_REQ is still arriving (in the capped, aged
+/// [`prov::HalfOpen`] set).
+struct Incoming {
     sock: TcpStream,
     buf: Vec<u8>,
     listener: Fid,
-    /// When it was accepted.
-    since: Instant,
 }
 
-/// The socket of a connection request, held by the request's [`ConnHandle`] until an
-/// endpoint adopts it (accept) or the passive endpoint rejects it.
-pub(crate) struct ConnToken {
-    pub(crate) sock: Mutex<Option<TcpStream>>,
-}
-
-impl ConnToken {
-    /// Takes the socket out of a connection request's info.
-    pub(crate) fn take(info: &Info) -> fabric_core::Result<TcpStream> {
-        let h = info
-            .conn_handle()
-            .ok_or_else(|| Error::invalid("the info carries no connection request"))?;
-        let t = h
-            .0
-            .downcast_ref::<ConnToken>()
-            .ok_or_else(|| Error::invalid("the connection request is not from the tcp provider"))?;
-        t.sock.lock().take().ok_or_else(|| {
-            Error::invalid("the connection request was already accepted or rejected")
-        })
-    }
+/// Takes the socket out of a connection request's info: the request's
+/// [`prov::ConnToken`] holds it until an endpoint adopts it (accept) or the passive
+/// endpoint rejects it.
+pub(crate) fn take_request(info: &Info) -> fabric_core::Result<TcpStream> {
+    prov::ConnToken::<TcpStream>::take(info, "tcp")
 }
 
 pub(crate) struct EngineState {
     pub(crate) conns: HashMap<u64, Conn>,
     listeners: HashMap<u64, Listener>,
-    half_open: HashMap<u64, HalfOpen>,
+    half_open: prov::HalfOpen<Incoming>,
     events: Vec<EpollEvent>,
     tick: u32,
     limits: ListenLimits,
@@ -129,7 +111,7 @@ impl Engine {
             state: Mutex::new(EngineState {
                 conns: HashMap::new(),
                 listeners: HashMap::new(),
-                half_open: HashMap::new(),
+                half_open: prov::HalfOpen::new(limits.half_open_max, limits.half_open_age),
                 events: Vec::with_capacity(64),
                 tick: 0,
                 limits,
@@ -192,7 +174,7 @@ impl Engine {
     pub(crate) fn close_listener(&self, fid: Fid) {
         let mut st = self.state.lock();
         st.listeners.remove(&fid.0);
-        st.half_open.retain(|_, h| h.listener != fid);
+        st.half_open.retain(|h| h.listener != fid);
     }
 }
 
@@ -278,24 +260,17 @@ impl EngineState {
     /// The earliest moment a timer of the engine needs progress.
     fn next_timer(&self) -> Option<Instant> {
         let paused = self.listeners.values().filter_map(|l| l.paused_until);
-        let aged = self
-            .half_open
-            .values()
-            .map(|h| h.since + self.limits.half_open_age);
+        let aged = self.half_open.next_deadline();
         let closing = self.conns.values().filter_map(|c| c.closing_deadline());
         paused.chain(aged).chain(closing).min()
     }
 
     /// Closes half-open sockets past their age and puts paused listeners back.
     fn listener_timers(&mut self, ep: &Epoll, now: Instant) {
-        let age = self.limits.half_open_age;
-        self.half_open.retain(|_, h| {
-            let keep = now.duration_since(h.since) < age;
-            if !keep {
-                debug!("closing a connection whose request did not arrive within {age:?}");
-            }
-            keep
-        });
+        let age = self.half_open.age();
+        for _ in self.half_open.expire(now) {
+            debug!("closing a connection whose request did not arrive within {age:?}");
+        }
         if !self.paused {
             return;
         }
@@ -311,19 +286,6 @@ impl EngineState {
                 Some(_) => self.paused = true,
                 None => {}
             }
-        }
-    }
-
-    /// Makes room for one more half-open socket: closes the oldest when at the cap.
-    fn make_half_open_room(&mut self) {
-        while self.half_open.len() >= self.limits.half_open_max.max(1) {
-            let oldest = self.half_open.iter().min_by_key(|(_, h)| h.since);
-            let Some((&id, _)) = oldest else { return };
-            debug!(
-                "{} connections without a request: closing the oldest",
-                self.half_open.len()
-            );
-            self.half_open.remove(&id);
         }
     }
 
@@ -364,7 +326,7 @@ impl EngineState {
                 c.update_interest(ep);
             } else if self.listeners.contains_key(&token) {
                 self.accept_all(ep, token);
-            } else if self.half_open.contains_key(&token) {
+            } else if self.half_open.contains(token) {
                 self.read_request(ep, token);
             }
         }
@@ -381,22 +343,24 @@ impl EngineState {
                         warn!("cannot configure accepted socket from {peer}: {e}");
                         continue;
                     }
-                    self.make_half_open_room();
                     let id = Fid::next().0;
                     if let Err(e) = ep.add(sock.as_fd(), id, Interest::IN) {
                         warn!("epoll add: {e}");
                         continue;
                     }
                     debug!(%peer, "incoming connection");
-                    self.half_open.insert(
-                        id,
-                        HalfOpen {
-                            sock,
-                            buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
-                            listener: Fid(token),
-                            since: Instant::now(),
-                        },
-                    );
+                    let incoming = Incoming {
+                        sock,
+                        buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
+                        listener: Fid(token),
+                    };
+                    let evicted = self.half_open.insert(id, incoming, Instant::now());
+                    if !evicted.is_empty() {
+                        debug!(
+                            "{} connections without a request: closed the oldest",
+                            self.half_open.len()
+                        );
+                    }
                     self.read_request(ep, id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -423,7 +387,7 @@ impl EngineState {
 
     /// Reads a CONN_REQ from a half-open connection; when complete, raises ConnRequest.
     fn read_request(&mut self, ep: &Epoll, id: u64) {
-        let Some(h) = self.half_open.get_mut(&id) else {
+        let Some(h) = self.half_open.get_mut(id) else {
             return;
         };
         let outcome = loop {
@@ -454,10 +418,10 @@ impl EngineState {
             Ok(false) => {}
             Err(why) => {
                 debug!("dropping incoming connection: {why}");
-                self.half_open.remove(&id);
+                self.half_open.remove(id);
             }
             Ok(true) => {
-                let Some(h) = self.half_open.remove(&id) else {
+                let Some(h) = self.half_open.remove(id) else {
                     return;
                 };
                 let _ = ep.delete(h.sock.as_fd());
@@ -470,10 +434,7 @@ impl EngineState {
                 if let Ok(local) = h.sock.local_addr() {
                     info.src_addr = Some(Address::Inet(local));
                 }
-                let token = ConnToken {
-                    sock: Mutex::new(Some(h.sock)),
-                };
-                let info = info.with_conn_handle(ConnHandle(Arc::new(token)));
+                let info = prov::ConnToken::attach(info, h.sock);
                 l.eq.push(Event::ConnRequest(Box::new(ConnRequest {
                     info,
                     data: h.buf[BASE_HDR_SIZE..].to_vec(),

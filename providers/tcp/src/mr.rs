@@ -2,12 +2,9 @@
 //! addresses, keys of `mr_key_size` bytes), and every incoming RMA passes
 //! [`check`] (the map's one `verify` per remote iovec) before any byte of a region is
 //! touched. [`status_of`] is the one mapping of a refusal to the wire status.
-
-use std::any::Any;
-use std::sync::Arc;
+//! Registrations are [`prov::KeyedMr`]s.
 
 use fabric_core::prov::{self, AccessError, KeyMap, Need, RemoteRange};
-use fabric_core::provider::MrOps;
 
 use crate::wire::{Status, WireIov};
 
@@ -44,35 +41,11 @@ pub(crate) fn check(
         .map_err(|(e, i)| (status_of(e), i))
 }
 
-/// A registration: dropping it removes the key.
-pub(crate) struct TcpMr {
-    pub(crate) key: u64,
-    pub(crate) base: u64,
-    pub(crate) table: Arc<KeyMap>,
-}
-
-impl MrOps for TcpMr {
-    fn key(&self) -> u64 {
-        self.key
-    }
-    fn base_addr(&self) -> u64 {
-        self.base
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl Drop for TcpMr {
-    fn drop(&mut self) {
-        self.table.remove(self.key);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use fabric_core::{Access, HeapMemory, MemoryBacking, MrFlags};
+    use std::sync::Arc;
 
     fn iov(addr: u64, len: u64, key: u64) -> WireIov {
         WireIov { addr, len, key }

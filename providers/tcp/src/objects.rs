@@ -5,7 +5,7 @@ use std::any::Any;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use fabric_core::prov::{Progress as _, ProviderCq, ProviderEq};
+use fabric_core::prov::{KeyedMr, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
 };
@@ -18,8 +18,8 @@ use tracing::debug;
 use crate::conn::{
     wire_iovs, AfterTx, Body, CompQueue, Conn, ConnState, PendKind, Pending, Reporting, TxOp,
 };
-use crate::engine::{connect_failed, new_event_queue, ConnToken, Engine};
-use crate::mr::{self, TcpMr};
+use crate::engine::{connect_failed, new_event_queue, take_request, Engine};
+use crate::mr;
 use crate::sys;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
 use fabric_core::prov::KeyMap;
@@ -99,27 +99,11 @@ impl FabricOps for TcpFabric {
 }
 
 fn downcast_eq(eq: &Arc<dyn EqOps>, engine: &Arc<Engine>) -> Result<Arc<WaitQueue<Event>>> {
-    let eq = eq
-        .as_any()
-        .downcast_ref::<TcpEq>()
-        .ok_or_else(|| Error::invalid("the event queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(eq.progress(), engine) {
-        return Err(Error::invalid("the event queue belongs to another fabric"));
-    }
-    Ok(eq.queue().clone())
+    TcpEq::queue_of(eq, engine, "tcp")
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueue>> {
-    let cq = cq
-        .as_any()
-        .downcast_ref::<TcpCq>()
-        .ok_or_else(|| Error::invalid("the completion queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(cq.progress(), engine) {
-        return Err(Error::invalid(
-            "the completion queue belongs to another fabric",
-        ));
-    }
-    Ok(cq.queue().clone())
+    TcpCq::queue_of(cq, engine, "tcp")
 }
 
 /// A domain: the key map of its registrations.
@@ -152,12 +136,9 @@ impl DomainOps for TcpDomain {
     ) -> Result<Arc<dyn MrOps>> {
         // PMEM: fabric-core has checked that the memory can persist; COMMIT writes into
         // the region persist through MemoryBacking::persist before they are acked.
-        let (key, base) = self.keys.insert(memory, access, flags);
-        Ok(Arc::new(TcpMr {
-            key,
-            base,
-            table: self.keys.clone(),
-        }))
+        Ok(Arc::new(KeyedMr::register(
+            &self.keys, memory, access, flags,
+        )))
     }
 
     fn open_endpoint(&self, info: &Info, bind: EndpointBinding) -> Result<Arc<dyn EndpointOps>> {
@@ -172,7 +153,7 @@ impl DomainOps for TcpDomain {
         let mut local = None;
         let mut peer = None;
         if info.conn_handle().is_some() {
-            let sock = ConnToken::take(info)?;
+            let sock = take_request(info)?;
             local = sock.local_addr().ok();
             peer = sock.peer_addr().ok();
             conn.sock = Some(sock);
@@ -216,7 +197,7 @@ impl PassiveEndpointOps for TcpPep {
     }
 
     fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
-        let sock = ConnToken::take(request)?;
+        let sock = take_request(request)?;
         let h = Header {
             status: Status::REJECTED,
             ..Header::new(Op::ConnResp, 0, data.len() as u64)
