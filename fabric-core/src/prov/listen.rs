@@ -106,6 +106,13 @@ impl<T> HalfOpen<T> {
     }
 }
 
+impl<T> Default for HalfOpen<T> {
+    /// [`HALF_OPEN_MAX`] entries of at most [`HALF_OPEN_AGE`].
+    fn default() -> Self {
+        HalfOpen::new(HALF_OPEN_MAX, HALF_OPEN_AGE)
+    }
+}
+
 /// What a connection request carries from the listener to the accepting (or
 /// rejecting) side, inside the request's [`ConnHandle`]: taken once.
 pub struct ConnToken<T: Send + 'static>(Mutex<Option<T>>);
@@ -157,6 +164,8 @@ mod tests {
         h.insert(5, "e", s(0));
         h.retain(|x| *x == "e");
         assert_eq!(h.ids(), [5]);
+        let d = HalfOpen::<()>::default();
+        assert_eq!((d.max, d.age()), (HALF_OPEN_MAX, HALF_OPEN_AGE));
     }
 
     #[test]

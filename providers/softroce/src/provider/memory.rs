@@ -7,11 +7,9 @@
 //! Remote addresses are virtual addresses (`MrMode::VIRT_ADDR`, as in rxe): a region's
 //! base VA is its pointer.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use fabric_core::prov::{AccessError, AddrMode, KeyMap, Need, RemoteRange, ScatterList};
-use fabric_core::provider::MrOps;
 use fabric_core::{Access, Segment};
 
 use crate::rc::{
@@ -103,31 +101,6 @@ fn memory_error(e: AccessError) -> MemoryError {
         AccessError::PersistFailed => MemoryError::PersistFailed,
         AccessError::NotPmem => MemoryError::NotPersistent,
         _ => MemoryError::OutOfBounds,
-    }
-}
-
-/// A registration: dropping it removes the key, so later requests with it are refused.
-pub(crate) struct SoftRoceMr {
-    pub(crate) key: u32,
-    pub(crate) base: u64,
-    pub(crate) table: Arc<KeyMap>,
-}
-
-impl MrOps for SoftRoceMr {
-    fn key(&self) -> u64 {
-        u64::from(self.key)
-    }
-    fn base_addr(&self) -> u64 {
-        self.base
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl Drop for SoftRoceMr {
-    fn drop(&mut self) {
-        self.table.remove(u64::from(self.key));
     }
 }
 
