@@ -3,12 +3,35 @@
 //! cannot hold descriptors forever) and the token that carries an arrived request from
 //! the listener's event to the endpoint that accepts it ([`ConnToken`]).
 
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::info::{ConnHandle, Info};
+
+/// The address a passive endpoint of `info` listens on: its source address, or an
+/// ephemeral loopback port without one; `provider` names who refuses a non-IP one.
+pub fn listen_addr(info: &Info, provider: &str) -> Result<SocketAddr> {
+    match &info.src_addr {
+        None => Ok(SocketAddr::from(([127, 0, 0, 1], 0))),
+        Some(a) => a.as_inet().ok_or_else(|| {
+            Error::new(
+                ErrorKind::AddressNotAvailable,
+                format!("{provider} listens on IP addresses only, not {a}"),
+            )
+        }),
+    }
+}
+
+/// A non-blocking listening socket on `addr` (a failure names the address).
+pub fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
+    let sock =
+        TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
 
 /// Default bound on half-open connections per listener set.
 pub const HALF_OPEN_MAX: usize = 128;
@@ -166,6 +189,30 @@ mod tests {
         assert_eq!(h.ids(), [5]);
         let d = HalfOpen::<()>::default();
         assert_eq!((d.max, d.age()), (HALF_OPEN_MAX, HALF_OPEN_AGE));
+    }
+
+    #[test]
+    fn listeners_bind_the_source_address_or_ephemeral_loopback() {
+        let mut info = Info::new(
+            "x",
+            crate::Caps::MSG,
+            crate::EpType::Msg,
+            crate::Limits::DEFAULT,
+        );
+        let a = listen_addr(&info, "x").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 0);
+        let l = bind_listener(a).unwrap();
+        let bound = l.local_addr().unwrap();
+        assert_ne!(bound.port(), 0);
+        // Non-blocking: accept with nobody connecting returns at once.
+        assert_eq!(
+            l.accept().unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock
+        );
+        info.src_addr = Some(crate::Address::Inet(bound));
+        assert_eq!(listen_addr(&info, "x").unwrap(), bound);
+        let e = bind_listener(bound).unwrap_err();
+        assert!(e.to_string().contains(&format!("bind {bound}")), "{e}");
     }
 
     #[test]

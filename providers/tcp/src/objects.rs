@@ -2,10 +2,10 @@
 //! event queues, passive and active endpoints.
 
 use std::any::Any;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fabric_core::prov::{KeyedMr, Progress as _, ProviderCq, ProviderEq};
+use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
 };
@@ -72,18 +72,7 @@ impl FabricOps for TcpFabric {
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq, &self.engine)?;
-        let addr = match &info.src_addr {
-            None => SocketAddr::from(([127, 0, 0, 1], 0)),
-            Some(a) => a.as_inet().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::AddressNotAvailable,
-                    format!("tcp listens on IP addresses only, not {a}"),
-                )
-            })?,
-        };
-        let sock =
-            TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
-        sock.set_nonblocking(true)?;
+        let sock = prov::bind_listener(prov::listen_addr(info, "tcp")?)?;
         let fid = Fid::next();
         debug!(%fid, addr = %sock.local_addr()?, "passive endpoint bound");
         self.engine.add_listener(fid, sock, info.clone(), eq);

@@ -360,24 +360,14 @@ impl FabricOps for SrFabric {
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq, &self.shared)?;
-        let addr = match &info.src_addr {
-            None => SocketAddr::from(([127, 0, 0, 1], 0)),
-            Some(a) => a.as_inet().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::AddressNotAvailable,
-                    format!("softroce listens on IPv4 addresses only, not {a}"),
-                )
-            })?,
-        };
+        let addr = prov::listen_addr(info, "softroce")?;
         let ip = ipv4_of(addr)?;
         // Open the device now so a taken port 4791 is reported here, clearly.
         if !ip.is_unspecified() {
             let dev = Device::get(ip)?;
             self.shared.add_device(&dev);
         }
-        let sock =
-            TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
-        sock.set_nonblocking(true)?;
+        let sock = prov::bind_listener(addr)?;
         let fid = Fid::next();
         debug!(%fid, addr = %sock.local_addr()?, "softroce passive endpoint bound");
         self.shared.cm.lock().listeners.insert(
