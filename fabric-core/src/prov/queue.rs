@@ -102,6 +102,11 @@ impl<P: Progress> ProviderCq<P> {
     pub fn new(queue: Arc<WaitQueue<Completion>>, progress: Arc<P>) -> Self {
         ProviderCq { queue, progress }
     }
+    /// A fresh queue read with `progress`, as a provider's `open_cq` returns it.
+    pub fn open(progress: &Arc<P>) -> Result<Arc<dyn CqOps>> {
+        let queue = Arc::new(WaitQueue::new()?);
+        Ok(Arc::new(ProviderCq::new(queue, progress.clone())))
+    }
     /// The queue the provider pushes completions into.
     pub fn queue(&self) -> &Arc<WaitQueue<Completion>> {
         &self.queue
@@ -163,6 +168,11 @@ impl<P: Progress> ProviderEq<P> {
     /// A queue reading `queue` with `progress`.
     pub fn new(queue: Arc<WaitQueue<Event>>, progress: Arc<P>) -> Self {
         ProviderEq { queue, progress }
+    }
+    /// A fresh queue read with `progress`, as a provider's `open_eq` returns it.
+    pub fn open(progress: &Arc<P>) -> Result<Arc<dyn EqOps>> {
+        let queue = Arc::new(WaitQueue::new()?);
+        Ok(Arc::new(ProviderEq::new(queue, progress.clone())))
     }
     /// The queue the provider pushes events into.
     pub fn queue(&self) -> &Arc<WaitQueue<Event>> {

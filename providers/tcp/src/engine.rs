@@ -28,7 +28,7 @@ use crate::conn::{Conn, ConnState, EventQueueShared};
 use crate::sys::{self, Epoll, EpollEvent, Interest};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
 use fabric_core::prov;
-use fabric_core::wait::{poll_readable, WaitQueue};
+use fabric_core::wait::poll_readable;
 
 /// Connections up to which manual progress receives directly instead of asking epoll.
 const DIRECT_MAX: usize = 4;
@@ -474,15 +474,11 @@ pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
     c.teardown(CqErrorKind::Canceled, "connect failed", None);
 }
 
-/// Creates the event queue shared part.
-pub(crate) fn new_event_queue() -> io::Result<Arc<EventQueueShared>> {
-    Ok(Arc::new(WaitQueue::new()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use fabric_core::prov::Progress as _;
+    use fabric_core::wait::WaitQueue;
     use fabric_core::EpType;
     use std::io::{Read, Write};
 
@@ -491,7 +487,7 @@ mod tests {
         let sock = TcpListener::bind("127.0.0.1:0").unwrap();
         sock.set_nonblocking(true).unwrap();
         let addr = sock.local_addr().unwrap();
-        let eq = new_event_queue().unwrap();
+        let eq = Arc::new(WaitQueue::new().unwrap());
         let fid = Fid::next();
         let info = Info::new("tcp", crate::CAPS, EpType::Msg, crate::LIMITS);
         engine.add_listener(fid, sock, info, eq.clone());

@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::conn::{
     wire_iovs, AfterTx, Body, CompQueue, Conn, ConnState, PendKind, Pending, Reporting, TxOp,
 };
-use crate::engine::{connect_failed, new_event_queue, take_request, Engine};
+use crate::engine::{connect_failed, take_request, Engine};
 use crate::mr;
 use crate::sys;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
@@ -60,10 +60,7 @@ impl FabricOps for TcpFabric {
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(TcpEq::new(
-            new_event_queue()?,
-            self.engine.clone(),
-        )))
+        TcpEq::open(&self.engine)
     }
 
     fn open_passive_ep(
@@ -111,10 +108,7 @@ impl TcpDomain {
 
 impl DomainOps for TcpDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(TcpCq::new(
-            Arc::new(WaitQueue::new()?),
-            self.engine.clone(),
-        )))
+        TcpCq::open(&self.engine)
     }
 
     fn register(

@@ -348,10 +348,7 @@ impl FabricOps for SrFabric {
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(SrEq::new(
-            Arc::new(WaitQueue::new()?),
-            self.shared.clone(),
-        )))
+        SrEq::open(&self.shared)
     }
 
     fn open_passive_ep(
@@ -398,10 +395,7 @@ pub(crate) struct SrDomain {
 
 impl DomainOps for SrDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(SrCq::new(
-            Arc::new(WaitQueue::new()?),
-            self.shared.clone(),
-        )))
+        SrCq::open(&self.shared)
     }
 
     fn register(
