@@ -357,6 +357,21 @@ impl KeyMap {
         })
     }
 
+    /// [`verify`](Self::verify) of the whole registration `key` (e.g. an IB FLUSH of a
+    /// memory region).
+    pub fn verify_region(
+        &self,
+        key: u64,
+        need: impl Into<Need>,
+    ) -> Result<RemoteRange, AccessError> {
+        let (base, len) = {
+            let map = self.map.read();
+            let reg = map.get(&key).ok_or(AccessError::BadKey)?;
+            (reg.base, reg.memory.len() as u64)
+        };
+        self.verify(key, base, len, need)
+    }
+
     /// [`verify`](Self::verify) for each of several (key, addr, len) ranges, all or
     /// nothing: the first refusal and its index.
     pub fn verify_all(
@@ -370,6 +385,49 @@ impl KeyMap {
             .enumerate()
             .map(|(i, (k, a, l))| self.verify(k, a, l, need).map_err(|e| (e, i)))
             .collect()
+    }
+}
+
+/// A registration as a provider hands it to fabric-core: its key and remote address
+/// in a domain's [`KeyMap`]; dropping it removes the key.
+pub struct KeyedMr {
+    key: u64,
+    base: u64,
+    map: Arc<KeyMap>,
+}
+
+impl KeyedMr {
+    /// Registers `memory` in `map` ([`KeyMap::insert`]).
+    pub fn register(
+        map: &Arc<KeyMap>,
+        memory: Arc<dyn MemoryBacking>,
+        access: Access,
+        flags: MrFlags,
+    ) -> KeyedMr {
+        let (key, base) = map.insert(memory, access, flags);
+        KeyedMr {
+            key,
+            base,
+            map: map.clone(),
+        }
+    }
+}
+
+impl crate::provider::MrOps for KeyedMr {
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn base_addr(&self) -> u64 {
+        self.base
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for KeyedMr {
+    fn drop(&mut self) {
+        self.map.remove(self.key);
     }
 }
 
@@ -431,6 +489,25 @@ mod tests {
     }
 
     #[test]
+    fn a_keyed_mr_removes_its_key_when_dropped() {
+        use crate::provider::MrOps;
+        let m = Arc::new(KeyMap::new(4, AddrMode::Virtual));
+        let mem = heap(16);
+        let ptr = mem.as_ptr() as u64;
+        let mr = KeyedMr::register(&m, mem, Access::REMOTE, MrFlags::empty());
+        assert_eq!(mr.base_addr(), ptr);
+        assert!(mr.key() <= u64::from(u32::MAX));
+        assert!(m.verify(mr.key(), ptr, 16, Access::REMOTE_READ).is_ok());
+        let k = mr.key();
+        drop(mr);
+        assert!(m.is_empty());
+        assert_eq!(
+            m.verify(k, ptr, 1, Access::REMOTE_READ).unwrap_err(),
+            AccessError::BadKey
+        );
+    }
+
+    #[test]
     fn virtual_addresses_and_32_bit_keys() {
         let m = KeyMap::new(4, AddrMode::Virtual);
         let mem = heap(64);
@@ -443,6 +520,16 @@ mod tests {
         assert_eq!(m.len(), 1000);
         let (k, _) = m.insert(mem, Access::REMOTE, MrFlags::empty());
         assert!(m.verify(k, ptr + 8, 56, Access::REMOTE_READ).is_ok());
+        let whole = m.verify_region(k, Access::REMOTE_READ).unwrap();
+        assert_eq!((whole.offset(), whole.len()), (0, 64));
+        assert_eq!(
+            m.verify_region(k ^ 1, Access::REMOTE_READ).unwrap_err(),
+            AccessError::BadKey
+        );
+        assert_eq!(
+            m.verify_region(k, Need::COMMIT).unwrap_err(),
+            AccessError::NotPmem
+        );
         assert_eq!(
             m.verify(k, ptr - 1, 1, Access::REMOTE_READ).unwrap_err(),
             AccessError::OutOfBounds

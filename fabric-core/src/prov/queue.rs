@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::cq::Completion;
 use crate::eq::Event;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::provider::{CqOps, EqOps};
 use crate::wait::WaitQueue;
 
@@ -36,9 +36,15 @@ pub trait Progress: Send + Sync + 'static {
     fn start_auto(self: &Arc<Self>);
 }
 
+/// How long the progress thread sleeps at most between two looks at whether its engine
+/// is still alive (it holds the engine while it sleeps).
+pub const PROGRESS_THREAD_TICK: Duration = Duration::from_millis(100);
+
 /// Starts the background progress thread of `engine` once (`started` is the engine's
-/// flag): it sleeps until activity and progresses, until the engine is dropped.
-/// Returns false (and clears the flag) when the thread cannot be started.
+/// flag): it sleeps until activity (at most [`PROGRESS_THREAD_TICK`]) and progresses,
+/// until the engine is dropped; between rounds it holds only a weak reference, so the
+/// engine is released at most one tick after its last user. Returns false (and clears
+/// the flag) when the thread cannot be started.
 pub fn start_progress_thread<P: Progress>(
     engine: &Arc<P>,
     started: &AtomicBool,
@@ -52,7 +58,7 @@ pub fn start_progress_thread<P: Progress>(
         .name(name.to_string())
         .spawn(move || {
             while let Some(p) = weak.upgrade() {
-                p.sleep(None, None);
+                p.sleep(None, Some(Instant::now() + PROGRESS_THREAD_TICK));
                 p.poll_full();
             }
         });
@@ -96,6 +102,11 @@ impl<P: Progress> ProviderCq<P> {
     pub fn new(queue: Arc<WaitQueue<Completion>>, progress: Arc<P>) -> Self {
         ProviderCq { queue, progress }
     }
+    /// A fresh queue read with `progress`, as a provider's `open_cq` returns it.
+    pub fn open(progress: &Arc<P>) -> Result<Arc<dyn CqOps>> {
+        let queue = Arc::new(WaitQueue::new()?);
+        Ok(Arc::new(ProviderCq::new(queue, progress.clone())))
+    }
     /// The queue the provider pushes completions into.
     pub fn queue(&self) -> &Arc<WaitQueue<Completion>> {
         &self.queue
@@ -103,6 +114,25 @@ impl<P: Progress> ProviderCq<P> {
     /// The progress engine.
     pub fn progress(&self) -> &Arc<P> {
         &self.progress
+    }
+    /// The queue behind `cq` for an endpoint of `provider` bound with `progress`:
+    /// refused when `cq` is another provider's or another engine's.
+    pub fn queue_of(
+        cq: &Arc<dyn CqOps>,
+        progress: &Arc<P>,
+        provider: &str,
+    ) -> Result<Arc<WaitQueue<Completion>>> {
+        let cq = cq.as_any().downcast_ref::<Self>().ok_or_else(|| {
+            Error::invalid(format!(
+                "the completion queue is not from the {provider} provider"
+            ))
+        })?;
+        if !Arc::ptr_eq(&cq.progress, progress) {
+            return Err(Error::invalid(
+                "the completion queue belongs to another fabric",
+            ));
+        }
+        Ok(cq.queue.clone())
     }
 }
 
@@ -139,6 +169,11 @@ impl<P: Progress> ProviderEq<P> {
     pub fn new(queue: Arc<WaitQueue<Event>>, progress: Arc<P>) -> Self {
         ProviderEq { queue, progress }
     }
+    /// A fresh queue read with `progress`, as a provider's `open_eq` returns it.
+    pub fn open(progress: &Arc<P>) -> Result<Arc<dyn EqOps>> {
+        let queue = Arc::new(WaitQueue::new()?);
+        Ok(Arc::new(ProviderEq::new(queue, progress.clone())))
+    }
     /// The queue the provider pushes events into.
     pub fn queue(&self) -> &Arc<WaitQueue<Event>> {
         &self.queue
@@ -146,6 +181,23 @@ impl<P: Progress> ProviderEq<P> {
     /// The progress engine.
     pub fn progress(&self) -> &Arc<P> {
         &self.progress
+    }
+    /// The queue behind `eq` for an object of `provider` opened with `progress`:
+    /// refused when `eq` is another provider's or another engine's.
+    pub fn queue_of(
+        eq: &Arc<dyn EqOps>,
+        progress: &Arc<P>,
+        provider: &str,
+    ) -> Result<Arc<WaitQueue<Event>>> {
+        let eq = eq.as_any().downcast_ref::<Self>().ok_or_else(|| {
+            Error::invalid(format!(
+                "the event queue is not from the {provider} provider"
+            ))
+        })?;
+        if !Arc::ptr_eq(&eq.progress, progress) {
+            return Err(Error::invalid("the event queue belongs to another fabric"));
+        }
+        Ok(eq.queue.clone())
     }
 }
 
@@ -235,6 +287,35 @@ mod tests {
         let t = Instant::now();
         assert!(q.sread(Some(Duration::from_millis(20))).unwrap().is_none());
         assert!(t.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn queue_of_accepts_only_this_engines_queues() {
+        let f = fake();
+        let other = fake();
+        let cq: Arc<dyn CqOps> = Arc::new(ProviderCq::new(f.cq.clone(), f.clone()));
+        let q = ProviderCq::queue_of(&cq, &f, "fake").unwrap();
+        assert!(Arc::ptr_eq(&q, &f.cq));
+        let e = ProviderCq::queue_of(&cq, &other, "fake").err().unwrap();
+        assert!(e.to_string().contains("another fabric"), "{e}");
+        let eq: Arc<dyn EqOps> = Arc::new(ProviderEq::new(
+            Arc::new(WaitQueue::new().unwrap()),
+            f.clone(),
+        ));
+        assert!(ProviderEq::queue_of(&eq, &f, "fake").is_ok());
+        assert!(ProviderEq::queue_of(&eq, &other, "fake").is_err());
+        // Another provider's queue (another engine type) is named as such.
+        struct Other;
+        impl Progress for Other {
+            fn poll(&self) {}
+            fn poll_full(&self) {}
+            fn sleep(&self, _: Option<RawFd>, _: Option<Instant>) {}
+            fn start_auto(self: &Arc<Self>) {}
+        }
+        let e = ProviderCq::queue_of(&cq, &Arc::new(Other), "other")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not from the other provider"), "{e}");
     }
 
     #[test]

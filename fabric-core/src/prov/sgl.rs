@@ -184,6 +184,15 @@ impl ScatterList {
     pub fn cursor(&self) -> Cursor<'_> {
         Cursor { list: self, pos: 0 }
     }
+
+    /// A cursor `pos` bytes in (clamped to the end): a provider that owns the list
+    /// keeps the position and makes the cursor when it needs one.
+    pub fn cursor_at(&self, pos: usize) -> Cursor<'_> {
+        Cursor {
+            list: self,
+            pos: pos.min(self.total),
+        }
+    }
 }
 
 /// A position in a [`ScatterList`] that data is streamed into (or out of) in order.
@@ -305,5 +314,13 @@ mod tests {
         assert_eq!(c.fill(&[7u8; 20]), 8);
         assert_eq!(c.remaining(), 0);
         assert!(!c.needs_copy());
+        // A cursor made again at a kept position continues where the last one was.
+        let mut c = l.cursor_at(5);
+        assert_eq!((c.position(), c.remaining()), (5, 11));
+        assert_eq!(c.fill(b"!"), 1);
+        let mut b = [0u8; 2];
+        assert!(l.copy_out(4, &mut b));
+        assert_eq!(&b, &[0, b'!']);
+        assert_eq!(l.cursor_at(usize::MAX).remaining(), 0);
     }
 }

@@ -41,7 +41,9 @@
 //!   address (`LLLL:QQQQQQ:PPPPPP:GID` text plus an extension with kind, MTU and
 //!   connection data; REQ, REP or REJ, RTU). The TCP connection stays open as the
 //!   connection's management channel; a side that ends an established connection sends
-//!   DISCONNECT with its reason on it before closing it.
+//!   DISCONNECT with its reason on it before closing it. A listener holds at most 128
+//!   accepted connections whose request has not arrived (one more closes the oldest),
+//!   each for at most 10 s, as tcp's (`fabric_core::prov::HalfOpen`).
 //! - End of a connection: every end raises exactly one `Event::Shutdown { fid, reason }`
 //!   per endpoint, moves the QP to ERROR (outstanding work completes `Canceled`), and
 //!   from then on every post (send, recv, write, read, inject, the `*msg` forms) fails
@@ -94,8 +96,11 @@
 //! * [`rc`] – the RC transport as a deterministic sans-IO state machine
 //!   ([`rc::QueuePair`]): packets and the current time in; packets, the next timer
 //!   deadline and completions out. Memory is reached through the [`rc::LocalMemory`]
-//!   and [`rc::RemoteMemoryTable`] traits (the provider implements them over
-//!   fabric-core registrations).
+//!   and [`rc::RemoteMemoryTable`] traits; the table's one check is
+//!   [`rc::RemoteMemoryTable::verify`] (R_Key, right, bounds, persistence). The
+//!   provider implements them with fabric-core's shared provider layer
+//!   (`fabric_core::prov`): a `ScatterList` per operation's buffers, and the domain's
+//!   `KeyMap`, whose `verify` is the table's, for R_Keys.
 //! * [`fault`] – a seeded fault injector (drop, duplicate, reorder, corrupt, delay)
 //!   to put between a QP and the wire; [`pcap`] – a capture writer for full frames.
 //!

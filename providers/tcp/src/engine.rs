@@ -1,39 +1,39 @@
 //! The progress engine of a fabric: every socket of its endpoints, listeners and
 //! half-open connections, one epoll set, and one lock.
 //!
-//! Manual progress: reading a completion queue calls [`Engine::poll`], which tries the
+//! Manual progress: reading a completion queue calls the engine's [`poll`](prov::Progress::poll), which tries the
 //! lock (a thread already progressing is enough), receives directly on each connection
 //! when there are few (one system call per connection, no epoll round trip), and
 //! consults epoll only for listeners, connects in progress and blocked writes.
 //! Blocking reads sleep in `poll(2)` on the epoll descriptor and the queue's eventfd,
-//! never holding the lock. [`Progress::Auto`](fabric_core::Progress::Auto) and async
-//! waiters start a background thread that sleeps in `epoll_wait`.
+//! never holding the lock. The engine is the [`prov::Progress`] of the provider's
+//! queues ([`prov::ProviderCq`], [`prov::ProviderEq`]);
+//! [`Progress::Auto`](fabric_core::Progress::Auto) and async waiters start the shared
+//! background thread ([`prov::start_progress_thread`]), which sleeps in `poll(2)` on
+//! the epoll descriptor.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::os::fd::{AsFd, RawFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::{
-    Address, ConnHandle, ConnRequest, CqErrorKind, Error, ErrorKind, Event, Fid, Info,
-};
+use fabric_core::{Address, ConnRequest, CqErrorKind, Error, ErrorKind, Event, Fid, Info};
 use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use crate::conn::{Conn, ConnState, EventQueueShared};
 use crate::sys::{self, Epoll, EpollEvent, Interest};
 use crate::wire::{Header, Op, BASE_HDR_SIZE, MAX_CM_DATA};
-use fabric_core::wait::{poll_readable, EventFd, WaitQueue};
+use fabric_core::prov;
+use fabric_core::wait::poll_readable;
 
 /// Connections up to which manual progress receives directly instead of asking epoll.
 const DIRECT_MAX: usize = 4;
 /// Manual progress consults epoll at least every this many polls (for listeners).
 const EPOLL_EVERY: u32 = 64;
-/// Token of the stop eventfd in the epoll set.
-const STOP_TOKEN: u64 = 0;
 
 /// Bounds on what a listener holds for peers that have not finished their handshake.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +51,8 @@ pub(crate) struct ListenLimits {
 impl Default for ListenLimits {
     fn default() -> Self {
         ListenLimits {
-            half_open_max: 128,
-            half_open_age: Duration::from_secs(10),
+            half_open_max: prov::HALF_OPEN_MAX,
+            half_open_age: prov::HALF_OPEN_AGE,
             accept_backoff: Duration::from_millis(100),
         }
     }
@@ -68,41 +68,25 @@ struct Listener {
     paused_until: Option<Instant>,
 }
 
-/// An accepted socket whose CONN_REQ is still arriving.
-struct HalfOpen {
+/// An accepted socket whose CONN_REQ is still arriving (in the capped, aged
+/// [`prov::HalfOpen`] set).
+struct Incoming {
     sock: TcpStream,
     buf: Vec<u8>,
     listener: Fid,
-    /// When it was accepted.
-    since: Instant,
 }
 
-/// The socket of a connection request, held by the request's [`ConnHandle`] until an
-/// endpoint adopts it (accept) or the passive endpoint rejects it.
-pub(crate) struct ConnToken {
-    pub(crate) sock: Mutex<Option<TcpStream>>,
-}
-
-impl ConnToken {
-    /// Takes the socket out of a connection request's info.
-    pub(crate) fn take(info: &Info) -> fabric_core::Result<TcpStream> {
-        let h = info
-            .conn_handle()
-            .ok_or_else(|| Error::invalid("the info carries no connection request"))?;
-        let t = h
-            .0
-            .downcast_ref::<ConnToken>()
-            .ok_or_else(|| Error::invalid("the connection request is not from the tcp provider"))?;
-        t.sock.lock().take().ok_or_else(|| {
-            Error::invalid("the connection request was already accepted or rejected")
-        })
-    }
+/// Takes the socket out of a connection request's info: the request's
+/// [`prov::ConnToken`] holds it until an endpoint adopts it (accept) or the passive
+/// endpoint rejects it.
+pub(crate) fn take_request(info: &Info) -> fabric_core::Result<TcpStream> {
+    prov::ConnToken::<TcpStream>::take(info, "tcp")
 }
 
 pub(crate) struct EngineState {
     pub(crate) conns: HashMap<u64, Conn>,
     listeners: HashMap<u64, Listener>,
-    half_open: HashMap<u64, HalfOpen>,
+    half_open: prov::HalfOpen<Incoming>,
     events: Vec<EpollEvent>,
     tick: u32,
     limits: ListenLimits,
@@ -110,25 +94,11 @@ pub(crate) struct EngineState {
     paused: bool,
 }
 
-/// Shared between the engine and its background thread.
-struct Waker {
-    epoll: Epoll,
-    stop_fd: EventFd,
-    stop: AtomicBool,
-}
-
 /// The progress engine of one fabric.
 pub(crate) struct Engine {
     state: Mutex<EngineState>,
-    waker: Arc<Waker>,
+    epoll: Epoll,
     auto: AtomicBool,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.waker.stop.store(true, Ordering::Release);
-        self.waker.stop_fd.signal();
-    }
 }
 
 impl Engine {
@@ -137,26 +107,17 @@ impl Engine {
     }
 
     pub(crate) fn with_limits(limits: ListenLimits) -> io::Result<Arc<Engine>> {
-        let epoll = Epoll::new()?;
-        let stop_fd = EventFd::new()?;
-        // SAFETY: the eventfd lives in the Waker next to the epoll set, as long as it.
-        let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop_fd.raw()) };
-        epoll.add(stop, STOP_TOKEN, Interest::IN)?;
         Ok(Arc::new(Engine {
             state: Mutex::new(EngineState {
                 conns: HashMap::new(),
                 listeners: HashMap::new(),
-                half_open: HashMap::new(),
+                half_open: prov::HalfOpen::new(limits.half_open_max, limits.half_open_age),
                 events: Vec::with_capacity(64),
                 tick: 0,
                 limits,
                 paused: false,
             }),
-            waker: Arc::new(Waker {
-                epoll,
-                stop_fd,
-                stop: AtomicBool::new(false),
-            }),
+            epoll: Epoll::new()?,
             auto: AtomicBool::new(false),
         }))
     }
@@ -164,54 +125,7 @@ impl Engine {
     /// Runs `f` on the state under the lock.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut EngineState, &Epoll) -> R) -> R {
         let mut st = self.state.lock();
-        f(&mut st, &self.waker.epoll)
-    }
-
-    /// Manual progress from a completion-queue read: cheap, skipped when another thread
-    /// holds the lock.
-    pub(crate) fn poll(&self) {
-        if let Some(mut st) = self.state.try_lock() {
-            st.progress(&self.waker.epoll, false);
-        }
-    }
-
-    /// Full progress (event-queue reads, blocking waits): also consults epoll.
-    pub(crate) fn poll_full(&self) {
-        let mut st = self.state.lock();
-        st.progress(&self.waker.epoll, true);
-    }
-
-    /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
-    /// until `deadline`.
-    pub(crate) fn sleep(&self, queue_fd: std::os::fd::RawFd, deadline: Option<Instant>) {
-        // Timers of the engine itself (accept backoff, half-open ages, lingering
-        // closes) are not in the epoll set: wake for them too.
-        let timer = match self.state.try_lock() {
-            Some(st) => st.next_timer(),
-            None => Some(Instant::now() + Duration::from_millis(10)),
-        };
-        let wake = match (deadline, timer) {
-            (Some(d), Some(t)) => Some(d.min(t)),
-            (d, t) => d.or(t),
-        };
-        let left = wake.map(|d| d.saturating_duration_since(Instant::now()));
-        poll_readable(&[self.waker.epoll.raw(), queue_fd], left);
-    }
-
-    /// Starts the background progress thread (once).
-    pub(crate) fn ensure_auto(self: &Arc<Self>) {
-        if self.auto.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak: Weak<Engine> = Arc::downgrade(self);
-        let waker = self.waker.clone();
-        let r = std::thread::Builder::new()
-            .name("fabric-tcp-progress".into())
-            .spawn(move || auto_progress(weak, waker));
-        if let Err(e) = r {
-            warn!("cannot start the progress thread: {e}");
-            self.auto.store(false, Ordering::Release);
-        }
+        f(&mut st, &self.epoll)
     }
 
     /// Registers a listening socket.
@@ -241,7 +155,7 @@ impl Engine {
             .get_mut(&fid.0)
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         if !l.listening {
-            self.waker.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
+            self.epoll.add(l.sock.as_fd(), fid.0, Interest::IN)?;
             l.listening = true;
         }
         Ok(())
@@ -260,30 +174,50 @@ impl Engine {
     pub(crate) fn close_listener(&self, fid: Fid) {
         let mut st = self.state.lock();
         st.listeners.remove(&fid.0);
-        st.half_open.retain(|_, h| h.listener != fid);
+        st.half_open.retain(|h| h.listener != fid);
     }
 }
 
-fn auto_progress(weak: Weak<Engine>, waker: Arc<Waker>) {
-    let mut events: Vec<EpollEvent> = Vec::with_capacity(64);
-    debug!("progress thread started");
-    loop {
-        if waker.stop.load(Ordering::Acquire) {
-            break;
+impl prov::Progress for Engine {
+    /// Manual progress from a completion-queue read: cheap, skipped when another
+    /// thread holds the lock.
+    fn poll(&self) {
+        if let Some(mut st) = self.state.try_lock() {
+            st.progress(&self.epoll, false);
         }
-        if let Err(e) = waker.epoll.wait(&mut events, 1000) {
-            warn!("epoll_wait failed in the progress thread: {e}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let Some(engine) = weak.upgrade() else { break };
-        {
-            let mut st = engine.state.lock();
-            st.dispatch_events(&waker.epoll, &events);
-            st.progress(&waker.epoll, false);
-        }
-        drop(engine);
     }
-    debug!("progress thread stopped");
+
+    /// Full progress (event-queue reads, blocking waits, the progress thread): also
+    /// consults epoll.
+    fn poll_full(&self) {
+        let mut st = self.state.lock();
+        st.progress(&self.epoll, true);
+    }
+
+    /// Sleeps until the engine has socket activity or `queue_fd` is signalled, at most
+    /// until `deadline`.
+    fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
+        // Timers of the engine itself (accept backoff, half-open ages, lingering
+        // closes) are not in the epoll set: wake for them too.
+        let timer = match self.state.try_lock() {
+            Some(st) => st.next_timer(),
+            None => Some(Instant::now() + Duration::from_millis(10)),
+        };
+        let wake = match (deadline, timer) {
+            (Some(d), Some(t)) => Some(d.min(t)),
+            (d, t) => d.or(t),
+        };
+        let left = wake.map(|d| d.saturating_duration_since(Instant::now()));
+        match queue_fd {
+            Some(q) => poll_readable(&[self.epoll.raw(), q], left),
+            None => poll_readable(&[self.epoll.raw()], left),
+        }
+    }
+
+    /// Starts the background progress thread (once).
+    fn start_auto(self: &Arc<Self>) {
+        prov::start_progress_thread(self, &self.auto, "fabric-tcp-progress");
+    }
 }
 
 impl EngineState {
@@ -326,24 +260,17 @@ impl EngineState {
     /// The earliest moment a timer of the engine needs progress.
     fn next_timer(&self) -> Option<Instant> {
         let paused = self.listeners.values().filter_map(|l| l.paused_until);
-        let aged = self
-            .half_open
-            .values()
-            .map(|h| h.since + self.limits.half_open_age);
+        let aged = self.half_open.next_deadline();
         let closing = self.conns.values().filter_map(|c| c.closing_deadline());
         paused.chain(aged).chain(closing).min()
     }
 
     /// Closes half-open sockets past their age and puts paused listeners back.
     fn listener_timers(&mut self, ep: &Epoll, now: Instant) {
-        let age = self.limits.half_open_age;
-        self.half_open.retain(|_, h| {
-            let keep = now.duration_since(h.since) < age;
-            if !keep {
-                debug!("closing a connection whose request did not arrive within {age:?}");
-            }
-            keep
-        });
+        let age = self.half_open.age();
+        for _ in self.half_open.expire(now) {
+            debug!("closing a connection whose request did not arrive within {age:?}");
+        }
         if !self.paused {
             return;
         }
@@ -359,19 +286,6 @@ impl EngineState {
                 Some(_) => self.paused = true,
                 None => {}
             }
-        }
-    }
-
-    /// Makes room for one more half-open socket: closes the oldest when at the cap.
-    fn make_half_open_room(&mut self) {
-        while self.half_open.len() >= self.limits.half_open_max.max(1) {
-            let oldest = self.half_open.iter().min_by_key(|(_, h)| h.since);
-            let Some((&id, _)) = oldest else { return };
-            debug!(
-                "{} connections without a request: closing the oldest",
-                self.half_open.len()
-            );
-            self.half_open.remove(&id);
         }
     }
 
@@ -393,9 +307,6 @@ impl EngineState {
         for ev in events {
             let token = ev.token;
             let flags = ev.flags;
-            if token == STOP_TOKEN {
-                continue;
-            }
             if let Some(c) = self.conns.get_mut(&token) {
                 let r = if c.state == ConnState::Connecting {
                     finish_connect(c)
@@ -415,7 +326,7 @@ impl EngineState {
                 c.update_interest(ep);
             } else if self.listeners.contains_key(&token) {
                 self.accept_all(ep, token);
-            } else if self.half_open.contains_key(&token) {
+            } else if self.half_open.contains(token) {
                 self.read_request(ep, token);
             }
         }
@@ -432,22 +343,24 @@ impl EngineState {
                         warn!("cannot configure accepted socket from {peer}: {e}");
                         continue;
                     }
-                    self.make_half_open_room();
                     let id = Fid::next().0;
                     if let Err(e) = ep.add(sock.as_fd(), id, Interest::IN) {
                         warn!("epoll add: {e}");
                         continue;
                     }
                     debug!(%peer, "incoming connection");
-                    self.half_open.insert(
-                        id,
-                        HalfOpen {
-                            sock,
-                            buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
-                            listener: Fid(token),
-                            since: Instant::now(),
-                        },
-                    );
+                    let incoming = Incoming {
+                        sock,
+                        buf: Vec::with_capacity(BASE_HDR_SIZE + MAX_CM_DATA as usize),
+                        listener: Fid(token),
+                    };
+                    let evicted = self.half_open.insert(id, incoming, Instant::now());
+                    if !evicted.is_empty() {
+                        debug!(
+                            "{} connections without a request: closed the oldest",
+                            self.half_open.len()
+                        );
+                    }
                     self.read_request(ep, id);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -474,7 +387,7 @@ impl EngineState {
 
     /// Reads a CONN_REQ from a half-open connection; when complete, raises ConnRequest.
     fn read_request(&mut self, ep: &Epoll, id: u64) {
-        let Some(h) = self.half_open.get_mut(&id) else {
+        let Some(h) = self.half_open.get_mut(id) else {
             return;
         };
         let outcome = loop {
@@ -505,10 +418,10 @@ impl EngineState {
             Ok(false) => {}
             Err(why) => {
                 debug!("dropping incoming connection: {why}");
-                self.half_open.remove(&id);
+                self.half_open.remove(id);
             }
             Ok(true) => {
-                let Some(h) = self.half_open.remove(&id) else {
+                let Some(h) = self.half_open.remove(id) else {
                     return;
                 };
                 let _ = ep.delete(h.sock.as_fd());
@@ -521,10 +434,7 @@ impl EngineState {
                 if let Ok(local) = h.sock.local_addr() {
                     info.src_addr = Some(Address::Inet(local));
                 }
-                let token = ConnToken {
-                    sock: Mutex::new(Some(h.sock)),
-                };
-                let info = info.with_conn_handle(ConnHandle(Arc::new(token)));
+                let info = prov::ConnToken::attach(info, h.sock);
                 l.eq.push(Event::ConnRequest(Box::new(ConnRequest {
                     info,
                     data: h.buf[BASE_HDR_SIZE..].to_vec(),
@@ -564,14 +474,11 @@ pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
     c.teardown(CqErrorKind::Canceled, "connect failed", None);
 }
 
-/// Creates the event queue shared part.
-pub(crate) fn new_event_queue() -> io::Result<Arc<EventQueueShared>> {
-    Ok(Arc::new(WaitQueue::new()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fabric_core::prov::Progress as _;
+    use fabric_core::wait::WaitQueue;
     use fabric_core::EpType;
     use std::io::{Read, Write};
 
@@ -580,7 +487,7 @@ mod tests {
         let sock = TcpListener::bind("127.0.0.1:0").unwrap();
         sock.set_nonblocking(true).unwrap();
         let addr = sock.local_addr().unwrap();
-        let eq = new_event_queue().unwrap();
+        let eq = Arc::new(WaitQueue::new().unwrap());
         let fid = Fid::next();
         let info = Info::new("tcp", crate::CAPS, EpType::Msg, crate::LIMITS);
         engine.add_listener(fid, sock, info, eq.clone());

@@ -43,7 +43,17 @@
 //!   fits one socket write next to its header and costs well under a microsecond to
 //!   copy), 8-byte keys and CQ data, 8 local and 8 remote iovecs, 256 bytes of
 //!   connection data, tx_size / rx_size 1024. Memory registration mode `PROV_KEY`:
-//!   keys are random 64-bit values and remote addresses are offsets (`base_addr` 0).
+//!   keys are random non-zero 64-bit values and remote addresses are offsets
+//!   (`base_addr` 0).
+//! - `FABRIC_TCP_KEY_SIZE=4` in the environment (read by getinfo) narrows
+//!   `limits.mr_key_size` to 4: domains opened from that info hand out random non-zero
+//!   32-bit keys, for protocols that carry 32-bit keys (NVMe-oF keyed SGLs). `8` or
+//!   unset is the default; any other value makes getinfo skip the provider with a
+//!   reason.
+//! - The provider is built on fabric-core's shared layer (`fabric_core::prov`): its
+//!   queues are `ProviderCq`/`ProviderEq` over the engine's `Progress`, its keys a
+//!   `KeyMap` whose `verify` is the one remote-access check, payloads land through a
+//!   `ScatterList` cursor.
 //!
 //! - Listener limits (per fabric): at most 128 accepted connections whose connection
 //!   request has not fully arrived ("half-open"); one more closes the oldest. A
@@ -219,11 +229,30 @@ impl Provider for TcpProvider {
             .filter_map(|a| a.as_ref().and_then(|a| a.as_inet()))
             .all(|a| a.ip().is_loopback());
         info.domain_name = if loopback { "lo" } else { "tcp" }.into();
+        info.limits.mr_key_size = key_size_from_env()?.unwrap_or(info.limits.mr_key_size);
         Ok(())
     }
 
     fn open_fabric(&self, info: &Info) -> Result<Arc<dyn FabricOps>> {
         Ok(Arc::new(objects::TcpFabric::open(info)?))
+    }
+}
+
+/// The environment variable that narrows memory keys to 4 bytes (see the crate docs).
+pub const KEY_SIZE_ENV: &str = "FABRIC_TCP_KEY_SIZE";
+
+/// `FABRIC_TCP_KEY_SIZE`: `4` or `8` (bytes per memory key), unset or empty for the
+/// default.
+fn key_size_from_env() -> std::result::Result<Option<usize>, String> {
+    match std::env::var(KEY_SIZE_ENV) {
+        Ok(s) if !s.trim().is_empty() => match s.trim() {
+            "4" => Ok(Some(4)),
+            "8" => Ok(Some(8)),
+            other => Err(format!(
+                "{KEY_SIZE_ENV}={other}: memory keys are 4 or 8 bytes"
+            )),
+        },
+        _ => Ok(None),
     }
 }
 

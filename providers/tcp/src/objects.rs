@@ -2,28 +2,27 @@
 //! event queues, passive and active endpoints.
 
 use std::any::Any;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Waker;
-use std::time::Duration;
 
+use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
 };
 use fabric_core::{
-    Access, Address, CompFlags, Completion, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info,
-    MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest,
-    SendRequest,
+    Access, Address, CompFlags, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info, MemoryBacking,
+    MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest, SendRequest,
 };
 use tracing::debug;
 
 use crate::conn::{
     wire_iovs, AfterTx, Body, CompQueue, Conn, ConnState, PendKind, Pending, Reporting, TxOp,
 };
-use crate::engine::{connect_failed, new_event_queue, ConnToken, Engine};
-use crate::mr::{KeyTable, MrEntry, TcpMr};
+use crate::engine::{connect_failed, take_request, Engine};
+use crate::mr;
 use crate::sys;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
+use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
 /// The fabric: owns the progress engine.
@@ -35,7 +34,7 @@ impl TcpFabric {
     pub(crate) fn open(info: &Info) -> Result<TcpFabric> {
         let engine = Engine::new()?;
         if info.progress == Progress::Auto {
-            engine.ensure_auto();
+            engine.start_auto();
         }
         Ok(TcpFabric { engine })
     }
@@ -52,19 +51,16 @@ impl TcpFabric {
 impl FabricOps for TcpFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
-            self.engine.ensure_auto();
+            self.engine.start_auto();
         }
         Ok(Arc::new(TcpDomain {
             engine: self.engine.clone(),
-            keys: Arc::new(KeyTable::default()),
+            keys: Arc::new(mr::key_map(info.limits.mr_key_size)),
         }))
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(TcpEq {
-            queue: new_event_queue()?,
-            engine: self.engine.clone(),
-        }))
+        TcpEq::open(&self.engine)
     }
 
     fn open_passive_ep(
@@ -73,18 +69,7 @@ impl FabricOps for TcpFabric {
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq, &self.engine)?;
-        let addr = match &info.src_addr {
-            None => SocketAddr::from(([127, 0, 0, 1], 0)),
-            Some(a) => a.as_inet().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::AddressNotAvailable,
-                    format!("tcp listens on IP addresses only, not {a}"),
-                )
-            })?,
-        };
-        let sock =
-            TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
-        sock.set_nonblocking(true)?;
+        let sock = prov::bind_listener(prov::listen_addr(info, "tcp")?)?;
         let fid = Fid::next();
         debug!(%fid, addr = %sock.local_addr()?, "passive endpoint bound");
         self.engine.add_listener(fid, sock, info.clone(), eq);
@@ -100,49 +85,30 @@ impl FabricOps for TcpFabric {
 }
 
 fn downcast_eq(eq: &Arc<dyn EqOps>, engine: &Arc<Engine>) -> Result<Arc<WaitQueue<Event>>> {
-    let eq = eq
-        .as_any()
-        .downcast_ref::<TcpEq>()
-        .ok_or_else(|| Error::invalid("the event queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(&eq.engine, engine) {
-        return Err(Error::invalid("the event queue belongs to another fabric"));
-    }
-    Ok(eq.queue.clone())
+    TcpEq::queue_of(eq, engine, "tcp")
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>, engine: &Arc<Engine>) -> Result<Arc<CompQueue>> {
-    let cq = cq
-        .as_any()
-        .downcast_ref::<TcpCq>()
-        .ok_or_else(|| Error::invalid("the completion queue is not from the tcp provider"))?;
-    if !Arc::ptr_eq(&cq.engine, engine) {
-        return Err(Error::invalid(
-            "the completion queue belongs to another fabric",
-        ));
-    }
-    Ok(cq.queue.clone())
+    TcpCq::queue_of(cq, engine, "tcp")
 }
 
-/// A domain: the key table of its registrations.
+/// A domain: the key map of its registrations.
 pub(crate) struct TcpDomain {
     engine: Arc<Engine>,
-    keys: Arc<KeyTable>,
+    keys: Arc<KeyMap>,
 }
 
 impl TcpDomain {
     /// The key table (for the crate's tests).
     #[cfg(test)]
-    pub(crate) fn keys(&self) -> &Arc<KeyTable> {
+    pub(crate) fn keys(&self) -> &Arc<KeyMap> {
         &self.keys
     }
 }
 
 impl DomainOps for TcpDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(TcpCq {
-            queue: Arc::new(WaitQueue::new()?),
-            engine: self.engine.clone(),
-        }))
+        TcpCq::open(&self.engine)
     }
 
     fn register(
@@ -153,15 +119,9 @@ impl DomainOps for TcpDomain {
     ) -> Result<Arc<dyn MrOps>> {
         // PMEM: fabric-core has checked that the memory can persist; COMMIT writes into
         // the region persist through MemoryBacking::persist before they are acked.
-        let key = self.keys.insert(MrEntry {
-            memory,
-            access,
-            flags,
-        });
-        Ok(Arc::new(TcpMr {
-            key,
-            table: self.keys.clone(),
-        }))
+        Ok(Arc::new(KeyedMr::register(
+            &self.keys, memory, access, flags,
+        )))
     }
 
     fn open_endpoint(&self, info: &Info, bind: EndpointBinding) -> Result<Arc<dyn EndpointOps>> {
@@ -176,7 +136,7 @@ impl DomainOps for TcpDomain {
         let mut local = None;
         let mut peer = None;
         if info.conn_handle().is_some() {
-            let sock = ConnToken::take(info)?;
+            let sock = take_request(info)?;
             local = sock.local_addr().ok();
             peer = sock.peer_addr().ok();
             conn.sock = Some(sock);
@@ -195,87 +155,10 @@ impl DomainOps for TcpDomain {
     }
 }
 
-/// The blocking read of completion and event queues over the engine.
-fn sread_loop<T>(
-    engine: &Engine,
-    queue: &WaitQueue<T>,
-    out: &mut Vec<T>,
-    max: usize,
-    timeout: Option<Duration>,
-) -> usize {
-    queue.sread(
-        out,
-        max,
-        timeout,
-        || engine.poll_full(),
-        |fd, deadline| engine.sleep(fd, deadline),
-    )
-}
-
-/// A completion queue.
-pub(crate) struct TcpCq {
-    queue: Arc<CompQueue>,
-    engine: Arc<Engine>,
-}
-
-impl CqOps for TcpCq {
-    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.engine.poll();
-        Ok(self.queue.pop_into(out, max))
-    }
-
-    fn sread(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        Ok(sread_loop(
-            &self.engine,
-            &self.queue,
-            out,
-            max.max(1),
-            timeout,
-        ))
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.engine.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
+/// A completion queue: the shared queue object over the engine.
+pub(crate) type TcpCq = ProviderCq<Engine>;
 /// An event queue.
-pub(crate) struct TcpEq {
-    queue: Arc<WaitQueue<Event>>,
-    engine: Arc<Engine>,
-}
-
-impl EqOps for TcpEq {
-    fn read(&self) -> Result<Option<Event>> {
-        self.engine.poll_full();
-        Ok(self.queue.pop())
-    }
-
-    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        let mut v = Vec::with_capacity(1);
-        sread_loop(&self.engine, &self.queue, &mut v, 1, timeout);
-        Ok(v.pop())
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.engine.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
+pub(crate) type TcpEq = ProviderEq<Engine>;
 
 /// A passive endpoint.
 pub(crate) struct TcpPep {
@@ -297,7 +180,7 @@ impl PassiveEndpointOps for TcpPep {
     }
 
     fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
-        let sock = ConnToken::take(request)?;
+        let sock = take_request(request)?;
         let h = Header {
             status: Status::REJECTED,
             ..Header::new(Op::ConnResp, 0, data.len() as u64)

@@ -1,254 +1,120 @@
-//! Registered memory as the RC core sees it: the domain's R_Key table
-//! ([`RemoteMemoryTable`]) over fabric-core registrations, and the local buffers of
-//! posted operations ([`LocalMemory`]) over fabric-core segments.
+//! Registered memory as the RC core sees it: the domain's R_Keys are a
+//! [`prov::KeyMap`](fabric_core::prov::KeyMap) whose one `verify` is the core's
+//! [`RemoteMemoryTable::verify`] ([`nak_of`] maps a refusal to its NAK code), verified
+//! ranges are [`RemoteRange`]s, and the local buffers of posted operations
+//! ([`LocalMemory`]) are [`ScatterList`]s over fabric-core segments.
 //!
 //! Remote addresses are virtual addresses (`MrMode::VIRT_ADDR`, as in rxe): a region's
-//! base VA is its pointer. The core checks key, rights and bounds before it calls
-//! `read`/`write`; the accessors here check bounds again and never panic.
+//! base VA is its pointer.
 
-use std::any::Any;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fabric_core::provider::MrOps;
-use fabric_core::{Access, MemoryBacking, MrFlags, Segment};
-use parking_lot::RwLock;
+use fabric_core::prov::{AccessError, AddrMode, KeyMap, Need, RemoteRange, ScatterList};
+use fabric_core::{Access, Segment};
 
 use crate::rc::{
-    AtomicOp, LocalMemory, MemoryError, RemoteAccess, RemoteMemoryTable, RemoteRegion,
+    AtomicOp, LocalMemory, MemoryError, RemoteMemoryTable, RemoteNeed, RemoteRegion, RemoteRight,
+    RemoteSpan,
 };
+use crate::wire::ext::NakCode;
 
-/// A registered region, reachable by peers through its key.
-pub(crate) struct Region {
-    memory: Arc<dyn MemoryBacking>,
-    access: Access,
-    flags: MrFlags,
+/// The domain's R_Keys: random non-zero 32-bit keys, virtual addresses.
+pub(crate) fn key_map() -> KeyMap {
+    KeyMap::new(4, AddrMode::Virtual)
 }
 
-impl Region {
-    fn range(&self, offset: u64, n: usize) -> Result<usize, MemoryError> {
-        let start = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
-        match start.checked_add(n) {
-            Some(end) if end <= self.memory.len() => Ok(start),
-            _ => Err(MemoryError::OutOfBounds),
+/// The NAK code a refused remote access is answered with (the one mapping).
+pub(crate) fn nak_of(e: AccessError) -> NakCode {
+    match e {
+        // rxe: a persistent FLUSH into a region without IB_ACCESS_FLUSH_PERSISTENT.
+        AccessError::NotPmem => NakCode::InvalidRequest,
+        AccessError::PersistFailed => NakCode::RemoteOperationalError,
+        _ => NakCode::RemoteAccessError,
+    }
+}
+
+impl RemoteMemoryTable for KeyMap {
+    fn verify(
+        &self,
+        rkey: u32,
+        span: RemoteSpan,
+        need: RemoteNeed,
+    ) -> Result<Arc<dyn RemoteRegion>, NakCode> {
+        let one = |access: Access| {
+            let need = Need {
+                access,
+                pmem: need.persistent,
+            };
+            match span {
+                RemoteSpan::Range { va, len } => {
+                    KeyMap::verify(self, u64::from(rkey), va, len, need)
+                }
+                RemoteSpan::Region => self.verify_region(u64::from(rkey), need),
+            }
+        };
+        let r = match need.right {
+            RemoteRight::Read => one(Access::REMOTE_READ),
+            RemoteRight::Write => one(Access::REMOTE_WRITE),
+            RemoteRight::Atomic => one(Access::REMOTE_READ | Access::REMOTE_WRITE),
+            // A FLUSH needs either right.
+            RemoteRight::Flush => match one(Access::REMOTE_WRITE) {
+                Err(AccessError::NoAccess) => one(Access::REMOTE_READ),
+                r => r,
+            },
+        };
+        match r {
+            Ok(range) => Ok(Arc::new(range)),
+            Err(e) => Err(nak_of(e)),
         }
     }
 }
 
-impl RemoteRegion for Region {
-    fn base_va(&self) -> u64 {
-        self.memory.as_ptr() as u64
-    }
+/// A verified range as the RC core reads, writes and persists it.
+impl RemoteRegion for RemoteRange {
     fn len(&self) -> u64 {
-        self.memory.len() as u64
-    }
-    fn access(&self) -> RemoteAccess {
-        RemoteAccess {
-            read: self.access.contains(Access::REMOTE_READ),
-            write: self.access.contains(Access::REMOTE_WRITE),
-            atomic: false,
-        }
+        RemoteRange::len(self) as u64
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let start = self.range(offset, buf.len())?;
-        // SAFETY: start + buf.len() <= memory.len() (checked); the backing keeps the
-        // memory valid while this Arc lives. Concurrent local writes may make the copy
-        // torn, as on a NIC (fabric-core's memory module documents this).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.memory.as_ptr().add(start),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        Ok(())
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        RemoteRange::read(self, at, buf).map_err(memory_error)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let start = self.range(offset, data.len())?;
-        if self.flags.contains(MrFlags::UNCACHED) {
-            // SAFETY: start + data.len() <= memory.len() (checked above).
-            unsafe { self.memory.write_uncached(start, data) };
-        } else {
-            // SAFETY: as in `read`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    self.memory.as_ptr().add(start),
-                    data.len(),
-                )
-            };
-        }
-        Ok(())
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        RemoteRange::write(self, at, data).map_err(memory_error)
     }
     fn atomic(&self, offset: u64, op: AtomicOp) -> Result<u64, MemoryError> {
-        let start = self.range(offset, 8)?;
-        // SAFETY: in bounds (checked).
-        let ptr = unsafe { self.memory.as_ptr().add(start) };
-        if !(ptr as usize).is_multiple_of(8) {
-            return Err(MemoryError::Misaligned);
-        }
-        // SAFETY: ptr is 8-byte aligned, in bounds and valid for the region's life;
-        // AtomicU64 has the layout of u64.
-        let a = unsafe { &*(ptr as *const AtomicU64) };
-        let mut cur = a.load(Ordering::SeqCst);
-        loop {
-            match a.compare_exchange(cur, op.apply(cur), Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(old) => return Ok(old),
-                Err(now) => cur = now,
-            }
-        }
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        self.atomic_u64(at, |v| op.apply(v)).map_err(memory_error)
     }
     fn persist(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
-        if !self.flags.contains(MrFlags::PMEM) {
-            return Err(MemoryError::NotPersistent);
+        // The core persists what it verified: the whole range.
+        if offset != 0 || len != RemoteRegion::len(self) {
+            return Err(MemoryError::OutOfBounds);
         }
-        let start = self.range(
-            offset,
-            usize::try_from(len).map_err(|_| MemoryError::OutOfBounds)?,
-        )?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.memory
-            .persist(start, len as usize)
-            .map_err(|_| MemoryError::PersistFailed)
+        RemoteRange::persist(self).map_err(memory_error)
     }
 }
 
-/// The R_Keys of one domain.
-#[derive(Default)]
-pub(crate) struct KeyTable {
-    map: RwLock<HashMap<u32, Arc<Region>>>,
-}
-
-impl KeyTable {
-    /// Registers memory under a fresh random non-zero 32-bit key.
-    pub(crate) fn insert(
-        &self,
-        memory: Arc<dyn MemoryBacking>,
-        access: Access,
-        flags: MrFlags,
-    ) -> u32 {
-        let region = Arc::new(Region {
-            memory,
-            access,
-            flags,
-        });
-        let mut map = self.map.write();
-        loop {
-            let key: u32 = rand::random();
-            if key != 0 && !map.contains_key(&key) {
-                map.insert(key, region);
-                return key;
-            }
-        }
-    }
-
-    fn remove(&self, key: u32) {
-        self.map.write().remove(&key);
+fn memory_error(e: AccessError) -> MemoryError {
+    match e {
+        AccessError::Misaligned => MemoryError::Misaligned,
+        AccessError::PersistFailed => MemoryError::PersistFailed,
+        AccessError::NotPmem => MemoryError::NotPersistent,
+        _ => MemoryError::OutOfBounds,
     }
 }
 
-impl RemoteMemoryTable for KeyTable {
-    fn lookup(&self, rkey: u32) -> Option<Arc<dyn RemoteRegion>> {
-        self.map
-            .read()
-            .get(&rkey)
-            .map(|r| r.clone() as Arc<dyn RemoteRegion>)
-    }
-}
-
-/// A registration: dropping it removes the key, so later requests with it are refused.
-pub(crate) struct SoftRoceMr {
-    pub(crate) key: u32,
-    pub(crate) base: u64,
-    pub(crate) table: Arc<KeyTable>,
-}
-
-impl MrOps for SoftRoceMr {
-    fn key(&self) -> u64 {
-        u64::from(self.key)
-    }
-    fn base_addr(&self) -> u64 {
-        self.base
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-impl Drop for SoftRoceMr {
-    fn drop(&mut self) {
-        self.table.remove(self.key);
-    }
-}
-
-/// The local data of one operation: the concatenation of its segments (a gather list
-/// for sends and writes, a scatter list for receives and reads), or bytes copied at
-/// the call (inject). Holding it holds the regions.
+/// The local data of one operation: its segments as one
+/// [`ScatterList`] (a gather list for sends and writes, a scatter list for receives
+/// and reads), or bytes copied at the call (inject). Holding it holds the regions.
 pub(crate) enum OpMemory {
     Inline(Vec<u8>),
-    Segments {
-        segs: Vec<Segment>,
-        /// Offset of each segment in the concatenation.
-        starts: Vec<u64>,
-        total: u64,
-    },
+    Segments(ScatterList),
 }
 
 impl OpMemory {
     pub(crate) fn segments(segs: Vec<Segment>) -> Self {
-        let mut starts = Vec::with_capacity(segs.len());
-        let mut total = 0u64;
-        for s in &segs {
-            starts.push(total);
-            total += s.len() as u64;
-        }
-        OpMemory::Segments {
-            segs,
-            starts,
-            total,
-        }
-    }
-
-    /// Calls `f(segment pointer, offset in the segment, offset in the buffer, n)` for
-    /// each piece of `[offset, offset + len)`.
-    fn pieces(
-        &self,
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(*mut u8, usize, usize),
-    ) -> Result<(), MemoryError> {
-        let OpMemory::Segments {
-            segs,
-            starts,
-            total,
-        } = self
-        else {
-            return Err(MemoryError::Unavailable);
-        };
-        let end = offset
-            .checked_add(len as u64)
-            .filter(|&e| e <= *total)
-            .ok_or(MemoryError::OutOfBounds)?;
-        let mut i = starts.partition_point(|&s| s <= offset).saturating_sub(1);
-        let mut pos = offset;
-        while pos < end && i < segs.len() {
-            let seg_start = starts[i];
-            let seg = &segs[i];
-            let within = (pos - seg_start) as usize;
-            let n = (seg.len() - within).min((end - pos) as usize);
-            if n > 0 {
-                // SAFETY: within + n <= seg.len(), and a Segment lies inside its region
-                // (its type invariant); the region is alive while the segment is.
-                let p = unsafe { seg.ptr().add(within) };
-                f(p, (pos - offset) as usize, n);
-            }
-            pos += n as u64;
-            i += 1;
-        }
-        Ok(())
+        OpMemory::Segments(ScatterList::local(segs))
     }
 }
 
@@ -256,33 +122,30 @@ impl LocalMemory for OpMemory {
     fn len(&self) -> u64 {
         match self {
             OpMemory::Inline(v) => v.len() as u64,
-            OpMemory::Segments { total, .. } => *total,
+            OpMemory::Segments(l) => l.len() as u64,
         }
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        if let OpMemory::Inline(v) = self {
-            let s = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
-            let src = s
-                .checked_add(buf.len())
-                .and_then(|e| v.get(s..e))
-                .ok_or(MemoryError::OutOfBounds)?;
-            buf.copy_from_slice(src);
-            return Ok(());
-        }
-        let dst = buf.as_mut_ptr();
-        self.pieces(offset, buf.len(), |p, at, n| {
-            // SAFETY: p is valid for n bytes (see `pieces`); at + n <= buf.len().
-            unsafe { std::ptr::copy_nonoverlapping(p, dst.add(at), n) }
-        })
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        let ok = match self {
+            OpMemory::Inline(v) => match at.checked_add(buf.len()).and_then(|e| v.get(at..e)) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            },
+            OpMemory::Segments(l) => l.copy_out(at, buf),
+        };
+        ok.then_some(()).ok_or(MemoryError::OutOfBounds)
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
-        if let OpMemory::Inline(_) = self {
+        let OpMemory::Segments(l) = self else {
             return Err(MemoryError::Unavailable);
-        }
-        let src = data.as_ptr();
-        self.pieces(offset, data.len(), |p, at, n| {
-            // SAFETY: p is valid for n bytes; at + n <= data.len().
-            unsafe { std::ptr::copy_nonoverlapping(src.add(at), p, n) }
-        })
+        };
+        let at = usize::try_from(offset).map_err(|_| MemoryError::OutOfBounds)?;
+        l.copy_in(at, data)
+            .then_some(())
+            .ok_or(MemoryError::OutOfBounds)
     }
 }

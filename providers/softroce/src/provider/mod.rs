@@ -10,6 +10,13 @@
 //! zero-length persistent FLUSH per remote range (the target refuses it for a region
 //! not registered PMEM before any byte is written) and followed by a persistent FLUSH
 //! per written range, and completes when the last FLUSH is answered.
+//!
+//! What is not the data path comes from fabric-core's shared layer
+//! (`fabric_core::prov`): the completion and event queues are `ProviderCq`/`ProviderEq`
+//! over the fabric's `Shared` (its `prov::Progress`), the background thread is
+//! `start_progress_thread`, the R_Keys a `KeyMap` ([`memory`]), operation buffers
+//! `ScatterList`s, and the connection manager's listening socket, half-open list and
+//! request token `prov::listen`.
 
 mod cm;
 pub(crate) mod device;

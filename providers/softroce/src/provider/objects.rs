@@ -9,26 +9,27 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use fabric_core::provider::{
     CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
 };
 use fabric_core::{
-    Access, Address, CompFlags, Completion, ConnHandle, ConnRequest, CqAttr, EqAttr, Error,
-    ErrorKind, Event, Fid, Info, MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest,
-    Result, RmaRequest, SendRequest, ShutdownReason,
+    Access, Address, CompFlags, Completion, ConnRequest, CqAttr, EqAttr, Error, ErrorKind, Event,
+    Fid, Info, MemoryBacking, MrFlags, OpFlags, Payload, Progress, RecvRequest, Result, RmaRequest,
+    SendRequest, ShutdownReason,
 };
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
 use super::cm::{self, CmMsg, Kind};
 use super::device::{self, CompQueue, Device, QpOwner, QpSlot, Reporting};
-use super::memory::{KeyTable, OpMemory, SoftRoceMr};
+use super::memory::{self, OpMemory};
 use super::sys;
 use super::Config;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
+use fabric_core::prov::KeyMap;
+use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::wait::WaitQueue;
 
 type EqQueue = WaitQueue<Event>;
@@ -37,8 +38,6 @@ type EqQueue = WaitQueue<Event>;
 const CM_EVERY: u32 = 256;
 /// Longest a sleeper waits before looking again (connection housekeeping).
 const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// How long an accepted TCP connection may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a fabric shares with everything opened from it.
 pub(crate) struct Shared {
@@ -52,7 +51,10 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct CmState {
     listeners: HashMap<u64, CmListener>,
-    half_open: Vec<HalfOpen>,
+    /// Accepted connections whose request is still arriving: at most
+    /// [`prov::HALF_OPEN_MAX`] (one more closes the oldest), each for at most
+    /// [`prov::HALF_OPEN_AGE`].
+    half_open: prov::HalfOpen<Incoming>,
     eps: Vec<Weak<EpInner>>,
 }
 
@@ -63,30 +65,17 @@ struct CmListener {
     listening: bool,
 }
 
-struct HalfOpen {
+/// An accepted connection whose request is still arriving.
+struct Incoming {
     sock: TcpStream,
     buf: Vec<u8>,
     listener: u64,
-    since: Instant,
 }
 
-/// A connection request between the listener and the accepting endpoint.
-struct ConnToken {
-    inner: Mutex<Option<(TcpStream, CmMsg)>>,
-}
-
-impl ConnToken {
-    fn take(info: &Info) -> Result<(TcpStream, CmMsg)> {
-        let h = info
-            .conn_handle()
-            .ok_or_else(|| Error::invalid("the info carries no connection request"))?;
-        let t = h.0.downcast_ref::<ConnToken>().ok_or_else(|| {
-            Error::invalid("the connection request is not from the softroce provider")
-        })?;
-        t.inner.lock().take().ok_or_else(|| {
-            Error::invalid("the connection request was already accepted or rejected")
-        })
-    }
+/// A connection request between the listener and the accepting endpoint: its socket
+/// and request, in the request's [`prov::ConnToken`].
+fn take_request(info: &Info) -> Result<(TcpStream, CmMsg)> {
+    prov::ConnToken::<(TcpStream, CmMsg)>::take(info, "softroce")
 }
 
 fn write_all_nb(sock: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
@@ -185,27 +174,6 @@ impl Shared {
         }
     }
 
-    fn ensure_auto(self: &Arc<Self>) {
-        if self.auto.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let r = std::thread::Builder::new()
-            .name("softroce-progress".into())
-            .spawn(move || {
-                debug!("softroce progress thread started");
-                while let Some(s) = weak.upgrade() {
-                    s.sleep(None, None);
-                    s.progress(true);
-                }
-                debug!("softroce progress thread stopped");
-            });
-        if let Err(e) = r {
-            warn!("softroce: cannot start the progress thread: {e}");
-            self.auto.store(false, Ordering::Release);
-        }
-    }
-
     fn cm_progress(&self) {
         let mut cm = self.cm.lock();
         let CmState {
@@ -231,9 +199,8 @@ impl Shared {
                 fds.push(fd);
             }
         }
-        let overdue = half_open
-            .iter()
-            .any(|h| h.since.elapsed() > REQUEST_TIMEOUT);
+        let now = Instant::now();
+        let overdue = half_open.next_deadline().is_some_and(|d| now >= d);
         if !overdue && live == eps.len() && !sys::any_readable(&fds) {
             return;
         }
@@ -249,21 +216,28 @@ impl Shared {
                         }
                         let _ = sock.set_nodelay(true);
                         debug!(%peer, "softroce: incoming connection");
-                        half_open.push(HalfOpen {
+                        let incoming = Incoming {
                             sock,
                             buf: Vec::new(),
                             listener: *id,
-                            since: Instant::now(),
-                        });
+                        };
+                        let evicted = half_open.insert(Fid::next().0, incoming, Instant::now());
+                        if !evicted.is_empty() {
+                            debug!("softroce: too many connections without a request: closed the oldest");
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
             }
         }
-        let mut i = 0;
-        while i < half_open.len() {
-            let h = &mut half_open[i];
+        for _ in half_open.expire(now) {
+            debug!("softroce: dropping an incoming connection: no request in time");
+        }
+        for hid in half_open.ids() {
+            let Some(h) = half_open.get_mut(hid) else {
+                continue;
+            };
             let mut tmp = [0u8; 512];
             let outcome = loop {
                 match CmMsg::decode(&h.buf) {
@@ -277,24 +251,21 @@ impl Shared {
                 match h.sock.read(&mut tmp) {
                     Ok(0) => break Err("closed before its request".into()),
                     Ok(n) => h.buf.extend_from_slice(&tmp[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if h.since.elapsed() > REQUEST_TIMEOUT {
-                            break Err("no request in time".into());
-                        }
-                        break Ok(None);
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(None),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => break Err(e.to_string()),
                 }
             };
             match outcome {
-                Ok(None) => i += 1,
+                Ok(None) => {}
                 Err(why) => {
                     debug!("softroce: dropping an incoming connection: {why}");
-                    half_open.swap_remove(i);
+                    half_open.remove(hid);
                 }
                 Ok(Some(msg)) => {
-                    let h = half_open.swap_remove(i);
+                    let Some(h) = half_open.remove(hid) else {
+                        continue;
+                    };
                     let Some(l) = listeners.get(&h.listener) else {
                         continue;
                     };
@@ -302,10 +273,7 @@ impl Shared {
                     info.dest_addr = h.sock.peer_addr().ok().map(Address::Inet);
                     info.src_addr = h.sock.local_addr().ok().map(Address::Inet);
                     let data = msg.data.clone();
-                    let token = ConnToken {
-                        inner: Mutex::new(Some((h.sock, msg))),
-                    };
-                    let info = info.with_conn_handle(ConnHandle(Arc::new(token)));
+                    let info = prov::ConnToken::attach(info, (h.sock, msg));
                     l.eq.push(Event::ConnRequest(Box::new(ConnRequest {
                         info,
                         data,
@@ -324,6 +292,21 @@ impl Shared {
     }
 }
 
+impl prov::Progress for Shared {
+    fn poll(&self) {
+        self.progress(false);
+    }
+    fn poll_full(&self) {
+        self.progress(true);
+    }
+    fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
+        Shared::sleep(self, queue_fd, deadline);
+    }
+    fn start_auto(self: &Arc<Self>) {
+        prov::start_progress_thread(self, &self.auto, "softroce-progress");
+    }
+}
+
 /// The fabric.
 pub(crate) struct SrFabric {
     shared: Arc<Shared>,
@@ -339,56 +322,33 @@ impl SrFabric {
             config,
         });
         if info.progress == Progress::Auto {
-            shared.ensure_auto();
+            shared.start_auto();
         }
         Ok(SrFabric { shared })
     }
 }
 
-fn same(a: &Arc<Shared>, b: &Arc<Shared>, what: &str) -> Result<()> {
-    if Arc::ptr_eq(a, b) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "the {what} belongs to another fabric"
-        )))
-    }
-}
-
 fn downcast_eq(eq: &Arc<dyn EqOps>, shared: &Arc<Shared>) -> Result<Arc<EqQueue>> {
-    let eq = eq
-        .as_any()
-        .downcast_ref::<SrEq>()
-        .ok_or_else(|| Error::invalid("the event queue is not from the softroce provider"))?;
-    same(&eq.shared, shared, "event queue")?;
-    Ok(eq.queue.clone())
+    SrEq::queue_of(eq, shared, "softroce")
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>, shared: &Arc<Shared>) -> Result<Arc<CompQueue>> {
-    let cq = cq
-        .as_any()
-        .downcast_ref::<SrCq>()
-        .ok_or_else(|| Error::invalid("the completion queue is not from the softroce provider"))?;
-    same(&cq.shared, shared, "completion queue")?;
-    Ok(cq.queue.clone())
+    SrCq::queue_of(cq, shared, "softroce")
 }
 
 impl FabricOps for SrFabric {
     fn open_domain(&self, info: &Info) -> Result<Arc<dyn DomainOps>> {
         if info.progress == Progress::Auto {
-            self.shared.ensure_auto();
+            self.shared.start_auto();
         }
         Ok(Arc::new(SrDomain {
             shared: self.shared.clone(),
-            keys: Arc::new(KeyTable::default()),
+            keys: Arc::new(memory::key_map()),
         }))
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(SrEq {
-            queue: Arc::new(WaitQueue::new()?),
-            shared: self.shared.clone(),
-        }))
+        SrEq::open(&self.shared)
     }
 
     fn open_passive_ep(
@@ -397,24 +357,14 @@ impl FabricOps for SrFabric {
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
         let eq = downcast_eq(eq, &self.shared)?;
-        let addr = match &info.src_addr {
-            None => SocketAddr::from(([127, 0, 0, 1], 0)),
-            Some(a) => a.as_inet().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::AddressNotAvailable,
-                    format!("softroce listens on IPv4 addresses only, not {a}"),
-                )
-            })?,
-        };
+        let addr = prov::listen_addr(info, "softroce")?;
         let ip = ipv4_of(addr)?;
         // Open the device now so a taken port 4791 is reported here, clearly.
         if !ip.is_unspecified() {
             let dev = Device::get(ip)?;
             self.shared.add_device(&dev);
         }
-        let sock =
-            TcpListener::bind(addr).map_err(|e| Error::from(e).context(format!("bind {addr}")))?;
-        sock.set_nonblocking(true)?;
+        let sock = prov::bind_listener(addr)?;
         let fid = Fid::next();
         debug!(%fid, addr = %sock.local_addr()?, "softroce passive endpoint bound");
         self.shared.cm.lock().listeners.insert(
@@ -440,15 +390,12 @@ impl FabricOps for SrFabric {
 /// A domain: its registrations.
 pub(crate) struct SrDomain {
     shared: Arc<Shared>,
-    keys: Arc<KeyTable>,
+    keys: Arc<KeyMap>,
 }
 
 impl DomainOps for SrDomain {
     fn open_cq(&self, _attr: &CqAttr) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(SrCq {
-            queue: Arc::new(WaitQueue::new()?),
-            shared: self.shared.clone(),
-        }))
+        SrCq::open(&self.shared)
     }
 
     fn register(
@@ -457,13 +404,10 @@ impl DomainOps for SrDomain {
         access: Access,
         flags: MrFlags,
     ) -> Result<Arc<dyn MrOps>> {
-        let base = memory.as_ptr() as u64;
-        let key = self.keys.insert(memory, access, flags);
-        Ok(Arc::new(SoftRoceMr {
-            key,
-            base,
-            table: self.keys.clone(),
-        }))
+        // 4-byte keys (mr_key_size): the map hands out 32-bit values.
+        Ok(Arc::new(KeyedMr::register(
+            &self.keys, memory, access, flags,
+        )))
     }
 
     fn open_endpoint(&self, info: &Info, bind: EndpointBinding) -> Result<Arc<dyn EndpointOps>> {
@@ -498,7 +442,7 @@ impl DomainOps for SrDomain {
         let owner: Weak<dyn QpOwner> = Arc::downgrade(&inner) as Weak<dyn QpOwner>;
         let _ = inner.rep.owner.set(owner);
         if info.conn_handle().is_some() {
-            let (sock, req) = ConnToken::take(info)?;
+            let (sock, req) = take_request(info)?;
             let local = sock.local_addr()?;
             let dev = Device::get(ipv4_of(local)?)?;
             self.shared.add_device(&dev);
@@ -521,87 +465,10 @@ impl DomainOps for SrDomain {
     }
 }
 
-/// The blocking read of completion and event queues over the devices.
-fn sread_loop<T>(
-    shared: &Shared,
-    queue: &WaitQueue<T>,
-    out: &mut Vec<T>,
-    max: usize,
-    timeout: Option<Duration>,
-) -> usize {
-    queue.sread(
-        out,
-        max,
-        timeout,
-        || shared.progress(true),
-        |fd, deadline| shared.sleep(Some(fd), deadline),
-    )
-}
-
-/// A completion queue.
-pub(crate) struct SrCq {
-    queue: Arc<CompQueue>,
-    shared: Arc<Shared>,
-}
-
-impl CqOps for SrCq {
-    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.shared.progress(false);
-        Ok(self.queue.pop_into(out, max))
-    }
-
-    fn sread(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        Ok(sread_loop(
-            &self.shared,
-            &self.queue,
-            out,
-            max.max(1),
-            timeout,
-        ))
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.shared.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
+/// A completion queue: the shared queue object over the fabric's progress.
+pub(crate) type SrCq = ProviderCq<Shared>;
 /// An event queue.
-pub(crate) struct SrEq {
-    queue: Arc<EqQueue>,
-    shared: Arc<Shared>,
-}
-
-impl EqOps for SrEq {
-    fn read(&self) -> Result<Option<Event>> {
-        self.shared.progress(true);
-        Ok(self.queue.pop())
-    }
-
-    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        let mut v = Vec::with_capacity(1);
-        sread_loop(&self.shared, &self.queue, &mut v, 1, timeout);
-        Ok(v.pop())
-    }
-
-    fn register_waker(&self, waker: &Waker) {
-        self.shared.ensure_auto();
-        self.queue.register_waker(waker);
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
+pub(crate) type SrEq = ProviderEq<Shared>;
 
 /// A passive endpoint.
 pub(crate) struct SrPep {
@@ -634,7 +501,7 @@ impl PassiveEndpointOps for SrPep {
     }
 
     fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
-        let (mut sock, req) = ConnToken::take(request)?;
+        let (mut sock, req) = take_request(request)?;
         let ip = sock
             .local_addr()
             .ok()
@@ -697,7 +564,7 @@ struct EpCm {
 pub(crate) struct EpInner {
     fid: Fid,
     shared: Arc<Shared>,
-    table: Arc<KeyTable>,
+    table: Arc<KeyMap>,
     rep: Arc<Reporting>,
     eq: Arc<EqQueue>,
     qp: OnceLock<(Arc<Device>, u32)>,

@@ -3,20 +3,25 @@
 //! * [`LocalMemory`] backs the buffers of posted work requests (the data a SEND or
 //!   WRITE transmits, the buffer a receive or an RDMA READ fills, the 8 bytes an atomic
 //!   returns).
-//! * [`RemoteMemoryTable`] maps an R_Key to a [`RemoteRegion`] a peer may access,
-//!   with its base address, length, rights and an optional persistence hook for
-//!   IB FLUSH.
+//! * [`RemoteMemoryTable`] is a domain's R_Keys and its one remote-access check:
+//!   [`verify`](RemoteMemoryTable::verify) takes the R_Key, the bytes asked for
+//!   ([`RemoteSpan`]) and what the access needs ([`RemoteNeed`]: a right, and
+//!   persistence for a persistent FLUSH), and answers with the verified range as a
+//!   [`RemoteRegion`] (offsets relative to its first byte) or the NAK code of the
+//!   refusal. The core touches nothing before it passes.
 //!
-//! The core checks keys, bounds and rights before it calls `read`/`write`/`atomic`, so
-//! implementations only see in-range offsets; they still return errors instead of
-//! panicking. Both traits take `&self`: a region is shared between the local user and
+//! Implementations of [`RemoteRegion`] only see in-range offsets; they still return
+//! errors instead of panicking. Both traits take `&self`: a region is shared between the local user and
 //! remote peers, so implementations need interior mutability (the later fabric-core
 //! binding wraps registered memory whose soundness contract lives there).
-//! [`VecMemory`] and [`KeyTable`] are simple implementations for tests and examples.
+//! [`VecMemory`] and [`KeyTable`] are simple implementations for tests and examples;
+//! the provider's table is fabric-core's `prov::KeyMap`.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+
+use crate::wire::ext::NakCode;
 
 /// A memory access failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,19 +177,63 @@ impl AtomicOp {
     }
 }
 
-/// A memory region remote peers may access through its R_Key.
+/// The right a remote access needs on the region its R_Key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteRight {
+    /// RDMA READ.
+    Read,
+    /// RDMA WRITE.
+    Write,
+    /// Atomic CMP_SWAP / FETCH_ADD.
+    Atomic,
+    /// IB FLUSH: read or write.
+    Flush,
+}
+
+/// What a remote access needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteNeed {
+    /// The right.
+    pub right: RemoteRight,
+    /// A FLUSH with placement "persistent": the region must be persistent memory
+    /// (refused with NAK invalid request otherwise, rxe: no
+    /// `IB_ACCESS_FLUSH_PERSISTENT`).
+    pub persistent: bool,
+}
+
+impl From<RemoteRight> for RemoteNeed {
+    fn from(right: RemoteRight) -> Self {
+        RemoteNeed {
+            right,
+            persistent: false,
+        }
+    }
+}
+
+/// The bytes a remote access asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteSpan {
+    /// `len` bytes at virtual address `va`.
+    Range {
+        /// First byte (the VA peers use in RETH/AtomicETH).
+        va: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The whole region (an IB FLUSH with selectivity "memory region").
+    Region,
+}
+
+/// A verified range of a region remote peers may access: what
+/// [`RemoteMemoryTable::verify`] answers. Offsets are relative to its first byte.
 pub trait RemoteRegion: Send + Sync {
-    /// Virtual address of the first byte (the VA peers use in RETH/AtomicETH).
-    fn base_va(&self) -> u64;
     /// Length in bytes.
     fn len(&self) -> u64;
-    /// Whether the region is empty.
+    /// Whether the range is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Remote rights.
-    fn access(&self) -> RemoteAccess;
-    /// Reads at `offset` (relative to the base).
+    /// Reads at `offset` (relative to the range's first byte).
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
     /// Writes at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError>;
@@ -198,10 +247,19 @@ pub trait RemoteRegion: Send + Sync {
     }
 }
 
-/// R_Key -> region lookup (a domain's registrations).
+/// A domain's registrations and the one remote-access check.
 pub trait RemoteMemoryTable: Send + Sync {
-    /// The region registered under `rkey`, if any.
-    fn lookup(&self, rkey: u32) -> Option<Arc<dyn RemoteRegion>>;
+    /// Checks R_Key, right, bounds (with overflow) and, for `need.persistent`,
+    /// persistence; returns the verified range, or the NAK code the responder refuses
+    /// the request with (remote access error; invalid request for a persistent FLUSH
+    /// into memory that is not persistent). Zero-length reads and writes need no key
+    /// (IBTA 9.4.1.1): the core does not call it for them.
+    fn verify(
+        &self,
+        rkey: u32,
+        span: RemoteSpan,
+        need: RemoteNeed,
+    ) -> Result<Arc<dyn RemoteRegion>, NakCode>;
 }
 
 /// Memory backed by a `Vec<u8>` behind a mutex: usable as local memory and as a
@@ -273,14 +331,8 @@ impl LocalMemory for VecMemory {
 }
 
 impl RemoteRegion for VecMemory {
-    fn base_va(&self) -> u64 {
-        self.base_va
-    }
     fn len(&self) -> u64 {
         LocalMemory::len(self)
-    }
-    fn access(&self) -> RemoteAccess {
-        self.access
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         LocalMemory::read(self, offset, buf)
@@ -309,10 +361,45 @@ impl RemoteRegion for VecMemory {
     }
 }
 
-/// A simple R_Key table. For tests and examples.
+/// A verified range of a [`VecMemory`].
+struct VecRange {
+    memory: Arc<VecMemory>,
+    offset: u64,
+    len: u64,
+}
+
+impl VecRange {
+    fn at(&self, offset: u64, n: usize) -> Result<u64, MemoryError> {
+        match offset.checked_add(n as u64) {
+            Some(end) if end <= self.len => Ok(self.offset + offset),
+            _ => Err(MemoryError::OutOfBounds),
+        }
+    }
+}
+
+impl RemoteRegion for VecRange {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        LocalMemory::read(&*self.memory, self.at(offset, buf.len())?, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        LocalMemory::write(&*self.memory, self.at(offset, data.len())?, data)
+    }
+    fn atomic(&self, offset: u64, op: AtomicOp) -> Result<u64, MemoryError> {
+        RemoteRegion::atomic(&*self.memory, self.at(offset, 8)?, op)
+    }
+    fn persist(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        let n = usize::try_from(len).map_err(|_| MemoryError::OutOfBounds)?;
+        RemoteRegion::persist(&*self.memory, self.at(offset, n)?, len)
+    }
+}
+
+/// A simple R_Key table over [`VecMemory`]. For tests and examples.
 #[derive(Default)]
 pub struct KeyTable {
-    regions: Mutex<HashMap<u32, Arc<dyn RemoteRegion>>>,
+    regions: Mutex<HashMap<u32, Arc<VecMemory>>>,
 }
 
 impl KeyTable {
@@ -320,8 +407,9 @@ impl KeyTable {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Registers `region` under `rkey` (replacing any previous one).
-    pub fn insert(&self, rkey: u32, region: Arc<dyn RemoteRegion>) {
+    /// Registers `region` under `rkey` (replacing any previous one); its base address
+    /// and rights are those of the [`VecMemory`].
+    pub fn insert(&self, rkey: u32, region: Arc<VecMemory>) {
         if let Ok(mut m) = self.regions.lock() {
             m.insert(rkey, region);
         }
@@ -335,8 +423,46 @@ impl KeyTable {
 }
 
 impl RemoteMemoryTable for KeyTable {
-    fn lookup(&self, rkey: u32) -> Option<Arc<dyn RemoteRegion>> {
-        self.regions.lock().ok()?.get(&rkey).cloned()
+    fn verify(
+        &self,
+        rkey: u32,
+        span: RemoteSpan,
+        need: RemoteNeed,
+    ) -> Result<Arc<dyn RemoteRegion>, NakCode> {
+        let refused = NakCode::RemoteAccessError;
+        let memory = self
+            .regions
+            .lock()
+            .map_err(|_| refused)?
+            .get(&rkey)
+            .cloned()
+            .ok_or(refused)?;
+        let a = memory.access;
+        let allowed = match need.right {
+            RemoteRight::Read => a.read,
+            RemoteRight::Write => a.write,
+            RemoteRight::Atomic => a.atomic,
+            RemoteRight::Flush => a.read || a.write,
+        };
+        if !allowed {
+            return Err(refused);
+        }
+        let size = LocalMemory::len(&*memory);
+        let (offset, len) = match span {
+            RemoteSpan::Region => (0, size),
+            RemoteSpan::Range { va, len } => {
+                let offset = va.checked_sub(memory.base_va).ok_or(refused)?;
+                match offset.checked_add(len) {
+                    Some(end) if end <= size => (offset, len),
+                    _ => return Err(refused),
+                }
+            }
+        };
+        Ok(Arc::new(VecRange {
+            memory,
+            offset,
+            len,
+        }))
     }
 }
 
@@ -388,7 +514,41 @@ mod tests {
         );
         let t = KeyTable::new();
         t.insert(7, Arc::new(m));
-        assert!(t.lookup(7).is_some());
-        assert!(t.lookup(8).is_none());
+        let w = |va, len| RemoteSpan::Range { va, len };
+        let r = t
+            .verify(7, w(0x1008, 8), RemoteRight::Atomic.into())
+            .unwrap();
+        assert_eq!(r.len(), 8);
+        assert_eq!(r.atomic(0, AtomicOp::FetchAdd { add: 0 }), Ok(1));
+        assert_eq!(r.read(1, &mut [0; 8]), Err(MemoryError::OutOfBounds));
+        assert_eq!(
+            t.verify(7, RemoteSpan::Region, RemoteRight::Flush.into())
+                .unwrap()
+                .len(),
+            16
+        );
+        let refused = Some(NakCode::RemoteAccessError);
+        assert_eq!(
+            t.verify(8, w(0x1000, 1), RemoteRight::Read.into()).err(),
+            refused
+        );
+        assert_eq!(
+            t.verify(7, w(0xfff, 1), RemoteRight::Read.into()).err(),
+            refused
+        );
+        assert_eq!(
+            t.verify(7, w(0x1008, 9), RemoteRight::Read.into()).err(),
+            refused
+        );
+        assert_eq!(
+            t.verify(7, w(u64::MAX, 2), RemoteRight::Read.into()).err(),
+            refused
+        );
+        t.insert(9, Arc::new(VecMemory::new(8, 0, RemoteAccess::READ)));
+        assert_eq!(
+            t.verify(9, w(0, 8), RemoteRight::Write.into()).err(),
+            refused
+        );
+        assert!(t.verify(9, w(0, 8), RemoteRight::Flush.into()).is_ok());
     }
 }

@@ -35,7 +35,7 @@ mod types;
 
 pub use memory::{
     AtomicOp, KeyTable, LocalMemory, LocalSegment, MemoryError, RemoteAccess, RemoteMemoryTable,
-    RemoteRegion, VecMemory,
+    RemoteNeed, RemoteRegion, RemoteRight, RemoteSpan, VecMemory,
 };
 pub use psn::{MAX_PKTS_PER_ACK, MAX_UNACKED_PSNS, PSN_MASK};
 pub use types::{

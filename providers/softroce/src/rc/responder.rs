@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use tracing::{debug, trace};
 
-use super::memory::{AtomicOp, MemoryError, RemoteAccess, RemoteMemoryTable, RemoteRegion};
+use super::memory::{
+    AtomicOp, MemoryError, RemoteMemoryTable, RemoteNeed, RemoteRegion, RemoteRight, RemoteSpan,
+};
 use super::psn;
 use super::types::{Completion, QpStats, RecvWr, WcOpcode, WcStatus};
 use super::{Ctx, Fatal};
@@ -399,16 +401,14 @@ impl Responder {
             let Some(reth) = repr.reth else {
                 return Err(self.fatal(p, NakCode::InvalidRequest));
             };
-            let (region, offset) =
-                match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
-                    a.write
-                }) {
-                    Ok(x) => x,
-                    Err(code) => return self.refuse(p, code),
-                };
+            let need = RemoteRight::Write.into();
+            let region = match check_access(table, reth.rkey, reth.va, reth.dma_len, need) {
+                Ok(x) => x,
+                Err(code) => return self.refuse(p, code),
+            };
             self.cur_write = Some(CurWrite {
                 region,
-                offset,
+                offset: 0,
                 remaining: reth.dma_len,
                 dma_len: reth.dma_len,
             });
@@ -466,13 +466,11 @@ impl Responder {
         let Some(reth) = repr.reth else {
             return Err(self.fatal(p, NakCode::InvalidRequest));
         };
-        let (region, offset) =
-            match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
-                a.read
-            }) {
-                Ok(x) => x,
-                Err(code) => return self.refuse(p, code),
-            };
+        let need = RemoteRight::Read.into();
+        let region = match check_access(table, reth.rkey, reth.va, reth.dma_len, need) {
+            Ok(x) => x,
+            Err(code) => return self.refuse(p, code),
+        };
         let npkts = ctx.mtu.packets(reth.dma_len);
         self.add_resource(Resource::Read {
             first_psn: p,
@@ -481,7 +479,7 @@ impl Responder {
         self.msn = psn::add(self.msn, 1);
         self.out.push_back(Response::Read(ReadStream {
             region,
-            offset,
+            offset: 0,
             len: reth.dma_len,
             first_psn: p,
             npkts,
@@ -501,9 +499,9 @@ impl Responder {
         if a.va & 7 != 0 {
             return Err(self.fatal(p, NakCode::InvalidRequest));
         }
-        let (region, offset) = match check_access(table, a.rkey, a.va, 8, |x| x.atomic) {
-            Ok((Some(r), off)) => (r, off),
-            Ok((None, _)) => return self.refuse(p, NakCode::RemoteAccessError),
+        let span = RemoteSpan::Range { va: a.va, len: 8 };
+        let region = match table.verify(a.rkey, span, RemoteRight::Atomic.into()) {
+            Ok(r) => r,
             Err(code) => return self.refuse(p, code),
         };
         let op = if repr.bth.opcode == Opcode::RC_COMPARE_SWAP {
@@ -514,7 +512,7 @@ impl Responder {
         } else {
             AtomicOp::FetchAdd { add: a.swap_add }
         };
-        let orig = match region.atomic(offset, op) {
+        let orig = match region.atomic(0, op) {
             Ok(v) => v,
             Err(_) => return Err(self.fatal(p, NakCode::RemoteOperationalError)),
         };
@@ -539,25 +537,26 @@ impl Responder {
         let (Some(feth), Some(reth)) = (repr.feth, repr.reth) else {
             return Err(self.fatal(p, NakCode::InvalidRequest));
         };
-        let Some(region) = table.lookup(reth.rkey) else {
-            return self.refuse(p, NakCode::RemoteAccessError);
-        };
-        let acc = region.access();
-        if !(acc.read || acc.write) {
-            return self.refuse(p, NakCode::RemoteAccessError);
-        }
-        let (offset, len) = if feth.selectivity == FLUSH_SELECT_REGION {
-            (0, region.len())
+        // A FLUSH needs its key even when it is zero-length.
+        let span = if feth.selectivity == FLUSH_SELECT_REGION {
+            RemoteSpan::Region
         } else {
-            match check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
-                a.read || a.write
-            }) {
-                Ok((_, off)) => (off, u64::from(reth.dma_len)),
-                Err(code) => return self.refuse(p, code),
+            RemoteSpan::Range {
+                va: reth.va,
+                len: u64::from(reth.dma_len),
             }
         };
-        if feth.placement & FLUSH_PLACEMENT_PERSISTENT != 0 {
-            match region.persist(offset, len) {
+        let persistent = feth.placement & FLUSH_PLACEMENT_PERSISTENT != 0;
+        let need = RemoteNeed {
+            right: RemoteRight::Flush,
+            persistent,
+        };
+        let region = match table.verify(reth.rkey, span, need) {
+            Ok(r) => r,
+            Err(code) => return self.refuse(p, code),
+        };
+        if persistent {
+            match region.persist(0, region.len()) {
                 Ok(()) => {}
                 Err(MemoryError::NotPersistent) => {
                     return self.refuse(p, NakCode::InvalidRequest);
@@ -623,15 +622,12 @@ impl Responder {
                 }
                 _ => true,
             });
-            if let Ok((region, offset)) =
-                check_access(table, reth.rkey, reth.va, u64::from(reth.dma_len), |a| {
-                    a.read
-                })
-            {
+            let need = RemoteRight::Read.into();
+            if let Ok(region) = check_access(table, reth.rkey, reth.va, reth.dma_len, need) {
                 trace!(psn = p, "duplicate READ: replaying");
                 self.out.push_back(Response::Read(ReadStream {
                     region,
-                    offset,
+                    offset: 0,
                     len: reth.dma_len,
                     first_psn: p,
                     npkts,
@@ -754,28 +750,21 @@ impl Responder {
     }
 }
 
-/// Checks R_Key, bounds and rights for `len` bytes at `va`; returns the region and the
-/// offset in it. Zero-length accesses need no key (IBTA 9.4.1.1).
+/// The table's one check for `len` bytes at `va`; `None` for a zero-length access,
+/// which needs no key (IBTA 9.4.1.1).
 fn check_access(
     table: &dyn RemoteMemoryTable,
     rkey: u32,
     va: u64,
-    len: u64,
-    right: impl Fn(RemoteAccess) -> bool,
-) -> Result<(Option<Arc<dyn RemoteRegion>>, u64), NakCode> {
+    len: u32,
+    need: RemoteNeed,
+) -> Result<Option<Arc<dyn RemoteRegion>>, NakCode> {
     if len == 0 {
-        return Ok((None, 0));
+        return Ok(None);
     }
-    let region = table.lookup(rkey).ok_or(NakCode::RemoteAccessError)?;
-    if !right(region.access()) {
-        return Err(NakCode::RemoteAccessError);
-    }
-    let offset = va
-        .checked_sub(region.base_va())
-        .ok_or(NakCode::RemoteAccessError)?;
-    let end = offset.checked_add(len).ok_or(NakCode::RemoteAccessError)?;
-    if end > region.len() {
-        return Err(NakCode::RemoteAccessError);
-    }
-    Ok((Some(region), offset))
+    let span = RemoteSpan::Range {
+        va,
+        len: u64::from(len),
+    };
+    table.verify(rkey, span, need).map(Some)
 }

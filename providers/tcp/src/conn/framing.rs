@@ -8,16 +8,16 @@ use std::os::fd::AsRawFd;
 use fabric_core::{CompFlags, Completion, RemoteIov, Segment};
 
 use super::{Conn, ConnState, Fatal, TX_BATCH_BYTES, TX_IOV_MAX};
-use crate::mr::RegionRange;
 use crate::sys;
 use crate::wire::{Header, Op, Status, WireIov, MAX_HDR_SIZE, MAX_RMA_IOV};
+use fabric_core::prov::RemoteRange;
 
 /// The data a transmit operation sends after its header.
 pub(crate) enum Body {
     Empty,
     Bytes(Vec<u8>),
     Segs(Vec<Segment>),
-    Regions(Vec<RegionRange>),
+    Regions(Vec<RemoteRange>),
 }
 
 impl Body {
@@ -36,7 +36,7 @@ impl Body {
             }
             Body::Regions(r) => {
                 for x in r {
-                    if !f(x.ptr(), x.len) {
+                    if !f(x.ptr(), x.len()) {
                         return;
                     }
                 }

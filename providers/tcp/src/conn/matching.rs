@@ -5,8 +5,9 @@
 use fabric_core::{CompFlags, Completion, CqError, CqErrorKind, RecvRequest};
 use tracing::debug;
 
-use super::{AfterRx, Conn, Fatal, IovList, Phase, Sink, UNEXPECTED_LIMIT, UNEXPECTED_MAX_ENTRIES};
+use super::{AfterRx, Conn, Fatal, Phase, Sink, UNEXPECTED_LIMIT, UNEXPECTED_MAX_ENTRIES};
 use crate::wire::{Header, Status, FLAG_CQ_DATA, FLAG_DELIVERY};
+use fabric_core::prov::ScatterList;
 
 /// A message (or write-with-data notification) that arrived before a receive.
 pub(super) struct Unexpected {
@@ -27,7 +28,7 @@ impl Conn {
         let data = (h.flags & FLAG_CQ_DATA != 0).then_some(h.data);
         let ack = (h.flags & FLAG_DELIVERY != 0).then_some(h.op_id);
         if let Some(recv) = self.posted.pop_front() {
-            let sink = Sink::Iov(IovList::from_segments(&recv.segments));
+            let sink = Sink::list(ScatterList::local(recv.segments.clone()));
             self.expect(
                 sink,
                 size,
@@ -128,9 +129,8 @@ impl Conn {
             let placed = if u.write_data {
                 0
             } else {
-                let mut l = IovList::from_segments(&recv.segments);
-                l.write(&u.bytes);
-                l.placed
+                let l = ScatterList::local(recv.segments.clone());
+                l.cursor().fill(&u.bytes)
             };
             self.complete_recv(recv, u.size, placed, u.data, u.write_data);
             if let Some(id) = u.ack {

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use fabric_core::{Completion, CqErrorKind, Event, Fid, RecvRequest, ShutdownReason};
 use tracing::warn;
 
-use crate::mr::KeyTable;
 use crate::sys::{Epoll, Interest};
+use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
 mod framing;
@@ -43,7 +43,7 @@ mod tests;
 pub(crate) use framing::{wire_iovs, AfterTx, Body, PendKind, Pending, TxOp};
 use matching::Unexpected;
 use parser::{AfterRx, Incoming, Phase, RxState};
-use sink::{IovList, Sink};
+use sink::Sink;
 
 /// Completions as the engine delivers them.
 pub(crate) type CompQueue = WaitQueue<Completion>;
@@ -141,7 +141,7 @@ pub(crate) struct Reporting {
     pub(crate) tx_cq: Arc<CompQueue>,
     pub(crate) rx_cq: Arc<CompQueue>,
     pub(crate) eq: Arc<EventQueueShared>,
-    pub(crate) keys: Arc<KeyTable>,
+    pub(crate) keys: Arc<KeyMap>,
 }
 
 /// One endpoint's connection.

@@ -10,12 +10,10 @@ use fabric_core::{
 };
 use tracing::debug;
 
-use super::{
-    Body, Conn, ConnState, Fatal, IovList, PendKind, Pending, Sink, Unexpected, RX_ROUNDS,
-};
-use crate::mr::RegionRange;
+use super::{Body, Conn, ConnState, Fatal, PendKind, Pending, Sink, Unexpected, RX_ROUNDS};
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
+use fabric_core::prov::{RemoteRange, ScatterList};
 
 /// What to do once a payload has been received.
 pub(super) enum AfterRx {
@@ -37,7 +35,7 @@ pub(super) enum AfterRx {
         commit: bool,
         /// The checked target ranges; they also keep the memory alive while the
         /// payload streams in.
-        ranges: Vec<RegionRange>,
+        ranges: Vec<RemoteRange>,
     },
     ReadResp(Pending),
     ConnResp {
@@ -235,7 +233,7 @@ impl Conn {
                     )));
                 }
                 let sink = match &p.hold {
-                    Body::Segs(s) => Sink::Iov(IovList::from_segments(s)),
+                    Body::Segs(s) => Sink::list(ScatterList::local(s.clone())),
                     _ => Sink::Discard,
                 };
                 self.expect(sink, size, AfterRx::ReadResp(p));
@@ -306,7 +304,7 @@ impl Conn {
                 ack,
             } => {
                 let placed = match &inc.sink {
-                    Sink::Iov(l) => l.placed,
+                    Sink::Iov { placed, .. } => *placed,
                     _ => 0,
                 };
                 self.complete_recv(recv, size, placed, data, false);

@@ -2,13 +2,12 @@
 //! for COMMIT) before a byte is touched, then placed or answered; a refused one ends
 //! the connection ([`Conn::refuse`]).
 
-use std::io;
-
+use fabric_core::prov::{AccessError, Need, RemoteRange, ScatterList};
 use fabric_core::Access;
 use tracing::{debug, warn};
 
-use super::{AfterRx, AfterTx, Body, Conn, IovList, Sink, TxOp};
-use crate::mr::{Need, RegionRange};
+use super::{AfterRx, AfterTx, Body, Conn, Sink, TxOp};
+use crate::mr;
 use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA};
 
 impl Conn {
@@ -18,15 +17,16 @@ impl Conn {
         let size = h.size as usize;
         let data = (h.flags & FLAG_CQ_DATA != 0).then_some(h.data);
         let commit = h.flags & FLAG_COMMIT != 0;
-        let need = Need {
-            access: Access::REMOTE_WRITE,
-            // A COMMIT write must target PMEM regions only: checked here, with key,
-            // rights and bounds, before a byte is placed.
-            pmem: commit,
+        // A COMMIT write must target PMEM regions only: checked here, with key,
+        // rights and bounds, before a byte is placed.
+        let need = if commit {
+            Need::COMMIT
+        } else {
+            Need::from(Access::REMOTE_WRITE)
         };
-        match self.rep.keys.check(h.iovs(), need) {
+        match mr::check(&self.rep.keys, h.iovs(), need) {
             Ok(ranges) => {
-                let sink = Sink::Iov(IovList::from_ranges(&ranges));
+                let sink = Sink::list(ScatterList::remote(ranges.clone()));
                 self.expect(
                     sink,
                     size,
@@ -53,11 +53,7 @@ impl Conn {
     /// from the regions; or refuses the read.
     pub(super) fn on_read_req(&mut self, h: &Header) {
         let mut resp = Header::new(Op::ReadResp, h.op_id, 0);
-        match self
-            .rep
-            .keys
-            .check(h.iovs(), Need::access(Access::REMOTE_READ))
-        {
+        match mr::check(&self.rep.keys, h.iovs(), Need::from(Access::REMOTE_READ)) {
             Ok(ranges) => {
                 resp.size = h.iov_total();
                 let op = TxOp::new(&resp, Body::Regions(ranges), AfterTx::Nothing);
@@ -80,7 +76,7 @@ impl Conn {
         size: usize,
         data: Option<u64>,
         commit: bool,
-        ranges: &[RegionRange],
+        ranges: &[RemoteRange],
     ) {
         if commit {
             // Durable before acknowledged: persist every written range (CPU cache flush
@@ -101,7 +97,7 @@ impl Conn {
 }
 
 /// Persists every range in order; the first failure and the index of its range.
-fn persist_all(ranges: &[RegionRange]) -> Option<(usize, io::Error)> {
+fn persist_all(ranges: &[RemoteRange]) -> Option<(usize, AccessError)> {
     ranges
         .iter()
         .enumerate()

@@ -13,9 +13,9 @@ use fabric_core::{
 
 use super::{AfterTx, Body, Conn, ConnState, Fatal, PendKind, Pending, TxOp};
 use crate::engine::Engine;
-use crate::mr::{KeyTable, MrEntry};
 use crate::objects::{TcpDomain, TcpFabric};
 use crate::wire::{Header, Op, Status, WireIov, FLAG_CQ_DATA, FLAG_DELIVERY, MAX_HDR_SIZE};
+use fabric_core::prov::KeyMap;
 
 impl Conn {
     /// Hands `bytes` to the parser as if the socket had delivered them, in pieces of
@@ -68,7 +68,7 @@ struct Rig {
     cq: CompletionQueue,
     eq: EventQueue,
     engine: Arc<Engine>,
-    keys: Arc<KeyTable>,
+    keys: Arc<KeyMap>,
     domain: Domain,
     _fabric: Fabric,
 }
@@ -132,11 +132,9 @@ impl Rig {
     /// A region in the connection's key table, filled with `fill`.
     fn region(&self, len: usize, fill: u8) -> (u64, Arc<HeapMemory>) {
         let mem = Arc::new(HeapMemory::from_slice(&vec![fill; len]).unwrap());
-        let key = self.keys.insert(MrEntry {
-            memory: mem.clone(),
-            access: Access::REMOTE,
-            flags: MrFlags::empty(),
-        });
+        let (key, _) = self
+            .keys
+            .insert(mem.clone(), Access::REMOTE, MrFlags::empty());
         (key, mem)
     }
 
