@@ -45,7 +45,8 @@
 //!   connection data, tx_size / rx_size 1024. Memory registration mode `PROV_KEY`:
 //!   keys are random non-zero 64-bit values and remote addresses are offsets
 //!   (`base_addr` 0).
-//! - `FABRIC_TCP_KEY_SIZE=4` in the environment (read by getinfo) narrows
+//! - `Hints::mr_key_size(4)` (per getinfo call, as libfabric's `domain_attr` hint), or
+//!   `FABRIC_TCP_KEY_SIZE=4` in the environment (read by getinfo), narrows
 //!   `limits.mr_key_size` to 4: domains opened from that info hand out random non-zero
 //!   32-bit keys, for protocols that carry 32-bit keys (NVMe-oF keyed SGLs). `8` or
 //!   unset is the default; any other value makes getinfo skip the provider with a
@@ -216,7 +217,7 @@ impl Provider for TcpProvider {
         vec![i]
     }
 
-    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+    fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
         for (what, a) in [("source", &info.src_addr), ("destination", &info.dest_addr)] {
             if let Some(a @ Address::Raw(_)) = a {
                 return Err(format!(
@@ -230,6 +231,10 @@ impl Provider for TcpProvider {
             .all(|a| a.ip().is_loopback());
         info.domain_name = if loopback { "lo" } else { "tcp" }.into();
         info.limits.mr_key_size = key_size_from_env()?.unwrap_or(info.limits.mr_key_size);
+        // `Hints::mr_key_size(4)` (libfabric's domain_attr hint) asks for 32-bit keys.
+        if hints.mr_key_size.is_some_and(|m| (4..8).contains(&m)) {
+            info.limits.mr_key_size = 4;
+        }
         Ok(())
     }
 
