@@ -8,8 +8,9 @@
 //!   (`tests/reference_offsets.rs`).
 //! * [`transport`] – the binding to any fabric provider, after the NVMe-oF RDMA
 //!   transport: CM private data as connect/accept/reject data, capsules and responses
-//!   as messages, data by RMA against keyed SGLs (32-bit keys: providers with wider
-//!   keys are refused with [`Error::KeysTooWide`]; today that means softroce, not tcp),
+//!   as messages, data by RMA against keyed SGLs (32-bit keys: getinfo asks for
+//!   `mr_key_size(4)`, which tcp narrows its keys to; a provider whose keys stay wider
+//!   is refused with [`Error::KeysTooWide`]),
 //!   in-capsule data for small writes.
 //! * [`target`] – subsystems (NQN, serial, model, allowed hosts), namespaces in memory
 //!   or in a file (buffered), ports, the discovery subsystem, controllers with dynamic

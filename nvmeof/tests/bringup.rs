@@ -1,10 +1,23 @@
-//! Controller bring-up over softroce: Connect, CC.EN, CSTS.RDY, Identify.
+//! Controller bring-up over softroce and tcp: Connect, CC.EN, CSTS.RDY, Identify, I/O.
 mod common;
 use common::*;
 
 #[test]
 fn bring_up_and_identify() {
-    let s = setup();
+    bring_up(setup());
+}
+
+/// tcp hands out 32-bit keys for this getinfo (the hints ask for `mr_key_size(4)`), so
+/// keyed SGLs work over it too.
+#[test]
+fn bring_up_and_identify_over_tcp() {
+    let mut sub = nvmeof::target::SubsystemConfig::new(SUBNQN);
+    sub.namespaces
+        .push(nvmeof::target::NamespaceConfig::memory(1, NS_BLOCKS * 512));
+    bring_up(setup_over("tcp", sub));
+}
+
+fn bring_up(s: Setup) {
     let ctrl = s.connect();
     let id = ctrl.identify();
     assert_eq!(id.subnqn.as_str(), SUBNQN);

@@ -280,7 +280,10 @@ impl Target {
             .node(&cfg.addr)
             .service(&cfg.service)
             .source(true)
-            .progress(Progress::Auto);
+            .progress(Progress::Auto)
+            // Keyed SGL descriptors carry 32-bit keys: providers that can narrow theirs
+            // (tcp) do; the others must have 4-byte keys already.
+            .mr_key_size(4);
         let info = fabric::getinfo(&hints)
             .map_err(|e| Error::Fabric(e.into()))?
             .into_iter()

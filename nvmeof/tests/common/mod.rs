@@ -8,8 +8,8 @@ use std::time::Duration;
 use nvmeof::host::{Controller, HostConfig, TransportAddr};
 use nvmeof::target::{NamespaceConfig, Port, PortConfig, SubsystemConfig, Target};
 
-/// The provider the tests run over: softroce has 32-bit keys (tcp's are 64-bit, which
-/// keyed SGLs cannot carry).
+/// The provider most tests run over (softroce's keys are 32-bit; tcp narrows its keys to
+/// 32 bits when the hints ask, and `bringup` runs over it too).
 pub const PROVIDER: &str = "softroce";
 pub const SUBNQN: &str = "nqn.2024-01.io.fabric:test-subsystem";
 pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-4333-8444-555555555555";
@@ -47,11 +47,16 @@ impl Setup {
 
 /// A target with `subsys` (namespaces included) listening on a random address.
 pub fn setup_with(subsys: SubsystemConfig) -> Setup {
+    setup_over(PROVIDER, subsys)
+}
+
+/// [`setup_with`] over the provider `provider`.
+pub fn setup_over(provider: &str, subsys: SubsystemConfig) -> Setup {
     let target = Target::new();
     target.add_subsystem(&subsys).expect("subsystem");
     let ip = random_loopback();
     let port = target
-        .add_port(&PortConfig::new(PROVIDER, &ip.to_string()))
+        .add_port(&PortConfig::new(provider, &ip.to_string()))
         .expect("port");
     let local = port.local_addr();
     let mut host_ip = random_loopback();
@@ -59,7 +64,7 @@ pub fn setup_with(subsys: SubsystemConfig) -> Setup {
         host_ip = random_loopback();
     }
     Setup {
-        addr: TransportAddr::new(PROVIDER, &local.ip().to_string(), local.port()),
+        addr: TransportAddr::new(provider, &local.ip().to_string(), local.port()),
         target,
         port,
         host_ip,
