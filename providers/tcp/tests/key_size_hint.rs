@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use fabric_core::*;
 
 #[test]
 fn four_byte_keys_from_the_hints() {
