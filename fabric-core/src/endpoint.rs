@@ -249,12 +249,6 @@ impl Endpoint {
     pub fn domain(&self) -> &Domain {
         &self.domain
     }
-    /// The provider's object. Crate-private: the provider receives only requests this
-    /// wrapper has checked (rights, sizes, domain, capabilities).
-    #[allow(dead_code)]
-    pub(crate) fn ops(&self) -> &Arc<dyn EndpointOps> {
-        &self.ops
-    }
     /// Local address, once bound.
     pub fn local_addr(&self) -> Option<Address> {
         self.ops.local_addr()
@@ -743,10 +737,5 @@ impl PassiveEndpoint {
     /// Rejects a connection request, sending `data` to the peer.
     pub fn reject(&self, request: &ConnRequest, data: &[u8]) -> Result<()> {
         self.ops.reject(&request.info, data)
-    }
-    /// The provider's object.
-    #[allow(dead_code)]
-    pub(crate) fn ops(&self) -> &Arc<dyn PassiveEndpointOps> {
-        &self.ops
     }
 }

@@ -368,8 +368,8 @@ pub struct LocalIov<'a> {
 /// }
 /// ```
 /// and the endpoint's provider object, which would take such requests unchecked, is
-/// not reachable from outside:
-/// ```compile_fail,E0624
+/// not reachable from outside (there is no accessor):
+/// ```compile_fail,E0599
 /// fn reach(ep: &fabric_core::Endpoint) {
 ///     let _ = ep.ops();
 /// }
