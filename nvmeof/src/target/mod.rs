@@ -29,8 +29,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fabric::{
-    Caps, ConnRequest, CqAttr, Domain, EndpointConfig, EpType, EqAttr, Event, EventQueue, Fabric,
-    Hints, PassiveEndpoint, Progress,
+    Caps, ConnRequest, CqAttr, EndpointConfig, EpType, EqAttr, Event, EventQueue, Fabric, Hints,
+    PassiveEndpoint, Progress,
 };
 
 pub use backend::Backing;
@@ -280,7 +280,7 @@ impl Target {
             .node(&cfg.addr)
             .service(&cfg.service)
             .source(true)
-            .progress(Progress::Auto)
+            .progress(Progress::Manual)
             // Keyed SGL descriptors carry 32-bit keys: providers that can narrow theirs
             // (tcp) do; the others must have 4-byte keys already.
             .mr_key_size(4);
@@ -291,7 +291,6 @@ impl Target {
             .ok_or_else(|| Error::Config("getinfo gave no answer".into()))?;
         transport::check_keys(&info)?;
         let fab = Fabric::open(&info)?;
-        let domain = fab.domain(&info)?;
         let eq = fab.eq(EqAttr::default())?;
         let pep = fab.passive_endpoint(&info, &eq)?;
         pep.listen()?;
@@ -319,8 +318,7 @@ impl Target {
         self.shared.genctr.fetch_add(1, Ordering::AcqRel);
         let stop = Arc::new(AtomicBool::new(false));
         let listener = Listener {
-            fabric: fab,
-            domain,
+            _fabric: fab,
             eq,
             pep,
             shared: self.shared.clone(),
@@ -399,8 +397,8 @@ impl Drop for Target {
 
 /// A port's listening thread: connection requests become queues.
 struct Listener {
-    fabric: Fabric,
-    domain: Domain,
+    // The passive endpoint's fabric, alive as long as the listener.
+    _fabric: Fabric,
     eq: EventQueue,
     pep: PassiveEndpoint,
     shared: Arc<Shared>,
@@ -447,13 +445,16 @@ impl Listener {
             return Ok(());
         }
         let depth = depth as u16;
-        let cq = self.domain.cq(CqAttr::default())?;
-        let eq = self.fabric.eq(EqAttr::default())?;
-        let ep = self
-            .domain
-            .endpoint(&req.info, EndpointConfig::new(&cq, &eq))?;
+        // Each queue gets a fabric (progress engine) of its own, so its thread sleeps
+        // on its own connection only: sharing the port's engine woke every queue
+        // thread (and the listener) on any queue's traffic.
+        let fabric = Fabric::open(&req.info)?;
+        let domain = fabric.domain(&req.info)?;
+        let cq = domain.cq(CqAttr::default())?;
+        let eq = fabric.eq(EqAttr::default())?;
+        let ep = domain.endpoint(&req.info, EndpointConfig::new(&cq, &eq))?;
         let link = Link::new(
-            &self.domain,
+            &domain,
             ep,
             cq,
             eq,
@@ -462,7 +463,8 @@ impl Listener {
         )?;
         link.ep.accept(&transport::cm_accept(depth))?;
         let queue = TargetQueue::new(
-            &self.domain,
+            fabric,
+            &domain,
             link,
             self.shared.clone(),
             self.portid,
