@@ -1,4 +1,4 @@
-//! Admin side over softroce: Identify fields against the spec, properties, features,
+//! Admin side over softroce and tcp: Identify fields against the spec, properties, features,
 //! log pages, discovery, host access control, keep-alive expiry.
 mod common;
 use common::*;
@@ -15,9 +15,8 @@ use nvmeof::wire::properties::{Cap, Csts, Vs, CAP, CC, CSTS, VS};
 use nvmeof::wire::StatusCode;
 use nvmeof::Error;
 
-#[test]
-fn identify_properties_features_logs() {
-    let s = setup();
+fn identify_properties_features_logs(provider: &str) {
+    let s = setup(provider);
     let ctrl = s.connect();
     let id = ctrl.identify();
     assert_eq!(id.cntrltype, ControllerType::Io);
@@ -131,9 +130,8 @@ fn identify_properties_features_logs() {
     );
 }
 
-#[test]
-fn discovery_lists_the_subsystem() {
-    let s = setup();
+fn discovery_lists_the_subsystem(provider: &str) {
+    let s = setup(provider);
     let entries = discover(&s.addr, &s.host_config()).unwrap();
     assert_eq!(entries.len(), 1);
     let e = &entries[0];
@@ -143,17 +141,16 @@ fn discovery_lists_the_subsystem() {
     assert_eq!(e.trsvcid.as_str(), s.addr.service);
     assert_eq!(e.cntlid, 0xFFFF);
     // Connect with what discovery said.
-    let addr = nvmeof::host::TransportAddr::from_entry(PROVIDER, e);
+    let addr = nvmeof::host::TransportAddr::from_entry(provider, e);
     let ctrl = Controller::connect(&addr, e.subnqn.as_str(), &s.host_config()).unwrap();
     assert_eq!(ctrl.identify().subnqn.as_str(), SUBNQN);
 }
 
-#[test]
-fn host_not_allowed_is_refused() {
+fn host_not_allowed_is_refused(provider: &str) {
     let mut sub = SubsystemConfig::new(SUBNQN);
     sub.allow_any_host = false;
     sub.allowed_hosts = vec!["nqn.2014-08.org.nvmexpress:uuid:someone-else".into()];
-    let s = setup_with(sub);
+    let s = setup_with(provider, sub);
     let e = Controller::connect(&s.addr, SUBNQN, &s.host_config()).unwrap_err();
     match e {
         Error::Command {
@@ -176,9 +173,8 @@ fn host_not_allowed_is_refused() {
     assert_eq!(e.status_code(), Some(StatusCode::ConnectInvalidParameters));
 }
 
-#[test]
-fn keep_alive_expiry_tears_the_controller_down() {
-    let s = setup();
+fn keep_alive_expiry_tears_the_controller_down(provider: &str) {
+    let s = setup(provider);
     let cfg = HostConfig {
         kato_ms: 300,
         keep_alive: false,
@@ -216,3 +212,10 @@ fn keep_alive_expiry_tears_the_controller_down() {
     assert_eq!(s.target.controllers().len(), 1);
     ctrl.read(&ns, 0, &mut b).unwrap();
 }
+
+over_providers!(
+    identify_properties_features_logs,
+    discovery_lists_the_subsystem,
+    host_not_allowed_is_refused,
+    keep_alive_expiry_tears_the_controller_down
+);
