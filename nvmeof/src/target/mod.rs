@@ -23,7 +23,7 @@ mod queue;
 mod subsys;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     ports: Mutex<Vec<PortRecord>>,
     genctr: AtomicU64,
     stop: AtomicBool,
+    /// Queue threads still running.
+    live_queues: AtomicUsize,
 }
 
 impl Shared {
@@ -251,6 +253,7 @@ impl Target {
                 ports: Mutex::new(Vec::new()),
                 genctr: AtomicU64::new(1),
                 stop: AtomicBool::new(false),
+                live_queues: AtomicUsize::new(0),
             }),
         }
     }
@@ -383,9 +386,16 @@ impl Target {
         self.namespace(subnqn, nsid)?.store.write(offset, data)
     }
 
-    /// Stops every queue (also done on drop).
+    /// Stops every queue and waits (at most two seconds) until their threads have
+    /// closed their connections; also done on drop.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.shared.live_queues.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -472,10 +482,18 @@ impl Listener {
             depth,
             self.inline_data,
         )?;
-        std::thread::Builder::new()
+        let shared = self.shared.clone();
+        shared.live_queues.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
             .name(format!("nvmet-q{}", cm.qid))
-            .spawn(move || queue.run())
-            .map_err(Error::Io)?;
+            .spawn(move || {
+                queue.run();
+                shared.live_queues.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.shared.live_queues.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Io(e));
+        }
         Ok(())
     }
 }
