@@ -16,7 +16,10 @@
 //!   drives its own endpoint from the thread that waits on it, polling the completion
 //!   queue without sleeping for a short while ([`SPIN`]) after recent activity, then
 //!   sleeping in `sread`. So a command costs no hand-off to a provider progress thread
-//!   and, while commands keep coming, no sleep/wake-up either.
+//!   and, while commands keep coming, no sleep/wake-up either. A queue idle for 50 ms
+//!   polls every 2 ms instead of sleeping on the provider's descriptors, which
+//!   softroce shares between all endpoints on one address (every sleeper would wake
+//!   for every queue's packets).
 //! * Ordering: the target posts a Read's RMA write and the response right after each
 //!   other, without waiting for the write's completion (as nvmet-rdma chains the RDMA
 //!   WRITE and the SEND). That relies on the providers placing an RMA write before a
@@ -58,6 +61,12 @@ const POLL_SLICE: Duration = Duration::from_millis(5);
 pub const SPIN: Duration = Duration::from_micros(200);
 /// Activity older than this does not make a queue spin.
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(5);
+/// A queue this long without a completion is idle: it polls every [`IDLE_NAP`]
+/// instead of sleeping on the provider (the first command after idleness waits up to
+/// that long).
+const IDLE_AFTER: Duration = Duration::from_millis(50);
+/// How long an idle queue sleeps between two looks at its completion queue.
+const IDLE_NAP: Duration = Duration::from_millis(2);
 
 fn spin_budget() -> Duration {
     std::env::var("NVMEOF_SPIN_US")
@@ -280,6 +289,25 @@ impl Link {
                 }
                 std::thread::yield_now();
             }
+        }
+        if now.duration_since(self.last_activity) >= IDLE_AFTER {
+            // Idle: look without sleeping on the provider's descriptors (softroce
+            // shares its socket between every endpoint on an address, so a sleeping
+            // read would wake for the other queues' packets), then nap.
+            match self.cq.read(&mut v, 64) {
+                Ok(0) => std::thread::sleep(IDLE_NAP.min(slice)),
+                Ok(_) => self.last_activity = Instant::now(),
+                Err(e) => {
+                    self.check_events();
+                    if self.closed.is_some() {
+                        return Err(self.dead());
+                    }
+                    return Err(e.into());
+                }
+            }
+            self.stash.extend(v);
+            self.check_events();
+            return Ok(());
         }
         match self.cq.sread(&mut v, 64, Some(slice)) {
             Ok(_) => {}

@@ -17,7 +17,11 @@ fn have(dir: &Path, run: &str) -> Vec<(u64, u64)> {
         .args(["check", dir.to_str().unwrap(), run])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -74,7 +78,10 @@ fn acked_records_survive_a_kill_and_damage_is_seen() {
     f.read_exact_at(&mut b, 5 * 4096 + 1000).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], 5 * 4096 + 1000).unwrap();
     let ranges = have(&dir, "r1");
-    assert!(!ranges.iter().any(|(a, b)| *a <= 5 && 5 <= *b), "{ranges:?}");
+    assert!(
+        !ranges.iter().any(|(a, b)| *a <= 5 && 5 <= *b),
+        "{ranges:?}"
+    );
     assert!(ranges.iter().any(|(a, b)| *a <= 4 && 4 <= *b));
     assert!(ranges.iter().any(|(a, b)| *a <= 6 && 6 <= *b));
     // Another run's name sees nothing of this one; a missing file is no record.
@@ -84,6 +91,8 @@ fn acked_records_survive_a_kill_and_damage_is_seen() {
     let acked = kill_after_acks(&dir, "r3", &["--no-flush"], 100);
     assert!(acked.len() >= 100);
     let ranges = have(&dir, "r3");
-    assert!(ranges.iter().any(|(a, b)| *a == 0 && *b + 1 >= acked.len() as u64));
+    assert!(ranges
+        .iter()
+        .any(|(a, b)| *a == 0 && *b + 1 >= acked.len() as u64));
     let _ = std::fs::remove_dir_all(dir);
 }

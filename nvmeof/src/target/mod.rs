@@ -420,7 +420,14 @@ struct Listener {
 impl Listener {
     fn run(self) {
         while !self.stop.load(Ordering::Acquire) && !self.shared.stopping() {
-            match self.eq.sread(Some(Duration::from_millis(20))) {
+            // Polled, not a sleeping read: a sleeping read waits on the provider's
+            // descriptors, which softroce shares between every endpoint on the
+            // address, so the listener would wake for every queue's packets.
+            let ev = self.eq.read();
+            if matches!(ev, Ok(None)) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match ev {
                 Ok(Some(Event::ConnRequest(req))) => {
                     if let Err(e) = self.accept(&req) {
                         tracing::warn!("port {}: connection request: {e}", self.portid);
