@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,12 +23,12 @@ fn temp_file(tag: &str) -> PathBuf {
     dir.join("ns.img")
 }
 
-fn file_subsystem(path: &PathBuf) -> SubsystemConfig {
+fn file_subsystem(path: &Path) -> SubsystemConfig {
     let mut sub = SubsystemConfig::new(SUBNQN);
     sub.namespaces.push(NamespaceConfig {
         nsid: 1,
         backing: Backing::File {
-            path: path.clone(),
+            path: path.to_path_buf(),
             size: Some(4 << 20),
         },
         block_size: 512,

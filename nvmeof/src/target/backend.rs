@@ -142,7 +142,7 @@ impl Store {
                     file.set_len(*size)?;
                 }
                 let len = file.metadata()?.len();
-                if len % DIRECT_ALIGN as u64 != 0 {
+                if !len.is_multiple_of(DIRECT_ALIGN as u64) {
                     return Err(Error::Config(format!(
                         "{}: {len} bytes, not a multiple of {DIRECT_ALIGN} for direct I/O",
                         path.display()
@@ -243,7 +243,7 @@ impl Store {
                     .lock()
                     .map_err(|_| Error::Config("poisoned".into()))?;
                 let a = DIRECT_ALIGN as u64;
-                let aligned = offset % a == 0 && data.len() as u64 % a == 0;
+                let aligned = offset.is_multiple_of(a) && (data.len() as u64).is_multiple_of(a);
                 let (start, mut units) = if aligned {
                     (offset, AlignedBuf::new(data.len())?)
                 } else {
