@@ -62,10 +62,14 @@
 //!   carried by the region (a NIC's DMA writes cannot be made non-temporal from here:
 //!   with Intel DDIO they land in the last-level cache, which is why COMMIT needs the
 //!   platform statement below).
-//! - Completions: an `ibv_cq` per completion queue with its own completion channel;
-//!   reads poll it; `sread` and async wakers arm it and sleep in `ppoll` on its fd, the
-//!   CM fd and the queue's eventfd. Manual progress by default (queue reads process CM
-//!   events and poll CQs); `Progress::Auto` or an async waiter starts a thread.
+//! - Completions: an `ibv_cq` per completion queue with its own completion channel.
+//!   The queues themselves are the shared provider layer's
+//!   (`fabric_core::prov::ProviderCq`/`ProviderEq`) over the fabric's progress engine
+//!   (`prov::Progress`): reads poll the CQs (and every 64th the CM channel); `sread`
+//!   and async wakers arm the CQs and sleep in `poll` on their fds, the CM fd and the
+//!   queue's eventfd. Manual progress by default; `Progress::Auto` or an async waiter
+//!   starts the shared layer's progress thread (`prov::start_progress_thread`). The
+//!   provider writes only the device side: work completions to `Completion`s.
 //! - Work-completion statuses map to the kinds of the other providers
 //!   ([`mapping::cq_error_kind`]): REM_ACCESS_ERR → `RemoteAccess`, REM_INV_REQ_ERR →
 //!   `RemoteInvalid`, WR_FLUSH_ERR → `Canceled`, RETRY_EXC_ERR → `RetryExceeded`, ...
