@@ -88,8 +88,12 @@
 //!   receive is reported `Canceled` (flushed by the end of the connection, nothing
 //!   placed), and the target knows at once that its connection ended `AccessError`.
 //! - Differences from tcp/softroce that RC hardware imposes: an oversized SEND fails
-//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate; the
-//!   conformance case `msg/after_truncation` therefore fails on verbs); the target's
+//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate: the
+//!   responder's QP goes to error and NAKs the SEND, whose completion fails
+//!   `RemoteInvalid`); both ends report `Shutdown` (the receiver `Protocol`, the sender
+//!   `AccessError`, from `REM_INV_REQ_ERR`), and later posts fail at the call. The
+//!   answers state it (`Limits::truncation_ends_connection`), and the conformance case
+//!   `msg/after_truncation` checks exactly that for such providers; the target's
 //!   posted receives are flushed (`Canceled`) when its QP goes to error. rxe reports
 //!   the too-short receive as `LOC_QP_OP_ERR`, hardware as `LOC_LEN_ERR`: on a receive
 //!   both are `Truncated` ([`mapping::recv_error_kind`]).
