@@ -1,5 +1,6 @@
 # The verbs provider over kernel soft-RoCE (rxe0 on eth0), all inside the VM:
 #   1. fabric-conformance -p verbs, every case, on rxe0's address ($VM_IP);
+#   1c. COMMIT into a DAX mapping with the target SIGKILLed (commit_crash, below);
 #   2. the provider checks of conformance/tests/verbs.rs that need a device;
 #   3. fabric-pingpong -p verbs, server and client over rxe0;
 #   4. fabric-rma-bw -p verbs, write and read, server and client over rxe0.
@@ -51,6 +52,24 @@ part conformance "$rc"
 #     read-after-write. Informational: verbs cannot refuse a COMMIT into a region not
 #     registered PMEM, which some of these cases require.
 VERBS_DIRECT_PMEM=1 timeout 120 fabric-conformance -p verbs --case-timeout 30 --filter 'pmem/*' 2>&1 | sed 's/^/[VERBS_DIRECT_PMEM=1] /'
+
+# 1c. COMMIT over verbs into a DAX mapping, the target SIGKILLed at random moments
+#     (providers/verbs/tests/commit_crash.rs): every acked write re-read intact. The
+#     target's file is on ext4 -o dax on NVDIMM 0 (MAP_SYNC and is_pmem asserted).
+t=$TIER_TESTS/fabric-verbs/commit_crash
+if [ ! -x "$t" ]; then
+  part commit-crash-dax 1; echo "no $t (see tests/vm/binaries)"
+elif ! dax_mount; then
+  part commit-crash-dax 1; echo "cannot mount NVDIMM 0 with -o dax: $(dmesg | tail -3)"
+else
+  VERBS_DIRECT_PMEM=1 VERBS_CRASH_DIR=/mnt/pmem VERBS_CRASH_DAX=1 timeout 300 "$t" --exact \
+    acked_commits_survive_sigkill --nocapture --test-threads=1 > /tmp/crash.out 2>&1
+  rc=$?; cat /tmp/crash.out
+  # It must have run (it prints its figures), not returned early.
+  [ $rc = 0 ] && ! grep -q 're-read intact' /tmp/crash.out && { echo "commit_crash did not run"; rc=1; }
+  part commit-crash-dax $rc
+  umount /mnt/pmem
+fi
 
 # 2. What only a device shows (conformance/tests/verbs.rs, by name): a refused access
 #    ends both ends (the target from its own QP), the RNR NAK timer is lowered.
