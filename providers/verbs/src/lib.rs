@@ -145,8 +145,12 @@
 //! ## The VM step
 //! `tests/vm/steps/50-verbs.sh` is what the VM tier runs inside a VM with `rdma_rxe`
 //! (`tests/vm/run --steps verbs`): the binaries `fabric-conformance`,
-//! `fabric-pingpong` and `fabric-rma-bw` built with the facade's `verbs` feature and
-//! the `verbs` test target of `fabric-conformance` (lines in `tests/vm/binaries`),
+//! `fabric-pingpong` and `fabric-rma-bw` built with the facade's `verbs` feature, the
+//! `verbs` test target of `fabric-conformance`, and this crate's `commit_crash` test
+//! (COMMIT writes into a `MAP_SYNC` DAX mapping on the emulated NVDIMM, with
+//! `VERBS_DIRECT_PMEM=1`, the target process SIGKILLed at random moments: every acked
+//! write must be re-read intact; what that does and does not show is in the test's
+//! docs) (lines in `tests/vm/binaries`),
 //! with `libibverbs.so.1`, `librdmacm.so.1`, the rxe provider and glibc from the
 //! guest's Debian packages.
 //!
