@@ -64,3 +64,12 @@ dax_mount() {
   mkfs.ext4 -F -q -b 4096 /dev/pmem0 && mkdir -p /mnt/pmem && mount -t ext4 -o dax /dev/pmem0 /mnt/pmem &&
     grep -q ' /mnt/pmem .*dax' /proc/mounts
 }
+
+# devdax_up: NVDIMM 1 as device DAX, /dev/dax1.0 (2 MiB alignment; idempotent).
+devdax_up() {
+  [ -c /dev/dax1.0 ] && return 0
+  modprobe nfit && modprobe nd_pmem && modprobe dax_pmem && modprobe device_dax || return 1
+  wait_for 20 test -e /sys/bus/nd/devices/namespace1.0 || return 1
+  ndctl create-namespace -f -e namespace1.0 -m devdax -a 2M > /dev/null || return 1
+  wait_for 10 test -c /dev/dax1.0
+}

@@ -6,11 +6,17 @@
 //! # What it runs on, and what it shows
 //! It needs an RDMA device (the VM tier's `rdma_rxe`), the operator's statement
 //! `VERBS_DIRECT_PMEM=1` (without it the provider offers no `RMA_PMEM`; see the crate
-//! docs, "Completion levels and COMMIT") and `VERBS_CRASH_DIR`, a directory for the
-//! target's file: in the VM tier, `/mnt/pmem` (ext4 `-o dax` on the emulated NVDIMM),
-//! where the target's [`pmem::Mapping`] must be `MAP_SYNC` DAX (`is_pmem`), which the
-//! test asserts when `VERBS_CRASH_DAX=1`. Without the feature or the two variables it
-//! prints why and does nothing (it runs in the VM tier's verbs step).
+//! docs, "Completion levels and COMMIT") and `VERBS_CRASH_FILE`, the target's memory:
+//! in the VM tier, `/dev/dax1.0`, device DAX on the emulated NVDIMM 1, where the
+//! target's [`pmem::Mapping`] must be DAX (`is_pmem`), which the test asserts when
+//! `VERBS_CRASH_DAX=1`. Without the feature or the two variables it prints why and does
+//! nothing (it runs in the VM tier's verbs step).
+//!
+//! Why device DAX and not a file on ext4 `-o dax`: the kernel refuses to pin file-system
+//! DAX pages for RDMA (`ibv_reg_mr` fails `EOPNOTSUPP`: a long-term pin would stop the
+//! file system from moving or truncating the blocks under the NIC) unless the device
+//! supports on-demand paging, which 6.1's rxe does not (librpma likewise needs ODP for
+//! FS-DAX). Device DAX has no file system and pins. The VM step shows the refusal too.
 //!
 //! A COMMIT write on verbs is the RDMA WRITE(s) followed by an RDMA READ of the last
 //! written range on the same queue pair (read-after-write): the responder executes
@@ -33,7 +39,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -42,12 +47,12 @@ use std::time::{Duration, Instant};
 use fabric_core::*;
 
 const TARGET_ENV: &str = "VERBS_CRASH_TARGET_FILE";
-const DIR_ENV: &str = "VERBS_CRASH_DIR";
+const FILE_ENV: &str = "VERBS_CRASH_FILE";
 /// Rounds (kills) by default.
 const KILLS: usize = 30;
 /// Bytes per slot: the largest write.
 const SLOT: usize = 64 << 10;
-/// Slots in the file.
+/// Slots in the region (2 MiB in all: one device DAX alignment unit).
 const SLOTS: usize = 32;
 const LEN: usize = SLOT * SLOTS;
 /// COMMIT writes in flight.
@@ -110,7 +115,7 @@ fn run_target(file: &Path) -> Result<()> {
     let domain = fabric.domain(&info)?;
     let eq = fabric.eq(EqAttr::default())?;
     let cq = domain.cq(CqAttr::default())?;
-    let map = pmem::Mapping::open(file)?;
+    let map = pmem::Mapping::create(file, LEN)?;
     if std::env::var_os("VERBS_CRASH_DAX").is_some_and(|v| v == "1") && !map.is_pmem() {
         return Err(Error::invalid(format!(
             "{} is not MAP_SYNC DAX ({:?})",
@@ -339,11 +344,12 @@ fn round(
         }
     }
     drop(ep);
-    // Every slot whose last COMMIT completed must hold it.
-    let f = std::fs::File::open(file).unwrap();
+    // Every slot whose last COMMIT completed must hold it, read through a fresh mapping
+    // (device DAX has no read(2)).
+    let m = pmem::Mapping::open(file).expect("mapping the target's memory again");
     for (&slot, data) in expected.iter() {
         let mut got = vec![0u8; data.len()];
-        f.read_exact_at(&mut got, (slot * SLOT) as u64).unwrap();
+        m.read_at(slot * SLOT, &mut got).unwrap();
         if got != *data {
             let i = got.iter().zip(data).position(|(a, b)| a != b).unwrap_or(0);
             panic!(
@@ -362,8 +368,8 @@ fn acked_commits_survive_sigkill() {
     if std::env::var_os(TARGET_ENV).is_some() {
         return;
     }
-    let Some(dir) = std::env::var_os(DIR_ENV).map(PathBuf::from) else {
-        eprintln!("commit_crash: not run: set {DIR_ENV} (the VM tier's verbs step does)");
+    let Some(file) = std::env::var_os(FILE_ENV).map(PathBuf::from) else {
+        eprintln!("commit_crash: not run: set {FILE_ENV} (the VM tier's verbs step does)");
         return;
     };
     if !fabric_verbs::raw_commit_declared() {
@@ -383,8 +389,8 @@ fn acked_commits_survive_sigkill() {
                 .map_or(1, |d| d.as_nanos() as u64)
         })
         | 1;
-    let file = dir.join("verbs-commit-crash.bin");
-    drop(pmem::Mapping::create_truncating(&file, LEN).expect("the target's file"));
+    let regular = !file.exists() || file.is_file();
+    drop(pmem::Mapping::create_truncating(&file, LEN).expect("the target's memory"));
     let mut rng = Rng(seed);
     let mut expected = HashMap::new();
     let mut totals = Totals::default();
@@ -411,5 +417,7 @@ fn acked_commits_survive_sigkill() {
         totals.bytes
     );
     assert!(totals.acked > 0, "no COMMIT write completed before any kill");
-    let _ = std::fs::remove_file(&file);
+    if regular {
+        let _ = std::fs::remove_file(&file);
+    }
 }

@@ -53,22 +53,29 @@ part conformance "$rc"
 #     registered PMEM, which some of these cases require.
 VERBS_DIRECT_PMEM=1 timeout 120 fabric-conformance -p verbs --case-timeout 30 --filter 'pmem/*' 2>&1 | sed 's/^/[VERBS_DIRECT_PMEM=1] /'
 
-# 1c. COMMIT over verbs into a DAX mapping, the target SIGKILLed at random moments
+# 1c. COMMIT over verbs into DAX memory, the target SIGKILLed at random moments
 #     (providers/verbs/tests/commit_crash.rs): every acked write re-read intact. The
-#     target's file is on ext4 -o dax on NVDIMM 0 (MAP_SYNC and is_pmem asserted).
+#     target's memory is device DAX on NVDIMM 1 (is_pmem asserted): the kernel refuses
+#     to pin file-system DAX pages for RDMA without on-demand paging, which rxe lacks,
+#     so a file on ext4 -o dax cannot be registered (shown below, informational).
 t=$TIER_TESTS/fabric-verbs/commit_crash
 if [ ! -x "$t" ]; then
   part commit-crash-dax 1; echo "no $t (see tests/vm/binaries)"
-elif ! dax_mount; then
-  part commit-crash-dax 1; echo "cannot mount NVDIMM 0 with -o dax: $(dmesg | tail -3)"
+elif ! devdax_up; then
+  part commit-crash-dax 1; echo "no device DAX on NVDIMM 1: $(dmesg | tail -3)"
 else
-  VERBS_DIRECT_PMEM=1 VERBS_CRASH_DIR=/mnt/pmem VERBS_CRASH_DAX=1 timeout 300 "$t" --exact \
+  VERBS_DIRECT_PMEM=1 VERBS_CRASH_FILE=/dev/dax1.0 VERBS_CRASH_DAX=1 timeout 300 "$t" --exact \
     acked_commits_survive_sigkill --nocapture --test-threads=1 > /tmp/crash.out 2>&1
   rc=$?; cat /tmp/crash.out
   # It must have run (it prints its figures), not returned early.
   [ $rc = 0 ] && ! grep -q 're-read intact' /tmp/crash.out && { echo "commit_crash did not run"; rc=1; }
   part commit-crash-dax $rc
-  umount /mnt/pmem
+  if dax_mount; then
+    VERBS_DIRECT_PMEM=1 VERBS_CRASH_FILE=/mnt/pmem/crash.bin VERBS_CRASH_KILLS=1 timeout 60 "$t" --exact \
+      acked_commits_survive_sigkill --nocapture --test-threads=1 > /tmp/fsdax.out 2>&1
+    echo "fsdax (ext4 -o dax) as the target's memory: $(grep -m1 -o 'ibv_reg_mr: .*' /tmp/fsdax.out || echo 'registered (unexpected on rxe: see above)'; )"
+    umount /mnt/pmem
+  fi
 fi
 
 # 2. What only a device shows (conformance/tests/verbs.rs, by name): a refused access
