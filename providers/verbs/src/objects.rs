@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use fabric_core::prov::{self, ProviderCq, ProviderEq};
 use fabric_core::provider::{
-    CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
+    CmOps, CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, MsgOps,
+    PassiveEndpointOps, RmaOps,
 };
 use fabric_core::wait::{poll_readable, WaitQueue};
 use fabric_core::{
@@ -1291,11 +1292,7 @@ fn inline_sge(v: &[u8]) -> Vec<Sge> {
     }]
 }
 
-impl EndpointOps for VEp {
-    fn fid(&self) -> Fid {
-        self.inner.fid
-    }
-
+impl CmOps for VEp {
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
         let ep = &self.inner;
         let dst = addr
@@ -1391,16 +1388,6 @@ impl EndpointOps for VEp {
         Ok(())
     }
 
-    fn local_addr(&self) -> Option<Address> {
-        let st = self.inner.st.lock();
-        let a = st.id.as_ref().and_then(CmId::local_addr)?;
-        Some(Address::Inet(mapping::gid_to_loopback(
-            a,
-            self.inner.gid,
-            st.lo,
-        )))
-    }
-
     fn peer_addr(&self) -> Option<Address> {
         let st = self.inner.st.lock();
         let a = st.id.as_ref().and_then(CmId::peer_addr)?;
@@ -1410,7 +1397,9 @@ impl EndpointOps for VEp {
             st.lo,
         )))
     }
+}
 
+impl MsgOps for VEp {
     fn post_send(&self, req: SendRequest) -> Result<()> {
         let ep = &self.inner;
         let st = ep.st.lock();
@@ -1466,7 +1455,9 @@ impl EndpointOps for VEp {
         }
         ep.post_recv_now(&st, req)
     }
+}
 
+impl RmaOps for VEp {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
         let ep = &self.inner;
         let st = ep.st.lock();
@@ -1568,6 +1559,22 @@ impl EndpointOps for VEp {
             ),
         )
     }
+}
+
+impl EndpointOps for VEp {
+    fn fid(&self) -> Fid {
+        self.inner.fid
+    }
+
+    fn local_addr(&self) -> Option<Address> {
+        let st = self.inner.st.lock();
+        let a = st.id.as_ref().and_then(CmId::local_addr)?;
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
+    }
 
     fn close(&self) {
         let ep = &self.inner;
@@ -1599,5 +1606,17 @@ impl EndpointOps for VEp {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn cm(&self) -> Option<&dyn CmOps> {
+        Some(self)
+    }
+
+    fn msg(&self) -> Option<&dyn MsgOps> {
+        Some(self)
+    }
+
+    fn rma(&self) -> Option<&dyn RmaOps> {
+        Some(self)
     }
 }
