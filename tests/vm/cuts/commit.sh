@@ -6,4 +6,4 @@ CUT_WRITE='vm-cut write --completion commit --dir "$CUT_DIR" --run "$CUT_RUN"'
 CUT_CHECK='vm-cut check --dir "$CUT_DIR" --run "$CUT_RUN"'
 CUT_COUNT=20
 CUT_EXPECT=none-lost
-CUT_NOTE="COMMIT_COMPLETE: every record acked before the cut was on the disk after it (the target msynced it before answering)."
+CUT_NOTE="COMMIT_COMPLETE: the tcp target msyncs each record before it answers, so no acked record may be missing after a cut."
