@@ -31,7 +31,10 @@
 //!
 //! The initiator keeps up to [`WINDOW`] COMMIT writes in flight, 1 B to 64 KiB, each
 //! to a slot no other in-flight write uses, with random contents; the target is killed
-//! by PID 0 to [`MAX_KILL_DELAY_MS`] ms after the connection is up; then the file is
+//! by PID 0 to [`MAX_KILL_DELAY_MS`] ms after the connection is up, and the initiator
+//! goes on posting for [`POST_AFTER_KILL`] (or until a post is refused), so that writes
+//! are in flight while the target's process and queue pair are torn down (those fail,
+//! or complete if the responder executed them first); then the memory is
 //! read back with `pread` and every slot whose last COMMIT completed successfully must
 //! hold that write's bytes. `VERBS_CRASH_KILLS` (default [`KILLS`]) sets the rounds and
 //! `VERBS_CRASH_SEED` the seed (printed).
@@ -61,6 +64,9 @@ const WINDOW: usize = 8;
 const MAX_KILL_DELAY_MS: u64 = 300;
 /// Bound of every single wait, and of a round's wait for its last completions.
 const STEP: Duration = Duration::from_secs(30);
+/// How long the initiator keeps posting after the SIGKILL (writes in flight while the
+/// target dies).
+const POST_AFTER_KILL: Duration = Duration::from_millis(200);
 /// Bound of the whole run.
 const RUN_LIMIT: Duration = Duration::from_secs(240);
 const PORT_LINE: &str = "VERBS_CRASH_TARGET_PORT ";
@@ -200,12 +206,18 @@ impl Target {
         t
     }
 
-    fn sigkill(&mut self) {
+    /// Sends SIGKILL and returns at once: the initiator keeps posting while the
+    /// target's process (and with it its queue pair) is torn down.
+    fn signal(&mut self) {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: a plain system call on our own child's PID, not yet reaped (so not
         // reused).
         let r = unsafe { libc::kill(pid, libc::SIGKILL) };
         assert_eq!(r, 0, "kill({pid}): {}", std::io::Error::last_os_error());
+    }
+
+    /// Reaps the target, which must have died of the SIGKILL.
+    fn reap(&mut self) {
         let status = self.child.wait().expect("reaping the target");
         self.waited = true;
         use std::os::unix::process::ExitStatusExt;
@@ -270,13 +282,15 @@ fn round(
     let mut next = 0u64;
     let kill_at = Instant::now() + Duration::from_millis(rng.range(0, MAX_KILL_DELAY_MS));
     let mut killed_at: Option<Instant> = None;
+    let mut post_failed = false;
     let mut out = Vec::new();
     loop {
         if killed_at.is_none() && Instant::now() >= kill_at {
-            target.sigkill();
+            target.signal();
             killed_at = Some(Instant::now());
         }
-        if let Some(k) = killed_at {
+        let posting = killed_at.is_none_or(|k| k.elapsed() < POST_AFTER_KILL && !post_failed);
+        if let Some(k) = killed_at.filter(|_| !posting) {
             if flights.is_empty() {
                 break;
             }
@@ -312,6 +326,9 @@ fn round(
                         next += 1;
                     }
                     Err(_) => {
+                        // Refused at the call: after the kill, the connection is gone
+                        // (stop posting); before it, a full queue (try again later).
+                        post_failed = killed_at.is_some();
                         free.push(b);
                         break;
                     }
@@ -344,6 +361,7 @@ fn round(
         }
     }
     drop(ep);
+    target.reap();
     // Every slot whose last COMMIT completed must hold it, read through a fresh mapping
     // (device DAX has no read(2)).
     let m = pmem::Mapping::open(file).expect("mapping the target's memory again");
