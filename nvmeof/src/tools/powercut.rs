@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 
 /// Bytes of one record (one block of the namespace).
 pub const RECORD: usize = 4096;
-/// Records a namespace holds (its file is sparse: 256 MiB at most).
-pub const RECORDS: u64 = 65536;
+/// Records a namespace holds (its file is sparse: 64 MiB at most).
+pub const RECORDS: u64 = 16384;
 const MAGIC: &[u8; 8] = b"NVPCUT01";
 
 /// FNV-1a, 64 bits.
@@ -66,24 +66,39 @@ pub fn is_intact(block: &[u8], tag: u64, id: u64) -> bool {
 /// there is no file).
 pub fn check(dir: &Path, run: &str) -> Result<Vec<(u64, u64)>> {
     let path = image_path(dir, run);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::Config(format!("{}: {e}", path.display()))),
     };
     let tag = run_tag(run);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (id, block) in bytes.chunks(RECORD).enumerate() {
-        let id = id as u64;
-        if !is_intact(block, tag, id) {
-            continue;
+    // 1 MiB at a time: the file may be up to RECORDS records, mostly holes.
+    let mut chunk = vec![0u8; 256 * RECORD];
+    let mut id = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match std::io::Read::read(&mut file, &mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::Config(format!("{}: {e}", path.display()))),
+            }
         }
-        match ranges.last_mut() {
-            Some((_, last)) if *last + 1 == id => *last = id,
-            _ => ranges.push((id, id)),
+        for block in chunk[..filled].chunks(RECORD) {
+            if is_intact(block, tag, id) {
+                match ranges.last_mut() {
+                    Some((_, last)) if *last + 1 == id => *last = id,
+                    _ => ranges.push((id, id)),
+                }
+            }
+            id += 1;
+        }
+        if filled < chunk.len() {
+            return Ok(ranges);
         }
     }
-    Ok(ranges)
 }
 
 /// How a write is made durable before its ACK.

@@ -8,3 +8,4 @@ CUT_WRITE='nvmeof-powercut write "$CUT_DIR" "$CUT_RUN"'
 CUT_CHECK='nvmeof-powercut check "$CUT_DIR" "$CUT_RUN"'
 CUT_COUNT=20
 CUT_EXPECT=none-lost
+CUT_NOTE="A buffered file namespace reports a volatile write cache (VWC): a completion of a FUA write, or of a Flush, promises the records are durable (fdatasync on the target), so none may be lost."
