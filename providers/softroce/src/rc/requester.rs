@@ -135,6 +135,12 @@ pub(super) struct Requester {
 /// Largest exponent of the retransmission timer backoff.
 const MAX_BACKOFF: u32 = 10;
 
+/// The shortest silence (nothing new from the peer while something is outstanding)
+/// after which a requester gives up with `RetryExceeded` (see `Requester::give_up`):
+/// long enough that a loaded machine or a lossy link does not end a live connection,
+/// short enough that a vanished peer is noticed within seconds.
+pub const MIN_GIVE_UP: Duration = Duration::from_secs(2);
+
 impl Requester {
     pub(super) fn new() -> Self {
         Self {
@@ -170,11 +176,14 @@ impl Requester {
 
     /// How long the requester keeps retrying without hearing anything new from the
     /// peer: the time `retry_cnt` doubling timeouts take, `timeout * (2^(retry_cnt+1)
-    /// - 1)` (7 and 2 ms: 510 ms). The policy is time-based: losses answered by NAKs
-    /// or by a READ response gap cost no retry, only silence counts.
+    /// - 1)`, and at least [`MIN_GIVE_UP`] (2 s; with rxe's 7 and the 2 ms timeout
+    /// the formula gives 510 ms). The policy is time-based: losses answered by NAKs or
+    /// noticed as a READ response gap cost no retry, only silence counts.
     fn give_up(&self) -> Duration {
         let n = u32::from(self.attr.map_or(7, |a| a.retry_cnt)).min(MAX_BACKOFF + 10);
-        self.timeout().saturating_mul((1u32 << (n + 1)) - 1)
+        self.timeout()
+            .saturating_mul((1u32 << (n + 1)) - 1)
+            .max(MIN_GIVE_UP)
     }
 
     /// Queues a validated work request.

@@ -183,6 +183,19 @@ impl Responder {
         Err(Fatal(None, super::ErrorCause::AccessRefused(code)))
     }
 
+    /// READ/FLUSH responses queued (replays included) and their bytes left to send.
+    pub(super) fn backlog(&self) -> (usize, u64) {
+        self.out.iter().fold((0, 0), |(n, b), o| match o {
+            Response::Read(s) => {
+                let len = u64::from(s.len);
+                let per = len.div_ceil(u64::from(s.npkts.max(1)));
+                let left = (per * u64::from(s.npkts - s.next)).min(len);
+                (n + 1, b + left)
+            }
+            _ => (n, b),
+        })
+    }
+
     /// READ responses (not replays) still being sent: the responder resources in use.
     fn reads_pending(&self) -> usize {
         self.out
