@@ -261,3 +261,178 @@ fn peer_that_fills_the_unexpected_buffer_and_closes_is_noticed() {
     );
     legit_round_trips(&p, 5, Duration::from_secs(5));
 }
+
+/// Environment variable that makes [`emfile_listener_child`] act (in the child
+/// process [`listener_at_the_descriptor_limit_backs_off_and_recovers`] starts).
+const EMFILE_CHILD: &str = "FABRIC_TCP_EMFILE_CHILD";
+
+/// The child of the EMFILE test: a listener in a process whose descriptors are all
+/// used. Lowers RLIMIT_NOFILE, listens, prints `PORT n`, fills every descriptor,
+/// prints `FULL`; frees them when a line arrives on stdin; serves one client
+/// (`SERVED`). Does nothing in an ordinary test run.
+#[test]
+fn emfile_listener_child() {
+    if std::env::var_os(EMFILE_CHILD).is_none() {
+        return;
+    }
+    let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let lim = libc::rlimit {
+        rlim_cur: open_now + 32,
+        rlim_max: open_now + 32,
+    };
+    // SAFETY: setrlimit reads the struct it is given; no memory is shared.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let sinfo = listen_info(Progress::Manual);
+    let fabric = Fabric::open(&sinfo).unwrap();
+    let domain = fabric.domain(&sinfo).unwrap();
+    let eq = fabric.eq(EqAttr::default()).unwrap();
+    let cq = domain.cq(CqAttr::default()).unwrap();
+    let pep = fabric.passive_endpoint(&sinfo, &eq).unwrap();
+    pep.listen().unwrap();
+    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
+    println!("PORT {port}");
+    let mut hoard = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        hoard.push(f);
+        assert!(hoard.len() < 10_000);
+    }
+    println!("FULL {}", hoard.len());
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        drop(hoard);
+        println!("FREED");
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut eps = Vec::new();
+    while Instant::now() < deadline {
+        match eq.sread(Some(Duration::from_millis(100))) {
+            Ok(Some(Event::ConnRequest(r))) => {
+                if r.data == b"legit" {
+                    let ep = domain
+                        .endpoint(&r.info, EndpointConfig::new(&cq, &eq))
+                        .unwrap();
+                    ep.accept(b"").unwrap();
+                    eps.push(ep);
+                } else {
+                    let _ = pep.reject(&r, b"");
+                }
+            }
+            Ok(Some(Event::Connected { .. })) => {
+                println!("SERVED");
+                // Let the client see its Connected event.
+                std::thread::sleep(Duration::from_millis(500));
+                return;
+            }
+            _ => {}
+        }
+    }
+    panic!("no client served within 60 s");
+}
+
+/// CPU time (user + system) of process `pid`, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 12 and 13 after the comm.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Issue 11, item 4: at the process's descriptor limit, accept fails with EMFILE
+/// while connections wait in the backlog. Held: the listener does not spin (the
+/// child uses under 0.5 s of CPU in the 2 s it spends at the limit with three
+/// connections pending; a spinning listener uses all of it), and once descriptors are
+/// free it serves a legitimate client (Connected within 15 s).
+#[test]
+fn listener_at_the_descriptor_limit_backs_off_and_recovers() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "emfile_listener_child", "--nocapture", "--test-threads=1"])
+        .env(EMFILE_CHILD, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(std::result::Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let expect = |prefix: &str| -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                // libtest prints "test <name> ... " before the child's first line.
+                Ok(l) if l.contains(prefix) => {
+                    return l[l.find(prefix).unwrap_or(0)..].to_string()
+                }
+                Ok(_) => {}
+                Err(_) => panic!("the child did not print {prefix}"),
+            }
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let port: u16 = expect("PORT ")[5..].trim().parse().unwrap();
+        let full = expect("FULL");
+        // Connections the child cannot accept: they wait in its backlog.
+        let pending: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let before = cpu_time(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let used = cpu_time(pid).saturating_sub(before);
+        eprintln!("child at the descriptor limit ({full}): {used:?} of CPU in 2 s");
+        assert!(
+            used < Duration::from_millis(500),
+            "the listener spins at the descriptor limit: {used:?} of CPU in 2 s"
+        );
+        drop(pending);
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"free\n")
+            .unwrap();
+        expect("FREED");
+        // A legitimate client now gets through.
+        let cinfo = connect_info(port, Progress::Manual);
+        let fabric = Fabric::open(&cinfo).unwrap();
+        let domain = fabric.domain(&cinfo).unwrap();
+        let eq = fabric.eq(EqAttr::default()).unwrap();
+        let cq = domain.cq(CqAttr::default()).unwrap();
+        let ep = domain
+            .endpoint(&cinfo, EndpointConfig::new(&cq, &eq))
+            .unwrap();
+        ep.connect(b"legit").unwrap();
+        let t0 = Instant::now();
+        match eq.wait(Duration::from_secs(15)) {
+            Ok(Event::Connected { .. }) => {}
+            other => panic!("legitimate client: {other:?}"),
+        }
+        eprintln!("served {:?} after the descriptors were freed", t0.elapsed());
+        expect("SERVED");
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
