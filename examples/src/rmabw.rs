@@ -213,16 +213,42 @@ pub fn serve(side: &Side, mode: Mode) -> ToolResult<()> {
     side.ep
         .recv(ctrl.full(), CTRL_CTX)
         .map_err(ctx("post receive"))?;
-    loop {
-        if next_completion(&side.cq, mode)?.context == CTRL_CTX {
-            break;
-        }
-    }
+    wait_done(side, mode)?;
     // Keep the endpoint (and the region) until the client has closed: under loss the
     // ACK of its "done" may need to be sent again.
     linger(side)?;
     drop(region);
     Ok(())
+}
+
+/// Waits for the client's "done": as long as the client takes (writes and reads are
+/// silent at the target, so no completion comes meanwhile; under loss a run can take
+/// minutes), ending early only if the connection ends.
+fn wait_done(side: &Side, mode: Mode) -> ToolResult<()> {
+    loop {
+        let c = match mode {
+            Mode::Poll => side.cq.poll_wait(std::time::Duration::from_secs(1)),
+            Mode::Sleep => side.cq.wait(std::time::Duration::from_secs(1)),
+        };
+        match c {
+            Ok(c) => {
+                if let Err(e) = &c.status {
+                    return Err(format!("operation {} failed: {e}", c.context));
+                }
+                if c.context == CTRL_CTX {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == fabric::ErrorKind::TimedOut => {
+                if let Some(fabric::Event::Shutdown { reason, .. }) =
+                    side.eq.read().map_err(ctx("eq"))?
+                {
+                    return Err(format!("the client went away ({reason:?})"));
+                }
+            }
+            Err(e) => return Err(format!("waiting for the client: {e}")),
+        }
+    }
 }
 
 /// The client half: sends the configuration, receives the server's region
