@@ -33,7 +33,6 @@ fn lossy(seed: u64) -> Options {
 }
 
 /// What a run cost.
-#[derive(Debug)]
 struct Run {
     /// Response/request packets the target (side 1) sent.
     target_packets: u64,
@@ -120,8 +119,10 @@ fn ten_seeds(read: bool, size: usize, n: usize) {
     for seed in 1..=10 {
         let r = transfers(seed, read, size, n, 64);
         eprintln!(
-            "{} {size} B x {n}, seed {seed}: {r:?}",
-            if read { "read" } else { "write" }
+            "{} {size} B x {n}, seed {seed}: {} target packets, {:?} simulated",
+            if read { "read" } else { "write" },
+            r.target_packets,
+            r.elapsed
         );
         // Loss costs the lost packets and what reordering makes look lost, not the
         // rest of every read behind a gap: before the READ gap repair, 64 KiB reads

@@ -128,7 +128,7 @@ pub(super) struct Requester {
     rd_outstanding: u32,
     /// Consecutive retransmission timeouts without progress: each doubles the next
     /// timer (up to 2^MAX_BACKOFF), so a short timeout recovers single losses fast
-    /// while a stalled peer still has `timeout * (2^(retry_cnt+1) - 1)` to answer.
+    /// while a stalled peer still has the give-up time (`Requester::give_up`) to answer.
     backoff: u32,
 }
 
@@ -175,10 +175,10 @@ impl Requester {
     }
 
     /// How long the requester keeps retrying without hearing anything new from the
-    /// peer: the time `retry_cnt` doubling timeouts take, `timeout * (2^(retry_cnt+1)
-    /// - 1)`, and at least [`MIN_GIVE_UP`] (2 s; with rxe's 7 and the 2 ms timeout
-    /// the formula gives 510 ms). The policy is time-based: losses answered by NAKs or
-    /// noticed as a READ response gap cost no retry, only silence counts.
+    /// peer: `timeout * (2^(retry_cnt+1) - 1)` (the time `retry_cnt` doubling timeouts
+    /// take; 510 ms with rxe's 7 and the 2 ms timeout), and at least [`MIN_GIVE_UP`]
+    /// (2 s). The policy is time-based: losses answered by NAKs or noticed as a READ
+    /// response gap cost no retry, only silence counts.
     fn give_up(&self) -> Duration {
         let n = u32::from(self.attr.map_or(7, |a| a.retry_cnt)).min(MAX_BACKOFF + 10);
         self.timeout()
