@@ -221,6 +221,8 @@ struct Conn {
     held: usize,
     /// Operations of ours waiting on the peer (rendezvous finish, atomic response).
     waiting: usize,
+    /// A send or credit update could not be posted (provider queue full): retry.
+    retry: bool,
 }
 
 struct Posted {
@@ -927,7 +929,7 @@ impl RdmEndpoint {
             ))
         })?;
         let size = dt.size();
-        if operand.is_empty() || operand.len() % size != 0 || operand.len() / size > max {
+        if operand.is_empty() || !operand.len().is_multiple_of(size) || operand.len() / size > max {
             return Err(Error::invalid(format!(
                 "atomic: the operand must be 1 to {max} elements of {size} bytes, not {} bytes",
                 operand.len()
@@ -1030,7 +1032,8 @@ impl RdmEndpoint {
             if let Some(c) = st.completions.pop_front() {
                 return Ok(c);
             }
-            if self.inner.cv.wait_until(&mut st, deadline).timed_out() {
+            let now = Instant::now();
+            if now >= deadline {
                 return st.completions.pop_front().ok_or_else(|| {
                     Error::new(
                         ErrorKind::TimedOut,
@@ -1038,6 +1041,10 @@ impl RdmEndpoint {
                     )
                 });
             }
+            // Completions pushed by another application thread do not signal: look
+            // again at least every 10 ms.
+            let slice = (deadline - now).min(Duration::from_millis(10));
+            self.inner.cv.wait_for(&mut st, slice);
         }
     }
 }
@@ -1114,6 +1121,7 @@ fn new_conn(
             backlog: VecDeque::new(),
             held: 0,
             waiting: 0,
+            retry: false,
         },
     );
     Ok(id)
@@ -1150,8 +1158,8 @@ fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
 }
 
 /// Sends what the connection's credits and send buffers allow.
-fn flush(_inner: &Inner, st: &mut State, c: u32) {
-    let mut failed = Vec::new();
+fn flush(inner: &Inner, st: &mut State, c: u32) {
+    let mut broken = None;
     {
         let Some(conn) = st.conns.get_mut(&c) else {
             return;
@@ -1159,6 +1167,7 @@ fn flush(_inner: &Inner, st: &mut State, c: u32) {
         if conn.state != CState::Connected {
             return;
         }
+        conn.retry = false;
         while conn.credits > 0 && !conn.tx_free.is_empty() && !conn.backlog.is_empty() {
             let mut out = conn.backlog.pop_front().expect("not empty");
             let slot = conn.tx_free.pop().expect("not empty");
@@ -1178,17 +1187,23 @@ fn flush(_inner: &Inner, st: &mut State, c: u32) {
                     conn.tx_done[slot as usize] = out.done;
                 }
                 Err(e) => {
+                    // Put it back; a full provider queue is retried by the progress
+                    // thread, anything else ends the connection (and fails its work).
                     conn.tx_free.push(slot);
-                    tracing::debug!("rdm: send on connection {c} failed: {e}");
-                    if let Some(d) = out.done {
-                        failed.push((d, e));
+                    conn.backlog.push_front(out);
+                    if e.kind() == ErrorKind::WouldBlock {
+                        conn.retry = true;
+                    } else {
+                        broken = Some(e);
                     }
+                    break;
                 }
             }
         }
     }
-    for (d, e) in failed {
-        st.finish(d, Err(cq_err(CqErrorKind::ConnectionLost, e.to_string())));
+    if let Some(e) = broken {
+        tracing::debug!("rdm: send on connection {c} failed: {e}");
+        close_conn(inner, st, c, &format!("send failed: {e}"));
     }
 }
 
@@ -1210,11 +1225,16 @@ fn maybe_credit(inner: &Inner, st: &mut State, c: u32) {
             .write_at(off, &h.to_bytes())
             .and_then(|_| conn.ep.send(conn.tx.iov(off, HDR), ctx(K_TX, c, slot)))
     } else {
+        conn.retry = true;
         return;
     };
     match r {
         Ok(()) => conn.unannounced = 0,
-        Err(e) => tracing::debug!("rdm: credit update on connection {c} failed: {e}"),
+        Err(e) => {
+            // Retried by the progress thread.
+            conn.retry = true;
+            tracing::debug!("rdm: credit update on connection {c} failed: {e}");
+        }
     }
 }
 
@@ -1778,11 +1798,14 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
 fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
     let (kind, conn, slot) = unctx(c.context);
     match kind {
-        K_RX => {
-            if c.status.is_ok() {
-                on_recv(inner, st, conn, slot, c.len);
+        K_RX => match &c.status {
+            Ok(()) => on_recv(inner, st, conn, slot, c.len),
+            Err(e) if e.kind == CqErrorKind::Canceled => {}
+            Err(e) => {
+                let why = format!("a receive failed: {e}");
+                close_conn(inner, st, conn, &why);
             }
-        }
+        },
         K_TX => {
             if let Some(cn) = st.conns.get_mut(&conn) {
                 if (slot as usize) < cn.tx_done.len() {
@@ -1883,6 +1906,20 @@ fn housekeeping(inner: &Inner, st: &mut State) {
     }
 }
 
+/// Retries sends and credit updates that found the provider's queue full.
+fn retry_blocked(inner: &Inner, st: &mut State) {
+    let blocked: Vec<u32> = st
+        .conns
+        .iter()
+        .filter(|(_, c)| c.retry)
+        .map(|(&id, _)| id)
+        .collect();
+    for c in blocked {
+        flush(inner, st, c);
+        maybe_credit(inner, st, c);
+    }
+}
+
 fn progress_loop(inner: &Inner) {
     let mut batch = Vec::with_capacity(64);
     let mut last_house = Instant::now();
@@ -1925,6 +1962,7 @@ fn progress_loop(inner: &Inner) {
                 housekeeping(inner, &mut st);
                 last_house = Instant::now();
             }
+            retry_blocked(inner, &mut st);
             let wake = !st.completions.is_empty();
             drop(st);
             if wake {
