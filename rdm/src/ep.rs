@@ -115,6 +115,10 @@ pub enum OpKind {
     TaggedRecv,
     /// An atomic (any form).
     Atomic,
+    /// An RMA write.
+    Write,
+    /// An RMA read.
+    Read,
 }
 
 /// A completion of an RDM endpoint.
@@ -201,6 +205,16 @@ struct Out {
     hdr: Header,
     payload: Vec<u8>,
     done: Option<Done>,
+    /// An RMA operation of the application instead of a message.
+    rma: Option<Rma>,
+}
+
+/// An application RMA write or read on a peer, posted on the connection as is.
+struct Rma {
+    write: bool,
+    mr: MemoryRegion,
+    offset: usize,
+    remote: RemoteIov,
 }
 
 struct Conn {
@@ -278,6 +292,7 @@ struct State {
     next_claim: u64,
     rndv_tx: HashMap<u64, RndvTx>,
     rndv_rx: HashMap<u64, RndvRx>,
+    rma_ops: HashMap<u64, (u32, Done)>,
     atomics: HashMap<u64, AtomicTx>,
     next_rid: u64,
     completions: VecDeque<RdmCompletion>,
@@ -308,6 +323,7 @@ static ATOMIC_LOCK: Mutex<()> = Mutex::new(());
 const K_RX: u64 = 1;
 const K_TX: u64 = 2;
 const K_READ: u64 = 3;
+const K_RMA: u64 = 4;
 
 fn ctx(kind: u64, conn: u32, slot: u32) -> u64 {
     (kind << 56) | ((conn as u64 & 0xff_ffff) << 32) | slot as u64
@@ -642,6 +658,7 @@ impl RdmEndpoint {
                     hdr,
                     payload,
                     done: (!inject).then_some(done),
+                    rma: None,
                 },
             );
         } else {
@@ -669,6 +686,7 @@ impl RdmEndpoint {
                     hdr,
                     payload,
                     done: None,
+                    rma: None,
                 },
             );
         }
@@ -1008,6 +1026,85 @@ impl RdmEndpoint {
                 hdr,
                 payload,
                 done: None,
+                rma: None,
+            },
+        );
+        Ok(())
+    }
+
+    // ---- RMA ----
+
+    /// Writes a local range into a peer's region (`fi_write` to an `fi_addr_t`),
+    /// over the connection to `dest`. As for any RMA in this library, a refused remote
+    /// access ends the connection: the write completes `RemoteAccess`, and other
+    /// operations then in flight to that peer complete in error.
+    pub fn write_to(
+        &self,
+        iov: LocalIov<'_>,
+        dest: FiAddr,
+        remote: RemoteIov,
+        context: u64,
+    ) -> Result<()> {
+        self.rma_inner(true, iov, dest, remote, context)
+    }
+
+    /// Reads a peer's range into a local range (`fi_read` from an `fi_addr_t`).
+    pub fn read_to(
+        &self,
+        iov: LocalIov<'_>,
+        dest: FiAddr,
+        remote: RemoteIov,
+        context: u64,
+    ) -> Result<()> {
+        self.rma_inner(false, iov, dest, remote, context)
+    }
+
+    fn rma_inner(
+        &self,
+        write: bool,
+        iov: LocalIov<'_>,
+        dest: FiAddr,
+        remote: RemoteIov,
+        context: u64,
+    ) -> Result<()> {
+        let what = if write { "write_to" } else { "read_to" };
+        let need = if write { Access::WRITE } else { Access::READ };
+        check_iov(&iov, need, &self.inner.domain, what)?;
+        if remote.len != iov.len {
+            return Err(Error::invalid(format!(
+                "{what}: {} local bytes but {} remote",
+                iov.len, remote.len
+            )));
+        }
+        let peer = self.peer_of(dest, what)?;
+        let inner = &*self.inner;
+        let mut st = inner.st.lock();
+        let c = conn_for(inner, &mut st, &peer)?;
+        room(inner, &st, c, what)?;
+        enqueue(
+            inner,
+            &mut st,
+            c,
+            Out {
+                hdr: Header::new(Op::Credit),
+                payload: Vec::new(),
+                done: Some(Done {
+                    context,
+                    kind: if write { OpKind::Write } else { OpKind::Read },
+                    len: iov.len,
+                    tag: 0,
+                    cntr: if write {
+                        CntrEvents::WRITE
+                    } else {
+                        CntrEvents::READ
+                    },
+                }),
+                rma: Some(Rma {
+                    write,
+                    mr: iov.mr.clone(),
+                    offset: iov.offset,
+                    remote,
+                }),
             },
         );
         Ok(())
@@ -1158,9 +1255,16 @@ fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
 }
 
 /// Sends what the connection's credits and send buffers allow.
+fn st_next_rid(next: &mut u64) -> u64 {
+    let r = *next;
+    *next += 1;
+    r
+}
+
 fn flush(inner: &Inner, st: &mut State, c: u32) {
     let mut broken = None;
     {
+        let st = &mut *st;
         let Some(conn) = st.conns.get_mut(&c) else {
             return;
         };
@@ -1170,6 +1274,34 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
         conn.retry = false;
         while conn.credits > 0 && !conn.tx_free.is_empty() && !conn.backlog.is_empty() {
             let mut out = conn.backlog.pop_front().expect("not empty");
+            if let Some(rma) = out.rma.take() {
+                let done = out.done.expect("RMA operations complete");
+                let key = st_next_rid(&mut st.next_rid);
+                let local = rma.mr.iov(rma.offset, rma.remote.len);
+                let c_ctx = ctx(K_RMA, c, key as u32);
+                let r = if rma.write {
+                    conn.ep.write(local, rma.remote, c_ctx)
+                } else {
+                    conn.ep.read(local, rma.remote, c_ctx)
+                };
+                match r {
+                    Ok(()) => {
+                        conn.waiting += 1;
+                        st.rma_ops.insert(key as u32 as u64, (c, done));
+                        continue;
+                    }
+                    Err(e) => {
+                        out.rma = Some(rma);
+                        conn.backlog.push_front(out);
+                        if e.kind() == ErrorKind::WouldBlock {
+                            conn.retry = true;
+                        } else {
+                            broken = Some(e);
+                        }
+                        break;
+                    }
+                }
+            }
             let slot = conn.tx_free.pop().expect("not empty");
             out.hdr.credits = conn.unannounced as u32;
             let off = slot_off(conn, slot);
@@ -1276,6 +1408,7 @@ fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
             hdr,
             payload,
             done: None,
+            rma: None,
         },
     );
 }
@@ -1639,6 +1772,16 @@ fn close_conn(inner: &Inner, st: &mut State, c: u32, why: &str) {
         st.finish(t.done, Err(lost(why)));
     }
     let rids: Vec<u64> = st
+        .rma_ops
+        .iter()
+        .filter(|(_, t)| t.0 == c)
+        .map(|(k, _)| *k)
+        .collect();
+    for r in rids {
+        let (_, d) = st.rma_ops.remove(&r).expect("key from iteration");
+        st.finish(d, Err(lost(why)));
+    }
+    let rids: Vec<u64> = st
         .atomics
         .iter()
         .filter(|(_, t)| t.conn == c)
@@ -1818,6 +1961,14 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
                 }
             }
             flush(inner, st, conn);
+        }
+        K_RMA => {
+            if let Some((cn, done)) = st.rma_ops.remove(&(slot as u64)) {
+                if let Some(x) = st.conns.get_mut(&cn) {
+                    x.waiting = x.waiting.saturating_sub(1);
+                }
+                st.finish(done, c.status);
+            }
         }
         K_READ => {
             let Some(r) = st.rndv_rx.remove(&(slot as u64)) else {

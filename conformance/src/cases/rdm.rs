@@ -30,6 +30,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "truncated", NEEDS, "a message larger than the receive buffer: error completion Truncated with the bytes that fit", truncated),
         case(G, "simultaneous_connects", NEEDS, "5 endpoints send to each other at once: every message arrives, one connection per pair remains", simultaneous_connects),
         case(G, "unexpected_flood", NEEDS, "300 messages to a peer that posts nothing: at most rx_buffers complete, then all arrive in order", unexpected_flood),
+        case(G, "rma_to", NEEDS, "write_to and read_to a peer's region (64 KiB, data verified), the first opening the connection", rma_to),
         case(G, "idle_close_reopen", NEEDS, "an idle connection is closed at both ends and reopened by the next send", idle_close_reopen),
     ]
 }
@@ -357,5 +358,51 @@ fn idle_close_reopen(ctx: &Ctx) -> CaseResult {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    Ok(())
+}
+
+fn rma_to(ctx: &Ctx) -> CaseResult {
+    let w = world(ctx, 2, RdmAttr::default())?;
+    let (a, b) = (&w[0], &w[1]);
+    let len = 65_536;
+    let target = alloc(&b.domain, len, Access::LOCAL | Access::REMOTE)?;
+    let remote = target.remote();
+    let src = alloc(&a.domain, len, Access::LOCAL)?;
+    let back = alloc(&a.domain, len, Access::LOCAL)?;
+    let data = crate::payload::pattern(5, len);
+    src.write_at(0, &data).ctx("fill")?;
+    // The first operation to B opens the connection.
+    a.ep.write_to(src.iov(0, len), a.to[1], remote.iov(0, len), 1)
+        .ctx("write_to")?;
+    let c = ok(ctx, &a.ep)?;
+    ensure_eq!(
+        (c.context, c.kind, c.len),
+        (1, OpKind::Write, len),
+        "write completion"
+    );
+    ensure!(
+        target.to_vec(0, len).ctx("read")? == data,
+        "written data differs"
+    );
+    target.fill(100, 10, 0xee).ctx("fill")?;
+    a.ep.read_to(back.iov(0, len), a.to[1], remote.iov(0, len), 2)
+        .ctx("read_to")?;
+    let c = ok(ctx, &a.ep)?;
+    ensure_eq!(
+        (c.context, c.kind, c.len),
+        (2, OpKind::Read, len),
+        "read completion"
+    );
+    let mut want = data;
+    want[100..110].fill(0xee);
+    ensure!(
+        back.to_vec(0, len).ctx("read")? == want,
+        "read data differs"
+    );
+    ensure!(
+        a.ep.write_to(src.iov(0, 8), a.to[1], remote.iov(0, 16), 3)
+            .is_err(),
+        "lengths that differ were accepted"
+    );
     Ok(())
 }
