@@ -49,7 +49,7 @@ fn run_mesh(provider: &str) {
         })
         .collect();
     let start = Instant::now();
-    let mut status = vec![None; N];
+    let mut status = [None; N];
     while status.iter().any(Option::is_none) {
         for (i, c) in children.iter_mut().enumerate() {
             if status[i].is_none() {
@@ -261,10 +261,10 @@ fn mesh_child() {
     // Barrier at rank 0, then its verdict.
     let flag = domain.alloc(8 * N, Access::LOCAL).unwrap();
     if rank == 0 {
-        for j in 1..N {
+        for (j, &peer) in to.iter().enumerate().skip(1) {
             ep.trecv(
                 flag.iov(j * 8, 8),
-                Some(to[j]),
+                Some(peer),
                 u64::MAX,
                 0,
                 5000 + j as u64,
@@ -281,8 +281,8 @@ fn mesh_child() {
         let v = u64::from_le_bytes(counter.to_vec(0, 8).unwrap().try_into().unwrap());
         println!("MESH-COUNTER {v}");
         assert_eq!(v, ADDS * N as u64);
-        for j in 1..N {
-            ep.tsend(flag.iov(0, 8), to[j], u64::MAX - 1, 6000 + j as u64)
+        for (j, &peer) in to.iter().enumerate().skip(1) {
+            ep.tsend(flag.iov(0, 8), peer, u64::MAX - 1, 6000 + j as u64)
                 .unwrap();
         }
         let mut n = 0;

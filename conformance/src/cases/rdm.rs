@@ -196,7 +196,7 @@ fn self_send(ctx: &Ctx) -> CaseResult {
     m.write_at(0, b"self").ctx("fill")?;
     a.ep.recv(m.iov(32, 32), 1).ctx("recv")?;
     a.ep.send_to(m.iov(0, 4), a.to[0], 2).ctx("send")?;
-    let mut seen = vec![ok(ctx, &a.ep)?, ok(ctx, &a.ep)?];
+    let mut seen = [ok(ctx, &a.ep)?, ok(ctx, &a.ep)?];
     seen.sort_by_key(|c| c.context);
     ensure_eq!(
         (seen[0].context, seen[0].src, seen[0].len),
