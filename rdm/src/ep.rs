@@ -26,8 +26,12 @@
 //! When two endpoints connect to each other at once, the connection initiated by the
 //! endpoint with the smaller name wins: each side rejects the other's request or
 //! accepts it and moves its backlog there, by the same rule, so both agree. A
-//! connection unused for `idle_timeout` with nothing outstanding on it is shut down
-//! by the side with the smaller name; the next operation opens a new one.
+//! connection unused for `idle_timeout` (off by default) with nothing outstanding on
+//! it is shut down by the side with the smaller name; the next operation opens a new
+//! one. The close is not a handshake yet: a message the peer posts in the instant the
+//! close happens fails there with `ConnectionLost`, or, where the provider completed
+//! the send once it left (tcp), is lost without an error. Enable it only where peers
+//! are quiet when idle (request/response patterns).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,8 +74,9 @@ pub struct RdmAttr {
     pub max_posted: usize,
     /// How long a connection may take to form before its operations fail.
     pub connect_timeout: Duration,
-    /// A connection idle this long with nothing outstanding is closed.
-    pub idle_timeout: Duration,
+    /// A connection idle this long with nothing outstanding is closed (`None`, the
+    /// default: never; see the module docs for the caveat).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for RdmAttr {
@@ -83,7 +88,7 @@ impl Default for RdmAttr {
             backlog: 4096,
             max_posted: 4096,
             connect_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: None,
         }
     }
 }
@@ -96,7 +101,7 @@ impl RdmAttr {
     }
     /// Sets the idle timeout.
     pub fn idle_timeout(mut self, t: Duration) -> Self {
-        self.idle_timeout = t;
+        self.idle_timeout = Some(t);
         self
     }
 }
@@ -2036,7 +2041,10 @@ fn housekeeping(inner: &Inner, st: &mut State) {
                 late.push(id)
             }
             CState::Connected
-                if now.duration_since(c.last_used) > inner.attr.idle_timeout
+                if inner
+                    .attr
+                    .idle_timeout
+                    .is_some_and(|t| now.duration_since(c.last_used) > t)
                     && inner.name < c.peer
                     && c.backlog.is_empty()
                     && c.waiting == 0
