@@ -24,7 +24,7 @@
 //!   see [`atomic_valid`]) executed by the target's layer on regions bound with
 //!   [`bind_mr`](RdmEndpoint::bind_mr), and completions with the sender's address
 //!   (`FI_SOURCE`); RMA `write_to`/`read_to` a peer's region. Each endpoint runs a
-//!   progress thread; completions are read with
+//!   progress thread (waiting application threads drive progress themselves); completions are read with
 //!   [`RdmEndpoint::read`] / [`RdmEndpoint::wait`].
 //! - [`Counter`]: completion counters bound per operation class
 //!   ([`RdmEndpoint::bind_cntr`]).
