@@ -24,12 +24,18 @@
 //!   see [`atomic_valid`]) executed by the target's layer on regions bound with
 //!   [`bind_mr`](RdmEndpoint::bind_mr), and completions with the sender's address
 //!   (`FI_SOURCE`); RMA `write_to`/`read_to` a peer's region. Each endpoint runs a
-//!   progress thread (waiting application threads drive progress themselves); completions are read with
-//!   [`RdmEndpoint::read`] / [`RdmEndpoint::wait`].
+//!   progress thread (waiting application threads drive progress themselves);
+//!   completions are read with [`RdmEndpoint::read`] / [`RdmEndpoint::wait`].
 //! - [`Counter`]: completion counters bound per operation class
 //!   ([`RdmEndpoint::bind_cntr`]).
 //!
-//! How messages, credits, rendezvous and connections work is in [`ep`].
+//! How messages, credits, rendezvous, progress and connections work is in [`ep`].
+//!
+//! ## Not yet
+//! Remote CQ data with RMA writes (`writedata_to`), multi-iovec forms, idle closes by
+//! handshake (the idle close is off by default: see [`ep`]), native atomics of a
+//! provider (softroce's CMP_SWAP/FETCH_ADD): every atomic is executed by the target's
+//! layer.
 //!
 //! ## Example
 //! ```no_run
