@@ -160,12 +160,18 @@ macro_rules! group_tests {
         $crate::group_tests!(@one $provider, errors $(, $guard)?);
         $crate::group_tests!(@one $provider, pmem $(, $guard)?);
         $crate::group_tests!(@one $provider, semantics $(, $guard)?);
+        $crate::group_tests!(@one $provider, av $(, $guard)?);
+        $crate::group_tests!(@one $provider, rdm $(, $guard)?);
+        $crate::group_tests!(@one $provider, tagged $(, $guard)?);
+        $crate::group_tests!(@one $provider, atomic $(, $guard)?);
+        $crate::group_tests!(@one $provider, cntr $(, $guard)?);
 
         /// The per-group tests together run every case.
         #[test]
         fn groups_cover_every_case() {
             let tested = [
-                "getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem", "semantics",
+                "getinfo", "mr", "cq", "eq", "msg", "rma", "errors", "pmem", "semantics", "av",
+                "rdm", "tagged", "atomic", "cntr",
             ];
             assert_eq!($crate::cases::GROUPS, tested);
             for c in $crate::cases::all() {

@@ -12,8 +12,9 @@ use crate::provider::Provider;
 pub enum EpType {
     /// Connected, reliable (`FI_EP_MSG`): listen / connect / accept.
     Msg,
-    /// Reliable, unconnected, addressed through an address vector (`FI_EP_RDM`).
-    /// Reserved: no provider offers it yet.
+    /// Reliable, unconnected, addressed through an address vector (`FI_EP_RDM`). No
+    /// provider offers it itself: the `fabric-rdm` layer builds it over any provider's
+    /// MSG endpoints (its `getinfo` answers `"tcp;rxm"` and the like).
     Rdm,
     /// Unreliable datagrams (`FI_EP_DGRAM`). Reserved.
     Dgram,

@@ -64,18 +64,18 @@
 //!   that is not built is named as such.
 //!
 //! ## Extension points
-//! Reliable unconnected endpoints, tagged messages and atomics come later without a
-//! redesign: [`EpType::Rdm`], [`Caps::TAGGED`] and [`Caps::ATOMIC`] already exist in
-//! hints and answers (no provider offers them yet, so getinfo rejects them with a
-//! reason); the provider's endpoint is split as libfabric's ops tables are
-//! ([`provider::EndpointOps`] for what every endpoint has, with accessors to
-//! [`provider::CmOps`] for connection management, [`provider::MsgOps`] and
-//! [`provider::RmaOps`] for the data path), so an RDM endpoint simply has no `CmOps`,
-//! and tagged and atomic classes arrive as further accessors that default to `None`,
-//! which existing providers need not touch;
-//! and the application side gains an address-vector type and `*_to` / tagged / atomic
-//! operations beside the present ones. The softroce transport core already implements
-//! compare-and-swap and fetch-and-add.
+//! Reliable unconnected endpoints, address vectors, tagged messages, atomics and
+//! counters live in the `fabric-rdm` crate, a layer over any provider's MSG endpoints
+//! through this API only (libfabric rxm's model): [`EpType::Rdm`], [`Caps::TAGGED`]
+//! and [`Caps::ATOMIC`] are answered there (as `"tcp;rxm"`), while the providers'
+//! own getinfo rejects them with a reason. A provider with native RDM, tagged or
+//! atomic support can add them without a redesign: the provider's endpoint is split
+//! as libfabric's ops tables are ([`provider::EndpointOps`] for what every endpoint
+//! has, with accessors to [`provider::CmOps`] for connection management,
+//! [`provider::MsgOps`] and [`provider::RmaOps`] for the data path), so an RDM
+//! endpoint simply has no `CmOps`, and tagged and atomic classes arrive as further
+//! accessors that default to `None`, which existing providers need not touch. The
+//! softroce transport core already implements compare-and-swap and fetch-and-add.
 //!
 //! ## Example
 //! A client that connects and writes into the server's region (the server sent its

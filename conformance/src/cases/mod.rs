@@ -6,6 +6,9 @@ use crate::case::{Case, CaseError, CaseResult, Check};
 use crate::pair::Pair;
 use crate::payload::pattern;
 
+pub mod atomic;
+pub mod av;
+pub mod cntr;
 pub mod cq;
 pub mod eq;
 pub mod errors;
@@ -13,8 +16,10 @@ pub mod getinfo;
 pub mod mr;
 pub mod msg;
 pub mod pmem;
+pub mod rdm;
 pub mod rma;
 pub mod semantics;
+pub mod tagged;
 
 /// Every case, group by group.
 pub fn all() -> Vec<Case> {
@@ -28,6 +33,11 @@ pub fn all() -> Vec<Case> {
     v.extend(errors::cases());
     v.extend(pmem::cases());
     v.extend(semantics::cases());
+    v.extend(av::cases());
+    v.extend(rdm::cases());
+    v.extend(tagged::cases());
+    v.extend(atomic::cases());
+    v.extend(cntr::cases());
     v
 }
 
@@ -42,6 +52,11 @@ pub const GROUPS: &[&str] = &[
     "errors",
     "pmem",
     "semantics",
+    "av",
+    "rdm",
+    "tagged",
+    "atomic",
+    "cntr",
 ];
 
 /// Shorthand for a table entry.

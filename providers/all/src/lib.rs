@@ -4,7 +4,8 @@
 //! enabled by cargo features: `tcp` and `softroce` (both default, pure Rust), and
 //! `verbs` (libibverbs + librdmacm through rdma-sys; needs the C libraries).
 //! [`getinfo`] searches them all; set `FABRIC_PROVIDER` (like libfabric's `FI_PROVIDER`)
-//! to narrow the set.
+//! to narrow the set. Reliable unconnected endpoints ([`EpType::Rdm`]) come from the
+//! [`rdm`] layer over any of them: [`rdm_getinfo`] answers as `"tcp;rxm"` etc.
 //!
 //! ```
 //! use fabric::{Caps, EpType, Hints};
@@ -20,6 +21,9 @@
 use std::sync::OnceLock;
 
 pub use fabric_core::*;
+/// RDM endpoints, address vectors, tagged messages, atomics and counters over every
+/// MSG provider (the `fabric-rdm` crate).
+pub use fabric_rdm as rdm;
 
 /// The registry of every provider compiled in.
 pub fn registry() -> &'static Registry {
@@ -40,6 +44,11 @@ pub fn registry() -> &'static Registry {
 /// getinfo over every compiled-in provider (see [`Registry::getinfo`]).
 pub fn getinfo(hints: &Hints) -> std::result::Result<Vec<Info>, GetInfoError> {
     registry().getinfo(hints)
+}
+
+/// RDM getinfo over every compiled-in provider (see [`rdm::getinfo`]).
+pub fn rdm_getinfo(hints: &Hints) -> std::result::Result<Vec<rdm::RdmInfo>, GetInfoError> {
+    rdm::getinfo(registry(), hints)
 }
 
 /// Names of the compiled-in providers.
