@@ -179,4 +179,7 @@ pub use provider::device::{
     configure_device, device_stats, free_loopback_ip, parse_faults, DeviceConfig, DeviceStats,
     DEFAULT_BACKSTOP,
 };
+pub use provider::rawqp::{
+    gid_ipv4, ipv4_gid, RawCompletion, RawQp, RAW_QP_MAX_RECV, RAW_QP_MAX_SEND,
+};
 pub use provider::{limits, provider, CAPS, MAX_MSG_SIZE};

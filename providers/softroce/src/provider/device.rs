@@ -5,8 +5,10 @@
 //!
 //! Whoever makes progress (a completion-queue read, a sleeping `sread` that woke, the
 //! auto-progress thread) and finds the receive side free receives a batch with
-//! `recvmmsg`, verifies every ICRC assuming rxe's IP header (ID 0, DF), hands packets
-//! to their QPs, runs due timers, and sends what those QPs produce with `sendmmsg`.
+//! `recvmmsg`, verifies every ICRC (solving for the sender's IP ID, which the socket
+//! does not show, and judging it plausible for that peer: see the crate docs,
+//! "Receiving rxe's packets"), checks that each packet comes from its QP's connected
+//! peer, hands packets to their QPs, runs due timers, and sends what those QPs produce with `sendmmsg`.
 //! A post works on its own QP only (a lock per QP): it never waits for a poller of
 //! the device, and sends its packets itself. Completions go to the endpoints'
 //! completion queues.
@@ -38,7 +40,7 @@ use crate::pcap::{PcapWriter, LINKTYPE_RAW};
 use crate::rc::{self, QueuePair, RecvWr, RtrAttr, RtsAttr, SendWr, Time, WcOpcode, WcStatus};
 use crate::wire::ext::NakCode;
 use crate::wire::frame::{build_frame, FrameInfo, ROCE_UDP_PORT};
-use crate::wire::IcrcContext;
+use crate::wire::{IcrcContext, IpIdWindow};
 use fabric_core::wait::{EventFd, WaitQueue};
 
 /// Batches received per progress call at most (bounds the time under the lock).
@@ -160,6 +162,9 @@ pub struct DeviceStats {
     pub bad_packets: u64,
     /// Datagrams for a QPN the device does not have.
     pub unknown_qp: u64,
+    /// Datagrams with a valid ICRC for a connected QP that did not come from that
+    /// QP's peer (another address, or another source port than the peer's).
+    pub wrong_source: u64,
     /// Frames the fault injector dropped, duplicated, reordered, corrupted.
     pub faults: crate::fault::FaultStats,
 }
@@ -424,13 +429,56 @@ struct QpCell {
     /// Since when ACKs are held back for the application's answer (nanoseconds
     /// since the device's epoch; `u64::MAX`: none; see [`Device::dispatch`]).
     acks_held: AtomicU64,
+    /// The connected peer, [`PEER_SET`] with the IPv4 address in bits 16..48 and the
+    /// UDP source port in bits 0..16 ([`PEER_LEARN`]: the port is pinned by the
+    /// first packet); 0 before the QP is connected.
+    peer: AtomicU64,
 }
+
+/// [`QpCell::peer`] holds a peer.
+const PEER_SET: u64 = 1 << 48;
+/// [`QpCell::peer`]: the peer's source port is not known yet (kernel rxe sends from a
+/// per-QP port that an out-of-band exchange does not carry); the first packet with a
+/// valid ICRC from the peer's address pins it.
+const PEER_LEARN: u64 = 1 << 49;
+
+impl QpCell {
+    /// Whether a packet from `src` may be handed to this QP: before the QP is
+    /// connected anything (the QP itself drops it), after only its peer's address
+    /// and source port.
+    fn source_ok(&self, src: SocketAddrV4) -> bool {
+        let p = self.peer.load(Ordering::Acquire);
+        if p & PEER_SET == 0 {
+            return true;
+        }
+        if (p >> 16) as u32 != u32::from(*src.ip()) {
+            return false;
+        }
+        if p & PEER_LEARN == 0 {
+            return p as u16 == src.port();
+        }
+        let pinned = (p & !PEER_LEARN & !0xFFFF) | u64::from(src.port());
+        match self
+            .peer
+            .compare_exchange(p, pinned, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now & PEER_LEARN == 0 && now as u16 == src.port(),
+        }
+    }
+}
+
+/// Peers whose IP IDs a device tracks at most (one per peer address of its QPs; one
+/// more starts over, which only makes the next packet of each the first again).
+const MAX_ID_PEERS: usize = 4096;
 
 /// What the receiving side of the device owns: whoever holds it receives.
 struct RxState {
     rx: RecvBatch,
     /// QPs that received packets in the current batch (their output is sent after it).
     touched: Vec<Arc<QpCell>>,
+    /// The IP IDs seen from each peer address ([`IpIdWindow`]).
+    ip_ids: HashMap<Ipv4Addr, IpIdWindow>,
 }
 
 /// Fault injection and capture between the QPs and the socket; locked only while one
@@ -449,6 +497,7 @@ struct Counters {
     tx_packets: AtomicU64,
     bad_packets: AtomicU64,
     unknown_qp: AtomicU64,
+    wrong_source: AtomicU64,
 }
 
 /// A RoCEv2 device: the UDP socket of one IPv4 address.
@@ -627,6 +676,7 @@ impl Device {
             rx: Mutex::new(RxState {
                 rx: RecvBatch::new(),
                 touched: Vec::with_capacity(8),
+                ip_ids: HashMap::new(),
             }),
             extras: Mutex::new(TxExtras {
                 faults: None,
@@ -687,6 +737,7 @@ impl Device {
             tx_packets: c.tx_packets.load(Ordering::Relaxed),
             bad_packets: c.bad_packets.load(Ordering::Relaxed),
             unknown_qp: c.unknown_qp.load(Ordering::Relaxed),
+            wrong_source: c.wrong_source.load(Ordering::Relaxed),
             faults: self
                 .extras
                 .lock()
@@ -766,6 +817,7 @@ impl Device {
                 }),
                 deadline: AtomicU64::new(u64::MAX),
                 acks_held: AtomicU64::new(u64::MAX),
+                peer: AtomicU64::new(0),
             }),
         );
         Ok(qpn)
@@ -775,12 +827,29 @@ impl Device {
         self.qps.read().get(&qpn).cloned()
     }
 
-    /// Moves a QP to RTR and RTS.
-    pub(crate) fn connect_qp(&self, qpn: u32, rtr: RtrAttr, rts: RtsAttr) -> Result<(), Error> {
+    /// Moves a QP to RTR and RTS. From then on it accepts packets only from the
+    /// address of `rtr.remote` and from source port `peer_port` (`None`: the port of
+    /// the first packet from that address, for peers such as kernel rxe that send
+    /// from a per-QP port nobody told us).
+    pub(crate) fn connect_qp(
+        &self,
+        qpn: u32,
+        rtr: RtrAttr,
+        rts: RtsAttr,
+        peer_port: Option<u16>,
+    ) -> Result<(), Error> {
         let rts = RtsAttr {
             retry_cnt: self.retry_cnt.load(Ordering::Relaxed),
             ..rts
         };
+        if let Some(cell) = self.cell(qpn) {
+            let ip = u64::from(u32::from(*rtr.remote.ip())) << 16;
+            let port = match peer_port {
+                Some(p) => u64::from(p),
+                None => PEER_LEARN,
+            };
+            cell.peer.store(PEER_SET | ip | port, Ordering::Release);
+        }
         self.with_qp(qpn, |slot| {
             slot.qp
                 .modify_to_rtr(rtr)
@@ -954,7 +1023,11 @@ impl Device {
     /// anyone sleeps. Only when the peer's work completes changes: the ACK covers the
     /// same PSNs, and the peer's retransmission timer (milliseconds) bounds the wait.
     fn dispatch(&self, st: &mut RxState, now: Time, n: usize, hold_acks: bool) {
-        let RxState { rx, touched } = st;
+        let RxState {
+            rx,
+            touched,
+            ip_ids,
+        } = st;
         {
             let qps = self.qps.read();
             let mut last: Option<(u32, &Arc<QpCell>)> = None;
@@ -962,10 +1035,13 @@ impl Device {
             for i in 0..n {
                 let (src, bytes) = rx.get(i);
                 let icrc = IcrcContext::rxe(*src.ip(), self.ip, src.port(), ROCE_UDP_PORT);
-                if bytes.len() < 16 || icrc.verify(bytes).is_err() {
-                    self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
+                let ip_id = match icrc.solve_ip_id(bytes) {
+                    Ok(id) if bytes.len() >= 16 => id,
+                    _ => {
+                        self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
                 let qpn = u32::from_be_bytes([0, bytes[5], bytes[6], bytes[7]]);
                 if last.is_none_or(|(q, _)| q != qpn) {
                     slot_guard = None;
@@ -979,6 +1055,21 @@ impl Device {
                     }
                     last = Some((qpn, cell));
                     slot_guard = Some(cell.slot.lock());
+                }
+                if let Some((_, cell)) = last {
+                    if !cell.source_ok(src) {
+                        self.counters.wrong_source.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                // Judged per peer address: the sender numbers its IDs per
+                // destination, across all its QPs.
+                if ip_ids.len() >= MAX_ID_PEERS && !ip_ids.contains_key(src.ip()) {
+                    ip_ids.clear();
+                }
+                if !ip_ids.entry(*src.ip()).or_default().accept(ip_id, now.0) {
+                    self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
                 // The guard belongs to `last`, set just above.
                 if let Some(slot) = slot_guard.as_mut() {

@@ -785,7 +785,13 @@ impl EpInner {
         let theirs = Mtu::from_bytes(u32::from(msg.mtu)).unwrap_or(Mtu::Mtu1024);
         let mtu = self.mtu().min(theirs);
         let rtr = dev.rtr(mtu, msg.qpn, msg.psn, msg.ip);
-        dev.connect_qp(*qpn, rtr, device::rts(sq_psn, self.shared.config.timeout))
+        // A fabric peer is a softroce device: it sends from port 4791.
+        dev.connect_qp(
+            *qpn,
+            rtr,
+            device::rts(sq_psn, self.shared.config.timeout),
+            Some(crate::wire::frame::ROCE_UDP_PORT),
+        )
     }
 
     /// Creates the QP on `dev` and posts the receives that waited for it.
