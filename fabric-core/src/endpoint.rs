@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{Access, Caps, OpFlags};
 use crate::info::{Address, Info};
 use crate::memory::{LocalIov, RemoteIov, Segment};
-use crate::provider::{EndpointOps, PassiveEndpointOps};
+use crate::provider::{CmOps, EndpointOps, MsgOps, PassiveEndpointOps, RmaOps};
 use crate::Fid;
 
 /// Which queues an endpoint reports to.
@@ -255,7 +255,32 @@ impl Endpoint {
     }
     /// Peer address, once connected.
     pub fn peer_addr(&self) -> Option<Address> {
-        self.ops.peer_addr()
+        self.ops.cm().and_then(|cm| cm.peer_addr())
+    }
+
+    fn cm_ops(&self, what: &str) -> Result<&dyn CmOps> {
+        self.ops.cm().ok_or_else(|| {
+            Error::unsupported(format!(
+                "{what}: a {:?} endpoint has no connection management",
+                self.info.ep_type
+            ))
+        })
+    }
+
+    fn msg_ops(&self, what: &str) -> Result<&dyn MsgOps> {
+        self.ops.msg().ok_or_else(|| {
+            Error::unsupported(format!(
+                "{what}: the provider's endpoint has no message operations"
+            ))
+        })
+    }
+
+    fn rma_ops(&self, what: &str) -> Result<&dyn RmaOps> {
+        self.ops.rma().ok_or_else(|| {
+            Error::unsupported(format!(
+                "{what}: the provider's endpoint has no RMA operations"
+            ))
+        })
     }
 
     /// Connects to the info's `dest_addr`, sending `data` (at most `cm_data_size`
@@ -270,7 +295,7 @@ impl Endpoint {
     /// Connects to `addr`, sending `data`.
     pub fn connect_to(&self, addr: &Address, data: &[u8]) -> Result<()> {
         self.check_cm_data(data)?;
-        self.ops.connect(addr, data)
+        self.cm_ops("connect")?.connect(addr, data)
     }
 
     /// Accepts the connection request the endpoint was opened from, sending `data`.
@@ -281,14 +306,14 @@ impl Endpoint {
             ));
         }
         self.check_cm_data(data)?;
-        self.ops.accept(data)
+        self.cm_ops("accept")?.accept(data)
     }
 
     /// Shuts the connection down. Outstanding operations complete in error and both
     /// sides get a shutdown event. Operations posted afterwards fail with
     /// [`ErrorKind::NotConnected`] or [`ErrorKind::Shutdown`].
     pub fn shutdown(&self) -> Result<()> {
-        self.ops.shutdown()
+        self.cm_ops("shutdown")?.shutdown()
     }
 
     fn check_cm_data(&self, data: &[u8]) -> Result<()> {
@@ -426,7 +451,7 @@ impl Endpoint {
                 self.info.limits.inject_size
             )));
         }
-        self.ops.post_send(SendRequest {
+        self.msg_ops("inject")?.post_send(SendRequest {
             payload: Payload::Inline(buf.to_vec()),
             data,
             context: 0,
@@ -456,7 +481,7 @@ impl Endpoint {
             payload.len(),
             "send",
         )?;
-        self.ops.post_send(SendRequest {
+        self.msg_ops("send")?.post_send(SendRequest {
             payload,
             data,
             context: msg.context,
@@ -488,7 +513,7 @@ impl Endpoint {
         let segs = segments(msg.iov, &self.domain, Access::RECV, "recv")?;
         let total = segs.iter().map(Segment::len).sum();
         self.check_len(msg.iov.len(), self.info.limits.iov_limit, total, "recv")?;
-        self.ops.post_recv(RecvRequest {
+        self.msg_ops("recv")?.post_recv(RecvRequest {
             segments: segs,
             context: msg.context,
         })
@@ -544,7 +569,7 @@ impl Endpoint {
                 remote.len
             )));
         }
-        self.ops.post_write(RmaRequest {
+        self.rma_ops("inject_write")?.post_write(RmaRequest {
             payload: Payload::Inline(buf.to_vec()),
             remote: vec![remote],
             data: None,
@@ -568,7 +593,7 @@ impl Endpoint {
             Payload::Segments(segments(msg.iov, &self.domain, Access::WRITE, "write")?)
         };
         self.check_rma(msg, payload.len(), "write")?;
-        self.ops.post_write(RmaRequest {
+        self.rma_ops("write")?.post_write(RmaRequest {
             payload,
             remote: msg.rma_iov.to_vec(),
             data,
@@ -602,7 +627,7 @@ impl Endpoint {
         let segs = segments(msg.iov, &self.domain, Access::READ, "read")?;
         let total = segs.iter().map(Segment::len).sum();
         self.check_rma(msg, total, "read")?;
-        self.ops.post_read(RmaRequest {
+        self.rma_ops("read")?.post_read(RmaRequest {
             payload: Payload::Segments(segs),
             remote: msg.rma_iov.to_vec(),
             data: None,

@@ -361,13 +361,74 @@ impl Hints {
     }
 }
 
+/// What a provider's answer did not satisfy: the hint field (or machine condition)
+/// that failed to match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HintField {
+    /// The provider cannot run here (no device, missing library or cargo feature).
+    Availability,
+    /// The provider's configuration (environment variables) is invalid.
+    Config,
+    /// [`Hints::provider`] or the `FABRIC_PROVIDER` filter.
+    Provider,
+    /// [`Hints::ep_type`].
+    EpType,
+    /// [`Hints::caps`].
+    Caps,
+    /// [`Hints::mr_mode`].
+    MrMode,
+    /// [`Hints::mr_key_size`].
+    MrKeySize,
+    /// The source address (node/service with `source`, or [`Hints::src_addr`]).
+    SrcAddr,
+    /// The destination address (node/service).
+    DestAddr,
+    /// Anything else a provider checks.
+    Other,
+}
+
+/// Why a provider does not answer given hints (from [`Provider::available`] or
+/// [`Provider::check`], or from getinfo's own matching): the
+/// field that did not match and a message for people. `Display` shows the message.
+///
+/// [`Provider::available`]: crate::Provider::available
+/// [`Provider::check`]: crate::Provider::check
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// What did not match.
+    pub field: HintField,
+    /// Why, in words.
+    pub message: String,
+}
+
+impl Mismatch {
+    /// A reason about `field`.
+    pub fn new(field: HintField, message: impl Into<String>) -> Self {
+        Mismatch {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
 /// A provider's reason for not answering given hints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// Provider name.
     pub provider: String,
-    /// Why it did not match.
+    /// Why it did not match (the [`Mismatch`]es' messages, joined by "; ").
     pub reason: String,
+    /// The reasons, typed.
+    pub mismatches: Vec<Mismatch>,
 }
 
 /// getinfo found no match; carries each provider's reason.
@@ -428,25 +489,31 @@ pub(crate) fn match_offer(
     offer: &Info,
     hints: &Hints,
     addr: Option<SocketAddr>,
-) -> std::result::Result<Info, String> {
+) -> std::result::Result<Info, Mismatch> {
     if let Some(t) = hints.ep_type {
         if t != offer.ep_type {
-            return Err(format!(
-                "endpoint type {t} not offered (offers {})",
-                offer.ep_type
+            return Err(Mismatch::new(
+                HintField::EpType,
+                format!("endpoint type {t} not offered (offers {})", offer.ep_type),
             ));
         }
     }
     let missing = hints.caps - offer.caps;
     if !missing.is_empty() {
-        return Err(format!("missing capabilities {}", flag_names(missing)));
+        return Err(Mismatch::new(
+            HintField::Caps,
+            format!("missing capabilities {}", flag_names(missing)),
+        ));
     }
     if let Some(app) = hints.mr_mode {
         let needed = offer.mr_mode - app;
         if !needed.is_empty() {
-            return Err(format!(
-                "requires mr_mode {} that the hints do not allow",
-                flag_names(needed)
+            return Err(Mismatch::new(
+                HintField::MrMode,
+                format!(
+                    "requires mr_mode {} that the hints do not allow",
+                    flag_names(needed)
+                ),
             ));
         }
     }
@@ -459,7 +526,10 @@ pub(crate) fn match_offer(
             info.src_addr = Some(Address::Inet(a));
         } else {
             if a.port() == 0 {
-                return Err("a destination needs a service (port)".to_string());
+                return Err(Mismatch::new(
+                    HintField::DestAddr,
+                    "a destination needs a service (port)",
+                ));
             }
             info.dest_addr = Some(Address::Inet(a));
         }
@@ -467,8 +537,11 @@ pub(crate) fn match_offer(
     if let Some(src) = hints.src_addr {
         match &info.src_addr {
             Some(Address::Inet(s)) if *s != src => {
-                return Err(format!(
-                    "two source addresses: node/service with source ({s}) and src_addr ({src})"
+                return Err(Mismatch::new(
+                    HintField::SrcAddr,
+                    format!(
+                        "two source addresses: node/service with source ({s}) and src_addr ({src})"
+                    ),
                 ))
             }
             _ => info.src_addr = Some(Address::Inet(src)),
@@ -479,16 +552,20 @@ pub(crate) fn match_offer(
 
 /// Checks that `ip` is an address of this machine (or the unspecified address), by
 /// binding a UDP socket to it on an ephemeral port. `Err` is the rejection reason.
-pub(crate) fn check_local_ip(ip: std::net::IpAddr) -> std::result::Result<(), String> {
+pub(crate) fn check_local_ip(ip: std::net::IpAddr) -> std::result::Result<(), Mismatch> {
     if ip.is_unspecified() {
         return Ok(());
     }
     match std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
         Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(format!(
-            "source address {ip} is not an address of this machine"
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(Mismatch::new(
+            HintField::SrcAddr,
+            format!("source address {ip} is not an address of this machine"),
         )),
-        Err(e) => Err(format!("source address {ip} cannot be bound: {e}")),
+        Err(e) => Err(Mismatch::new(
+            HintField::SrcAddr,
+            format!("source address {ip} cannot be bound: {e}"),
+        )),
     }
 }
 

@@ -67,9 +67,12 @@
 //! Reliable unconnected endpoints, tagged messages and atomics come later without a
 //! redesign: [`EpType::Rdm`], [`Caps::TAGGED`] and [`Caps::ATOMIC`] already exist in
 //! hints and answers (no provider offers them yet, so getinfo rejects them with a
-//! reason); the provider traits grow by methods with default implementations that
-//! return [`ErrorKind::NotSupported`] (an address-vector opener on `DomainOps`,
-//! tagged and atomic posts on `EndpointOps`), which existing providers need not touch;
+//! reason); the provider's endpoint is split as libfabric's ops tables are
+//! ([`provider::EndpointOps`] for what every endpoint has, with accessors to
+//! [`provider::CmOps`] for connection management, [`provider::MsgOps`] and
+//! [`provider::RmaOps`] for the data path), so an RDM endpoint simply has no `CmOps`,
+//! and tagged and atomic classes arrive as further accessors that default to `None`,
+//! which existing providers need not touch;
 //! and the application side gains an address-vector type and `*_to` / tagged / atomic
 //! operations beside the present ones. The softroce transport core already implements
 //! compare-and-swap and fetch-and-add.
@@ -136,7 +139,8 @@ pub use eq::{AsyncEvents, ConnRequest, EqAttr, Event, EventQueue, ShutdownReason
 pub use error::{CqError, CqErrorKind, Error, ErrorKind, Result};
 pub use flags::{Access, Caps, CompFlags, CompletionLevel, MrFlags, MrMode, OpFlags};
 pub use info::{
-    Address, ConnHandle, EpType, GetInfoError, Hints, Info, Limits, Progress, Rejection,
+    Address, ConnHandle, EpType, GetInfoError, HintField, Hints, Info, Limits, Mismatch, Progress,
+    Rejection,
 };
 pub use memory::{HeapMemory, LocalIov, MemoryBacking, MemoryRegion, RemoteIov, RemoteMr, Segment};
 pub use provider::{Provider, ProviderMatch, Registry, PROVIDER_ENV};

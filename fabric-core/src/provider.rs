@@ -12,7 +12,9 @@ use crate::endpoint::{RecvRequest, RmaRequest, SendRequest};
 use crate::eq::{EqAttr, Event};
 use crate::error::Result;
 use crate::flags::{Access, MrFlags};
-use crate::info::{match_offer, Address, GetInfoError, Hints, Info, Rejection};
+use crate::info::{
+    match_offer, Address, GetInfoError, HintField, Hints, Info, Mismatch, Rejection,
+};
 use crate::memory::MemoryBacking;
 
 /// A provider: a named implementation of the API over one transport.
@@ -23,8 +25,9 @@ pub trait Provider: Send + Sync + 'static {
     fn version(&self) -> (u16, u16) {
         (0, 1)
     }
-    /// Whether the provider can run on this machine; `Err` says why not.
-    fn available(&self) -> std::result::Result<(), String> {
+    /// Whether the provider can run on this machine; `Err` says why not (usually
+    /// [`HintField::Availability`] or [`HintField::Config`]).
+    fn available(&self) -> std::result::Result<(), Mismatch> {
         Ok(())
     }
     /// What the provider can do: one template [`Info`] per endpoint type / domain.
@@ -33,8 +36,8 @@ pub trait Provider: Send + Sync + 'static {
     /// usable); may fill in names, and may narrow `info.limits.mr_key_size` to what
     /// `hints.mr_key_size` asks for when the provider can hand out narrower keys
     /// (getinfo rejects an answer whose keys are still wider). `Err` is the rejection
-    /// reason.
-    fn check(&self, _hints: &Hints, _info: &mut Info) -> std::result::Result<(), String> {
+    /// reason, naming the field that did not match.
+    fn check(&self, _hints: &Hints, _info: &mut Info) -> std::result::Result<(), Mismatch> {
         Ok(())
     }
     /// Opens a fabric for an answer of this provider.
@@ -143,33 +146,69 @@ pub trait PassiveEndpointOps: Send + Sync {
     fn close(&self);
 }
 
-/// Provider side of an active endpoint. The wrapper has validated bounds, rights and
-/// sizes before any `post_*` call.
+/// Provider side of an active endpoint: what every endpoint has, whatever its type.
+///
+/// The operations are split as libfabric splits its ops tables (`fi_ops_cm`,
+/// `fi_ops_msg`, `fi_ops_rma`, `fi_ops_tagged`, `fi_ops_atomic`): each class is a trait
+/// of its own ([`CmOps`], [`MsgOps`], [`RmaOps`]) that an endpoint hands out through an
+/// accessor here. An accessor returns `None` by default, and the wrapper then refuses
+/// that class of operation with [`ErrorKind::NotSupported`](crate::ErrorKind). A
+/// connected (MSG) endpoint returns all three; a reliable unconnected (RDM) endpoint has
+/// no connection management and returns `None` from [`cm`](Self::cm). Tagged and
+/// atomic classes come as further accessors with `None` defaults, so existing providers
+/// need not change when they are added.
+///
+/// The wrapper ([`Endpoint`](crate::Endpoint)) has validated bounds, rights and sizes
+/// before any `post_*` call reaches a provider.
 pub trait EndpointOps: Send + Sync {
     /// Identifier reported in events.
     fn fid(&self) -> crate::Fid;
+    /// Local address, once bound.
+    fn local_addr(&self) -> Option<Address>;
+    /// Releases the endpoint: called when the application drops it.
+    fn close(&self);
+    /// For downcasting.
+    fn as_any(&self) -> &dyn Any;
+    /// Connection management (`fi_ops_cm`); MSG endpoints only.
+    fn cm(&self) -> Option<&dyn CmOps> {
+        None
+    }
+    /// Message transfers (`fi_ops_msg`).
+    fn msg(&self) -> Option<&dyn MsgOps> {
+        None
+    }
+    /// RMA transfers (`fi_ops_rma`).
+    fn rma(&self) -> Option<&dyn RmaOps> {
+        None
+    }
+}
+
+/// Connection management of a connected endpoint (libfabric `fi_ops_cm`).
+pub trait CmOps: Send + Sync {
     /// Starts connecting; `Connected` or an error event follows on the event queue.
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()>;
     /// Accepts the connection request this endpoint was opened from.
     fn accept(&self, data: &[u8]) -> Result<()>;
     /// Shuts the connection down; outstanding operations complete in error.
     fn shutdown(&self) -> Result<()>;
-    /// Local address, once bound.
-    fn local_addr(&self) -> Option<Address>;
     /// Peer address, once connected.
     fn peer_addr(&self) -> Option<Address>;
+}
+
+/// Message transfers (libfabric `fi_ops_msg`).
+pub trait MsgOps: Send + Sync {
     /// Posts a send (or inject, when `req.payload` is inline).
     fn post_send(&self, req: SendRequest) -> Result<()>;
     /// Posts a receive.
     fn post_recv(&self, req: RecvRequest) -> Result<()>;
+}
+
+/// RMA transfers (libfabric `fi_ops_rma`).
+pub trait RmaOps: Send + Sync {
     /// Posts an RMA write.
     fn post_write(&self, req: RmaRequest) -> Result<()>;
     /// Posts an RMA read.
     fn post_read(&self, req: RmaRequest) -> Result<()>;
-    /// Releases the endpoint: called when the application drops it.
-    fn close(&self);
-    /// For downcasting.
-    fn as_any(&self) -> &dyn Any;
 }
 
 /// A set of providers that getinfo searches.
@@ -183,8 +222,10 @@ pub struct Registry {
 pub struct ProviderMatch {
     /// Provider name.
     pub provider: String,
-    /// Its answers, or why it has none.
+    /// Its answers, or why it has none (the reasons' messages joined by "; ").
     pub result: std::result::Result<Vec<Info>, String>,
+    /// Why it has no answers, typed (empty when it has).
+    pub mismatches: Vec<Mismatch>,
 }
 
 /// The environment variable that narrows the providers getinfo considers, like
@@ -241,20 +282,44 @@ impl Registry {
     /// Matches hints against every provider, with an explicit `FABRIC_PROVIDER`-style
     /// filter (`None`: no filter).
     pub fn explain_with_filter(&self, hints: &Hints, filter: Option<&str>) -> Vec<ProviderMatch> {
-        let addr = hints.resolve_addr().and_then(|a| {
-            if let Some(src) = hints.src_addr {
-                crate::info::check_local_ip(src.ip())?;
-            }
-            if let (Some(a), true) = (a, hints.source) {
-                crate::info::check_local_ip(a.ip())?;
-            }
-            Ok(a)
-        });
+        let addr = hints
+            .resolve_addr()
+            .map_err(|why| {
+                let field = if hints.source {
+                    HintField::SrcAddr
+                } else {
+                    HintField::DestAddr
+                };
+                Mismatch::new(field, why)
+            })
+            .and_then(|a| {
+                if let Some(src) = hints.src_addr {
+                    crate::info::check_local_ip(src.ip())?;
+                }
+                if let (Some(a), true) = (a, hints.source) {
+                    crate::info::check_local_ip(a.ip())?;
+                }
+                Ok(a)
+            });
         self.providers
             .iter()
-            .map(|p| ProviderMatch {
-                provider: p.name().to_string(),
-                result: Self::match_provider(p, hints, filter, &addr),
+            .map(|p| {
+                let (result, mismatches) = match Self::match_provider(p, hints, filter, &addr) {
+                    Ok(v) => (Ok(v), Vec::new()),
+                    Err(m) => (
+                        Err(m
+                            .iter()
+                            .map(|m| m.message.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; ")),
+                        m,
+                    ),
+                };
+                ProviderMatch {
+                    provider: p.name().to_string(),
+                    result,
+                    mismatches,
+                }
             })
             .collect()
     }
@@ -263,31 +328,44 @@ impl Registry {
         p: &Arc<dyn Provider>,
         hints: &Hints,
         filter: Option<&str>,
-        addr: &std::result::Result<Option<std::net::SocketAddr>, String>,
-    ) -> std::result::Result<Vec<Info>, String> {
+        addr: &std::result::Result<Option<std::net::SocketAddr>, Mismatch>,
+    ) -> std::result::Result<Vec<Info>, Vec<Mismatch>> {
         let name = p.name();
         if let Some(f) = filter.filter(|f| !f.trim().is_empty()) {
             if !filter_allows(f, name) {
-                return Err(format!("excluded by {PROVIDER_ENV}={f}"));
+                return Err(vec![Mismatch::new(
+                    HintField::Provider,
+                    format!("excluded by {PROVIDER_ENV}={f}"),
+                )]);
             }
         }
         if let Some(want) = &hints.provider {
             if !filter_allows(want, name) {
-                return Err(format!("hints ask for provider '{want}'"));
+                return Err(vec![Mismatch::new(
+                    HintField::Provider,
+                    format!("hints ask for provider '{want}'"),
+                )]);
             }
         }
-        p.available()
-            .map_err(|why| format!("not available: {why}"))?;
-        let addr = addr.clone()?;
+        p.available().map_err(|why| {
+            vec![Mismatch::new(
+                why.field,
+                format!("not available: {}", why.message),
+            )]
+        })?;
+        let addr = addr.clone().map_err(|m| vec![m])?;
         let mut answers = Vec::new();
-        let mut reasons = Vec::new();
+        let mut reasons: Vec<Mismatch> = Vec::new();
         for offer in p.offers() {
             match match_offer(&offer, hints, addr) {
                 Ok(mut info) => match p.check(hints, &mut info) {
                     Ok(()) => match hints.mr_key_size {
-                        Some(max) if info.limits.mr_key_size > max => reasons.push(format!(
-                            "memory keys are {} bytes, the hints allow at most {max}",
-                            info.limits.mr_key_size
+                        Some(max) if info.limits.mr_key_size > max => reasons.push(Mismatch::new(
+                            HintField::MrKeySize,
+                            format!(
+                                "memory keys are {} bytes, the hints allow at most {max}",
+                                info.limits.mr_key_size
+                            ),
                         )),
                         _ => answers.push(info.with_provider(p.clone())),
                     },
@@ -299,9 +377,9 @@ impl Registry {
         if answers.is_empty() {
             reasons.dedup();
             if reasons.is_empty() {
-                reasons.push("offers nothing".to_string());
+                reasons.push(Mismatch::new(HintField::Other, "offers nothing"));
             }
-            Err(reasons.join("; "))
+            Err(reasons)
         } else {
             Ok(answers)
         }
@@ -348,6 +426,7 @@ impl Registry {
                 Err(reason) => rejections.push(Rejection {
                     provider: m.provider,
                     reason,
+                    mismatches: m.mismatches,
                 }),
             }
         }

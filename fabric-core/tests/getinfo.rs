@@ -17,11 +17,11 @@ impl Provider for Fake {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn available(&self) -> std::result::Result<(), String> {
+    fn available(&self) -> std::result::Result<(), Mismatch> {
         if self.available {
             Ok(())
         } else {
-            Err("no device".into())
+            Err(Mismatch::new(HintField::Availability, "no device"))
         }
     }
     fn offers(&self) -> Vec<Info> {
@@ -40,10 +40,13 @@ impl Provider for Fake {
         i.mr_mode = self.mr_mode;
         vec![i]
     }
-    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
+    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), Mismatch> {
         if let Some(Address::Inet(a)) = &info.dest_addr {
             if !a.ip().is_loopback() {
-                return Err(format!("{a} is not a loopback address"));
+                return Err(Mismatch::new(
+                    HintField::DestAddr,
+                    format!("{a} is not a loopback address"),
+                ));
             }
         }
         info.fabric_name = "IP".into();
@@ -123,9 +126,45 @@ fn mr_mode_and_ep_type_rejections() {
         "{beta}"
     );
 
+    assert!(
+        err[1]
+            .mismatches
+            .iter()
+            .all(|m| m.field == HintField::MrMode),
+        "{:?}",
+        err[1].mismatches
+    );
+
     let m = r.explain_with_filter(&Hints::new().ep_type(EpType::Rdm), None);
     let a = m[0].result.as_ref().unwrap_err();
     assert!(a.contains("endpoint type rdm not offered"), "{a}");
+    assert_eq!(m[0].mismatches[0].field, HintField::EpType);
+    assert_eq!(m[0].mismatches[0].to_string(), *a);
+}
+
+#[test]
+fn rejections_are_typed() {
+    let r = registry();
+    let err = r
+        .getinfo(&Hints::new().caps(Caps::MSG | Caps::TAGGED))
+        .unwrap_err();
+    let fields: Vec<Vec<HintField>> = err
+        .rejections
+        .iter()
+        .map(|r| r.mismatches.iter().map(|m| m.field).collect())
+        .collect();
+    assert_eq!(fields[0], vec![HintField::Caps], "{err}");
+    assert_eq!(fields[2], vec![HintField::Availability], "{err}");
+    let far = r
+        .getinfo(&Hints::new().node("192.0.2.1").service("7000"))
+        .unwrap_err();
+    assert!(
+        far.rejections[0]
+            .mismatches
+            .iter()
+            .any(|m| m.field == HintField::DestAddr && m.message.contains("not a loopback")),
+        "{far}"
+    );
 }
 
 #[test]

@@ -172,7 +172,9 @@ pub mod wire;
 use std::sync::Arc;
 
 use fabric_core::provider::FabricOps;
-use fabric_core::{Address, Caps, EpType, Hints, Info, Limits, MrMode, Provider, Result};
+use fabric_core::{
+    Address, Caps, EpType, HintField, Hints, Info, Limits, Mismatch, MrMode, Provider, Result,
+};
 
 /// Capabilities the provider offers.
 pub const CAPS: Caps = Caps::MSG
@@ -217,11 +219,15 @@ impl Provider for TcpProvider {
         vec![i]
     }
 
-    fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
-        for (what, a) in [("source", &info.src_addr), ("destination", &info.dest_addr)] {
+    fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), Mismatch> {
+        for (field, what, a) in [
+            (HintField::SrcAddr, "source", &info.src_addr),
+            (HintField::DestAddr, "destination", &info.dest_addr),
+        ] {
             if let Some(a @ Address::Raw(_)) = a {
-                return Err(format!(
-                    "{what} address {a} is not an IP address (tcp needs Address::Inet)"
+                return Err(Mismatch::new(
+                    field,
+                    format!("{what} address {a} is not an IP address (tcp needs Address::Inet)"),
                 ));
             }
         }
@@ -230,7 +236,9 @@ impl Provider for TcpProvider {
             .filter_map(|a| a.as_ref().and_then(|a| a.as_inet()))
             .all(|a| a.ip().is_loopback());
         info.domain_name = if loopback { "lo" } else { "tcp" }.into();
-        info.limits.mr_key_size = key_size_from_env()?.unwrap_or(info.limits.mr_key_size);
+        info.limits.mr_key_size = key_size_from_env()
+            .map_err(|why| Mismatch::new(HintField::Config, why))?
+            .unwrap_or(info.limits.mr_key_size);
         // `Hints::mr_key_size(4)` (libfabric's domain_attr hint) asks for 32-bit keys.
         if hints.mr_key_size.is_some_and(|m| (4..8).contains(&m)) {
             info.limits.mr_key_size = 4;

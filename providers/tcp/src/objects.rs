@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
 use fabric_core::provider::{
-    CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
+    CmOps, CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, MsgOps,
+    PassiveEndpointOps, RmaOps,
 };
 use fabric_core::{
     Access, Address, CompFlags, CqAttr, EqAttr, Error, ErrorKind, Event, Fid, Info, MemoryBacking,
@@ -271,11 +272,7 @@ fn body_of(p: Payload) -> Body {
     }
 }
 
-impl EndpointOps for TcpEndpoint {
-    fn fid(&self) -> Fid {
-        self.fid
-    }
-
+impl CmOps for TcpEndpoint {
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
         let sa = addr.as_inet().ok_or_else(|| {
             Error::new(
@@ -347,14 +344,12 @@ impl EndpointOps for TcpEndpoint {
         })
     }
 
-    fn local_addr(&self) -> Option<Address> {
-        self.addrs.lock().0.map(Address::Inet)
-    }
-
     fn peer_addr(&self) -> Option<Address> {
         self.addrs.lock().1.map(Address::Inet)
     }
+}
 
+impl MsgOps for TcpEndpoint {
     fn post_send(&self, req: SendRequest) -> Result<()> {
         self.post_tx(|c| {
             let op_id = c.next_id();
@@ -410,7 +405,9 @@ impl EndpointOps for TcpEndpoint {
             Ok(())
         })
     }
+}
 
+impl RmaOps for TcpEndpoint {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
         self.post_tx(|c| {
             let op_id = c.next_id();
@@ -460,6 +457,16 @@ impl EndpointOps for TcpEndpoint {
             TxOp::new(&h, Body::Empty, then)
         })
     }
+}
+
+impl EndpointOps for TcpEndpoint {
+    fn fid(&self) -> Fid {
+        self.fid
+    }
+
+    fn local_addr(&self) -> Option<Address> {
+        self.addrs.lock().0.map(Address::Inet)
+    }
 
     fn close(&self) {
         let conn = self
@@ -480,6 +487,18 @@ impl EndpointOps for TcpEndpoint {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn cm(&self) -> Option<&dyn CmOps> {
+        Some(self)
+    }
+
+    fn msg(&self) -> Option<&dyn MsgOps> {
+        Some(self)
+    }
+
+    fn rma(&self) -> Option<&dyn RmaOps> {
+        Some(self)
     }
 }
 

@@ -14,7 +14,8 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use fabric_core::provider::{
-    CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
+    CmOps, CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, MsgOps,
+    PassiveEndpointOps, RmaOps,
 };
 use fabric_core::wait::{poll_readable, WaitQueue};
 use fabric_core::{
@@ -1351,11 +1352,7 @@ fn inline_sge(v: &[u8]) -> Vec<Sge> {
     }]
 }
 
-impl EndpointOps for VEp {
-    fn fid(&self) -> Fid {
-        self.inner.fid
-    }
-
+impl CmOps for VEp {
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
         let ep = &self.inner;
         let dst = addr
@@ -1451,16 +1448,6 @@ impl EndpointOps for VEp {
         Ok(())
     }
 
-    fn local_addr(&self) -> Option<Address> {
-        let st = self.inner.st.lock();
-        let a = st.id.as_ref().and_then(CmId::local_addr)?;
-        Some(Address::Inet(mapping::gid_to_loopback(
-            a,
-            self.inner.gid,
-            st.lo,
-        )))
-    }
-
     fn peer_addr(&self) -> Option<Address> {
         let st = self.inner.st.lock();
         let a = st.id.as_ref().and_then(CmId::peer_addr)?;
@@ -1470,7 +1457,9 @@ impl EndpointOps for VEp {
             st.lo,
         )))
     }
+}
 
+impl MsgOps for VEp {
     fn post_send(&self, req: SendRequest) -> Result<()> {
         let ep = &self.inner;
         let st = ep.st.lock();
@@ -1526,7 +1515,9 @@ impl EndpointOps for VEp {
         }
         ep.post_recv_now(&st, req)
     }
+}
 
+impl RmaOps for VEp {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
         let ep = &self.inner;
         let st = ep.st.lock();
@@ -1628,6 +1619,22 @@ impl EndpointOps for VEp {
             ),
         )
     }
+}
+
+impl EndpointOps for VEp {
+    fn fid(&self) -> Fid {
+        self.inner.fid
+    }
+
+    fn local_addr(&self) -> Option<Address> {
+        let st = self.inner.st.lock();
+        let a = st.id.as_ref().and_then(CmId::local_addr)?;
+        Some(Address::Inet(mapping::gid_to_loopback(
+            a,
+            self.inner.gid,
+            st.lo,
+        )))
+    }
 
     fn close(&self) {
         let ep = &self.inner;
@@ -1659,5 +1666,17 @@ impl EndpointOps for VEp {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn cm(&self) -> Option<&dyn CmOps> {
+        Some(self)
+    }
+
+    fn msg(&self) -> Option<&dyn MsgOps> {
+        Some(self)
+    }
+
+    fn rma(&self) -> Option<&dyn RmaOps> {
+        Some(self)
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fabric_core::provider::FabricOps;
-use fabric_core::{Caps, Info, Provider, Result};
+use fabric_core::{Caps, HintField, Info, Mismatch, Provider, Result};
 
 /// Capabilities offered on every device.
 pub const CAPS: Caps = Caps::MSG
@@ -46,12 +46,12 @@ impl Provider for VerbsProvider {
     fn name(&self) -> &'static str {
         "verbs"
     }
-    fn available(&self) -> std::result::Result<(), String> {
-        Err(
+    fn available(&self) -> std::result::Result<(), Mismatch> {
+        Err(Mismatch::new(
+            HintField::Availability,
             "fabric-verbs was built without its `verbs` cargo feature (libibverbs and librdmacm); \
-             build with `--features verbs`"
-                .into(),
-        )
+             build with `--features verbs`",
+        ))
     }
     fn offers(&self) -> Vec<Info> {
         Vec::new()
@@ -125,18 +125,20 @@ mod with_verbs {
         fn name(&self) -> &'static str {
             "verbs"
         }
-        fn available(&self) -> std::result::Result<(), String> {
+        fn available(&self) -> std::result::Result<(), Mismatch> {
             if sys::cm_devices().is_empty() {
-                return Err(NO_DEVICE.into());
+                return Err(Mismatch::new(HintField::Availability, NO_DEVICE));
             }
             Ok(())
         }
         fn offers(&self) -> Vec<Info> {
             answers()
         }
-        fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
-            check_pmem(hints.caps, info, raw_commit_declared())?;
+        fn check(&self, hints: &Hints, info: &mut Info) -> std::result::Result<(), Mismatch> {
+            check_pmem(hints.caps, info, raw_commit_declared())
+                .map_err(|why| Mismatch::new(HintField::Caps, why))?;
             check_source(info, crate::mapping::gid_ip(&info.fabric_name))
+                .map_err(|why| Mismatch::new(HintField::SrcAddr, why))
         }
         fn open_fabric(&self, info: &Info) -> Result<Arc<dyn FabricOps>> {
             Ok(Arc::new(crate::objects::VFabric::open(info)?))

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fabric_core::provider::FabricOps;
-use fabric_core::{Address, Caps, EpType, Hints, Info, Limits, MrMode, Provider, Result};
+use fabric_core::{
+    Address, Caps, EpType, HintField, Hints, Info, Limits, Mismatch, MrMode, Provider, Result,
+};
 
 use crate::rc::{ib_timeout, Mtu};
 
@@ -108,8 +110,10 @@ impl Provider for SoftRoceProvider {
         "softroce"
     }
 
-    fn available(&self) -> std::result::Result<(), String> {
-        Config::from_env().map(|_| ())
+    fn available(&self) -> std::result::Result<(), Mismatch> {
+        Config::from_env()
+            .map(|_| ())
+            .map_err(|why| Mismatch::new(HintField::Config, why))
     }
 
     fn offers(&self) -> Vec<Info> {
@@ -121,15 +125,21 @@ impl Provider for SoftRoceProvider {
         vec![i]
     }
 
-    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), String> {
-        for (what, a) in [("source", &info.src_addr), ("destination", &info.dest_addr)] {
+    fn check(&self, _hints: &Hints, info: &mut Info) -> std::result::Result<(), Mismatch> {
+        for (field, what, a) in [
+            (HintField::SrcAddr, "source", &info.src_addr),
+            (HintField::DestAddr, "destination", &info.dest_addr),
+        ] {
             match a {
                 None => {}
                 Some(Address::Inet(sa)) if sa.is_ipv4() => {}
                 Some(other) => {
-                    return Err(format!(
-                        "{what} address {other} is not an IPv4 address (RoCEv2 over IPv4 \
-                         needs Address::Inet with an IPv4 address)"
+                    return Err(Mismatch::new(
+                        field,
+                        format!(
+                            "{what} address {other} is not an IPv4 address (RoCEv2 over IPv4 \
+                             needs Address::Inet with an IPv4 address)"
+                        ),
                     ))
                 }
             }

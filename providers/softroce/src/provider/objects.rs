@@ -12,7 +12,8 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use fabric_core::provider::{
-    CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, PassiveEndpointOps,
+    CmOps, CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, MsgOps,
+    PassiveEndpointOps, RmaOps,
 };
 use fabric_core::{
     Access, Address, CompFlags, Completion, ConnRequest, CqAttr, EqAttr, Error, ErrorKind, Event,
@@ -937,11 +938,7 @@ pub(crate) struct SrEndpoint {
     inner: Arc<EpInner>,
 }
 
-impl EndpointOps for SrEndpoint {
-    fn fid(&self) -> Fid {
-        self.inner.fid
-    }
-
+impl CmOps for SrEndpoint {
     fn connect(&self, addr: &Address, data: &[u8]) -> Result<()> {
         let ep = &self.inner;
         let sa = addr.as_inet().ok_or_else(|| {
@@ -1055,14 +1052,12 @@ impl EndpointOps for SrEndpoint {
         Ok(())
     }
 
-    fn local_addr(&self) -> Option<Address> {
-        self.inner.cm.lock().local.map(Address::Inet)
-    }
-
     fn peer_addr(&self) -> Option<Address> {
         self.inner.cm.lock().peer.map(Address::Inet)
     }
+}
 
+impl MsgOps for SrEndpoint {
     fn post_send(&self, req: SendRequest) -> Result<()> {
         let ep = &self.inner;
         ep.with_slot(|slot| {
@@ -1119,7 +1114,9 @@ impl EndpointOps for SrEndpoint {
             slot.post_recv(ctx, recv_segment(req)).map_err(qp_error)
         })
     }
+}
 
+impl RmaOps for SrEndpoint {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
         let ep = &self.inner;
         ep.with_slot(|slot| {
@@ -1210,6 +1207,16 @@ impl EndpointOps for SrEndpoint {
             )
         })
     }
+}
+
+impl EndpointOps for SrEndpoint {
+    fn fid(&self) -> Fid {
+        self.inner.fid
+    }
+
+    fn local_addr(&self) -> Option<Address> {
+        self.inner.cm.lock().local.map(Address::Inet)
+    }
 
     fn close(&self) {
         let ep = &self.inner;
@@ -1225,6 +1232,18 @@ impl EndpointOps for SrEndpoint {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn cm(&self) -> Option<&dyn CmOps> {
+        Some(self)
+    }
+
+    fn msg(&self) -> Option<&dyn MsgOps> {
+        Some(self)
+    }
+
+    fn rma(&self) -> Option<&dyn RmaOps> {
+        Some(self)
     }
 }
 
