@@ -126,7 +126,10 @@ impl Dest {
             format!(
                 "the peer's GID {} is not an IPv4-mapped RoCEv2 GID (run ibv_rc_pingpong \
                  with -g and the index of the device's ::ffff:a.b.c.d GID)",
-                self.gid.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                self.gid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
             )
         })
     }
@@ -449,7 +452,11 @@ mod tests {
         assert_eq!(m[MSG_LEN - 1], 0);
         assert_eq!(Dest::decode(&m), Ok(d));
         assert_eq!(d.ipv4(), Ok(Ipv4Addr::new(192, 168, 100, 2)));
-        for bad in [&b"0000:11:22"[..], b"zz:1:2:00", b"0000:1000000:0:00000000000000000000ffffc0a86402"] {
+        for bad in [
+            &b"0000:11:22"[..],
+            b"zz:1:2:00",
+            b"0000:1000000:0:00000000000000000000ffffc0a86402",
+        ] {
             assert!(Dest::decode(bad).is_err());
         }
         let zero = Dest { gid: [0; 16], ..d };

@@ -49,8 +49,12 @@ fn raw_qps_exchange_messages() {
     let a = RawQp::open(ia).unwrap();
     let b = RawQp::open(ib).unwrap();
     a.connect(ib, b.qpn(), b.psn(), 1024, None).unwrap();
-    b.connect(ia, a.qpn(), a.psn(), 1024, Some(ROCE_UDP_PORT)).unwrap();
-    for (i, size) in [1usize, 64, 1024, 1025, 4096, 65536].into_iter().enumerate() {
+    b.connect(ia, a.qpn(), a.psn(), 1024, Some(ROCE_UDP_PORT))
+        .unwrap();
+    for (i, size) in [1usize, 64, 1024, 1025, 4096, 65536]
+        .into_iter()
+        .enumerate()
+    {
         let i = i as u64;
         a.post_recv(100 + i, size).unwrap();
         b.post_recv(200 + i, size).unwrap();
@@ -78,8 +82,10 @@ fn off_path_packets_are_dropped_and_counted() {
     );
     let a = RawQp::open(ia).unwrap();
     let b = RawQp::open(ib).unwrap();
-    a.connect(ib, b.qpn(), b.psn(), 1024, Some(ROCE_UDP_PORT)).unwrap();
-    b.connect(ia, a.qpn(), a.psn(), 1024, Some(ROCE_UDP_PORT)).unwrap();
+    a.connect(ib, b.qpn(), b.psn(), 1024, Some(ROCE_UDP_PORT))
+        .unwrap();
+    b.connect(ia, a.qpn(), a.psn(), 1024, Some(ROCE_UDP_PORT))
+        .unwrap();
     a.post_recv(1, 64).unwrap();
     a.post_recv(2, 64).unwrap();
 
@@ -95,7 +101,8 @@ fn off_path_packets_are_dropped_and_counted() {
         let icrc = IcrcContext::rxe(*local.ip(), ia, local.port(), ROCE_UDP_PORT);
         let evil = send_only(a.qpn(), b.psn(), b"forged!!", &icrc);
         icrc.verify(&evil).unwrap();
-        s.send_to(&evil, SocketAddrV4::new(ia, ROCE_UDP_PORT)).unwrap();
+        s.send_to(&evil, SocketAddrV4::new(ia, ROCE_UDP_PORT))
+            .unwrap();
     }
     // A corrupted packet is a bad packet (the ICRC is checked first).
     let icrc = IcrcContext::rxe(ic, ia, ROCE_UDP_PORT, ROCE_UDP_PORT);
@@ -107,7 +114,10 @@ fn off_path_packets_are_dropped_and_counted() {
 
     let end = Instant::now() + T;
     while device_stats(ia).unwrap().wrong_source < 2 && Instant::now() < end {
-        assert!(a.poll(Duration::from_millis(10)).unwrap().is_none(), "forged packet delivered");
+        assert!(
+            a.poll(Duration::from_millis(10)).unwrap().is_none(),
+            "forged packet delivered"
+        );
     }
     let s = device_stats(ia).unwrap();
     assert_eq!(s.wrong_source, 2, "{s:?}");
@@ -159,7 +169,12 @@ fn raw_send(fd: i32, frame: &[u8], dst: Ipv4Addr) {
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         )
     };
-    assert_eq!(n, frame.len() as isize, "raw send: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        n,
+        frame.len() as isize,
+        "raw send: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Frames from the peer with non-zero, incrementing IP IDs (what kernel rxe sends)
@@ -200,7 +215,10 @@ fn frames_with_nonzero_ip_ids_are_accepted_corrupted_ones_refused() {
     raw_send(fd, &frame(1, 0x9999, b"far ahead", false), ia);
     let end = Instant::now() + T;
     while stats().bad_packets < base.bad_packets + 2 && Instant::now() < end {
-        assert!(recv_one(&a, Duration::from_millis(10)).is_none(), "refused frame delivered");
+        assert!(
+            recv_one(&a, Duration::from_millis(10)).is_none(),
+            "refused frame delivered"
+        );
     }
     assert_eq!(stats().bad_packets, base.bad_packets + 2, "{:?}", stats());
     raw_send(fd, &frame(1, 0x1236, b"id 0x1236", false), ia);
@@ -258,13 +276,19 @@ fn output_is_paced_in_bursts() {
         }
         at += 16 + len;
     }
-    assert_eq!(times.len(), 64, "64 data packets captured (no loss on loopback)");
+    assert_eq!(
+        times.len(),
+        64,
+        "64 data packets captured (no loss on loopback): {:?}",
+        times.iter().map(|t| t - times[0]).collect::<Vec<_>>()
+    );
     for i in 0..times.len() - 8 {
         let dt = times[i + 8] - times[i];
         assert!(
             dt + 100 >= gap.as_micros() as u64,
-            "packets {i} and {}: {dt} µs apart: more than a burst within the gap",
-            i + 8
+            "packets {i} and {}: {dt} µs apart: more than a burst within the gap ({:?})",
+            i + 8,
+            times.iter().map(|t| t - times[0]).collect::<Vec<_>>()
         );
     }
 }

@@ -110,7 +110,12 @@ fn icrc_matches_scapy_and_hardware() {
         // a frame without DF fits no ID under the DF assumption.
         let rxe = IcrcContext::rxe(info.src_ip, info.dst_ip, info.src_port, info.dst_port);
         if info.dont_fragment {
-            assert_eq!(rxe.solve_ip_id(f.udp_payload()), Ok(info.ip_id), "{}", v.name);
+            assert_eq!(
+                rxe.solve_ip_id(f.udp_payload()),
+                Ok(info.ip_id),
+                "{}",
+                v.name
+            );
             let mut corrupt = f.udp_payload().to_vec();
             let at = corrupt.len() - 5;
             corrupt[at] ^= 0x04;

@@ -136,9 +136,7 @@ impl RawQp {
         peer_port: Option<u16>,
     ) -> Result<(), Error> {
         let mtu = Mtu::from_bytes(mtu).ok_or_else(|| {
-            Error::invalid(format!(
-                "path MTU {mtu}: one of 256, 512, 1024, 2048, 4096"
-            ))
+            Error::invalid(format!("path MTU {mtu}: one of 256, 512, 1024, 2048, 4096"))
         })?;
         if peer_qpn > 0xFF_FFFF || peer_psn > 0xFF_FFFF {
             return Err(Error::invalid("QPN and PSN are 24-bit values"));
@@ -165,7 +163,10 @@ impl RawQp {
                 ));
             }
             if slot.outstanding() >= RAW_QP_MAX_SEND {
-                return Err(Error::new(ErrorKind::WouldBlock, "too many sends outstanding"));
+                return Err(Error::new(
+                    ErrorKind::WouldBlock,
+                    "too many sends outstanding",
+                ));
             }
             let wr_id = slot.track(context, CompFlags::MSG | CompFlags::SEND, len, true, 1);
             slot.post_send(SendWr {
@@ -186,10 +187,15 @@ impl RawQp {
         let len32 = u32::try_from(len).map_err(|_| Error::invalid("receive over 4 GiB"))?;
         let mut recvs = self.recvs.lock();
         if recvs.len() >= RAW_QP_MAX_RECV {
-            return Err(Error::new(ErrorKind::WouldBlock, "too many receives posted"));
+            return Err(Error::new(
+                ErrorKind::WouldBlock,
+                "too many receives posted",
+            ));
         }
         if recvs.contains_key(&context) {
-            return Err(Error::invalid(format!("receive {context} is already posted")));
+            return Err(Error::invalid(format!(
+                "receive {context} is already posted"
+            )));
         }
         let mem = Arc::new(VecMemory::new(len, 0, RemoteAccess::NONE));
         let local = (len > 0).then(|| {
@@ -211,9 +217,13 @@ impl RawQp {
         let deadline = Instant::now() + timeout;
         loop {
             self.dev.progress(true);
-            if let Some(c) = self.rep.rx_cq.pop().map(|c| (c, true)).or_else(|| {
-                self.rep.tx_cq.pop().map(|c| (c, false))
-            }) {
+            if let Some(c) = self
+                .rep
+                .rx_cq
+                .pop()
+                .map(|c| (c, true))
+                .or_else(|| self.rep.tx_cq.pop().map(|c| (c, false)))
+            {
                 return self.complete(c.0, c.1).map(Some);
             }
             let now = Instant::now();

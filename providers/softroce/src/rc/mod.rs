@@ -431,8 +431,8 @@ impl QueuePair {
                 return Err(wire::Error::WrongSource);
             }
         }
-        let id = IcrcContext::rxe(*src.ip(), *dst.ip(), src.port(), dst.port())
-            .solve_ip_id(payload)?;
+        let id =
+            IcrcContext::rxe(*src.ip(), *dst.ip(), src.port(), dst.port()).solve_ip_id(payload)?;
         if !self.ip_ids.accept(id, now.0) {
             self.stats.packets_dropped += 1;
             return Err(wire::Error::ImplausibleIpId(id));

@@ -148,7 +148,11 @@ const TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;
@@ -187,18 +191,18 @@ fn apply(m: &Matrix, mut v: u32) -> u32 {
     r
 }
 
-/// `POWERS[k]`: running the register backwards over 2^k zero bytes.
+/// `powers()[k]`: running the register backwards over 2^k zero bytes.
 fn powers() -> &'static [Matrix; 17] {
     static P: std::sync::OnceLock<[Matrix; 17]> = std::sync::OnceLock::new();
     P.get_or_init(|| {
         let mut p = [[0u32; 32]; 17];
-        for j in 0..32 {
-            p[0][j] = unstep_zero(1 << j);
+        for (j, col) in p[0].iter_mut().enumerate() {
+            *col = unstep_zero(1 << j);
         }
         for k in 1..17 {
             let prev = p[k - 1];
-            for j in 0..32 {
-                p[k][j] = apply(&prev, prev[j]);
+            for (col, v) in p[k].iter_mut().zip(prev) {
+                *col = apply(&prev, v);
             }
         }
         p
@@ -418,7 +422,10 @@ mod tests {
                         Err(e) => panic!("{e}"),
                     }
                 }
-                assert!(refused + 2 >= tried, "len {len} id {id:#x}: {refused}/{tried} refused");
+                assert!(
+                    refused + 2 >= tried,
+                    "len {len} id {id:#x}: {refused}/{tried} refused"
+                );
             }
         }
         // Without DF (not what rxe sends) no ID fits the header the receiver assumes.
@@ -442,7 +449,7 @@ mod tests {
         assert!(w.accept(0xFFF8, 30)); // a little behind (reordered)
         assert!(!w.accept(0x0005 + IP_ID_AHEAD as u16 + 1, 40)); // too far ahead
         assert!(!w.accept(0x0005u16.wrapping_sub(IP_ID_BEHIND + 1), 50)); // too far behind
-        // After a second of silence the window has grown by ~1000.
+                                                                          // After a second of silence the window has grown by ~1000.
         assert!(w.accept(0x0005 + IP_ID_AHEAD as u16 + 900, 1_000_000_000));
         // ID-0 senders stay at 0.
         let mut z = IpIdWindow::new();
