@@ -292,3 +292,71 @@ fn output_is_paced_in_bursts() {
         );
     }
 }
+
+/// The sans-IO core's `handle_datagram` (for a plain UDP socket): solves the ICRC for
+/// the sender's IP ID, judges it per QP, and refuses other sources.
+#[test]
+fn handle_datagram_solves_ids_and_checks_the_source() {
+    use fabric_softroce::rc::*;
+    use fabric_softroce::wire::Error as WireError;
+    use std::sync::Arc;
+    let local = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 4791);
+    let peer = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 0xC042);
+    let mut qp = QueuePair::new(0x11, Arc::new(KeyTable::new()));
+    qp.modify_to_init().unwrap();
+    qp.modify_to_rtr(RtrAttr {
+        mtu: Mtu::Mtu1024,
+        dest_qpn: 0x22,
+        rq_psn: 0,
+        max_dest_rd_atomic: 16,
+        min_rnr_timer: 12,
+        local,
+        remote: SocketAddrV4::new(*peer.ip(), 4791),
+    })
+    .unwrap();
+    let mem: Arc<dyn LocalMemory> = Arc::new(VecMemory::new(64, 0, RemoteAccess::NONE));
+    for i in 0..2 {
+        qp.post_recv(RecvWr {
+            wr_id: i,
+            local: Some(LocalSegment::new(mem.clone(), 0, 64)),
+        })
+        .unwrap();
+    }
+    let ctx = |id: u16| IcrcContext {
+        ip_id: id,
+        ..IcrcContext::rxe(*peer.ip(), *local.ip(), peer.port(), 4791)
+    };
+    let now = Time(1_000_000);
+    // Another address: refused before anything else.
+    let other = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), peer.port());
+    let p = send_only(0x11, 0, b"hello", &ctx(0x4000));
+    assert_eq!(
+        qp.handle_datagram(now, other, local, &p),
+        Err(WireError::WrongSource)
+    );
+    // Corrupted: no ID fits.
+    let mut bad = p.clone();
+    bad[13] ^= 0x20;
+    assert!(matches!(
+        qp.handle_datagram(now, peer, local, &bad),
+        Err(WireError::BadIcrc { .. })
+    ));
+    // rxe's non-zero ID: accepted, the message delivered.
+    qp.handle_datagram(now, peer, local, &p).unwrap();
+    // An ID far from the peer's last one: refused as implausible.
+    let far = send_only(0x11, 1, b"world", &ctx(0xC000));
+    assert_eq!(
+        qp.handle_datagram(now, peer, local, &far),
+        Err(WireError::ImplausibleIpId(0xC000))
+    );
+    let next = send_only(0x11, 1, b"world", &ctx(0x4001));
+    qp.handle_datagram(now, peer, local, &next).unwrap();
+    let mut done = Vec::new();
+    while let Some(c) = qp.poll_completion() {
+        done.push((c.wr_id, c.status, c.byte_len));
+    }
+    assert_eq!(
+        done,
+        vec![(0, WcStatus::Success, 5), (1, WcStatus::Success, 5)]
+    );
+}
