@@ -107,6 +107,11 @@ pub struct Limits {
     pub cm_data_size: usize,
     /// Path MTU, for providers that packetize (0 for stream providers).
     pub mtu: usize,
+    /// A message longer than the receive it lands in ends the connection: the receive
+    /// completes `Truncated` and both ends then see `Event::Shutdown` (RC transports,
+    /// e.g. verbs, cannot truncate: the responder's queue pair goes to the error
+    /// state). False: the receive completes `Truncated` and the connection lives on.
+    pub truncation_ends_connection: bool,
 }
 
 impl Limits {
@@ -124,6 +129,7 @@ impl Limits {
         rma_iov_limit: 1,
         cm_data_size: 0,
         mtu: 0,
+        truncation_ends_connection: false,
     };
 }
 

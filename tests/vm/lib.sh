@@ -52,3 +52,24 @@ run_tests() {
 
 # This busybox prefers its applets to same-named programs on PATH; these are the real ones.
 ip() { /bin/ip "$@"; }
+
+# dax_mount: NVDIMM 0 as fsdax with ext4 mounted -o dax on /mnt/pmem (fresh file
+# system; idempotent when already mounted). Step pmem-dax does the same with checks.
+dax_mount() {
+  grep -q ' /mnt/pmem .*dax' /proc/mounts && return 0
+  modprobe nfit && modprobe nd_pmem && modprobe dax_pmem || return 1
+  wait_for 20 test -e /sys/bus/nd/devices/namespace0.0 || return 1
+  [ -b /dev/pmem0 ] || ndctl create-namespace -f -e namespace0.0 -m fsdax -a 2M > /dev/null || return 1
+  wait_for 10 test -b /dev/pmem0 || return 1
+  mkfs.ext4 -F -q -b 4096 /dev/pmem0 && mkdir -p /mnt/pmem && mount -t ext4 -o dax /dev/pmem0 /mnt/pmem &&
+    grep -q ' /mnt/pmem .*dax' /proc/mounts
+}
+
+# devdax_up: NVDIMM 1 as device DAX, /dev/dax1.0 (2 MiB alignment; idempotent).
+devdax_up() {
+  [ -c /dev/dax1.0 ] && return 0
+  modprobe nfit && modprobe nd_pmem && modprobe dax_pmem && modprobe device_dax || return 1
+  wait_for 20 test -e /sys/bus/nd/devices/namespace1.0 || return 1
+  ndctl create-namespace -f -e namespace1.0 -m devdax -a 2M > /dev/null || return 1
+  wait_for 10 test -c /dev/dax1.0
+}

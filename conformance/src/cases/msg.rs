@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fabric::{Access, Caps, CompFlags, CqErrorKind, ErrorKind, Progress};
+use fabric::{Access, Caps, CompFlags, CqErrorKind, ErrorKind, Event, Progress};
 
 use super::{case, expect_cq_error, expect_flags, limits, require_iovs};
 use crate::case::{expect_err, Case, CaseError, CaseResult, Check};
@@ -136,7 +136,7 @@ pub fn cases() -> Vec<Case> {
             G,
             "after_truncation",
             m,
-            "after a truncated receive the next message arrives intact",
+            "after a truncated receive the next message arrives intact (where the provider states truncation_ends_connection: Shutdown at both ends, later posts fail at the call)",
             after_truncation,
         ),
         case(
@@ -583,6 +583,9 @@ fn truncation(ctx: &Ctx) -> CaseResult {
 
 fn after_truncation(ctx: &Ctx) -> CaseResult {
     let p = ctx.pair(Caps::MSG)?;
+    if limits(&p).truncation_ends_connection {
+        return truncation_ended_connection(&p);
+    }
     truncate_once(&p)?;
     let rx = p.server.alloc(64, Access::RECV)?;
     let tx = p.client.alloc(64, Access::SEND)?;
@@ -592,6 +595,48 @@ fn after_truncation(ctx: &Ctx) -> CaseResult {
     let r = p.wait_ok(Who::Server)?;
     ensure_eq!((r.context, r.len), (1, 40), "next receive");
     same("next message", &pattern(6, 40), &rx.to_vec(0, 40)?)?;
+    Ok(())
+}
+
+/// A provider that states `truncation_ends_connection` (RC verbs: the responder's queue
+/// pair goes to the error state) must do exactly that: the receive fails `Truncated`,
+/// both ends see `Shutdown` for their endpoint, and a later receive or send fails at
+/// the call instead of being accepted and lost.
+fn truncation_ended_connection(p: &Pair) -> CaseResult {
+    truncate_once(p)?;
+    for who in [Who::Server, Who::Client] {
+        let fid = p.side(who).ep.fid();
+        match p.wait_event(who)? {
+            Event::Shutdown { fid: f, .. } if f == fid => {}
+            other => {
+                return Err(CaseError::fail(format!(
+                    "{who:?}: the provider states that a truncation ends the connection; \
+                     expected Shutdown of {fid}, got {other:?}"
+                )))
+            }
+        }
+    }
+    let rx = p.server.alloc(64, Access::RECV)?;
+    let tx = p.client.alloc(64, Access::SEND)?;
+    for (what, r) in [
+        ("receive after the Shutdown", p.server.ep.recv(rx.full(), 1)),
+        ("send after the Shutdown", p.client.ep.send(tx.iov(0, 40), 2)),
+    ] {
+        match r {
+            Err(e) if matches!(e.kind(), ErrorKind::NotConnected | ErrorKind::Shutdown) => {}
+            Err(e) => {
+                return Err(CaseError::fail(format!(
+                    "{what}: refused with {:?} ({e}); expected NotConnected or Shutdown",
+                    e.kind()
+                )))
+            }
+            Ok(()) => {
+                return Err(CaseError::fail(format!(
+                    "{what}: accepted on a connection that ended"
+                )))
+            }
+        }
+    }
     Ok(())
 }
 

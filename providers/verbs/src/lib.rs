@@ -62,10 +62,14 @@
 //!   carried by the region (a NIC's DMA writes cannot be made non-temporal from here:
 //!   with Intel DDIO they land in the last-level cache, which is why COMMIT needs the
 //!   platform statement below).
-//! - Completions: an `ibv_cq` per completion queue with its own completion channel;
-//!   reads poll it; `sread` and async wakers arm it and sleep in `ppoll` on its fd, the
-//!   CM fd and the queue's eventfd. Manual progress by default (queue reads process CM
-//!   events and poll CQs); `Progress::Auto` or an async waiter starts a thread.
+//! - Completions: an `ibv_cq` per completion queue with its own completion channel.
+//!   The queues themselves are the shared provider layer's
+//!   (`fabric_core::prov::ProviderCq`/`ProviderEq`) over the fabric's progress engine
+//!   (`prov::Progress`): reads poll the CQs (and every 64th the CM channel); `sread`
+//!   and async wakers arm the CQs and sleep in `poll` on their fds, the CM fd and the
+//!   queue's eventfd. Manual progress by default; `Progress::Auto` or an async waiter
+//!   starts the shared layer's progress thread (`prov::start_progress_thread`). The
+//!   provider writes only the device side: work completions to `Completion`s.
 //! - Work-completion statuses map to the kinds of the other providers
 //!   ([`mapping::cq_error_kind`]): REM_ACCESS_ERR → `RemoteAccess`, REM_INV_REQ_ERR →
 //!   `RemoteInvalid`, WR_FLUSH_ERR → `Canceled`, RETRY_EXC_ERR → `RetryExceeded`, ...
@@ -84,8 +88,12 @@
 //!   receive is reported `Canceled` (flushed by the end of the connection, nothing
 //!   placed), and the target knows at once that its connection ended `AccessError`.
 //! - Differences from tcp/softroce that RC hardware imposes: an oversized SEND fails
-//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate; the
-//!   conformance case `msg/after_truncation` therefore fails on verbs); the target's
+//!   the receive with `Truncated` *and ends the connection* (RC cannot truncate: the
+//!   responder's QP goes to error and NAKs the SEND, whose completion fails
+//!   `RemoteInvalid`); both ends report `Shutdown` (the receiver `Protocol`, the sender
+//!   `AccessError`, from `REM_INV_REQ_ERR`), and later posts fail at the call. The
+//!   answers state it (`Limits::truncation_ends_connection`), and the conformance case
+//!   `msg/after_truncation` checks exactly that for such providers; the target's
 //!   posted receives are flushed (`Canceled`) when its QP goes to error. rxe reports
 //!   the too-short receive as `LOC_QP_OP_ERR`, hardware as `LOC_LEN_ERR`: on a receive
 //!   both are `Truncated` ([`mapping::recv_error_kind`]).
@@ -137,8 +145,12 @@
 //! ## The VM step
 //! `tests/vm/steps/50-verbs.sh` is what the VM tier runs inside a VM with `rdma_rxe`
 //! (`tests/vm/run --steps verbs`): the binaries `fabric-conformance`,
-//! `fabric-pingpong` and `fabric-rma-bw` built with the facade's `verbs` feature and
-//! the `verbs` test target of `fabric-conformance` (lines in `tests/vm/binaries`),
+//! `fabric-pingpong` and `fabric-rma-bw` built with the facade's `verbs` feature, the
+//! `verbs` test target of `fabric-conformance`, and this crate's `commit_crash` test
+//! (COMMIT writes into a `MAP_SYNC` DAX mapping on the emulated NVDIMM, with
+//! `VERBS_DIRECT_PMEM=1`, the target process SIGKILLed at random moments: every acked
+//! write must be re-read intact; what that does and does not show is in the test's
+//! docs) (lines in `tests/vm/binaries`),
 //! with `libibverbs.so.1`, `librdmacm.so.1`, the rxe provider and glibc from the
 //! guest's Debian packages.
 //!

@@ -201,6 +201,9 @@ pub fn limits(d: &DeviceLimits) -> Limits {
     l.rma_iov_limit = MAX_RMA_IOV;
     l.cm_data_size = CM_DATA_SIZE;
     l.mtu = mtu_bytes(d.active_mtu);
+    // RC cannot truncate: a SEND longer than the receive is a length error at the
+    // responder, whose queue pair goes to the error state (and NAKs the requester).
+    l.truncation_ends_connection = true;
     l
 }
 

@@ -10,9 +10,9 @@ use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use fabric_core::prov::{self, ProviderCq, ProviderEq};
 use fabric_core::provider::{
     CmOps, CqOps, DomainOps, EndpointBinding, EndpointOps, EqOps, FabricOps, MrOps, MsgOps,
     PassiveEndpointOps, RmaOps,
@@ -25,7 +25,7 @@ use fabric_core::{
 };
 use parking_lot::Mutex;
 use rdma_sys::*;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::mapping::{self, wc};
 use crate::sys::{self, CmId, Cq, Ctx, EventChannel, Mr, Pd};
@@ -55,13 +55,19 @@ enum Target {
 }
 
 /// What a fabric shares with its objects: the CM event channel and the routing of
-/// its events, and the progress of every completion queue.
+/// its events, and the progress of every completion queue. It is the fabric's
+/// progress engine ([`prov::Progress`]): the completion and event queues are the shared
+/// layer's [`ProviderCq`]/[`ProviderEq`] over it, its auto-progress thread
+/// [`prov::start_progress_thread`].
 pub(crate) struct Shared {
     channel: EventChannel,
     cm_lock: Mutex<()>,
     targets: Mutex<HashMap<u64, Target>>,
     next_key: AtomicU64,
-    cqs: Mutex<Vec<Weak<CqInner>>>,
+    /// The device side of each completion queue (its `ibv_cq`), found by the
+    /// [`WaitQueue`] the [`ProviderCq`] reads; an entry goes when nothing but this table
+    /// holds it and its queue (the `VCq` and every endpoint bound to it are gone).
+    cqs: Mutex<Vec<Arc<CqInner>>>,
     auto: AtomicBool,
     tick: AtomicU64,
 }
@@ -88,17 +94,42 @@ impl Shared {
 
     fn progress_all(&self) {
         self.cm_progress();
-        let cqs: Vec<_> = self.cqs.lock().iter().filter_map(Weak::upgrade).collect();
-        for cq in cqs {
+        self.poll_cqs();
+    }
+
+    /// Polls every completion queue; drops the table's entries nobody else holds.
+    fn poll_cqs(&self) {
+        for cq in self.live_cqs() {
             cq.poll();
         }
+    }
+
+    /// The completion queues still in use (pruning the others).
+    fn live_cqs(&self) -> Vec<Arc<CqInner>> {
+        let mut t = self.cqs.lock();
+        // Only the table holds the entry and only the entry holds the queue: the
+        // ProviderCq and every endpoint bound to it are gone, and since both counts
+        // only grow through those holders, nobody can take it back.
+        t.retain(|c| Arc::strong_count(c) > 1 || Arc::strong_count(&c.queue) > 1);
+        t.clone()
+    }
+
+    /// The device side of the completion queue `cq` (a [`ProviderCq`] of this fabric).
+    fn cq_of(self: &Arc<Self>, cq: &Arc<dyn CqOps>) -> Result<Arc<CqInner>> {
+        let q = ProviderCq::queue_of(cq, self, "verbs")?;
+        self.cqs
+            .lock()
+            .iter()
+            .find(|c| Arc::ptr_eq(&c.queue, &q))
+            .cloned()
+            .ok_or_else(|| Error::invalid("the completion queue was not opened by a verbs domain"))
     }
 
     /// Sleeps until a CM event, a completion notification (CQs are armed first), the
     /// queue's eventfd, or the deadline.
     fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
         let mut fds = vec![self.channel.fd()];
-        let cqs: Vec<_> = self.cqs.lock().iter().filter_map(Weak::upgrade).collect();
+        let cqs = self.live_cqs();
         for cq in &cqs {
             cq.cq.arm();
             fds.push(cq.cq.fd());
@@ -118,24 +149,6 @@ impl Shared {
         }
     }
 
-    fn ensure_auto(self: &Arc<Self>) {
-        if self.auto.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let r = std::thread::Builder::new()
-            .name("verbs-progress".into())
-            .spawn(move || {
-                while let Some(s) = weak.upgrade() {
-                    s.sleep(None, None);
-                    s.progress_all();
-                }
-            });
-        if let Err(e) = r {
-            warn!("verbs: cannot start the progress thread: {e}");
-            self.auto.store(false, Ordering::Release);
-        }
-    }
 
     /// Reads and dispatches every pending RDMA CM event.
     fn cm_progress(&self) {
@@ -210,6 +223,23 @@ impl Shared {
     }
 }
 
+impl prov::Progress for Shared {
+    /// A completion-queue read: CM events every CM_EVERY-th call, every CQ.
+    fn poll(&self) {
+        self.progress(false);
+        self.poll_cqs();
+    }
+    fn poll_full(&self) {
+        self.progress_all();
+    }
+    fn sleep(&self, queue_fd: Option<RawFd>, deadline: Option<Instant>) {
+        Shared::sleep(self, queue_fd, deadline);
+    }
+    fn start_auto(self: &Arc<Self>) {
+        prov::start_progress_thread(self, &self.auto, "verbs-progress");
+    }
+}
+
 /// The fabric.
 pub(crate) struct VFabric {
     shared: Arc<Shared>,
@@ -228,7 +258,7 @@ impl VFabric {
             tick: AtomicU64::new(0),
         });
         if info.progress == Progress::Auto {
-            shared.ensure_auto();
+            prov::Progress::start_auto(&shared);
         }
         Ok(VFabric { shared })
     }
@@ -247,20 +277,6 @@ fn loopback_bind(addr: SocketAddr, gid: Option<IpAddr>) -> Result<SocketAddr> {
             ),
         )
     })
-}
-
-fn downcast_eq(eq: &Arc<dyn EqOps>) -> Result<Arc<EqInner>> {
-    eq.as_any()
-        .downcast_ref::<VEq>()
-        .map(|e| e.inner.clone())
-        .ok_or_else(|| Error::invalid("the event queue belongs to another provider"))
-}
-
-fn downcast_cq(cq: &Arc<dyn CqOps>) -> Result<Arc<CqInner>> {
-    cq.as_any()
-        .downcast_ref::<VCq>()
-        .map(|c| c.inner.clone())
-        .ok_or_else(|| Error::invalid("the completion queue belongs to another provider"))
 }
 
 impl FabricOps for VFabric {
@@ -307,12 +323,7 @@ impl FabricOps for VFabric {
     }
 
     fn open_eq(&self, _attr: &EqAttr) -> Result<Arc<dyn EqOps>> {
-        Ok(Arc::new(VEq {
-            inner: Arc::new(EqInner {
-                queue: WaitQueue::new()?,
-                shared: self.shared.clone(),
-            }),
-        }))
+        ProviderEq::open(&self.shared)
     }
 
     fn open_passive_ep(
@@ -320,7 +331,7 @@ impl FabricOps for VFabric {
         info: &Info,
         eq: &Arc<dyn EqOps>,
     ) -> Result<Arc<dyn PassiveEndpointOps>> {
-        let eq = downcast_eq(eq)?;
+        let eq = ProviderEq::queue_of(eq, &self.shared, "verbs")?;
         let addr = info
             .src_addr
             .as_ref()
@@ -551,14 +562,16 @@ impl DomainOps for VDomain {
         let want = attr.size.max(4096).min(self.d.max_cqe.max(1) as usize) as i32;
         let cq =
             Cq::create(self.d.ctx, want).map_err(|e| Error::from(e).context("ibv_create_cq"))?;
+        let queue = Arc::new(WaitQueue::new()?);
         let inner = Arc::new(CqInner {
             cq,
-            queue: WaitQueue::new()?,
-            domain: self.d.clone(),
+            queue: queue.clone(),
+            domain: Arc::downgrade(&self.d),
             poll_lock: Mutex::new(()),
         });
-        self.d.fabric.cqs.lock().push(Arc::downgrade(&inner));
-        Ok(Arc::new(VCq { inner }))
+        self.d.fabric.live_cqs();
+        self.d.fabric.cqs.lock().push(inner);
+        Ok(Arc::new(VCq::new(queue, self.d.fabric.clone())))
     }
 
     fn register(
@@ -584,10 +597,10 @@ impl DomainOps for VDomain {
     }
 
     fn open_endpoint(&self, info: &Info, bind: EndpointBinding) -> Result<Arc<dyn EndpointOps>> {
-        let tx = downcast_cq(&bind.tx_cq)?;
-        let rx = downcast_cq(&bind.rx_cq)?;
-        let eq = downcast_eq(&bind.eq)?;
         let shared = self.d.fabric.clone();
+        let tx = shared.cq_of(&bind.tx_cq)?;
+        let rx = shared.cq_of(&bind.rx_cq)?;
+        let eq = ProviderEq::queue_of(&bind.eq, &shared, "verbs")?;
         let inner = Arc::new_cyclic(|w: &Weak<EpInner>| EpInner {
             fid: Fid::next(),
             key: shared.key(Target::Ep(w.clone())),
@@ -638,11 +651,13 @@ impl DomainOps for VDomain {
     }
 }
 
-/// A completion queue's shared part.
+/// The device side of a completion queue: its `ibv_cq` (with completion channel),
+/// whose work completions it turns into the [`ProviderCq`]'s completions.
 pub(crate) struct CqInner {
     cq: Cq,
-    queue: WaitQueue<Completion>,
-    domain: Arc<DomainShared>,
+    queue: Arc<WaitQueue<Completion>>,
+    /// Weak: the fabric's table holds this entry, and the domain holds the fabric.
+    domain: Weak<DomainShared>,
     poll_lock: Mutex<()>,
 }
 
@@ -652,13 +667,15 @@ impl CqInner {
         let Some(_g) = self.poll_lock.try_lock() else {
             return 0;
         };
+        let domain = self.domain.upgrade();
         let mut total = 0;
         // SAFETY: ibv_wc is a plain C struct; zeroed entries are overwritten by poll.
         let mut wcs: [ibv_wc; 32] = unsafe { std::mem::zeroed() };
         loop {
             let n = self.cq.poll(&mut wcs);
             for w in &wcs[..n] {
-                if let Some(c) = self.domain.complete(w) {
+                // (no domain: no operation can be pending, its table is gone)
+                if let Some(c) = domain.as_ref().and_then(|d| d.complete(w)) {
                     self.queue.push(c);
                 }
             }
@@ -670,85 +687,8 @@ impl CqInner {
     }
 }
 
-/// A completion queue.
-pub(crate) struct VCq {
-    inner: Arc<CqInner>,
-}
-
-fn sread_loop<T>(
-    shared: &Shared,
-    queue: &WaitQueue<T>,
-    out: &mut Vec<T>,
-    max: usize,
-    timeout: Option<Duration>,
-) -> usize {
-    queue.sread(
-        out,
-        max,
-        timeout,
-        || shared.progress_all(),
-        |fd, d| shared.sleep(Some(fd), d),
-    )
-}
-
-impl CqOps for VCq {
-    fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
-        self.inner.domain.fabric.progress(false);
-        self.inner.poll();
-        Ok(self.inner.queue.pop_into(out, max))
-    }
-    fn sread(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        Ok(sread_loop(
-            &self.inner.domain.fabric,
-            &self.inner.queue,
-            out,
-            max.max(1),
-            timeout,
-        ))
-    }
-    fn register_waker(&self, waker: &Waker) {
-        self.inner.domain.fabric.ensure_auto();
-        self.inner.queue.register_waker(waker);
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-/// An event queue's shared part.
-pub(crate) struct EqInner {
-    queue: WaitQueue<Event>,
-    shared: Arc<Shared>,
-}
-
-/// An event queue.
-pub(crate) struct VEq {
-    inner: Arc<EqInner>,
-}
-
-impl EqOps for VEq {
-    fn read(&self) -> Result<Option<Event>> {
-        self.inner.shared.progress_all();
-        Ok(self.inner.queue.pop())
-    }
-    fn sread(&self, timeout: Option<Duration>) -> Result<Option<Event>> {
-        let mut v = Vec::with_capacity(1);
-        sread_loop(&self.inner.shared, &self.inner.queue, &mut v, 1, timeout);
-        Ok(v.pop())
-    }
-    fn register_waker(&self, waker: &Waker) {
-        self.inner.shared.ensure_auto();
-        self.inner.queue.register_waker(waker);
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
+/// A completion queue: the shared layer's, over the fabric's progress.
+pub(crate) type VCq = ProviderCq<Shared>;
 
 /// A connection request not yet accepted: dropping it rejects the peer.
 pub(crate) struct PendingConn {
@@ -774,7 +714,7 @@ pub(crate) struct PepInner {
     /// The loopback address the application listens on (bound as `gid`).
     lo: Option<IpAddr>,
     info: Info,
-    eq: Arc<EqInner>,
+    eq: Arc<WaitQueue<Event>>,
     shared: Arc<Shared>,
 }
 
@@ -804,7 +744,7 @@ impl PepInner {
         let handle = ConnHandle(Arc::new(PendingConn {
             id: Mutex::new(Some(id)),
         }));
-        self.eq.queue.push(Event::ConnRequest(Box::new(ConnRequest {
+        self.eq.push(Event::ConnRequest(Box::new(ConnRequest {
             info: info.with_conn_handle(handle),
             data: mapping::unframe_cm_data(raw),
             listener: self.fid,
@@ -902,7 +842,7 @@ pub(crate) struct EpInner {
     domain: Arc<DomainShared>,
     tx: Arc<CqInner>,
     rx: Arc<CqInner>,
-    eq: Arc<EqInner>,
+    eq: Arc<WaitQueue<Event>>,
     limits: fabric_core::Limits,
     src: Option<SocketAddr>,
     /// The answer's GID address.
@@ -913,7 +853,7 @@ pub(crate) struct EpInner {
 
 impl EpInner {
     fn error_event(&self, kind: ErrorKind, msg: String, data: Vec<u8>) {
-        self.eq.queue.push(Event::Error {
+        self.eq.push(Event::Error {
             fid: self.fid,
             error: Error::new(kind, msg),
             data,
@@ -1053,7 +993,7 @@ impl EpInner {
                 };
                 st.phase = Phase::Connected;
                 self.set_rnr_timer(&st);
-                self.eq.queue.push(Event::Connected {
+                self.eq.push(Event::Connected {
                     fid: self.fid,
                     data,
                 });
@@ -1112,7 +1052,7 @@ impl EpInner {
                     unsafe { rdma_disconnect(id.0) };
                 }
                 st.phase = Phase::Closed(reason);
-                self.eq.queue.push(Event::Shutdown {
+                self.eq.push(Event::Shutdown {
                     fid: self.fid,
                     reason,
                 });
@@ -1440,7 +1380,7 @@ impl CmOps for VEp {
             unsafe { rdma_disconnect(id.0) };
         }
         if matches!(was, Phase::Connected | Phase::Failing) {
-            ep.eq.queue.push(Event::Shutdown {
+            ep.eq.push(Event::Shutdown {
                 fid: ep.fid,
                 reason: ShutdownReason::Local,
             });
