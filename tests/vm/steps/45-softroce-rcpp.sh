@@ -3,8 +3,10 @@
 # tests/vm/host/softroce-rcpp, driven over TCP 192.168.100.1:5001), both roles,
 # 64 B to 64 KiB, path MTU 1024 and (eth0 and the TAP at MTU 9000) 4096. Our side
 # checks every byte it receives (the stock program echoes what it got) and prints its
-# device's counters: bad_packets and wrong_source must be 0. rxe's hw_counters are
-# printed before and after each run.
+# device's counters: bad_packets and wrong_source must be 0. The hook captures each
+# run on the TAP (both directions) and checks every frame's ICRC with scapy (rxe's with
+# their real IP IDs); a bad one fails the run. rxe's hw_counters are printed before and
+# after each run.
 # vmtier-timeout: 900
 . /tier/lib.sh
 rxe_up || fail "rxe0 is not up"
