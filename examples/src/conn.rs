@@ -132,9 +132,25 @@ pub fn connect(
     progress: Progress,
     timeout: Duration,
 ) -> ToolResult<Side> {
-    let info = fabric::getinfo(&hints(provider, node, port, false, progress))
-        .map_err(|e| e.to_string())?
-        .remove(0);
+    connect_from(provider, node, port, None, data, progress, timeout)
+}
+
+/// Connects to `node:port` with `provider` from the local address `src` (any, when
+/// `None`), sending `data`.
+pub fn connect_from(
+    provider: &str,
+    node: &str,
+    port: u16,
+    src: Option<std::net::IpAddr>,
+    data: &[u8],
+    progress: Progress,
+    timeout: Duration,
+) -> ToolResult<Side> {
+    let mut h = hints(provider, node, port, false, progress);
+    if let Some(ip) = src {
+        h = h.src_ip(ip);
+    }
+    let info = fabric::getinfo(&h).map_err(|e| e.to_string())?.remove(0);
     let fabric = Fabric::open(&info).map_err(ctx("open fabric"))?;
     let domain = fabric.domain(&info).map_err(ctx("open domain"))?;
     let eq = fabric
@@ -158,8 +174,10 @@ pub fn connect(
 }
 
 /// Runs a server half and a client half in this process over `node` (a loopback
-/// address, ephemeral port): the server in a thread, the client here. Returns the
-/// client's result, or the first error of either half.
+/// address, ephemeral port): the server in a thread, the client here, which also
+/// binds `node` (so `--self -s 127.0.0.5` uses that address at both ends, as
+/// softroce's device per address needs). Returns the client's result, or the first
+/// error of either half.
 pub fn run_self<T>(
     provider: &str,
     node: &str,
@@ -172,8 +190,17 @@ pub fn run_self<T>(
         let side = listener.accept(b"", CONNECT_TIMEOUT)?;
         server(&side)
     });
-    let res = connect(provider, node, port, b"", Progress::Manual, CONNECT_TIMEOUT)
-        .and_then(|side| client(&side));
+    let src = node.parse::<std::net::IpAddr>().ok();
+    let res = connect_from(
+        provider,
+        node,
+        port,
+        src,
+        b"",
+        Progress::Manual,
+        CONNECT_TIMEOUT,
+    )
+    .and_then(|side| client(&side));
     let srv = srv
         .join()
         .map_err(|_| "the server thread panicked".to_string())?;

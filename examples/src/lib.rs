@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use fabric_examples::{pingpong, Mode};
-//! let opts = pingpong::Options { sizes: vec![8, 4096], iterations: None, warmup: 10, mode: Mode::Poll };
+//! let opts = pingpong::Options { sizes: vec![8, 4096], iterations: None, warmup: 10, mode: Mode::Poll, verify: true };
 //! let results = pingpong::run_self("tcp", "127.0.0.1", &opts).unwrap();
 //! println!("8 B one-way: {:.2} us", results[0].lat_median_us);
 //! ```

@@ -14,7 +14,7 @@ use fabric::{Access, RemoteMr};
 use serde::Serialize;
 
 use crate::conn::{self, Side};
-use crate::pingpong::next_completion;
+use crate::pingpong::{linger, next_completion};
 use crate::{ctx, Mode, ToolResult};
 
 const MAGIC: &[u8; 4] = b"FRB1";
@@ -71,6 +71,10 @@ pub struct Options {
     pub window: usize,
     /// Polling or sleeping waits.
     pub mode: Mode,
+    /// Check the data (not timed): every read's bytes against the server's pattern
+    /// (the destination is cleared before each read), and after each size the
+    /// target's bytes against what was written (read back).
+    pub verify: bool,
 }
 
 /// Result for one size.
@@ -87,6 +91,22 @@ pub struct BwResult {
     /// Mean time per transfer, microseconds.
     pub usec_per_xfer: f64,
 }
+
+/// The bytes at `offset..offset + len` of a region filled by [`fill_pattern`].
+fn pattern_at(offset: usize, len: usize, seed: u8) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8 ^ seed)
+        .collect()
+}
+
+/// Fills `len` bytes of a region with the pattern seeded by `seed`.
+fn fill_pattern(mr: &fabric::MemoryRegion, len: usize, seed: u8) -> ToolResult<()> {
+    mr.write_at(0, &pattern_at(0, len, seed))
+        .map_err(ctx("fill pattern"))
+}
+
+/// Seed of the server region's pattern (what reads must return).
+const READ_SEED: u8 = 0x3C;
 
 /// Default transfer count for a size: about 256 MiB moved, bounded.
 pub fn auto_transfers(size: usize) -> usize {
@@ -155,6 +175,8 @@ pub fn serve(side: &Side, mode: Mode) -> ToolResult<()> {
         .domain
         .alloc(max.max(1), Access::LOCAL | Access::REMOTE)
         .map_err(ctx("register target region"))?;
+    // What reads return (and verify against).
+    fill_pattern(&region, max, READ_SEED)?;
     ctrl.write_at(0, &region.remote().to_bytes())
         .map_err(ctx("descriptor"))?;
     side.ep
@@ -191,11 +213,40 @@ pub fn serve(side: &Side, mode: Mode) -> ToolResult<()> {
     side.ep
         .recv(ctrl.full(), CTRL_CTX)
         .map_err(ctx("post receive"))?;
+    wait_done(side, mode)?;
+    // Keep the endpoint (and the region) until the client has closed: under loss the
+    // ACK of its "done" may need to be sent again.
+    linger(side)?;
+    drop(region);
+    Ok(())
+}
+
+/// Waits for the client's "done": as long as the client takes (writes and reads are
+/// silent at the target, so no completion comes meanwhile; under loss a run can take
+/// minutes), ending early only if the connection ends.
+fn wait_done(side: &Side, mode: Mode) -> ToolResult<()> {
     loop {
-        if next_completion(&side.cq, mode)?.context == CTRL_CTX {
-            // Keep the region registered until the client is done with it.
-            drop(region);
-            return Ok(());
+        let c = match mode {
+            Mode::Poll => side.cq.poll_wait(std::time::Duration::from_secs(1)),
+            Mode::Sleep => side.cq.wait(std::time::Duration::from_secs(1)),
+        };
+        match c {
+            Ok(c) => {
+                if let Err(e) = &c.status {
+                    return Err(format!("operation {} failed: {e}", c.context));
+                }
+                if c.context == CTRL_CTX {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == fabric::ErrorKind::TimedOut => {
+                if let Some(fabric::Event::Shutdown { reason, .. }) =
+                    side.eq.read().map_err(ctx("eq"))?
+                {
+                    return Err(format!("the client went away ({reason:?})"));
+                }
+            }
+            Err(e) => return Err(format!("waiting for the client: {e}")),
         }
     }
 }
@@ -239,19 +290,50 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
         }
     };
 
+    let window = opts.window.clamp(1, side.info.limits.tx_size.max(1));
+    // Reads land in a slot per outstanding operation when verifying, so each one's
+    // bytes can be checked; otherwise every transfer uses the first.
+    let slots = if opts.verify && opts.op == RmaOp::Read {
+        window
+    } else {
+        1
+    };
     let local = side
         .domain
-        .alloc(max.max(1), Access::LOCAL)
+        .alloc(max.max(1) * slots, Access::LOCAL)
         .map_err(ctx("register"))?;
-    local.fill(0, max, 0xA5).map_err(ctx("fill"))?;
-    let window = opts.window.clamp(1, side.info.limits.tx_size.max(1));
+    let check = side
+        .domain
+        .alloc(if opts.verify { max.max(1) } else { 1 }, Access::LOCAL)
+        .map_err(ctx("register"))?;
     let mut out = Vec::new();
-    for &(size, n) in &plan {
+    for (k, &(size, n)) in plan.iter().enumerate() {
+        let write_seed = 0x80 | k as u8;
+        if opts.op != RmaOp::Read {
+            // What the writes carry (and the target must hold after them).
+            local
+                .write_at(0, &pattern_at(0, size, write_seed))
+                .map_err(ctx("fill"))?;
+        }
+        let expect_read = if opts.verify && opts.op == RmaOp::Read {
+            pattern_at(0, size, READ_SEED)
+        } else {
+            Vec::new()
+        };
+        let mut untimed = std::time::Duration::ZERO;
         let start = Instant::now();
         let (mut posted, mut done) = (0usize, 0usize);
         while done < n {
             while posted < n && posted - done < window {
-                let l = local.iov(0, size);
+                let slot = posted % slots;
+                if opts.verify && opts.op == RmaOp::Read {
+                    let t = Instant::now();
+                    local
+                        .fill(slot * size, size, 0)
+                        .map_err(ctx("clear"))?;
+                    untimed += t.elapsed();
+                }
+                let l = local.iov(slot * size, size);
                 let r = remote.iov(0, size);
                 let ctx_id = posted as u64;
                 match opts.op {
@@ -262,10 +344,50 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
                 .map_err(ctx("post RMA"))?;
                 posted += 1;
             }
-            next_completion(&side.cq, opts.mode)?;
+            let c = next_completion(&side.cq, opts.mode)?;
+            if c.context >= CTRL_CTX {
+                // The configuration send completing late (under loss) is no transfer.
+                continue;
+            }
+            if c.context != done as u64 {
+                return Err(format!(
+                    "size {size}: completion of transfer {}, expected {done}",
+                    c.context
+                ));
+            }
+            if opts.verify && opts.op == RmaOp::Read {
+                let t = Instant::now();
+                let got = local
+                    .to_vec((done % slots) * size, size)
+                    .map_err(ctx("read back"))?;
+                if let Some(at) = got.iter().zip(&expect_read).position(|(a, b)| a != b) {
+                    return Err(format!(
+                        "size {size}, read {done}: wrong data at byte {at}"
+                    ));
+                }
+                untimed += t.elapsed();
+            }
             done += 1;
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = start.elapsed().saturating_sub(untimed).as_secs_f64();
+        if opts.verify && opts.op != RmaOp::Read {
+            // The target holds what the writes carried.
+            side.ep
+                .read(check.iov(0, size), remote.iov(0, size), CTRL_CTX + 2)
+                .map_err(ctx("read back"))?;
+            loop {
+                if next_completion(&side.cq, opts.mode)?.context == CTRL_CTX + 2 {
+                    break;
+                }
+            }
+            let got = check.to_vec(0, size).map_err(ctx("read back"))?;
+            let want = pattern_at(0, size, write_seed);
+            if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "size {size}: the target holds wrong data at byte {at} after the writes"
+                ));
+            }
+        }
         out.push(BwResult {
             op: opts.op,
             size,
@@ -276,9 +398,9 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
     }
     ctrl.write_at(0, b"done").map_err(ctx("done"))?;
     side.ep
-        .send(ctrl.iov(0, 4), CTRL_CTX)
+        .send(ctrl.iov(0, 4), CTRL_CTX + 3)
         .map_err(ctx("send done"))?;
-    next_completion(&side.cq, opts.mode)?;
+    while next_completion(&side.cq, opts.mode)?.context != CTRL_CTX + 3 {}
     Ok(out)
 }
 

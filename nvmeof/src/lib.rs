@@ -12,8 +12,8 @@
 //!   `mr_key_size(4)`, which tcp narrows its keys to; a provider whose keys stay wider
 //!   is refused with [`Error::KeysTooWide`]),
 //!   in-capsule data for small writes.
-//! * [`target`] – subsystems (NQN, serial, model, allowed hosts), namespaces in memory
-//!   or in a file (buffered), ports, the discovery subsystem, controllers with dynamic
+//! * [`target`] – subsystems (NQN, serial, model, allowed hosts), namespaces in memory,
+//!   in a file (buffered, or `O_DIRECT`) or in a pmem mapping, ports, the discovery subsystem, controllers with dynamic
 //!   IDs, admin and I/O queues. Fabrics: Connect, Property Get/Set (CAP, VS, CC, CSTS).
 //!   Admin: Identify (controller, namespace, active list, descriptors), Get/Set
 //!   Features (number of queues, keep-alive timer, volatile write cache, async event
@@ -23,8 +23,8 @@
 //!   (DEAC), Dataset Management (deallocate punches holes in files), Verify, Compare,
 //!   Copy (format 0).
 //! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
-//!   number of queues, I/O queues), keep-alive, and a block API with several commands
-//!   in flight per queue.
+//!   number of queues, I/O queues), keep-alive, reconnect after a lost association,
+//!   and a block API with several commands in flight per queue.
 //! * [`tools`] – what the command line tools share: nvmetcli's saved-config JSON
 //!   ([`tools::config`]), the `nvmeof-perf` load generator ([`tools::perf`]), latency
 //!   histograms with an SVG picture ([`tools::stats`]), stderr logging and signals.
@@ -45,6 +45,9 @@
 //!   read/write/mix, I/O size, queue depth 1..=128, queues, bounded duration; IOPS,
 //!   MB/s, latency min/avg/p50/p99/p99.9/max, progress, `--json`, an SVG histogram;
 //!   `--self` runs its own target in-process.
+//! * `nvmeof-powercut` – `write|check DIR RUN`: checksummed records through a
+//!   buffered file namespace, acked after FUA or Flush, for the VM tier's power cut
+//!   ([`tools::powercut`]).
 //!
 //! ```text
 //! $ nvmeof-target &
@@ -55,8 +58,9 @@
 //! $ nvmeof-perf --self -w randread -o 4k -q 32
 //! ```
 //!
-//! Not here: direct I/O and pmem back ends, in-band authentication, asynchronous
-//! events ever firing, ANA, reservations, persistent (kernel) host connections.
+//! Not here: in-band authentication, asynchronous events ever firing, ANA,
+//! reservations, persistent (kernel) host connections, an async host API, automatic
+//! resubmission after a reconnect.
 //!
 //! A target with a memory namespace and a host reading it back, over softroce:
 //!

@@ -12,6 +12,24 @@
 //!   host memory registered with the fabric and the region's key, which must fit 32
 //!   bits ([`check_keys`]); the target moves data with fabric RMA read/write.
 //!
+//! * Progress: every queue uses [`Progress::Manual`](fabric::Progress::Manual) and
+//!   drives its own endpoint from the thread that waits on it, polling the completion
+//!   queue without sleeping for a short while ([`SPIN`]) after recent activity, then
+//!   sleeping in `sread`. So a command costs no hand-off to a provider progress thread
+//!   and, while commands keep coming, no sleep/wake-up either. A queue idle for 50 ms
+//!   polls every 2 ms instead of sleeping on the provider's descriptors, which
+//!   softroce shares between all endpoints on one address (every sleeper would wake
+//!   for every queue's packets).
+//! * Ordering: the target posts a Read's RMA write and the response right after each
+//!   other, without waiting for the write's completion (as nvmet-rdma chains the RDMA
+//!   WRITE and the SEND). That relies on the providers placing an RMA write before a
+//!   message posted after it on the same endpoint is delivered: RC ordering on
+//!   softroce and verbs (the responder executes requests in PSN order, IB spec
+//!   9.5 "Transaction ordering"), the one ordered stream on tcp. The response is posted
+//!   with [`OpFlags::FENCE`](fabric::OpFlags::FENCE), which asks exactly that of a
+//!   provider that would not order it anyway. If the write fails, the connection ends
+//!   (a refused remote access ends it at both ends) before the response is delivered.
+//!
 //! `Link` (crate-private) is one connected queue's fabric side, shared by target and host.
 
 use std::collections::VecDeque;
@@ -19,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use fabric::{
     Access, Completion, CompletionQueue, Domain, Endpoint, Event, EventQueue, Info, MemoryRegion,
-    RemoteIov,
+    Msg, OpFlags, RemoteIov,
 };
 
 use crate::error::{Error, Result};
@@ -36,6 +54,26 @@ const RECV_TAG: u64 = 1 << 62;
 const OP_TAG: u64 = 1 << 61;
 /// How long one blocking read of the completion queue sleeps at most.
 const POLL_SLICE: Duration = Duration::from_millis(5);
+/// How long a queue polls its completion queue without sleeping, after it last saw
+/// a completion (a command round trip on loopback is tens of microseconds; past this,
+/// the queue sleeps and the next completion costs a wake-up). `NVMEOF_SPIN_US`
+/// overrides it (0: always sleep).
+pub const SPIN: Duration = Duration::from_micros(200);
+/// Activity older than this does not make a queue spin.
+const SPIN_AFTER_ACTIVITY: Duration = Duration::from_millis(5);
+/// A queue this long without a completion is idle: it polls every [`IDLE_NAP`]
+/// instead of sleeping on the provider (the first command after idleness waits up to
+/// that long).
+const IDLE_AFTER: Duration = Duration::from_millis(50);
+/// How long an idle queue sleeps between two looks at its completion queue.
+const IDLE_NAP: Duration = Duration::from_millis(2);
+
+fn spin_budget() -> Duration {
+    std::env::var("NVMEOF_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(SPIN, Duration::from_micros)
+}
 
 /// Refuses a provider whose memory keys do not fit a keyed SGL's 32-bit key.
 pub fn check_keys(info: &Info) -> Result<()> {
@@ -120,6 +158,8 @@ pub(crate) struct Link {
     next_op: u64,
     closed: Option<String>,
     inject_size: usize,
+    spin: Duration,
+    last_activity: Instant,
 }
 
 impl Link {
@@ -148,6 +188,8 @@ impl Link {
             next_op: 0,
             closed: None,
             inject_size,
+            spin: spin_budget(),
+            last_activity: Instant::now(),
         };
         for slot in 0..slots {
             link.post_recv(slot)?;
@@ -210,9 +252,63 @@ impl Link {
         }
     }
 
-    /// Reads completions into the stash, sleeping up to `slice`.
+    /// Reads completions into the stash: polls without sleeping for up to the spin
+    /// budget when the queue was recently active, otherwise (or then) sleeps up to
+    /// `slice`.
     fn poll(&mut self, slice: Duration) -> Result<()> {
         let mut v = Vec::new();
+        let now = Instant::now();
+        if !self.spin.is_zero() && now.duration_since(self.last_activity) < SPIN_AFTER_ACTIVITY {
+            let until = now + self.spin.min(slice);
+            let mut n = 0u32;
+            loop {
+                match self.cq.read(&mut v, 64) {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        self.last_activity = Instant::now();
+                        self.stash.extend(v);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        self.check_events();
+                        if self.closed.is_some() {
+                            return Err(self.dead());
+                        }
+                        return Err(e.into());
+                    }
+                }
+                n = n.wrapping_add(1);
+                if n.is_multiple_of(16) {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    self.check_events();
+                    if self.closed.is_some() {
+                        return Err(self.dead());
+                    }
+                }
+                std::thread::yield_now();
+            }
+        }
+        if now.duration_since(self.last_activity) >= IDLE_AFTER {
+            // Idle: look without sleeping on the provider's descriptors (softroce
+            // shares its socket between every endpoint on an address, so a sleeping
+            // read would wake for the other queues' packets), then nap.
+            match self.cq.read(&mut v, 64) {
+                Ok(0) => std::thread::sleep(IDLE_NAP.min(slice)),
+                Ok(_) => self.last_activity = Instant::now(),
+                Err(e) => {
+                    self.check_events();
+                    if self.closed.is_some() {
+                        return Err(self.dead());
+                    }
+                    return Err(e.into());
+                }
+            }
+            self.stash.extend(v);
+            self.check_events();
+            return Ok(());
+        }
         match self.cq.sread(&mut v, 64, Some(slice)) {
             Ok(_) => {}
             Err(e) => {
@@ -222,6 +318,9 @@ impl Link {
                 }
                 return Err(e.into());
             }
+        }
+        if !v.is_empty() {
+            self.last_activity = Instant::now();
         }
         self.stash.extend(v);
         self.check_events();
@@ -261,15 +360,24 @@ impl Link {
         }
     }
 
-    /// Sends one message (a capsule or a response).
+    /// Sends one message (a capsule or a response), delivered after every RMA write
+    /// posted before it (see the module docs on ordering).
     pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<()> {
         if self.closed.is_some() {
             return Err(self.dead());
         }
         if bytes.len() <= self.inject_size {
             let deadline = Instant::now() + Duration::from_secs(5);
+            // Injected: copied at the call, so the buffer is free again at once.
+            self.send_mr.write_at(0, bytes)?;
             loop {
-                match self.ep.inject(bytes) {
+                let iov = [self.send_mr.iov(0, bytes.len())];
+                let msg = Msg {
+                    iov: &iov,
+                    context: 0,
+                    data: 0,
+                };
+                match self.ep.sendmsg(&msg, OpFlags::INJECT | OpFlags::FENCE) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.kind() == fabric::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {
@@ -292,7 +400,14 @@ impl Link {
         }
         self.send_mr.write_at(0, bytes)?;
         let ctx = self.op_context();
-        self.ep.send(self.send_mr.iov(0, bytes.len()), ctx)?;
+        let iov = [self.send_mr.iov(0, bytes.len())];
+        let msg = Msg {
+            iov: &iov,
+            context: ctx,
+            data: 0,
+        };
+        self.ep
+            .sendmsg(&msg, OpFlags::COMPLETION | OpFlags::FENCE)?;
         self.wait_op(ctx, "send")
     }
 
@@ -310,16 +425,30 @@ impl Link {
         offset: usize,
         remote: RemoteIov,
     ) -> Result<()> {
+        let ctx = self.post_rma(dir, local, offset, remote)?;
+        self.wait_op(ctx, dir.name())
+    }
+
+    /// Posts one RMA transfer and returns its context for
+    /// [`wait_op`](Self::wait_op); `local` must not be reused before that.
+    pub(crate) fn post_rma(
+        &mut self,
+        dir: Rma,
+        local: &MemoryRegion,
+        offset: usize,
+        remote: RemoteIov,
+    ) -> Result<u64> {
         let ctx = self.op_context();
         let iov = local.iov(offset, remote.len);
         match dir {
             Rma::Read => self.ep.read(iov, remote, ctx)?,
             Rma::Write => self.ep.write(iov, remote, ctx)?,
         }
-        self.wait_op(ctx, dir.name())
+        Ok(ctx)
     }
 
-    fn wait_op(&mut self, ctx: u64, what: &str) -> Result<()> {
+    /// Waits for the operation posted with context `ctx`.
+    pub(crate) fn wait_op(&mut self, ctx: u64, what: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(i) = self.stash.iter().position(|c| c.context == ctx) {

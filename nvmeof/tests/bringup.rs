@@ -2,20 +2,13 @@
 mod common;
 use common::*;
 
-#[test]
-fn bring_up_and_identify() {
-    bring_up(setup());
+/// tcp hands out 32-bit keys for this getinfo (the hints ask for `mr_key_size(4)`), so
+/// keyed SGLs work over it as over softroce.
+fn bring_up_and_identify(provider: &str) {
+    bring_up(setup(provider));
 }
 
-/// tcp hands out 32-bit keys for this getinfo (the hints ask for `mr_key_size(4)`), so
-/// keyed SGLs work over it too.
-#[test]
-fn bring_up_and_identify_over_tcp() {
-    let mut sub = nvmeof::target::SubsystemConfig::new(SUBNQN);
-    sub.namespaces
-        .push(nvmeof::target::NamespaceConfig::memory(1, NS_BLOCKS * 512));
-    bring_up(setup_over("tcp", sub));
-}
+over_providers!(bring_up_and_identify);
 
 fn bring_up(s: Setup) {
     let ctrl = s.connect();

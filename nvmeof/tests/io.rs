@@ -1,4 +1,4 @@
-//! Every I/O command over softroce, with data checked against the back end.
+//! Every I/O command over softroce and tcp, with data checked against the back end.
 mod common;
 use common::*;
 
@@ -6,9 +6,8 @@ use nvmeof::host::IoRequest;
 use nvmeof::target::{Backing, NamespaceConfig, SubsystemConfig};
 use nvmeof::wire::StatusCode;
 
-#[test]
-fn io_commands_against_memory_backend() {
-    let s = setup();
+fn io_commands_against_memory_backend(provider: &str) {
+    let s = setup(provider);
     let ctrl = s.connect();
     let ns = ctrl.namespace(1).unwrap();
     let t = &s.target;
@@ -134,9 +133,8 @@ fn io_commands_against_memory_backend() {
     ctrl.disconnect().unwrap();
 }
 
-#[test]
-fn several_commands_in_flight() {
-    let s = setup();
+fn several_commands_in_flight(provider: &str) {
+    let s = setup(provider);
     let ctrl = s.connect();
     let ns = ctrl.namespace(1).unwrap();
     let writes: Vec<IoRequest> = (0..64)
@@ -168,8 +166,7 @@ fn several_commands_in_flight() {
     }
 }
 
-#[test]
-fn file_namespace_and_flush_all() {
+fn file_namespace_and_flush_all(provider: &str) {
     let dir = std::env::temp_dir().join(format!(
         "nvmeof-io-{}-{}",
         std::process::id(),
@@ -187,7 +184,7 @@ fn file_namespace_and_flush_all() {
         },
         block_size: 4096,
     });
-    let s = setup_with(sub);
+    let s = setup_with(provider, sub);
     let ctrl = s.connect();
     assert_eq!(ctrl.active_namespaces().unwrap(), vec![1, 2]);
     let ns = ctrl.namespace(2).unwrap();
@@ -206,3 +203,9 @@ fn file_namespace_and_flush_all() {
     ctrl.disconnect().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+over_providers!(
+    io_commands_against_memory_backend,
+    several_commands_in_flight,
+    file_namespace_and_flush_all
+);

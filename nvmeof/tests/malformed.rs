@@ -1,4 +1,4 @@
-//! Malformed capsules sent raw over softroce, each answered with the status the
+//! Malformed capsules sent raw over softroce and tcp, each answered with the status the
 //! NVMe and NVMe-oF specifications (and Linux nvmet) give; the target never panics
 //! and keeps serving afterwards.
 mod common;
@@ -48,9 +48,8 @@ fn code(cqe: &CqeRepr, ctx: StatusContext) -> StatusCode {
     cqe.status.code(ctx)
 }
 
-#[test]
-fn malformed_capsules_get_the_right_status() {
-    let s = setup();
+fn malformed_capsules_get_the_right_status(provider: &str) {
+    let s = setup(provider);
     let ctrl = s.connect();
     let ns = ctrl.namespace(1).unwrap();
     let io = StatusContext::Io;
@@ -249,9 +248,8 @@ fn malformed_capsules_get_the_right_status() {
     assert_eq!(back, data);
 }
 
-#[test]
-fn bad_key_fails_the_targets_rma_and_touches_nothing() {
-    let s = setup();
+fn bad_key_fails_the_targets_rma_and_touches_nothing(provider: &str) {
+    let s = setup(provider);
     let ctrl = s.connect();
     let before = s.target.read_namespace(SUBNQN, 1, 0, 8192).unwrap();
     // A write whose keyed SGL names a key the host never registered: the target's
@@ -284,3 +282,8 @@ fn bad_key_fails_the_targets_rma_and_touches_nothing() {
     let ns = again.namespace(1).unwrap();
     again.write(&ns, 0, &pattern(12, 512), false).unwrap();
 }
+
+over_providers!(
+    malformed_capsules_get_the_right_status,
+    bad_key_fails_the_targets_rma_and_touches_nothing
+);

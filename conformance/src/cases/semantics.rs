@@ -24,7 +24,7 @@ const TARGET_FILL: u8 = 0xA5;
 /// The cases of this group.
 pub fn cases() -> Vec<Case> {
     vec![
-        case(G, "access_error_ends_connection", RMA, "a refused remote access ends the connection at both ends: RemoteAccess for it, Canceled for what was posted after, Shutdown AccessError on both, later posts fail at the call with NotConnected, target memory untouched", access_error_ends_connection),
+        case(G, "access_error_ends_connection", RMA, "a refused remote access ends the connection at both ends: RemoteAccess for it, Canceled for what was posted after (a write, a read, a send: none completes successfully, the send is never received), Shutdown AccessError on both, later posts fail at the call with NotConnected, target memory untouched", access_error_ends_connection),
         case(G, "post_after_peer_close", RMA, "after the peer shut down (Shutdown Peer read), every post form fails at the call with NotConnected; on the side that called shutdown with Shutdown", post_after_peer_close),
         case(G, "shutdown_reasons", Caps::MSG, "each end raises exactly one Shutdown: Local where shutdown was called, Peer at the other end (also when the peer closes its endpoint)", shutdown_reasons),
         case(G, "writedata_waits_for_receive", RMA | Caps::REMOTE_CQ_DATA, "a write with CQ data completes at the initiator only after it consumed a receive at the target (posted 200 ms later)", writedata_waits_for_receive),
@@ -149,20 +149,26 @@ fn access_error_ends_connection(ctx: &Ctx) -> CaseResult {
         .ep
         .read(l.iov(2048, 512), r.iov(0, 512), 3)
         .ctx("read after it")?;
+    // A send after it: the target must not receive it, and (even where sends
+    // complete once handed to the transport) it must not complete successfully.
+    p.client
+        .ep
+        .send(l.iov(1024, 32), 4)
+        .ctx("send after it")?;
     let mut done: Vec<Completion> = Vec::new();
-    while done.len() < 4 {
+    while done.len() < 5 {
         done.push(
             p.wait(Who::Client)
-                .map_err(|e| e.context(format!("{} of 4 initiator completions", done.len())))?,
+                .map_err(|e| e.context(format!("{} of 5 initiator completions", done.len())))?,
         );
     }
     let mut ctxs: Vec<u64> = done.iter().map(|c| c.context).collect();
     ctxs.sort_unstable();
-    ensure_eq!(ctxs, vec![1, 2, 3, 40], "initiator completions, once each");
+    ensure_eq!(ctxs, vec![1, 2, 3, 4, 40], "initiator completions, once each");
     for c in &done {
         match c.context {
             1 => expect_cq_error(c, CqErrorKind::RemoteAccess, "the refused write")?,
-            2 | 3 => ensure!(
+            2..=4 => ensure!(
                 is_canceled(c),
                 "operation {} posted after the refused write: expected Canceled, got {c:?}",
                 c.context

@@ -192,6 +192,9 @@ fn run(a: &Args) -> Result<(), String> {
                 iterations: iter_override,
                 warmup,
                 mode: Mode::Poll,
+                // Measured as fi_pingpong measures (it checks nothing by default);
+                // fabric-pingpong --self is where the data is checked.
+                verify: false,
             };
             match pingpong::run_self(p, &a.addr, &opts) {
                 Ok(v) => runs.push(v),
@@ -208,6 +211,7 @@ fn run(a: &Args) -> Result<(), String> {
                 transfers: if a.quick { Some(64) } else { None },
                 window: 64,
                 mode: Mode::Poll,
+                verify: false,
             };
             match rmabw::run_self(p, &a.addr, &opts) {
                 Ok(v) => v

@@ -32,6 +32,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Check the data of every transfer (not timed). On by default with --self.
+    #[arg(long, conflicts_with = "no_verify")]
+    verify: bool,
+    /// Do not check the data, also with --self.
+    #[arg(long)]
+    no_verify: bool,
     /// Speak rdma-core's ibv_rc_pingpong (its TCP exchange, default port 18515, and
     /// message pattern) over a softroce QP: -S one size, -I iterations (default
     /// 1000), --mtu, -P port, -s the address to listen on; every received byte is
@@ -111,6 +117,7 @@ fn run(a: &Args) -> Result<(), String> {
         iterations: a.iterations,
         warmup: a.warmup,
         mode: a.mode,
+        verify: !a.no_verify && (a.verify || a.role.self_mode),
     };
     let mode = a.mode;
     let role = a.role.role();

@@ -34,6 +34,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Check the data of every transfer (not timed). On by default with --self.
+    #[arg(long, conflicts_with = "no_verify")]
+    verify: bool,
+    /// Do not check the data, also with --self.
+    #[arg(long)]
+    no_verify: bool,
 }
 
 fn print(provider: &str, res: &[BwResult], json: bool) {
@@ -66,6 +72,7 @@ fn run(a: &Args) -> Result<(), String> {
         transfers: a.transfers,
         window: a.window,
         mode: a.mode,
+        verify: !a.no_verify && (a.verify || a.role.self_mode),
     };
     let mode = a.mode;
     let role = a.role.role();

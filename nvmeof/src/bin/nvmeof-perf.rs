@@ -26,8 +26,10 @@ Examples:
   nvmeof-perf -r 'trtype:softroce traddr:127.0.0.1 trsvcid:41234' -w randread -q 16
 
 Workloads (-w): read, write, randread, randwrite, rw, randrw (-M: percent reads).
-Latency is per command, submission to completion as the host sees it. tcp's 64-bit
-memory keys do not fit keyed SGLs: use softroce (or verbs).";
+Latency is per command, submission to completion as the host sees it. Queues poll
+their completion queues for NVMEOF_SPIN_US (default 200) µs after activity before
+they sleep; NVMEOF_SPIN_US=0 always sleeps.
+  nvmeof-perf --self --trtype tcp -w randread -o 4k -q 1     the same over tcp";
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +44,9 @@ struct Args {
     /// Start a target in this process (a namespace on a free loopback address).
     #[arg(long = "self")]
     self_target: bool,
+    /// --self: the fabric provider of the target's port (softroce, tcp, rdma = verbs).
+    #[arg(long, default_value = "softroce")]
+    trtype: String,
     /// --self: back end, memory, file (a temporary file) or file:PATH.
     #[arg(long, default_value = "memory")]
     backend: String,
@@ -142,11 +147,12 @@ fn start_self(a: &Args) -> Result<(SelfTarget, TransportAddr, String, String), S
     });
     target.add_subsystem(&s).map_err(|e| e.to_string())?;
     let ip = random_loopback(None);
+    let provider = provider_for_trtype(&a.trtype);
     let port = target
-        .add_port(&PortConfig::new("softroce", &ip.to_string()))
+        .add_port(&PortConfig::new(&provider, &ip.to_string()))
         .map_err(|e| e.to_string())?;
     let local = port.local_addr();
-    let addr = TransportAddr::new("softroce", &local.ip().to_string(), local.port());
+    let addr = TransportAddr::new(&provider, &local.ip().to_string(), local.port());
     Ok((
         SelfTarget {
             _target: target,

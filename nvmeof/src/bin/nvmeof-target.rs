@@ -55,6 +55,8 @@ fn describe(b: &Backing) -> String {
     match b {
         Backing::Memory { size } => format!("memory {} MiB", size >> 20),
         Backing::File { path, .. } => format!("file {}", path.display()),
+        Backing::DirectFile { path, .. } => format!("file {} (O_DIRECT)", path.display()),
+        Backing::Pmem { path, size } => format!("pmem {} {} MiB", path.display(), size >> 20),
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Controller {
     cap: Cap,
     identify: IdentifyController,
     subnqn: String,
+    addr: TransportAddr,
+    cfg: HostConfig,
     next_io: AtomicUsize,
     ka_stop: Arc<AtomicBool>,
     ka_thread: Option<JoinHandle<()>>,
@@ -271,10 +273,46 @@ impl Controller {
             cap,
             identify,
             subnqn: subnqn.into(),
+            addr: addr.clone(),
+            cfg: cfg.clone(),
             next_io: AtomicUsize::new(0),
             ka_stop,
             ka_thread,
         })
+    }
+
+    /// Connects again after the connection was lost (a target restart, a network
+    /// outage): closes what is left of the old queues, then repeats the whole
+    /// bring-up against the same address and subsystem with the same configuration,
+    /// retrying until [`HostConfig::timeout`] passes. The new association may have
+    /// another controller ID ([`cntlid`](Self::cntlid)).
+    ///
+    /// Commands outstanding when the connection was lost are not retried: each one
+    /// failed with [`Error::Disconnected`] (or [`Error::Timeout`] when no end of the
+    /// connection was reported in time), and whether it took effect on the target is
+    /// unknown, as with a lost NVMe-oF association; the caller resubmits what must be.
+    pub fn reconnect(&mut self) -> Result<()> {
+        self.stop_keep_alive();
+        for q in &self.io {
+            lock(q).disconnect();
+        }
+        self.admin_queue().disconnect();
+        let deadline = Instant::now() + self.cfg.timeout;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            match Controller::connect(&self.addr, &self.subnqn, &self.cfg) {
+                Ok(fresh) => {
+                    *self = fresh;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() + wait >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::debug!("reconnect to {}: {e}; retrying", self.subnqn);
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
     }
 
     /// Controller ID the target assigned.

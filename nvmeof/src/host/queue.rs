@@ -66,7 +66,7 @@ pub(crate) fn hints(addr: &TransportAddr, src_ip: Option<IpAddr>) -> Hints {
         .provider(&addr.provider)
         .node(&addr.addr)
         .service(&addr.service)
-        .progress(Progress::Auto)
+        .progress(Progress::Manual)
         // Keyed SGL descriptors carry 32-bit keys: providers that can narrow theirs
         // (tcp) do; the others must have 4-byte keys already.
         .mr_key_size(4);

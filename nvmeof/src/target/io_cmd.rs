@@ -57,9 +57,10 @@ pub(crate) fn handle(mut cmd: Cmd<'_>, ctrl: &Controller) -> CmdResult {
         IoOpcode::Write => {
             let (offset, len) = range(&cmd, &ns)?;
             let data = cmd.xfer.fetch(len)?;
-            ns.store.write(offset, &data).map_err(backend)?;
             if IoCommand::from_sqe(&cmd.sqe).fua {
-                ns.store.flush().map_err(backend)?;
+                ns.store.write_durable(offset, &data).map_err(backend)?;
+            } else {
+                ns.store.write(offset, &data).map_err(backend)?;
             }
             ctrl.count_io(0, len as u64);
         }

@@ -23,14 +23,14 @@ mod queue;
 mod subsys;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fabric::{
-    Caps, ConnRequest, CqAttr, Domain, EndpointConfig, EpType, EqAttr, Event, EventQueue, Fabric,
-    Hints, PassiveEndpoint, Progress,
+    Caps, ConnRequest, CqAttr, EndpointConfig, EpType, EqAttr, Event, EventQueue, Fabric, Hints,
+    PassiveEndpoint, Progress,
 };
 
 pub use backend::Backing;
@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     ports: Mutex<Vec<PortRecord>>,
     genctr: AtomicU64,
     stop: AtomicBool,
+    /// Queue threads still running.
+    live_queues: AtomicUsize,
 }
 
 impl Shared {
@@ -251,6 +253,7 @@ impl Target {
                 ports: Mutex::new(Vec::new()),
                 genctr: AtomicU64::new(1),
                 stop: AtomicBool::new(false),
+                live_queues: AtomicUsize::new(0),
             }),
         }
     }
@@ -280,7 +283,7 @@ impl Target {
             .node(&cfg.addr)
             .service(&cfg.service)
             .source(true)
-            .progress(Progress::Auto)
+            .progress(Progress::Manual)
             // Keyed SGL descriptors carry 32-bit keys: providers that can narrow theirs
             // (tcp) do; the others must have 4-byte keys already.
             .mr_key_size(4);
@@ -291,7 +294,6 @@ impl Target {
             .ok_or_else(|| Error::Config("getinfo gave no answer".into()))?;
         transport::check_keys(&info)?;
         let fab = Fabric::open(&info)?;
-        let domain = fab.domain(&info)?;
         let eq = fab.eq(EqAttr::default())?;
         let pep = fab.passive_endpoint(&info, &eq)?;
         pep.listen()?;
@@ -319,8 +321,7 @@ impl Target {
         self.shared.genctr.fetch_add(1, Ordering::AcqRel);
         let stop = Arc::new(AtomicBool::new(false));
         let listener = Listener {
-            fabric: fab,
-            domain,
+            _fabric: fab,
             eq,
             pep,
             shared: self.shared.clone(),
@@ -385,9 +386,16 @@ impl Target {
         self.namespace(subnqn, nsid)?.store.write(offset, data)
     }
 
-    /// Stops every queue (also done on drop).
+    /// Stops every queue and waits (at most two seconds) until their threads have
+    /// closed their connections; also done on drop.
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.shared.live_queues.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -399,8 +407,8 @@ impl Drop for Target {
 
 /// A port's listening thread: connection requests become queues.
 struct Listener {
-    fabric: Fabric,
-    domain: Domain,
+    // The passive endpoint's fabric, alive as long as the listener.
+    _fabric: Fabric,
     eq: EventQueue,
     pep: PassiveEndpoint,
     shared: Arc<Shared>,
@@ -412,7 +420,14 @@ struct Listener {
 impl Listener {
     fn run(self) {
         while !self.stop.load(Ordering::Acquire) && !self.shared.stopping() {
-            match self.eq.sread(Some(Duration::from_millis(20))) {
+            // Polled, not a sleeping read: a sleeping read waits on the provider's
+            // descriptors, which softroce shares between every endpoint on the
+            // address, so the listener would wake for every queue's packets.
+            let ev = self.eq.read();
+            if matches!(ev, Ok(None)) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match ev {
                 Ok(Some(Event::ConnRequest(req))) => {
                     if let Err(e) = self.accept(&req) {
                         tracing::warn!("port {}: connection request: {e}", self.portid);
@@ -447,13 +462,16 @@ impl Listener {
             return Ok(());
         }
         let depth = depth as u16;
-        let cq = self.domain.cq(CqAttr::default())?;
-        let eq = self.fabric.eq(EqAttr::default())?;
-        let ep = self
-            .domain
-            .endpoint(&req.info, EndpointConfig::new(&cq, &eq))?;
+        // Each queue gets a fabric (progress engine) of its own, so its thread sleeps
+        // on its own connection only: sharing the port's engine woke every queue
+        // thread (and the listener) on any queue's traffic.
+        let fabric = Fabric::open(&req.info)?;
+        let domain = fabric.domain(&req.info)?;
+        let cq = domain.cq(CqAttr::default())?;
+        let eq = fabric.eq(EqAttr::default())?;
+        let ep = domain.endpoint(&req.info, EndpointConfig::new(&cq, &eq))?;
         let link = Link::new(
-            &self.domain,
+            &domain,
             ep,
             cq,
             eq,
@@ -462,7 +480,8 @@ impl Listener {
         )?;
         link.ep.accept(&transport::cm_accept(depth))?;
         let queue = TargetQueue::new(
-            &self.domain,
+            fabric,
+            &domain,
             link,
             self.shared.clone(),
             self.portid,
@@ -470,10 +489,18 @@ impl Listener {
             depth,
             self.inline_data,
         )?;
-        std::thread::Builder::new()
+        let shared = self.shared.clone();
+        shared.live_queues.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
             .name(format!("nvmet-q{}", cm.qid))
-            .spawn(move || queue.run())
-            .map_err(Error::Io)?;
+            .spawn(move || {
+                queue.run();
+                shared.live_queues.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.shared.live_queues.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Io(e));
+        }
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fabric::{Access, Domain, MemoryRegion, RemoteIov};
+use fabric::{Access, Domain, Fabric, MemoryRegion, RemoteIov};
 
 use super::ctrl::{Controller, MAX_TRANSFER};
 use super::{admin_cmd, fabrics_cmd, io_cmd, Shared};
@@ -74,10 +74,51 @@ pub(crate) fn backend(e: Error) -> CmdError {
     StatusCode::InternalError.into()
 }
 
+/// Registered buffers that data passes through between a back end and the host,
+/// used in turn: a Read's RMA write is posted and the response follows at once, and
+/// the write's completion is only waited for when its buffer comes round again.
+pub(crate) struct BounceRing {
+    bufs: Vec<MemoryRegion>,
+    /// Context of the RMA still reading from each buffer.
+    pending: Vec<Option<u64>>,
+    next: usize,
+}
+
+/// Bounce buffers per queue (at most; fewer for shallow queues).
+const BOUNCE_BUFFERS: usize = 4;
+
+impl BounceRing {
+    fn new(domain: &Domain, count: usize) -> Result<BounceRing, Error> {
+        let count = count.clamp(1, BOUNCE_BUFFERS);
+        let mut bufs = Vec::with_capacity(count);
+        for _ in 0..count {
+            bufs.push(domain.alloc(MAX_TRANSFER, Access::LOCAL)?);
+        }
+        Ok(BounceRing {
+            bufs,
+            pending: vec![None; count],
+            next: 0,
+        })
+    }
+
+    /// The next buffer, free (its earlier transfer waited for).
+    fn take(&mut self, link: &mut Link) -> Result<usize, CmdError> {
+        let i = self.next;
+        self.next = (i + 1) % self.bufs.len();
+        if let Some(ctx) = self.pending[i].take() {
+            // The response of that command is gone already: a failed write here means
+            // the connection has ended, so the queue ends too.
+            link.wait_op(ctx, "RMA write")
+                .map_err(|e| CmdError::Fatal(Error::Transfer(e.to_string())))?;
+        }
+        Ok(i)
+    }
+}
+
 /// The data of one command, as its SGL describes it.
 pub(crate) struct Xfer<'a> {
     link: &'a mut Link,
-    bounce: &'a MemoryRegion,
+    bounce: &'a mut BounceRing,
     sgl: SglRepr,
     inline: &'a [u8],
 }
@@ -145,12 +186,12 @@ impl Xfer<'_> {
                     len,
                     key: u64::from(k.key()),
                 };
+                let i = self.bounce.take(self.link)?;
+                let buf = &self.bounce.bufs[i];
                 self.link
-                    .rma(Rma::Read, self.bounce, 0, remote)
+                    .rma(Rma::Read, buf, 0, remote)
                     .map_err(transfer_failed)?;
-                self.bounce
-                    .to_vec(0, len)
-                    .map_err(|e| CmdError::Fatal(e.into()))
+                buf.to_vec(0, len).map_err(|e| CmdError::Fatal(e.into()))
             }
             _ => Err(StatusCode::InvalidField.into()),
         }
@@ -164,17 +205,22 @@ impl Xfer<'_> {
                 if data.is_empty() {
                     return Ok(());
                 }
-                self.bounce
-                    .write_at(0, data)
+                let i = self.bounce.take(self.link)?;
+                let buf = &self.bounce.bufs[i];
+                buf.write_at(0, data)
                     .map_err(|e| CmdError::Fatal(e.into()))?;
                 let remote = RemoteIov {
                     addr: k.address(),
                     len: data.len(),
                     key: u64::from(k.key()),
                 };
-                self.link
-                    .rma(Rma::Write, self.bounce, 0, remote)
-                    .map_err(transfer_failed)
+                // Posted, not waited for: the response follows it in order.
+                let ctx = self
+                    .link
+                    .post_rma(Rma::Write, buf, 0, remote)
+                    .map_err(transfer_failed)?;
+                self.bounce.pending[i] = Some(ctx);
+                Ok(())
             }
             // In-capsule data only flows from the host.
             _ => Err(CmdError::at(StatusCode::InvalidField, DPTR)),
@@ -203,12 +249,16 @@ pub(crate) struct TargetQueue {
     pub(crate) depth: u16,
     pub(crate) ctrl: Option<Arc<Controller>>,
     pub(crate) inline_data: usize,
-    bounce: MemoryRegion,
+    bounce: BounceRing,
     sq_head: u16,
+    // The queue's own progress engine, alive as long as the queue.
+    _fabric: Fabric,
 }
 
 impl TargetQueue {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        fabric: Fabric,
         domain: &Domain,
         link: Link,
         shared: Arc<Shared>,
@@ -218,7 +268,7 @@ impl TargetQueue {
         inline_data: usize,
     ) -> Result<TargetQueue, Error> {
         Ok(TargetQueue {
-            bounce: domain.alloc(MAX_TRANSFER, Access::LOCAL)?,
+            bounce: BounceRing::new(domain, depth.into())?,
             link,
             shared,
             portid,
@@ -227,6 +277,7 @@ impl TargetQueue {
             ctrl: None,
             inline_data,
             sq_head: 0,
+            _fabric: fabric,
         })
     }
 
@@ -342,7 +393,7 @@ impl TargetQueue {
             qid: self.qid,
             xfer: Xfer {
                 link: &mut self.link,
-                bounce: &self.bounce,
+                bounce: &mut self.bounce,
                 sgl,
                 inline,
             },

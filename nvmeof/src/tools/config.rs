@@ -144,6 +144,20 @@ fn namespace(n: &Value, subnqn: &str) -> Result<Option<NamespaceConfig>, String>
             format!("{subnqn} namespace {nsid}: a memory namespace needs a size (\"memory:64M\")")
         })?;
         Backing::Memory { size }
+    } else if let Some(p) = path.strip_prefix("pmem:") {
+        let size = size.ok_or_else(|| {
+            format!("{subnqn} namespace {nsid}: a pmem namespace needs \"device\".\"size\"")
+        })?;
+        Backing::Pmem {
+            path: PathBuf::from(p),
+            size,
+        }
+    } else if !truthy(field(n, "buffered_io"), true) {
+        // nvmet's namespace attribute: buffered_io 0 is direct I/O.
+        Backing::DirectFile {
+            path: PathBuf::from(path),
+            size,
+        }
     } else {
         Backing::File {
             path: PathBuf::from(path),

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod logging;
 pub mod perf;
+pub mod powercut;
 pub mod stats;
 
 use std::collections::hash_map::RandomState;

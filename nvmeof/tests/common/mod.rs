@@ -8,9 +8,23 @@ use std::time::Duration;
 use nvmeof::host::{Controller, HostConfig, TransportAddr};
 use nvmeof::target::{NamespaceConfig, Port, PortConfig, SubsystemConfig, Target};
 
-/// The provider most tests run over (softroce's keys are 32-bit; tcp narrows its keys to
-/// 32 bits when the hints ask, and `bringup` runs over it too).
-pub const PROVIDER: &str = "softroce";
+/// The providers every test of the group runs over (softroce's keys are 32-bit; tcp
+/// narrows its keys to 32 bits when the hints ask): see [`over_providers!`].
+pub const PROVIDERS: [&str; 2] = ["softroce", "tcp"];
+
+/// Turns each named `fn name(provider: &str)` into one `#[test]` per provider:
+/// `softroce::name` and `tcp::name`.
+#[macro_export]
+macro_rules! over_providers {
+    ($($name:ident),* $(,)?) => {
+        mod softroce {
+            $( #[test] fn $name() { super::$name("softroce") } )*
+        }
+        mod tcp {
+            $( #[test] fn $name() { super::$name("tcp") } )*
+        }
+    };
+}
 pub const SUBNQN: &str = "nqn.2024-01.io.fabric:test-subsystem";
 pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-4333-8444-555555555555";
 /// Blocks of the default memory namespace (512-byte blocks: 4 MiB).
@@ -45,12 +59,13 @@ impl Setup {
     }
 }
 
-/// A target with `subsys` (namespaces included) listening on a random address.
-pub fn setup_with(subsys: SubsystemConfig) -> Setup {
-    setup_over(PROVIDER, subsys)
+/// A target with `subsys` (namespaces included) listening on a random address of
+/// `provider`.
+pub fn setup_with(provider: &str, subsys: SubsystemConfig) -> Setup {
+    setup_over(provider, subsys)
 }
 
-/// [`setup_with`] over the provider `provider`.
+/// [`setup_with`].
 pub fn setup_over(provider: &str, subsys: SubsystemConfig) -> Setup {
     let target = Target::new();
     target.add_subsystem(&subsys).expect("subsystem");
@@ -72,11 +87,11 @@ pub fn setup_over(provider: &str, subsys: SubsystemConfig) -> Setup {
 }
 
 /// The default: one 4 MiB memory namespace (NSID 1), any host allowed.
-pub fn setup() -> Setup {
+pub fn setup(provider: &str) -> Setup {
     let mut s = SubsystemConfig::new(SUBNQN);
     s.namespaces
         .push(NamespaceConfig::memory(1, NS_BLOCKS * 512));
-    setup_with(s)
+    setup_with(provider, s)
 }
 
 /// Bytes with a pattern depending on `seed`.

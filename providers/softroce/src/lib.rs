@@ -34,11 +34,25 @@
 //!   `MemoryBacking::persist` before it answers.
 //! - Receive not ready: RC semantics. RNR NAK (timer 0.64 ms) and infinite RNR retry
 //!   (rnr_retry 7): a message sent before the receive is posted is delivered once it
-//!   is; a write with CQ data waits likewise. retry_cnt 7 with a 2.1 ms timeout
-//!   (`SOFTROCE_TIMEOUT_US`; transport retry count `SOFTROCE_RETRY_CNT`, default 7)
-//!   that doubles on consecutive expiries: a peer that stops answering gives
-//!   `RetryExceeded` after about 0.5 s (and `Shutdown { reason: Lost }`). A peer whose
-//!   application merely stops reading its queues keeps answering (the backstop).
+//!   is; a write with CQ data waits likewise. Retransmission: a 2.1 ms timeout
+//!   (`SOFTROCE_TIMEOUT_US`) that doubles on consecutive expiries; rxe's retry_cnt 7
+//!   (`SOFTROCE_RETRY_CNT`), which changes no packet. The retry policy is time-based:
+//!   the requester gives up with `RetryExceeded` (and `Shutdown { reason: Lost }`)
+//!   only after `max(timeout * (2^(retry_cnt+1) - 1), rc::MIN_GIVE_UP)` = 2 s by
+//!   default without hearing anything new from the peer; losses that NAKs or READ
+//!   response gaps reveal cost no retry, so a lossy but live link is not given up on.
+//!   A READ whose responses have a gap keeps what arrived and asks again for the
+//!   missing packets only. A peer whose application merely stops reading its queues
+//!   keeps answering (the backstop).
+//! - Limits a peer cannot push past: at most `max_dest_rd_atomic` (16) READ responses
+//!   are being generated per QP (responder resources, as rxe's ring); a READ request
+//!   beyond them waits (dropped unprocessed, `rc::QpStats::reads_deferred`, sent again
+//!   by the requester), so 10,000 requests of 1 MiB queue 16 MiB of responses, not
+//!   10 GB. Responses are produced packet by packet as the device sends them
+//!   (`rc::QueuePair::response_backlog` says what is left). Half-open connections:
+//!   128, 10 s (below). These are constants of the provider (`QP_RD_ATOMIC` in
+//!   `provider/device.rs`, `fabric_core::prov::HALF_OPEN_MAX`/`HALF_OPEN_AGE`), not
+//!   settings yet.
 //! - Connections: an `ibv_rc_pingpong`-style exchange over TCP at the listener's
 //!   address (`LLLL:QQQQQQ:PPPPPP:GID` text plus an extension with kind, MTU and
 //!   connection data; REQ, REP or REJ, RTU). The TCP connection stays open as the

@@ -450,7 +450,15 @@ fn vanished_peer_gives_retry_exceeded_not_a_hang() {
         ]
     );
     assert_eq!(sim.qps[0].state(), QpState::Error);
-    assert_eq!(sim.qps[0].stats().timeouts, 4);
+    // Time-based: it gave up after MIN_GIVE_UP (2 s) of silence (timeout * (2^4 - 1)
+    // = 30 ms is shorter), at the first timer expiry past it: 2 ms doubling, 10 expiries
+    // (2,046 ms).
+    let gave_up = Duration::from_nanos(sim.now.as_nanos());
+    assert!(
+        gave_up >= fabric_softroce::rc::MIN_GIVE_UP && gave_up < 3 * fabric_softroce::rc::MIN_GIVE_UP,
+        "gave up after {gave_up:?}"
+    );
+    assert_eq!(sim.qps[0].stats().timeouts, 10);
     // Later work requests are flushed at once.
     sim.qps[0]
         .post_send(send_wr(7, SendOp::Send, None))

@@ -314,6 +314,13 @@ impl EngineState {
                     let mut r = Ok(());
                     if c.readable() {
                         r = c.read();
+                    } else if c.rx_held()
+                        && flags.intersects(Interest::RDHUP | Interest::HUP | Interest::ERR)
+                    {
+                        // Reading is paused (a full buffer, answers not taken) and the
+                        // peer has gone: what it sent can never be matched or
+                        // answered, so the connection ends now, freeing its buffers.
+                        r = Err(crate::conn::Fatal::PeerClosed);
                     }
                     if r.is_ok() && flags.contains(Interest::OUT) {
                         r = c.flush();
@@ -468,7 +475,7 @@ pub(crate) fn connect_failed(c: &mut Conn, e: io::Error) {
     debug!(fid = %c.fid, "connect failed: {e}");
     c.rep.eq.push(Event::Error {
         fid: c.fid,
-        error: Error::new(kind, format!("connect: {e}")),
+        error: Error::new(kind, format!("connect: {e}")).with_source(e),
         data: Vec::new(),
     });
     c.teardown(CqErrorKind::Canceled, "connect failed", None);

@@ -56,13 +56,40 @@
 //!   `KeyMap` whose `verify` is the one remote-access check, payloads land through a
 //!   `ScatterList` cursor.
 //!
-//! - Listener limits (per fabric): at most 128 accepted connections whose connection
-//!   request has not fully arrived ("half-open"); one more closes the oldest. A
-//!   half-open connection has 10 s to send its request (as softroce's), then it is
-//!   closed. When accept fails for want of descriptors (EMFILE / ENFILE) the
-//!   listening socket is left unpolled for 100 ms (the pending connection waits in the
-//!   kernel's backlog) instead of being polled in a busy loop. These are defaults of
-//!   the provider, not settings yet.
+//! ## Limits: what a peer can make this side hold
+//! Every queue a peer can fill has a bound; past it the provider stops reading that
+//! peer (TCP flow control then slows it) or closes what it holds. The bounds are
+//! constants of the provider, not settings yet: to change one, change the constant
+//! named and rebuild.
+//! - Unexpected messages (no receive posted): 64 MiB and 65,536 messages per
+//!   connection (`conn::UNEXPECTED_LIMIT`, `UNEXPECTED_MAX_ENTRIES`); then the
+//!   connection is no longer read until receives are posted.
+//! - Answers the peer has not read (ACKs, READ responses): 4,096 per connection
+//!   (`conn::TX_ANSWER_LIMIT`); then the connection is no longer read until the peer
+//!   takes some. A peer within its `tx_size` (1,024 outstanding operations) never
+//!   reaches it. Measured (tests/hostile.rs): 500,000 unread READ requests grew the
+//!   server by ~140 MiB without the bound, ~4.4 MiB with it.
+//! - A peer that closes while its connection is not being read (a full buffer,
+//!   unread answers) is still noticed: the socket is watched for the peer's end of
+//!   stream (EPOLLRDHUP) and the connection ends (`Shutdown { reason: Peer }`, its
+//!   buffers freed) within one progress call. A peer that closes with more unsent
+//!   data than the socket buffers hold is noticed only when its kernel gives up and
+//!   resets the connection: its FIN waits behind the data this side does not read.
+//! - Listener (per fabric): at most 128 accepted connections whose connection request
+//!   has not fully arrived ("half-open"); one more closes the oldest. A half-open
+//!   connection has 10 s to send its request (as softroce's), then it is closed
+//!   (`fabric_core::prov::HALF_OPEN_MAX`, `HALF_OPEN_AGE`). When accept fails for want
+//!   of descriptors (EMFILE / ENFILE) the listening socket is left unpolled for 100 ms
+//!   (`engine::ListenLimits::accept_backoff`; the pending connection waits in the
+//!   kernel's backlog) instead of being polled in a busy loop.
+//! - Memory of an operation posted locally is the application's; local posts are
+//!   bounded by `tx_size` / `rx_size` (1,024 each).
+//!
+//! A send completes once handed to the socket, unless a write or read posted before
+//! it still waits for its answer: then its success waits for that answer, because a
+//! refused access cancels everything posted after it (the target acts on nothing
+//! after the refusal).
+//!
 //!
 //! ## Persistent memory (`RMA_PMEM`, `COMMIT_COMPLETE`)
 //! The provider offers [`Caps::RMA_PMEM`]: memory whose

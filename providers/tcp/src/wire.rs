@@ -190,6 +190,8 @@ impl fmt::Display for ProtocolError {
     }
 }
 
+impl std::error::Error for ProtocolError {}
+
 fn perr(msg: impl Into<String>) -> ProtocolError {
     ProtocolError(msg.into())
 }

@@ -19,7 +19,13 @@
 //!
 //! The requester segments messages by path MTU, sets AckReq on the last packet and
 //! every 64 packets, keeps at most 128 PSNs unacknowledged, retransmits go-back-N on
-//! timeout, sequence NAK or implicit NAK, and waits out RNR NAKs. The responder checks
+//! timeout, sequence NAK or implicit NAK, and waits out RNR NAKs. A READ whose
+//! responses have a gap keeps what arrived and asks again for the missing packets
+//! only (a READ request for the gap's PSN, address and length). Retrying is
+//! time-based: a requester gives up (`RetryExceeded`) after
+//! `max(timeout * (2^(retry_cnt+1) - 1), MIN_GIVE_UP)` (2 s) without anything new from
+//! the peer; losses that NAKs or response gaps reveal cost no retry. `retry_cnt` and
+//! `timeout` (rxe's 7 and the provider's 2 ms) change no packet. The responder checks
 //! PSNs with signed 24-bit comparison, NAKs a sequence error once and then drops
 //! out-of-order packets until the expected PSN arrives, re-ACKs duplicate SEND/WRITE
 //! packets, replays READ/atomic/FLUSH responses from its resource ring, sends RNR NAK
@@ -39,6 +45,7 @@ pub use memory::{
     RemoteNeed, RemoteRegion, RemoteRight, RemoteSpan, VecMemory,
 };
 pub use psn::{MAX_PKTS_PER_ACK, MAX_UNACKED_PSNS, PSN_MASK};
+pub use requester::MIN_GIVE_UP;
 pub use types::{
     ib_timeout, Completion, FlushPlacement, Mtu, QpError, QpState, QpStats, RecvWr, RtrAttr,
     RtsAttr, SendOp, SendWr, Time, Transmit, WcOpcode, WcStatus,
@@ -495,6 +502,17 @@ impl QueuePair {
             self.fatal(f);
         }
         Ok(())
+    }
+
+    /// What the responder still has to send: READ responses (and replays) queued,
+    /// and their bytes not yet sent. New READs beyond `max_dest_rd_atomic` responses in
+    /// progress wait (they are dropped unprocessed and sent again by the requester),
+    /// so the count stays bounded; the bytes are at most that many reads' lengths. A
+    /// driver serving several QPs takes a bounded number of packets from each in turn
+    /// ([`QueuePair::poll_transmit`] produces them one at a time, as the wire drains)
+    /// rather than draining one QP's backlog before the others.
+    pub fn response_backlog(&self) -> (usize, u64) {
+        self.resp.backlog()
     }
 
     /// The next packet to send, if any. Responses go before new requests.

@@ -52,9 +52,26 @@ struct Wqe {
     npkts: u32,
     first_psn: u32,
     started: bool,
+    /// READ: which response packets have landed (bit k: packet k), so responses after
+    /// a gap are kept and only the missing ones are asked for again.
+    got: Vec<u64>,
 }
 
 impl Wqe {
+    fn has(&self, k: u32) -> bool {
+        self.got
+            .get(k as usize / 64)
+            .is_some_and(|w| w & (1u64 << (k % 64)) != 0)
+    }
+    fn set(&mut self, k: u32) {
+        if let Some(w) = self.got.get_mut(k as usize / 64) {
+            *w |= 1u64 << (k % 64);
+        }
+    }
+    /// Packets from `k` on that have not landed, up to the next one that has.
+    fn missing_run(&self, k: u32) -> u32 {
+        (k..self.npkts).take_while(|&j| !self.has(j)).count() as u32
+    }
     fn last_psn(&self) -> u32 {
         psn::add(self.first_psn, self.npkts - 1)
     }
@@ -97,8 +114,12 @@ pub(super) struct Requester {
     send_pkt: u32,
     /// Oldest PSN not yet acknowledged (or expected read response).
     comp_psn: u32,
-    retry_left: u8,
     rnr_left: u8,
+    /// Last time the peer answered something new (or the first request went out):
+    /// the requester gives up when it has heard nothing new for [`Self::give_up`].
+    last_progress: Time,
+    /// A READ's missing response packets to ask for again: (first PSN, packets).
+    rerequest: Option<(u32, u32)>,
     /// Go-back-N restart already under way from this PSN (suppresses repeats).
     retry_from: Option<u32>,
     retrans_deadline: Option<Time>,
@@ -107,12 +128,18 @@ pub(super) struct Requester {
     rd_outstanding: u32,
     /// Consecutive retransmission timeouts without progress: each doubles the next
     /// timer (up to 2^MAX_BACKOFF), so a short timeout recovers single losses fast
-    /// while a stalled peer still has `timeout * (2^(retry_cnt+1) - 1)` to answer.
+    /// while a stalled peer still has the give-up time (`Requester::give_up`) to answer.
     backoff: u32,
 }
 
 /// Largest exponent of the retransmission timer backoff.
 const MAX_BACKOFF: u32 = 10;
+
+/// The shortest silence (nothing new from the peer while something is outstanding)
+/// after which a requester gives up with `RetryExceeded` (see `Requester::give_up`):
+/// long enough that a loaded machine or a lossy link does not end a live connection,
+/// short enough that a vanished peer is noticed within seconds.
+pub const MIN_GIVE_UP: Duration = Duration::from_secs(2);
 
 impl Requester {
     pub(super) fn new() -> Self {
@@ -123,8 +150,9 @@ impl Requester {
             send_idx: 0,
             send_pkt: 0,
             comp_psn: 0,
-            retry_left: 0,
             rnr_left: 0,
+            last_progress: Time(0),
+            rerequest: None,
             retry_from: None,
             retrans_deadline: None,
             rnr_deadline: None,
@@ -139,12 +167,23 @@ impl Requester {
         self.attr = Some(attr);
         self.next_psn = sq_psn;
         self.comp_psn = sq_psn;
-        self.retry_left = attr.retry_cnt;
         self.rnr_left = attr.rnr_retry;
     }
 
     fn timeout(&self) -> Duration {
         self.attr.map_or(Duration::from_millis(100), |a| a.timeout)
+    }
+
+    /// How long the requester keeps retrying without hearing anything new from the
+    /// peer: `timeout * (2^(retry_cnt+1) - 1)` (the time `retry_cnt` doubling timeouts
+    /// take; 510 ms with rxe's 7 and the 2 ms timeout), and at least [`MIN_GIVE_UP`]
+    /// (2 s). The policy is time-based: losses answered by NAKs or noticed as a READ
+    /// response gap cost no retry, only silence counts.
+    fn give_up(&self) -> Duration {
+        let n = u32::from(self.attr.map_or(7, |a| a.retry_cnt)).min(MAX_BACKOFF + 10);
+        self.timeout()
+            .saturating_mul((1u32 << (n + 1)) - 1)
+            .max(MIN_GIVE_UP)
     }
 
     /// Queues a validated work request.
@@ -165,6 +204,7 @@ impl Requester {
             npkts,
             first_psn: 0,
             started: false,
+            got: Vec::new(),
         });
     }
 
@@ -182,7 +222,26 @@ impl Requester {
 
     /// Produces the next request packet, if the window and limits allow one.
     pub(super) fn next_packet(&mut self, now: Time, ctx: &Ctx) -> Result<Option<Vec<u8>>, Fatal> {
-        if self.rnr_deadline.is_some() || self.send_idx >= self.sq.len() {
+        if self.rnr_deadline.is_some() {
+            return Ok(None);
+        }
+        if let Some((p, n)) = self.rerequest.take() {
+            if let Some(idx) = self
+                .sq
+                .iter()
+                .position(|w| w.kind == Kind::Read && w.contains(p))
+            {
+                let k = psn::diff(p, self.sq[idx].first_psn) as u32;
+                trace!(qpn = ctx.qpn, psn = p, packets = n, "READ: asking again for a gap");
+                if let Ok(b) = self.build(idx, k, Some(n), ctx) {
+                    if self.retrans_deadline.is_none() {
+                        self.retrans_deadline = Some(now + self.timeout());
+                    }
+                    return Ok(Some(b));
+                }
+            }
+        }
+        if self.send_idx >= self.sq.len() {
             return Ok(None);
         }
         let max_rd = u32::from(self.attr.map_or(1, |a| a.max_rd_atomic.max(1)));
@@ -207,12 +266,15 @@ impl Requester {
             w.started = true;
             w.first_psn = self.next_psn;
             self.next_psn = psn::add(self.next_psn, w.npkts);
+            if kind == Kind::Read {
+                w.got = vec![0; (w.npkts as usize).div_ceil(64)];
+            }
             if kind.is_rd_atomic() {
                 self.rd_outstanding += 1;
             }
         }
         let k = self.send_pkt;
-        let bytes = match self.build(idx, k, ctx) {
+        let bytes = match self.build(idx, k, None, ctx) {
             Ok(b) => b,
             Err(status) => {
                 debug!(
@@ -230,13 +292,22 @@ impl Requester {
             self.send_pkt = 0;
         }
         if self.retrans_deadline.is_none() {
+            // Nothing was outstanding: the silence the give-up time measures starts now.
             self.retrans_deadline = Some(now + self.timeout());
+            self.last_progress = now;
         }
         Ok(Some(bytes))
     }
 
-    /// Builds packet `k` of WQE `idx`.
-    fn build(&mut self, idx: usize, k: u32, ctx: &Ctx) -> Result<Vec<u8>, WcStatus> {
+    /// Builds packet `k` of WQE `idx`; for a READ, the request for its response
+    /// packets from `k` on (at most `count` of them).
+    fn build(
+        &mut self,
+        idx: usize,
+        k: u32,
+        count: Option<u32>,
+        ctx: &Ctx,
+    ) -> Result<Vec<u8>, WcStatus> {
         let mtu = ctx.mtu.bytes();
         let w = &self.sq[idx];
         let p = psn::add(w.first_psn, k);
@@ -267,11 +338,13 @@ impl Requester {
             }
             SendOp::Read { remote_va, rkey } => {
                 let off = k * mtu;
+                let rest = w.len - off;
+                let dma_len = count.map_or(rest, |n| rest.min(n.saturating_mul(mtu)));
                 let mut r = RoceRepr::new(ctx.bth(Opcode::RC_RDMA_READ_REQUEST, p, true));
                 r.reth = Some(RethRepr {
                     va: remote_va.wrapping_add(u64::from(off)),
                     rkey,
-                    dma_len: w.len - off,
+                    dma_len,
                 });
                 r
             }
@@ -411,9 +484,9 @@ impl Requester {
 
     fn on_progress(&mut self, now: Time) {
         if let Some(a) = self.attr {
-            self.retry_left = a.retry_cnt;
             self.rnr_left = a.rnr_retry;
         }
+        self.last_progress = now;
         self.retry_from = None;
         self.backoff = 0;
         self.retrans_deadline = if self.outstanding() {
@@ -432,12 +505,16 @@ impl Requester {
         if !force && self.retry_from == Some(self.comp_psn) {
             return Ok(());
         }
-        if self.retry_left == 0 {
-            debug!(psn = self.comp_psn, "retry count exceeded");
+        if force && now - self.last_progress >= self.give_up() {
+            debug!(
+                psn = self.comp_psn,
+                "nothing new from the peer for {:?}: retry exceeded",
+                self.give_up()
+            );
             return Err(self.fail_front(WcStatus::RetryExceeded));
         }
-        self.retry_left -= 1;
         stats.retransmissions += 1;
+        self.rerequest = None;
         self.go_back(self.comp_psn);
         self.retry_from = Some(self.comp_psn);
         if force {
@@ -505,9 +582,7 @@ impl Requester {
                 }
                 Syndrome::RnrNak { timer } => {
                     if self.retire(p, comps) {
-                        if let Some(a) = self.attr {
-                            self.retry_left = a.retry_cnt;
-                        }
+                        self.last_progress = now;
                     }
                     stats.rnr_naks_received += 1;
                     if self.rnr_left == 0 {
@@ -578,52 +653,123 @@ impl Requester {
         stats: &mut QpStats,
     ) -> Result<bool, Fatal> {
         let p = repr.bth.psn;
-        let progress = self.retire(p, comps);
+        let mut progress = self.retire(p, comps);
         if progress {
             self.on_progress(now);
         }
-        let Some(w) = self.sq.front() else {
+        let Some(i) = self
+            .sq
+            .iter()
+            .take_while(|w| w.started)
+            .position(|w| w.contains(p))
+        else {
             return Ok(progress);
         };
-        if !matches!(w.kind, Kind::Read | Kind::Flush) || !w.contains(p) {
-            return Ok(progress);
-        }
-        if p != self.comp_psn {
-            // A gap in the response stream: go back to the first missing PSN.
-            if psn::diff(p, self.comp_psn) > 0 {
-                self.retry(now, false, stats)?;
-            }
-            return Ok(progress);
-        }
-        let k = psn::diff(p, w.first_psn) as u32;
-        let last = k + 1 == w.npkts;
         let seg_last = repr.bth.opcode.info().is_some_and(|i| i.segment.is_last());
-        if last != seg_last {
+        match self.sq[i].kind {
+            Kind::Flush => {
+                if i != 0 || p != self.comp_psn {
+                    if psn::diff(p, self.comp_psn) > 0 {
+                        self.retry(now, false, stats)?;
+                    }
+                    return Ok(progress);
+                }
+                if !seg_last || !payload.is_empty() {
+                    return Ok(progress);
+                }
+                self.pop_front(WcStatus::Success, comps);
+                self.on_progress(now);
+                return Ok(true);
+            }
+            Kind::Read => {}
+            _ => return Ok(progress),
+        }
+        // A READ response: placed wherever it falls in its read (a response after a
+        // gap is kept, not dropped as go-back-N would), then the front read advances
+        // over what has landed, and a gap is asked for again from its first packet.
+        let w = &self.sq[i];
+        let k = psn::diff(p, w.first_psn) as u32;
+        let mtu = ctx.mtu.bytes();
+        let off = k * mtu;
+        let expected = mtu.min(w.len - off) as usize;
+        // The read's last packet ends a response; any packet may end a replay of a
+        // part of it (a gap asked for again).
+        if (k + 1 == w.npkts && !seg_last) || payload.len() != expected {
             return Ok(progress);
         }
-        if w.kind == Kind::Flush {
-            if !payload.is_empty() {
-                return Ok(progress);
-            }
-        } else {
-            let mtu = ctx.mtu.bytes();
-            let off = k * mtu;
-            let expected = mtu.min(w.len - off) as usize;
-            if payload.len() != expected {
-                return Ok(progress);
-            }
+        if !w.has(k) {
             if let Some(LocalSegment { memory, offset, .. }) = &w.wr.local {
                 if memory.write(offset + u64::from(off), payload).is_err() {
-                    return Err(self.fail_front(WcStatus::LocalAccessError));
+                    if i == 0 {
+                        return Err(self.fail_front(WcStatus::LocalAccessError));
+                    }
+                    return Ok(progress);
                 }
             }
+            self.sq[i].set(k);
+            // Something new from the peer: the give-up clock restarts and the timer
+            // waits a full timeout again (the gap is asked for below).
+            self.last_progress = now;
+            self.backoff = 0;
+            self.retrans_deadline = Some(now + self.timeout());
+            progress = true;
         }
-        self.comp_psn = psn::add(p, 1);
-        if last {
-            self.pop_front(WcStatus::Success, comps);
+        if self.advance_reads(comps) {
+            self.on_progress(now);
         }
-        self.on_progress(now);
-        Ok(true)
+        if self.outstanding() && psn::diff(p, self.comp_psn) > 0 {
+            self.ask_for_gap(now, stats)?;
+        }
+        Ok(progress)
+    }
+
+    /// Moves `comp_psn` over the response packets of the front READs that have landed,
+    /// completing each READ that is whole; returns whether it moved.
+    fn advance_reads(&mut self, comps: &mut VecDeque<Completion>) -> bool {
+        let mut moved = false;
+        while let Some(w) = self.sq.front() {
+            if !w.started || w.kind != Kind::Read {
+                break;
+            }
+            let from = psn::diff(self.comp_psn, w.first_psn).max(0) as u32;
+            let mut k = from;
+            while k < w.npkts && w.has(k) {
+                k += 1;
+            }
+            if k == w.npkts {
+                self.pop_front(WcStatus::Success, comps);
+                moved = true;
+                continue;
+            }
+            if k > from {
+                self.comp_psn = psn::add(w.first_psn, k);
+                moved = true;
+            }
+            break;
+        }
+        moved
+    }
+
+    /// Responses after a gap arrived: asks again for the front READ's missing packets
+    /// from `comp_psn` up to the next one that landed (once per gap; the timer covers
+    /// a lost request).
+    fn ask_for_gap(&mut self, now: Time, stats: &mut QpStats) -> Result<(), Fatal> {
+        if self.retry_from == Some(self.comp_psn) {
+            return Ok(());
+        }
+        let Some(w) = self.sq.front() else {
+            return Ok(());
+        };
+        if w.kind != Kind::Read || !w.contains(self.comp_psn) {
+            // The gap is a request the responder never saw: go back to it.
+            return self.retry(now, false, stats);
+        }
+        let k = psn::diff(self.comp_psn, w.first_psn) as u32;
+        let n = w.missing_run(k).max(1);
+        stats.retransmissions += 1;
+        self.rerequest = Some((self.comp_psn, n));
+        self.retry_from = Some(self.comp_psn);
+        Ok(())
     }
 
     /// Completes every queued work request with `Flushed` (QP entered ERROR).
@@ -634,6 +780,7 @@ impl Requester {
         self.send_idx = 0;
         self.send_pkt = 0;
         self.rd_outstanding = 0;
+        self.rerequest = None;
         self.retrans_deadline = None;
         self.rnr_deadline = None;
     }
@@ -641,7 +788,7 @@ impl Requester {
     /// Whether a request packet may be waiting to be sent (conservative: the window
     /// or the read limit may still hold it back).
     pub(super) fn may_transmit(&self) -> bool {
-        self.rnr_deadline.is_none() && self.send_idx < self.sq.len()
+        self.rnr_deadline.is_none() && (self.send_idx < self.sq.len() || self.rerequest.is_some())
     }
 
     /// Number of queued send work requests.

@@ -30,6 +30,9 @@ enum Resource {
 }
 
 struct ReadStream {
+    /// A replay for a duplicate request (not counted against the responder
+    /// resources).
+    replay: bool,
     region: Option<Arc<dyn RemoteRegion>>,
     offset: u64,
     len: u32,
@@ -180,6 +183,27 @@ impl Responder {
         Err(Fatal(None, super::ErrorCause::AccessRefused(code)))
     }
 
+    /// READ/FLUSH responses queued (replays included) and their bytes left to send.
+    pub(super) fn backlog(&self) -> (usize, u64) {
+        self.out.iter().fold((0, 0), |(n, b), o| match o {
+            Response::Read(s) => {
+                let len = u64::from(s.len);
+                let per = len.div_ceil(u64::from(s.npkts.max(1)));
+                let left = (per * u64::from(s.npkts - s.next)).min(len);
+                (n + 1, b + left)
+            }
+            _ => (n, b),
+        })
+    }
+
+    /// READ responses (not replays) still being sent: the responder resources in use.
+    fn reads_pending(&self) -> usize {
+        self.out
+            .iter()
+            .filter(|o| matches!(o, Response::Read(s) if !s.replay && s.len > 0))
+            .count()
+    }
+
     fn add_resource(&mut self, r: Resource) {
         if self.resources.len() >= self.max_resources {
             self.resources.pop_front();
@@ -256,6 +280,18 @@ impl Responder {
         } else if op.is_write() {
             self.write(repr, payload, info.segment, table, comps, stats)?;
         } else if op == Opcode::RC_RDMA_READ_REQUEST {
+            if self.reads_pending() >= self.max_resources {
+                // Every responder resource is still answering: as rxe, which takes
+                // the next request only once the current response is out, the
+                // request waits; here it is dropped unprocessed (its PSN stays
+                // expected) and the requester sends it again. A requester within its
+                // max_rd_atomic never gets here; one that floods READs gets no more
+                // than `max_dest_rd_atomic` responses queued.
+                trace!(psn = p, "READ beyond the responder resources: dropped");
+                stats.packets_dropped += 1;
+                stats.reads_deferred += 1;
+                return Ok(());
+            }
             self.read(repr, ctx, table)?;
             return Ok(());
         } else if op.is_atomic() {
@@ -478,6 +514,7 @@ impl Responder {
         });
         self.msn = psn::add(self.msn, 1);
         self.out.push_back(Response::Read(ReadStream {
+            replay: false,
             region,
             offset: 0,
             len: reth.dma_len,
@@ -567,6 +604,7 @@ impl Responder {
         self.add_resource(Resource::Flush { psn: p });
         self.msn = psn::add(self.msn, 1);
         self.out.push_back(Response::Read(ReadStream {
+            replay: false,
             region: None,
             offset: 0,
             len: 0,
@@ -604,36 +642,51 @@ impl Responder {
                 }
                 _ => false,
             });
-            let queued = self
-                .out
-                .iter()
-                .any(|o| matches!(o, Response::Read(s) if s.first_psn == p && s.next == 0));
+            let end = psn::add(p, npkts - 1);
+            let queued = self.out.iter().any(|o| {
+                matches!(o, Response::Read(s) if s.first_psn == p && s.next == 0
+                    && psn::diff(psn::add(s.first_psn, s.npkts - 1), end) >= 0)
+            });
             if !known || queued {
                 return;
             }
-            // The requester goes back to `p` (go-back-N): it drops every response
-            // after a gap, and asks again for the reads behind this one. Streams still
-            // queued from `p` on would only be dropped by it, and each retry would add
-            // another behind them until no answer comes in time; restart from `p`
-            // instead, as rxe does (it rewinds its read resource).
+            // Replay just what was asked (the requester keeps the responses it has
+            // and asks again from a gap): drop queued replays that this one covers,
+            // leave every other response alone, and send the replay before the
+            // responses for later PSNs, so a go-back-N requester (rxe) gets the gap
+            // first.
             self.out.retain(|o| match o {
-                Response::Read(s) if s.len > 0 => {
-                    psn::diff(psn::add(s.first_psn, s.npkts - 1), p) < 0
+                Response::Read(s) if s.replay => {
+                    let from = psn::add(s.first_psn, s.next);
+                    let last = psn::add(s.first_psn, s.npkts - 1);
+                    !(psn::diff(from, p) >= 0 && psn::diff(last, end) <= 0)
                 }
                 _ => true,
             });
             let need = RemoteRight::Read.into();
             if let Ok(region) = check_access(table, reth.rkey, reth.va, reth.dma_len, need) {
-                trace!(psn = p, "duplicate READ: replaying");
-                self.out.push_back(Response::Read(ReadStream {
-                    region,
-                    offset: 0,
-                    len: reth.dma_len,
-                    first_psn: p,
-                    npkts,
-                    next: 0,
-                    msn: self.msn,
-                }));
+                trace!(psn = p, npkts, "duplicate READ: replaying");
+                let at = self
+                    .out
+                    .iter()
+                    .position(|o| {
+                        matches!(o, Response::Read(s)
+                            if psn::diff(psn::add(s.first_psn, s.next), p) > 0)
+                    })
+                    .unwrap_or(self.out.len());
+                self.out.insert(
+                    at,
+                    Response::Read(ReadStream {
+                        replay: true,
+                        region,
+                        offset: 0,
+                        len: reth.dma_len,
+                        first_psn: p,
+                        npkts,
+                        next: 0,
+                        msn: self.msn,
+                    }),
+                );
             }
         } else if op.is_atomic() {
             let orig = self.resources.iter().find_map(|r| match *r {
@@ -654,6 +707,7 @@ impl Responder {
                 .any(|r| matches!(*r, Resource::Flush { psn } if psn == p));
             if known {
                 self.out.push_back(Response::Read(ReadStream {
+                    replay: true,
                     region: None,
                     offset: 0,
                     len: 0,

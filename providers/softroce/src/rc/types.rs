@@ -366,4 +366,8 @@ pub struct QpStats {
     pub rnr_naks_received: u64,
     /// Duplicate requests answered by the responder.
     pub duplicates: u64,
+    /// READ requests dropped unprocessed because every responder resource
+    /// (`max_dest_rd_atomic`) was still sending a response (the requester sends them
+    /// again; a requester within its `max_rd_atomic` never causes one).
+    pub reads_deferred: u64,
 }

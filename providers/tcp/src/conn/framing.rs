@@ -8,6 +8,8 @@ use std::os::fd::AsRawFd;
 use fabric_core::{CompFlags, Completion, RemoteIov, Segment};
 
 use super::{Conn, ConnState, Fatal, TX_BATCH_BYTES, TX_IOV_MAX};
+#[cfg(doc)]
+use super::TX_ANSWER_LIMIT;
 use crate::sys;
 use crate::wire::{Header, Op, Status, WireIov, MAX_HDR_SIZE, MAX_RMA_IOV};
 use fabric_core::prov::RemoteRange;
@@ -83,11 +85,15 @@ pub(crate) enum AfterTx {
 
 /// A queued transmit operation.
 pub(crate) struct TxOp {
+    /// The header's operation id (orders deferred send completions).
+    pub(super) op_id: u64,
     pub(super) hdr: [u8; MAX_HDR_SIZE],
     pub(super) hdr_len: usize,
     pub(super) body: Body,
     pub(super) len: usize,
     pub(super) control: bool,
+    /// An answer to the peer (ACK, READ_RESP): counted against [`TX_ANSWER_LIMIT`].
+    pub(super) answer: bool,
     pub(super) then: AfterTx,
 }
 
@@ -97,11 +103,13 @@ impl TxOp {
         let hdr_len = h.emit(&mut hdr);
         let len = hdr_len + h.size as usize;
         TxOp {
+            op_id: h.op_id,
             hdr,
             hdr_len,
             body,
             len,
             control: matches!(h.op, Op::ConnReq | Op::ConnResp),
+            answer: matches!(h.op, Op::Ack | Op::ReadResp),
             then,
         }
     }
@@ -147,11 +155,12 @@ impl Conn {
 
     /// Operations outstanding on the transmit side.
     pub(crate) fn tx_outstanding(&self) -> usize {
-        self.txq.len() + self.inflight.len()
+        self.txq.len() + self.inflight.len() + self.deferred.len()
     }
 
     /// Queues an operation (and tries to send at once when nothing is ahead of it).
     pub(crate) fn queue(&mut self, op: TxOp, front: bool) {
+        self.answers_queued += usize::from(op.answer);
         if front {
             // Only control ops go first, and only before data flows (tx_done == 0).
             self.txq.push_front(op);
@@ -238,6 +247,7 @@ impl Conn {
             n -= left;
             self.tx_done = 0;
             if let Some(op) = self.txq.pop_front() {
+                self.answers_queued -= usize::from(op.answer);
                 self.on_sent(op);
             }
         }
@@ -252,8 +262,17 @@ impl Conn {
                 len,
                 completion,
             } => {
-                if completion {
-                    self.rep.tx_cq.push(Completion::ok(context, flags, len));
+                if !completion {
+                    return;
+                }
+                let c = Completion::ok(context, flags, len);
+                // An earlier write or read may still be refused, and a refusal cancels
+                // everything posted after it (the target discards it): the send's
+                // success waits for the answers to the operations ahead of it.
+                if !self.deferred.is_empty() || self.awaits_rma_before(op.op_id) {
+                    self.deferred.push_back((op.op_id, c));
+                } else {
+                    self.rep.tx_cq.push(c);
                 }
             }
             AfterTx::Await(mut p) => {
@@ -261,6 +280,25 @@ impl Conn {
                     p.hold = op.body;
                 }
                 self.inflight.push_back(p);
+            }
+        }
+    }
+
+    /// Whether a write or read posted before `op_id` still waits for its answer.
+    fn awaits_rma_before(&self, op_id: u64) -> bool {
+        self.inflight
+            .iter()
+            .any(|p| p.kind != PendKind::Send && p.op_id < op_id)
+    }
+
+    /// Completes the deferred sends that no earlier write or read waits ahead of.
+    pub(super) fn release_deferred(&mut self) {
+        while let Some(&(op_id, _)) = self.deferred.front() {
+            if self.awaits_rma_before(op_id) {
+                break;
+            }
+            if let Some((_, c)) = self.deferred.pop_front() {
+                self.rep.tx_cq.push(c);
             }
         }
     }

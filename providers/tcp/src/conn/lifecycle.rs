@@ -83,7 +83,17 @@ impl Conn {
         if kept.is_empty() {
             self.tx_done = 0;
         }
+        self.answers_queued = kept.iter().filter(|op| op.answer).count();
         self.txq = kept;
+        for (_, c) in std::mem::take(&mut self.deferred) {
+            // A send that was handed to the socket behind an operation whose answer
+            // never came: the peer did not act on it.
+            self.rep.tx_cq.push(Completion::error(
+                c.context,
+                c.flags,
+                err("send not acknowledged"),
+            ));
+        }
         for p in std::mem::take(&mut self.inflight) {
             self.rep.tx_cq.push(Completion::error(
                 p.context,
@@ -215,31 +225,35 @@ impl Conn {
         );
     }
 
-    /// Tears down after a fatal error from the peer side.
+    /// Tears down after a fatal error from the peer side. The events it raises carry
+    /// `f` as their error's [`source`](std::error::Error::source).
     pub(crate) fn fail(&mut self, f: Fatal) {
-        if f.protocol {
-            warn!(fid = %self.fid, "{}; closing the connection", f.detail);
-            if self.state == ConnState::Connected {
-                self.rep.eq.push(Event::Error {
-                    fid: self.fid,
-                    error: Error::new(ErrorKind::Protocol, f.detail.clone()),
-                    data: Vec::new(),
-                });
-            }
+        let detail = f.to_string();
+        let (kind, reason) = (f.kind(), f.reason());
+        let setup = matches!(self.state, ConnState::Connecting | ConnState::WaitConnResp);
+        if f.is_protocol() {
+            warn!(fid = %self.fid, "{detail}; closing the connection");
         } else {
-            debug!(fid = %self.fid, "{}", f.detail);
+            debug!(fid = %self.fid, "{detail}");
         }
-        if matches!(self.state, ConnState::Connecting | ConnState::WaitConnResp) {
+        if setup {
             self.rep.eq.push(Event::Error {
                 fid: self.fid,
                 error: Error::new(
                     ErrorKind::ConnectionRefused,
-                    format!("connection setup failed: {}", f.detail),
-                ),
+                    format!("connection setup failed: {detail}"),
+                )
+                .with_source(f),
+                data: Vec::new(),
+            });
+        } else if f.is_protocol() && self.state == ConnState::Connected {
+            self.rep.eq.push(Event::Error {
+                fid: self.fid,
+                error: Error::new(ErrorKind::Protocol, detail.clone()).with_source(f),
                 data: Vec::new(),
             });
         }
-        self.teardown(f.kind, &f.detail, Some(f.reason));
+        self.teardown(kind, &detail, Some(reason));
     }
 
     /// Queues CONN_REQ with the connect data ahead of any early operations.

@@ -24,10 +24,11 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fabric_core::{Completion, CqErrorKind, Event, Fid, RecvRequest, ShutdownReason};
+use fabric_core::{Completion, CqError, CqErrorKind, Event, Fid, RecvRequest, ShutdownReason};
 use tracing::warn;
 
 use crate::sys::{Epoll, Interest};
+use crate::wire::{Op, ProtocolError};
 use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
@@ -55,6 +56,11 @@ pub(crate) type EventQueueShared = WaitQueue<Event>;
 pub(crate) const UNEXPECTED_LIMIT: usize = 64 << 20;
 /// Unexpected entries buffered per connection (bounds zero-length floods).
 const UNEXPECTED_MAX_ENTRIES: usize = 65_536;
+/// Answers (ACKs, read responses) queued for the peer per connection past which the
+/// socket is no longer read until the peer has taken some: a peer that sends requests
+/// and never reads the answers is slowed by TCP flow control instead of growing the
+/// transmit queue. A peer within its `tx_size` (1024 operations) never reaches it.
+pub(crate) const TX_ANSWER_LIMIT: usize = 4096;
 /// Per-connection receive buffer: headers and small payloads land here.
 const RX_BUF_SIZE: usize = 64 << 10;
 /// At most this many iovecs per sendmsg.
@@ -67,50 +73,106 @@ const RX_ROUNDS: usize = 32;
 /// after its refusal was sent, before it closes the socket itself.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
-/// Why a connection ends.
+/// Why a connection ends: a typed error whose [`source`](std::error::Error::source)
+/// is the I/O or wire error that caused it, if one did.
 #[derive(Debug)]
-pub(crate) struct Fatal {
-    pub(crate) detail: String,
-    pub(crate) protocol: bool,
-    /// What the Shutdown event says.
-    pub(crate) reason: ShutdownReason,
-    /// How the operations still outstanding complete.
-    pub(crate) kind: CqErrorKind,
+pub(crate) enum Fatal {
+    /// A socket call failed.
+    Io {
+        /// The call ("send", "receive").
+        what: &'static str,
+        source: io::Error,
+    },
+    /// The peer closed its end of the stream.
+    PeerClosed,
+    /// The peer broke the protocol.
+    Protocol(Violation),
+    /// The peer refused one of our remote accesses: the connection ends and what was
+    /// posted after it completes `Canceled`. Holds the error the refused operation
+    /// completed with.
+    AccessRefused(CqError),
+}
+
+/// How the peer broke the protocol.
+#[derive(Debug)]
+pub(crate) enum Violation {
+    /// A header that does not parse.
+    Header(ProtocolError),
+    /// An answer (ACK or READ_RESP) for an operation that is not waiting for one.
+    UnknownAnswer { op: Op, op_id: u64 },
+    /// A read response whose size is not the size of the read.
+    ReadRespSize { size: u64, expected: usize },
+    /// An operation that is not allowed in the connection's state.
+    UnexpectedOp { op: Op, state: ConnState },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::Header(e) => write!(f, "{e}"),
+            Violation::UnknownAnswer { op, op_id } => {
+                write!(f, "protocol error: {op:?} for unknown operation {op_id}")
+            }
+            Violation::ReadRespSize { size, expected } => write!(
+                f,
+                "protocol error: read response of {size} bytes for a read of {expected}"
+            ),
+            Violation::UnexpectedOp { op, state } => {
+                write!(f, "protocol error: unexpected {op:?} in state {state:?}")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fatal::Io { what, source } => write!(f, "{what}: {source}"),
+            Fatal::PeerClosed => f.write_str("peer closed the connection"),
+            Fatal::Protocol(v) => write!(f, "{v}"),
+            Fatal::AccessRefused(e) => f.write_str(&e.detail),
+        }
+    }
+}
+
+impl std::error::Error for Fatal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Fatal::Io { source, .. } => Some(source),
+            Fatal::Protocol(Violation::Header(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl Fatal {
-    fn io(what: &str, e: io::Error) -> Fatal {
-        Fatal {
-            detail: format!("{what}: {e}"),
-            protocol: false,
-            reason: ShutdownReason::Lost,
-            kind: CqErrorKind::ConnectionLost,
+    fn io(what: &'static str, source: io::Error) -> Fatal {
+        Fatal::Io { what, source }
+    }
+    fn protocol(v: Violation) -> Fatal {
+        Fatal::Protocol(v)
+    }
+    fn header(e: ProtocolError) -> Fatal {
+        Fatal::Protocol(Violation::Header(e))
+    }
+    /// Whether the peer broke the protocol (reported as an `Error` event too).
+    pub(crate) fn is_protocol(&self) -> bool {
+        matches!(self, Fatal::Protocol(_))
+    }
+    /// What the Shutdown event says.
+    pub(crate) fn reason(&self) -> ShutdownReason {
+        match self {
+            Fatal::Io { .. } => ShutdownReason::Lost,
+            Fatal::PeerClosed => ShutdownReason::Peer,
+            Fatal::Protocol(_) => ShutdownReason::Protocol,
+            Fatal::AccessRefused(_) => ShutdownReason::AccessError,
         }
     }
-    fn eof() -> Fatal {
-        Fatal {
-            detail: "peer closed the connection".into(),
-            protocol: false,
-            reason: ShutdownReason::Peer,
-            kind: CqErrorKind::ConnectionLost,
-        }
-    }
-    fn protocol(msg: impl std::fmt::Display) -> Fatal {
-        Fatal {
-            detail: format!("{msg}"),
-            protocol: true,
-            reason: ShutdownReason::Protocol,
-            kind: CqErrorKind::ConnectionLost,
-        }
-    }
-    /// The peer refused one of our remote accesses: the connection ends and what was
-    /// posted after it completes `Canceled`.
-    fn access_refused(detail: String) -> Fatal {
-        Fatal {
-            detail,
-            protocol: false,
-            reason: ShutdownReason::AccessError,
-            kind: CqErrorKind::Canceled,
+    /// How the operations still outstanding complete.
+    pub(crate) fn kind(&self) -> CqErrorKind {
+        match self {
+            Fatal::AccessRefused(_) => CqErrorKind::Canceled,
+            _ => CqErrorKind::ConnectionLost,
         }
     }
 }
@@ -154,8 +216,13 @@ pub(crate) struct Conn {
     next_op_id: u64,
     txq: VecDeque<TxOp>,
     tx_done: usize,
+    /// Answers in `txq` (see [`TX_ANSWER_LIMIT`]).
+    answers_queued: usize,
     pub(crate) want_write: bool,
     inflight: VecDeque<Pending>,
+    /// Sends handed to the socket whose success completion waits for the answers to
+    /// the writes and reads posted before them (op id, completion).
+    deferred: VecDeque<(u64, Completion)>,
     posted: VecDeque<RecvRequest>,
     unexpected: VecDeque<Unexpected>,
     unexpected_bytes: usize,
@@ -191,8 +258,10 @@ impl Conn {
             next_op_id: 1,
             txq: VecDeque::new(),
             tx_done: 0,
+            answers_queued: 0,
             want_write: false,
             inflight: VecDeque::new(),
+            deferred: VecDeque::new(),
             posted: VecDeque::new(),
             unexpected: VecDeque::new(),
             unexpected_bytes: 0,
@@ -226,11 +295,28 @@ impl Conn {
     /// Whether the receive side should be read now.
     pub(crate) fn readable(&self) -> bool {
         self.sock.is_some()
-            && matches!(
-                self.state,
-                ConnState::Connected | ConnState::WaitConnResp | ConnState::Closing
-            )
-            && !matches!(self.rx.phase, Phase::Stalled(_))
+            && match self.state {
+                ConnState::Connected => !self.rx_held(),
+                ConnState::WaitConnResp | ConnState::Closing => true,
+                _ => false,
+            }
+    }
+
+    /// Whether reading is paused because of what the peer has not taken or matched
+    /// yet: a message with no receive and no room to buffer it, [`TX_ANSWER_LIMIT`]
+    /// answers it has not read, or [`UNEXPECTED_MAX_ENTRIES`] write-data
+    /// notifications waiting for receives.
+    pub(crate) fn rx_held(&self) -> bool {
+        matches!(self.rx.phase, Phase::Stalled(_))
+            || self.answers_queued >= TX_ANSWER_LIMIT
+            || self.unexpected.len() >= UNEXPECTED_MAX_ENTRIES
+    }
+
+    /// Whether the peer's closing must be watched for without reading: a connected
+    /// socket whose reading is paused ([`Conn::rx_held`]) still learns of the peer's
+    /// end (EPOLLRDHUP), so a peer that fills a buffer and leaves is noticed.
+    fn watch_hangup(&self) -> bool {
+        self.sock.is_some() && self.state == ConnState::Connected && self.rx_held()
     }
 
     /// Updates the epoll registration to what the connection needs now. A connection
@@ -241,6 +327,8 @@ impl Conn {
         let mut want = Interest::empty();
         if self.readable() {
             want |= Interest::IN;
+        } else if self.watch_hangup() {
+            want |= Interest::RDHUP;
         }
         if self.state == ConnState::Connecting || (self.want_write && self.tx_allowed()) {
             want |= Interest::OUT;

@@ -10,7 +10,7 @@ use fabric_core::{
 };
 use tracing::debug;
 
-use super::{Body, Conn, ConnState, Fatal, PendKind, Pending, Sink, Unexpected, RX_ROUNDS};
+use super::{Body, Conn, ConnState, Fatal, PendKind, Violation, Pending, Sink, Unexpected, RX_ROUNDS};
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
 use fabric_core::prov::{RemoteRange, ScatterList};
@@ -115,7 +115,7 @@ impl Conn {
                 _ => (sys::recv(sock.as_fd(), &mut rx.buf[rx.end..]), free, 0),
             };
             match r {
-                Ok(0) => return Err(Fatal::eof()),
+                Ok(0) => return Err(Fatal::PeerClosed),
                 Ok(n) => {
                     let d = n.min(direct);
                     if d > 0 {
@@ -152,13 +152,16 @@ impl Conn {
                         return Ok(());
                     }
                     let b = &self.rx.buf[self.rx.start..self.rx.end];
-                    let size = Header::peek_size(b).map_err(Fatal::protocol)?;
+                    let size = Header::peek_size(b).map_err(Fatal::header)?;
                     if avail < size {
                         return Ok(());
                     }
-                    let h = Header::parse(&b[..size]).map_err(Fatal::protocol)?;
+                    let h = Header::parse(&b[..size]).map_err(Fatal::header)?;
                     self.rx.start += size;
                     self.on_header(h)?;
+                    if !self.deferred.is_empty() {
+                        self.release_deferred();
+                    }
                     if self.state == ConnState::Closing {
                         // This side refused an access: nothing more is acted upon.
                         return Ok(());
@@ -183,6 +186,9 @@ impl Conn {
                         std::mem::replace(&mut self.rx.phase, Phase::Header)
                     {
                         self.finish(inc)?;
+                        if !self.deferred.is_empty() {
+                            self.release_deferred();
+                        }
                     }
                 }
             }
@@ -217,20 +223,19 @@ impl Conn {
                 let p = self.take_pending(h.op_id, PendKind::Read)?;
                 if h.status != Status::Ok {
                     let err = remote_error(h.status, h.data, &p, "read");
-                    let detail = err.detail.clone();
                     self.rep
                         .tx_cq
-                        .push(Completion::error(p.context, p.flags, err));
+                        .push(Completion::error(p.context, p.flags, err.clone()));
                     if h.status.is_access_refusal() {
-                        return Err(Fatal::access_refused(detail));
+                        return Err(Fatal::AccessRefused(err));
                     }
                     return Ok(());
                 }
                 if size != p.len {
-                    return Err(Fatal::protocol(format!(
-                        "read response of {size} bytes for a read of {}",
-                        p.len
-                    )));
+                    return Err(Fatal::protocol(Violation::ReadRespSize {
+                        size: h.size,
+                        expected: p.len,
+                    }));
                 }
                 let sink = match &p.hold {
                     Body::Segs(s) => Sink::list(ScatterList::local(s.clone())),
@@ -257,21 +262,18 @@ impl Conn {
                         "send"
                     };
                     let err = remote_error(h.status, h.data, &p, what);
-                    let detail = err.detail.clone();
                     self.rep
                         .tx_cq
-                        .push(Completion::error(p.context, p.flags, err));
+                        .push(Completion::error(p.context, p.flags, err.clone()));
                     if h.status.is_access_refusal() {
-                        return Err(Fatal::access_refused(detail));
+                        return Err(Fatal::AccessRefused(err));
                     }
                     return Ok(());
                 };
                 self.rep.tx_cq.push(c);
             }
             (state, op) => {
-                return Err(Fatal::protocol(format!(
-                    "unexpected {op:?} in state {state:?}"
-                )));
+                return Err(Fatal::protocol(Violation::UnexpectedOp { op, state }));
             }
         }
         Ok(())
@@ -283,7 +285,10 @@ impl Conn {
             .iter()
             .position(|p| p.op_id == op_id && p.kind == kind);
         pos.and_then(|i| self.inflight.remove(i))
-            .ok_or_else(|| Fatal::protocol(format!("answer for unknown {kind:?} op {op_id}")))
+            .ok_or(Fatal::protocol(Violation::UnknownAnswer {
+                op: Op::ReadResp,
+                op_id,
+            }))
     }
 
     pub(super) fn take_ack_target(&mut self, op_id: u64) -> Result<Pending, Fatal> {
@@ -292,7 +297,10 @@ impl Conn {
             .iter()
             .position(|p| p.op_id == op_id && p.kind != PendKind::Read);
         pos.and_then(|i| self.inflight.remove(i))
-            .ok_or_else(|| Fatal::protocol(format!("ACK for unknown op {op_id}")))
+            .ok_or(Fatal::protocol(Violation::UnknownAnswer {
+                op: Op::Ack,
+                op_id,
+            }))
     }
 
     pub(super) fn finish(&mut self, inc: Incoming) -> Result<(), Fatal> {

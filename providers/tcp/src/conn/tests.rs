@@ -324,7 +324,8 @@ fn refusal_at_the_initiator_cancels_what_followed() {
     let mut nak = Header::new(Op::Ack, 1, 0);
     nak.status = Status::OutOfBounds;
     let f = r.with(|c| c.feed(&frame(&nak, &[]), 64)).unwrap_err();
-    assert_eq!(f.reason, ShutdownReason::AccessError);
+    assert_eq!(f.reason(), ShutdownReason::AccessError);
+    assert!(matches!(f, Fatal::AccessRefused(_)), "{f:?}");
     r.with(|c| c.fail(f));
     let c = r.completions();
     let kinds: Vec<_> = c
@@ -356,13 +357,23 @@ fn refusal_at_the_initiator_cancels_what_followed() {
 fn malformed_or_unexpected_input_is_a_protocol_error() {
     let r = rig();
     let f = r.with(|c| c.feed(&[0xFF; 40], 40)).unwrap_err();
-    assert!(f.protocol);
+    assert!(f.is_protocol());
+    // A header that does not parse is the typed error's source.
+    let src = std::error::Error::source(&f).expect("the wire error as source");
+    assert!(src.to_string().contains("protocol error"), "{src}");
     let r = rig();
     // An ACK for an operation never sent.
     let f = r
         .with(|c| c.feed(&frame(&Header::new(Op::Ack, 77, 0), &[]), 64))
         .unwrap_err();
-    assert!(f.protocol);
+    assert!(f.is_protocol());
+    assert!(
+        matches!(
+            f,
+            Fatal::Protocol(super::Violation::UnknownAnswer { op_id: 77, .. })
+        ),
+        "{f:?}"
+    );
     r.with(|c| c.fail(f));
     assert!(matches!(r.event(), Some(Event::Error { .. })));
     assert!(matches!(
