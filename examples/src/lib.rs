@@ -13,6 +13,7 @@ pub mod conn;
 pub mod pingpong;
 pub mod pmem_commit;
 pub mod rawnet;
+pub mod rcpp;
 pub mod reference;
 pub mod report;
 pub mod rmabw;

@@ -38,6 +38,49 @@ struct Args {
     /// Do not check the data, also with --self.
     #[arg(long)]
     no_verify: bool,
+    /// Speak rdma-core's ibv_rc_pingpong (its TCP exchange, default port 18515, and
+    /// message pattern) over a softroce QP: -S one size, -I iterations (default
+    /// 1000), --mtu, -P port, -s the address to listen on; every received byte is
+    /// checked. See fabric_examples::rcpp.
+    #[arg(long)]
+    rc_pingpong: bool,
+    /// Path MTU with --rc-pingpong (as ibv_rc_pingpong -m).
+    #[arg(long, default_value_t = 1024)]
+    mtu: u32,
+}
+
+fn run_rc_pingpong(a: &Args) -> Result<(), String> {
+    use fabric_examples::rcpp;
+    if a.role.provider != "softroce" && a.role.provider != "tcp" {
+        return Err("--rc-pingpong runs on softroce (-p softroce)".into());
+    }
+    let sizes = parse_sizes(&a.sizes)?;
+    let size = match sizes.as_slice() {
+        [s] => *s,
+        _ if a.sizes == "all" => 4096,
+        _ => return Err("--rc-pingpong takes one size (-S), as ibv_rc_pingpong -s".into()),
+    };
+    let o = rcpp::Options {
+        size,
+        iters: a.iterations.unwrap_or(1000),
+        mtu: a.mtu,
+        port: a.role.port.unwrap_or(rcpp::DEFAULT_PORT),
+        ..rcpp::Options::default()
+    };
+    let out = match (&a.role.dest, a.role.self_mode) {
+        (_, true) => return Err("--rc-pingpong has no --self mode".into()),
+        (Some(d), _) => rcpp::client(d, &o)?,
+        (None, _) => {
+            let ip = a
+                .role
+                .src_addr
+                .parse()
+                .map_err(|_| format!("-s {}: not an IPv4 address", a.role.src_addr))?;
+            rcpp::server(ip, &o)?
+        }
+    };
+    print!("{}", out.report(&o));
+    Ok(())
 }
 
 fn print(provider: &str, mode: Mode, res: &[PpResult], json: bool) {
@@ -66,6 +109,9 @@ fn print(provider: &str, mode: Mode, res: &[PpResult], json: bool) {
 }
 
 fn run(a: &Args) -> Result<(), String> {
+    if a.rc_pingpong {
+        return run_rc_pingpong(a);
+    }
     let opts = Options {
         sizes: parse_sizes(&a.sizes)?,
         iterations: a.iterations,

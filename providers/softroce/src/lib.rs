@@ -4,10 +4,12 @@
 //! ## The provider
 //! Reliable connected endpoints (`EpType::Msg`) over the RC transport below, driven by
 //! a user-space *device* per IPv4 address: one unconnected UDP socket on
-//! `<ip>:4791` per process (`IP_PMTUDISC_DO`: DF set and IP ID 0, as rxe sends, so the
-//! ICRC matches), shared by every domain using that address; packets are demultiplexed
-//! by destination QPN, every ICRC is verified (bad packets are dropped and counted,
-//! [`device_stats`]). Several devices on one machine use several loopback addresses;
+//! `<ip>:4791` per process (`IP_PMTUDISC_DO`: DF set and IP ID 0, which rxe accepts
+//! because it checks the ICRC against the header it received), shared by every domain
+//! using that address; packets are demultiplexed by destination QPN, every ICRC is
+//! verified (see "Receiving rxe's packets" below; bad packets are dropped and counted,
+//! [`device_stats`]), and a connected QP takes packets only from its peer's address
+//! and source port (others are dropped and counted as `wrong_source`). Several devices on one machine use several loopback addresses;
 //! if 4791 on an address is taken by another process, opening fails with
 //! `AddressInUse` and says to use another one. A client picks its device from
 //! `info.src_addr`; without one, from the route to the server (127.0.0.1 for a
@@ -95,15 +97,53 @@
 //!   posted on the QP or before any sleep).
 //! - Environment, read when a device is created (or set per address in a program with
 //!   [`configure_device`]): `SOFTROCE_BACKSTOP_US=1000` (the backstop interval, 0: off),
+//!   `SOFTROCE_PACE="burst=64,gap_us=0"` (output pacing per QP: packets per turn and
+//!   the least time between a QP's turns, [`Pace`]; a 1 MiB READ is answered in turns
+//!   of 64 packets, other QPs and the receive side going in between),
 //!   `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
 //!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the
 //!   device sends; `SOFTROCE_PCAP=/path/file.pcap` captures every frame it sends.
 //!
+//! ## Receiving rxe's packets
+//! Linux rdma_rxe sends its packets with DF and an IP ID that increments per packet
+//! (measured on Debian 12's 6.1), and its ICRC covers that ID. A plain UDP socket
+//! never shows the IP header, so the receiver cannot simply check the ICRC. Two ways:
+//!
+//! - **Solve for the ID** (what this crate does): the CRC is affine in the 16 ID bits,
+//!   so [`wire::IcrcContext::solve_ip_id`] finds the one ID, if any, that makes the
+//!   stored ICRC verify (one CRC plus at most 16 small bit-matrix products; ID 0, what
+//!   this crate and any unconnected-socket sender send, costs nothing extra). Alone
+//!   that weakens detection from 2^-32 to 2^-16 per corrupted packet (some ID fits);
+//!   so the device also requires the ID to be plausible for that peer address
+//!   ([`wire::IpIdWindow`]: at most 256 behind the newest accepted ID, at most 4096
+//!   plus one per millisecond since it ahead, following how Linux numbers DF packets
+//!   per destination), which brings it to about 2^-20 for an active peer (2^-16 for
+//!   the first packet of a peer, whose ID cannot be judged). DF is assumed set: a
+//!   frame without DF fails. No privileges.
+//! - **Read the IP header**: a raw socket (`IPPROTO_UDP` raw, or `AF_PACKET`) sees the
+//!   real ID and DF, so the ICRC is checked at full 2^-32 strength with no window and
+//!   frames without DF also verify; but it needs `CAP_NET_RAW`, sees every UDP
+//!   datagram of the host (a filter per socket, and a copy of each into the process),
+//!   and still needs the UDP socket bound to 4791 so the kernel does not answer with
+//!   ICMP port unreachable. Not implemented; an option for a privileged device
+//!   process (issue 10's shared-device design would be the place).
+//!
+//! The sans-IO core's [`rc::QueuePair::handle_datagram`] does the same (per QP).
+//!
+//! ## Out-of-band peers
+//! [`RawQp`] is an RC queue pair connected with the peer's QPN, PSN and address
+//! exchanged by the caller (as `ibv_rc_pingpong` and other verbs programs do), SEND
+//! and RECV only; `fabric-pingpong --rc-pingpong` speaks `ibv_rc_pingpong`'s exchange
+//! with it (the VM tier's step `softroce-rcpp` runs it against kernel rxe). Such a
+//! peer's source port is pinned by its first packet (kernel rxe sends from a per-QP
+//! port the exchange does not carry).
+//!
 //! Not rxe-compatible (deliberately): an oversized SEND is delivered truncated
 //! (`Truncated`, libfabric semantics) instead of failing both QPs; the retransmission
 //! timer backs off exponentially; packets leave from UDP port 4791 rather than rxe's
-//! per-QP source port; the connection exchange extends pingpong's text, so a plain
-//! `ibv_rc_pingpong` peer is not a fabric peer. On the wire the packets are rxe's.
+//! per-QP source port; the fabric connection exchange extends pingpong's text, so a
+//! plain `ibv_rc_pingpong` peer is not a fabric endpoint's peer (it is a [`RawQp`]'s).
+//! On the wire the packets are rxe's.
 //!
 //! * [`wire`] – packet views and representations (BTH, extension headers, ICRC,
 //!   IPv4/UDP framing), in the style of smoltcp's `wire`.
@@ -190,7 +230,10 @@ pub mod rc;
 pub mod wire;
 
 pub use provider::device::{
-    configure_device, device_stats, free_loopback_ip, parse_faults, DeviceConfig, DeviceStats,
-    DEFAULT_BACKSTOP,
+    configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, DeviceConfig,
+    DeviceStats, Pace, DEFAULT_BACKSTOP,
+};
+pub use provider::rawqp::{
+    gid_ipv4, ipv4_gid, RawCompletion, RawQp, RAW_QP_MAX_RECV, RAW_QP_MAX_SEND,
 };
 pub use provider::{limits, provider, CAPS, MAX_MSG_SIZE};

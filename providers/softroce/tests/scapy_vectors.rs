@@ -74,6 +74,9 @@ fn vector_file_is_complete() {
         "ack",
         "cmp_swap",
         "ud_send_only",
+        "rxe_send_only_id",
+        "rxe_write_middle_id",
+        "rxe_ack_id",
         "cnp_connectx4lx",
     ] {
         assert!(names.iter().any(|n| n == want), "missing vector {want}");
@@ -102,6 +105,28 @@ fn icrc_matches_scapy_and_hardware() {
         // The context form (what a UDP-socket receiver uses) agrees.
         let ctx = info.icrc_context();
         assert_eq!(ctx.compute(f.udp_payload()), Ok(ours), "{}", v.name);
+        // What a UDP-socket receiver does: solve for the ID it cannot see. Every DF
+        // frame gives back its own ID (rxe's non-zero ones, the ConnectX-4's CNP);
+        // a frame without DF fits no ID under the DF assumption.
+        let rxe = IcrcContext::rxe(info.src_ip, info.dst_ip, info.src_port, info.dst_port);
+        if info.dont_fragment {
+            assert_eq!(
+                rxe.solve_ip_id(f.udp_payload()),
+                Ok(info.ip_id),
+                "{}",
+                v.name
+            );
+            let mut corrupt = f.udp_payload().to_vec();
+            let at = corrupt.len() - 5;
+            corrupt[at] ^= 0x04;
+            assert!(
+                rxe.solve_ip_id(&corrupt) != Ok(info.ip_id),
+                "{}: a corrupted copy must not verify with the same ID",
+                v.name
+            );
+        } else {
+            assert!(rxe.solve_ip_id(f.udp_payload()).is_err(), "{}", v.name);
+        }
         if info.ip_id == 0 && info.dont_fragment {
             let rxe = IcrcContext::rxe(info.src_ip, info.dst_ip, info.src_port, info.dst_port);
             assert_eq!(rxe.compute(f.udp_payload()), Ok(ours), "{}", v.name);

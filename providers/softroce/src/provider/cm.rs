@@ -91,6 +91,50 @@ fn parse_gid(s: &str) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::new(g[12], g[13], g[14], g[15]))
 }
 
+/// Why a connection-management message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CmDecodeError {
+    /// The address text is not ASCII.
+    NotText,
+    /// The address text is not `LID:QPN:PSN:GID`.
+    NotAddress(String),
+    /// A number of the address text is not hexadecimal.
+    NotHex {
+        /// Which field.
+        field: &'static str,
+        /// What it held.
+        text: String,
+    },
+    /// The GID is not an IPv4-mapped GID.
+    NotIpv4Gid(String),
+    /// The extension length is out of range.
+    ExtensionLength(usize),
+    /// An unknown message kind.
+    UnknownKind(u8),
+    /// The data length disagrees with the extension length.
+    DataLength,
+}
+
+impl std::fmt::Display for CmDecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CmDecodeError::NotText => write!(f, "CM text is not ASCII"),
+            CmDecodeError::NotAddress(t) => write!(f, "CM text '{t}' is not LID:QPN:PSN:GID"),
+            CmDecodeError::NotHex { field, text } => {
+                write!(f, "CM {field} '{text}' is not hex")
+            }
+            CmDecodeError::NotIpv4Gid(g) => write!(f, "CM GID '{g}' is not an IPv4-mapped GID"),
+            CmDecodeError::ExtensionLength(n) => write!(f, "CM extension of {n} bytes"),
+            CmDecodeError::UnknownKind(k) => write!(f, "CM message kind {k}"),
+            CmDecodeError::DataLength => {
+                write!(f, "CM data length disagrees with the extension length")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CmDecodeError {}
+
 impl CmMsg {
     /// Serializes the message.
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -116,30 +160,33 @@ impl CmMsg {
 
     /// Parses a message from the front of `buf`: `Ok(None)` if more bytes are needed,
     /// `Ok(Some((msg, consumed)))`, or `Err` with the reason for malformed input.
-    pub(crate) fn decode(buf: &[u8]) -> Result<Option<(CmMsg, usize)>, String> {
+    pub(crate) fn decode(buf: &[u8]) -> Result<Option<(CmMsg, usize)>, CmDecodeError> {
         if buf.len() < TEXT_LEN + 4 {
             return Ok(None);
         }
         let text = &buf[..TEXT_LEN];
         let end = text.iter().position(|&b| b == 0).unwrap_or(TEXT_LEN);
-        let text = std::str::from_utf8(&text[..end]).map_err(|_| "CM text is not ASCII")?;
+        let text = std::str::from_utf8(&text[..end]).map_err(|_| CmDecodeError::NotText)?;
         let parts: Vec<&str> = text.split(':').collect();
         if parts.len() != 4 {
-            return Err(format!("CM text '{text}' is not LID:QPN:PSN:GID"));
+            return Err(CmDecodeError::NotAddress(text.to_string()));
         }
-        let hex = |s: &str, what: &str| {
-            u32::from_str_radix(s, 16).map_err(|_| format!("CM {what} '{s}' is not hex"))
+        let hex = |s: &str, field: &'static str| {
+            u32::from_str_radix(s, 16).map_err(|_| CmDecodeError::NotHex {
+                field,
+                text: s.to_string(),
+            })
         };
         let _lid = hex(parts[0], "LID")?;
         let qpn = hex(parts[1], "QPN")?;
         let psn = hex(parts[2], "PSN")?;
-        let ip = parse_gid(parts[3])
-            .ok_or_else(|| format!("CM GID '{}' is not an IPv4-mapped GID", parts[3]))?;
+        let ip =
+            parse_gid(parts[3]).ok_or_else(|| CmDecodeError::NotIpv4Gid(parts[3].to_string()))?;
         let mut l = [0u8; 4];
         l.copy_from_slice(&buf[TEXT_LEN..TEXT_LEN + 4]);
         let body_len = u32::from_be_bytes(l) as usize;
         if !(5..=MAX_EXT).contains(&body_len) {
-            return Err(format!("CM extension of {body_len} bytes"));
+            return Err(CmDecodeError::ExtensionLength(body_len));
         }
         let total = TEXT_LEN + 4 + body_len;
         if buf.len() < total {
@@ -152,12 +199,12 @@ impl CmMsg {
             3 => Kind::Reject,
             4 => Kind::ReadyToUse,
             5 => Kind::Disconnect,
-            k => return Err(format!("CM message kind {k}")),
+            k => return Err(CmDecodeError::UnknownKind(k)),
         };
         let mtu = u16::from_be_bytes([body[1], body[2]]);
         let dlen = usize::from(u16::from_be_bytes([body[3], body[4]]));
         if 5 + dlen != body_len {
-            return Err("CM data length disagrees with the extension length".into());
+            return Err(CmDecodeError::DataLength);
         }
         Ok(Some((
             CmMsg {
@@ -200,7 +247,10 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(CmMsg::decode(&[b'x'; 80]).is_err());
+        assert!(matches!(
+            CmMsg::decode(&[b'x'; 80]),
+            Err(CmDecodeError::NotAddress(_))
+        ));
         let mut b = CmMsg {
             kind: Kind::Accept,
             qpn: 1,
@@ -211,8 +261,11 @@ mod tests {
         }
         .encode();
         b[TEXT_LEN + 4] = 9;
-        assert!(CmMsg::decode(&b).is_err());
+        assert_eq!(CmMsg::decode(&b), Err(CmDecodeError::UnknownKind(9)));
         b[TEXT_LEN] = 0xFF; // an extension longer than any CM message
-        assert!(CmMsg::decode(&b).is_err());
+        assert!(matches!(
+            CmMsg::decode(&b),
+            Err(CmDecodeError::ExtensionLength(_))
+        ));
     }
 }

@@ -22,6 +22,7 @@ mod cm;
 pub(crate) mod device;
 mod memory;
 mod objects;
+pub(crate) mod rawqp;
 mod sys;
 
 use std::sync::Arc;

@@ -6,7 +6,8 @@
 //! 1. feeds every received RoCEv2 packet addressed to this QP with
 //!    [`QueuePair::handle_packet`] (ICRC already verified, e.g. with
 //!    [`crate::wire::frame::Ipv4UdpFrame::verify_icrc`]) or
-//!    [`QueuePair::handle_datagram`] (verifies the ICRC assuming rxe's IP ID 0 / DF);
+//!    [`QueuePair::handle_datagram`] (for a plain UDP socket, which does not see the
+//!    IP header: checks the source and solves the ICRC for the sender's IP ID);
 //! 2. drains [`QueuePair::poll_transmit`] and sends each [`Transmit`] as a UDP datagram;
 //! 3. arms a timer for [`QueuePair::poll_timeout`] and calls
 //!    [`QueuePair::handle_timeout`] when it expires;
@@ -166,6 +167,8 @@ pub struct QueuePair {
     comps: VecDeque<Completion>,
     stats: QpStats,
     cause: Option<ErrorCause>,
+    /// IP IDs seen from the peer by `handle_datagram`.
+    ip_ids: wire::IpIdWindow,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -193,6 +196,7 @@ impl QueuePair {
             comps: VecDeque::new(),
             stats: QpStats::default(),
             cause: None,
+            ip_ids: wire::IpIdWindow::new(),
         }
     }
 
@@ -414,8 +418,13 @@ impl QueuePair {
         }
     }
 
-    /// Verifies the ICRC of a UDP datagram received on a plain socket (assuming the
-    /// sender used IP ID 0 and DF, as rxe does) and handles it.
+    /// Handles a UDP datagram received on a plain socket, which sees neither the IP
+    /// ID nor DF that the ICRC covers: the source must be the connected peer's address
+    /// (any port: rxe sends from a per-QP port), DF is assumed, and the ICRC is solved
+    /// for the IP ID ([`IcrcContext::solve_ip_id`]; 0 for this crate's own senders,
+    /// numbered by Linux rdma_rxe), which must be plausible for the peer
+    /// ([`wire::IpIdWindow`], per QP). See the crate docs, "Receiving rxe's packets",
+    /// for what this costs in detection strength.
     pub fn handle_datagram(
         &mut self,
         now: Time,
@@ -423,7 +432,18 @@ impl QueuePair {
         dst: SocketAddrV4,
         payload: &[u8],
     ) -> Result<(), wire::Error> {
-        IcrcContext::rxe(*src.ip(), *dst.ip(), src.port(), dst.port()).verify(payload)?;
+        if let Some(ctx) = &self.ctx {
+            if ctx.remote.ip() != src.ip() {
+                self.stats.packets_dropped += 1;
+                return Err(wire::Error::WrongSource);
+            }
+        }
+        let id =
+            IcrcContext::rxe(*src.ip(), *dst.ip(), src.port(), dst.port()).solve_ip_id(payload)?;
+        if !self.ip_ids.accept(id, now.0) {
+            self.stats.packets_dropped += 1;
+            return Err(wire::Error::ImplausibleIpId(id));
+        }
         self.handle_packet(now, payload)
     }
 

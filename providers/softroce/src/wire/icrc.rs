@@ -26,9 +26,11 @@ pub const ICRC_LEN: usize = 4;
 /// What the ICRC covers besides the UDP payload: the IPv4 and UDP header fields that
 /// are not masked.
 ///
-/// A receiver on a plain UDP socket cannot see the IP ID and DF bit; [`Self::rxe`]
-/// assumes what rxe sends (ID 0, DF set), which is also what a user-space sender on an
-/// unconnected socket with `IP_PMTUDISC_DO` produces.
+/// A receiver on a plain UDP socket cannot see the IP ID and DF bit. [`Self::rxe`]
+/// makes a context with ID 0 and DF set: what a user-space sender on an unconnected
+/// socket with `IP_PMTUDISC_DO` (this crate) produces. Linux rdma_rxe also sets DF but
+/// numbers its IDs; a receiver checks its packets with [`Self::solve_ip_id`] and
+/// [`IpIdWindow`] (see the crate docs, "Receiving rxe's packets").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IcrcContext {
     /// IPv4 source address.
@@ -99,6 +101,193 @@ impl IcrcContext {
     pub fn verify(&self, roce: &[u8]) -> Result<()> {
         let computed = self.compute(roce)?;
         check(roce, computed)
+    }
+}
+
+impl IcrcContext {
+    /// The IP ID for which the ICRC stored at the end of `roce` verifies, the other
+    /// fields as in `self` (whose `ip_id` is ignored): what a receiver on a plain UDP
+    /// socket, which never sees the IP header, uses to check a packet of a sender
+    /// that numbers its IP IDs (Linux rdma_rxe does, and covers the ID with the ICRC).
+    ///
+    /// The CRC is affine in the 16 ID bits: `crc(id) = crc(0) ^ L(id)` with `L`
+    /// linear and injective (a CRC-32 detects every burst of up to 32 bits). So
+    /// `stored ^ crc(0)` is run backwards over the bytes that follow the ID and then
+    /// over the two ID bytes; an ID exists only when what remains is zero. The cost is
+    /// one CRC (as [`Self::verify`]) plus at most 16 32×32 bit-matrix products.
+    ///
+    /// What it costs in detection: a corrupted packet passes when *some* ID makes its
+    /// ICRC verify, which happens with probability 2^-16 instead of 2^-32 for random
+    /// corruption. A caller that also requires the ID to be plausible for the sender
+    /// ([`IpIdWindow`]: within a window of W values after the last one seen) is back
+    /// to about W·2^-32.
+    pub fn solve_ip_id(&self, roce: &[u8]) -> Result<u16> {
+        let zero = IcrcContext { ip_id: 0, ..*self };
+        let computed = zero.compute(roce)?;
+        let stored = stored(roce)?;
+        let delta = stored ^ computed;
+        if delta == 0 {
+            return Ok(0);
+        }
+        // Bytes the CRC processes after the ID: the rest of the 20-byte IPv4 header
+        // (14), the UDP header (8) and the packet up to the ICRC.
+        let after = 14 + 8 + roce.len() - ICRC_LEN;
+        let at_id = unshift_zero_bytes(delta, after);
+        match id_from_register(at_id) {
+            Some(id) => Ok(id),
+            None => Err(Error::BadIcrc { stored, computed }),
+        }
+    }
+}
+
+/// The reflected CRC-32 table (polynomial 0xEDB88320), one byte at a time.
+const TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// `INV_TOP[TABLE[i] >> 24] == i`: the top bytes of the table are a permutation, which
+/// is what lets the CRC register be run backwards.
+const INV_TOP: [u8; 256] = {
+    let mut inv = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        inv[(TABLE[i] >> 24) as usize] = i as u8;
+        i += 1;
+    }
+    inv
+};
+
+/// One step of the (linear, zero-initialised) CRC register over a zero byte, undone.
+fn unstep_zero(s: u32) -> u32 {
+    let idx = INV_TOP[(s >> 24) as usize];
+    ((s ^ TABLE[idx as usize]) << 8) | u32::from(idx)
+}
+
+/// A 32×32 matrix over GF(2): column `j` is the image of bit `j`.
+type Matrix = [u32; 32];
+
+fn apply(m: &Matrix, mut v: u32) -> u32 {
+    let mut r = 0;
+    while v != 0 {
+        r ^= m[v.trailing_zeros() as usize];
+        v &= v - 1;
+    }
+    r
+}
+
+/// `powers()[k]`: running the register backwards over 2^k zero bytes.
+fn powers() -> &'static [Matrix; 17] {
+    static P: std::sync::OnceLock<[Matrix; 17]> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let mut p = [[0u32; 32]; 17];
+        for (j, col) in p[0].iter_mut().enumerate() {
+            *col = unstep_zero(1 << j);
+        }
+        for k in 1..17 {
+            let prev = p[k - 1];
+            for (col, v) in p[k].iter_mut().zip(prev) {
+                *col = apply(&prev, v);
+            }
+        }
+        p
+    })
+}
+
+/// Runs the linear CRC register backwards over `n` zero bytes (`n` < 2^17).
+fn unshift_zero_bytes(mut v: u32, n: usize) -> u32 {
+    let p = powers();
+    for (k, m) in p.iter().enumerate() {
+        if n >> k & 1 != 0 {
+            v = apply(m, v);
+        }
+    }
+    v
+}
+
+/// The 16-bit value whose two bytes (big-endian), fed to a zeroed register, leave
+/// `s` in it, if there is one.
+fn id_from_register(s: u32) -> Option<u16> {
+    let idx = INV_TOP[(s >> 24) as usize];
+    let s1_shifted = s ^ TABLE[idx as usize];
+    let hi = INV_TOP[((s1_shifted >> 16) & 0xFF) as usize];
+    if TABLE[hi as usize] >> 8 != s1_shifted {
+        return None;
+    }
+    let lo = idx ^ (TABLE[hi as usize] & 0xFF) as u8;
+    Some(u16::from_be_bytes([hi, lo]))
+}
+
+/// Whether an IP ID is plausible for one sender, given the last ones accepted from it.
+///
+/// Linux numbers the IDs of DF packets per (source, destination, protocol) bucket:
+/// +1 per packet, plus, when the bucket has been idle, a random jump of up to the
+/// jiffies that passed (`ip_idents_reserve`). So an ID is accepted when it is at most
+/// [`IP_ID_BEHIND`] behind the newest accepted one (reordering), or at most
+/// [`IP_ID_AHEAD`] plus one per millisecond since then ahead of it (lost packets,
+/// packets to other QPs, the idle jump). The first ID of a sender is accepted as it
+/// comes. A sender that always sends ID 0 (this crate, any unconnected-socket sender)
+/// stays at 0 and is held to the same window.
+///
+/// Detection cost: a randomly corrupted packet passes [`IcrcContext::solve_ip_id`] with
+/// probability 2^-16 and then lands in the window with probability about
+/// (W = behind + ahead)/2^16, so about W·2^-32 ≈ 2^-20 for a busy sender (2^-16 for
+/// the first packet of a sender, and growing towards it after minutes of silence).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpIdWindow {
+    last: Option<(u16, u64)>,
+}
+
+/// How far behind the newest accepted ID an ID may be ([`IpIdWindow`]).
+pub const IP_ID_BEHIND: u16 = 256;
+/// How far ahead of the newest accepted ID an ID may be, plus one per millisecond
+/// since it ([`IpIdWindow`]).
+pub const IP_ID_AHEAD: u32 = 4096;
+
+impl IpIdWindow {
+    /// A window that has seen nothing (accepts the first ID).
+    pub const fn new() -> Self {
+        Self { last: None }
+    }
+
+    /// Judges `id` received at `now_ns` (any monotonic clock in nanoseconds) and, if
+    /// it is accepted and newer, moves the window.
+    pub fn accept(&mut self, id: u16, now_ns: u64) -> bool {
+        let Some((last, at)) = self.last else {
+            self.last = Some((id, now_ns));
+            return true;
+        };
+        let ahead = id.wrapping_sub(last);
+        if ahead == 0 {
+            self.last = Some((id, now_ns));
+            return true;
+        }
+        if last.wrapping_sub(id) <= IP_ID_BEHIND {
+            return true;
+        }
+        let ms = now_ns.saturating_sub(at) / 1_000_000;
+        let limit = u64::from(IP_ID_AHEAD) + ms;
+        if u64::from(ahead) <= limit {
+            self.last = Some((id, now_ns));
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -191,6 +380,83 @@ mod tests {
             ..ctx
         };
         assert!(no_df.verify(&p).is_err());
+    }
+
+    #[test]
+    fn solve_ip_id_finds_every_id_and_refuses_corruption() {
+        let base = IcrcContext::rxe(
+            Ipv4Addr::new(192, 168, 100, 2),
+            Ipv4Addr::new(192, 168, 100, 1),
+            0xC0DE,
+            4791,
+        );
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for len in [0usize, 1, 4, 63, 1024, 4096] {
+            let mut p = vec![0x04, 0, 0xFF, 0xFF, 0, 0, 0, 0x11, 0x80, 0, 0, 1];
+            p.extend((0..len).map(|i| (i * 7) as u8));
+            p.extend_from_slice(&[0; 4]);
+            for id in [0u16, 1, 2, 0x00FF, 0x0100, 0x8000, 0xFFFF, next() as u16] {
+                let ctx = IcrcContext { ip_id: id, ..base };
+                ctx.fill(&mut p).unwrap();
+                assert_eq!(base.solve_ip_id(&p), Ok(id), "len {len} id {id:#x}");
+                // A flipped bit anywhere covered: some ID may still fit (2^-16), but
+                // not the right one, and almost never any.
+                let (mut refused, mut tried) = (0, 0);
+                for _ in 0..64 {
+                    let mut q = p.clone();
+                    let at = (next() as usize) % (q.len() - 4);
+                    if at == 4 {
+                        continue; // FECN/BECN byte: masked
+                    }
+                    tried += 1;
+                    q[at] ^= 1 << (next() % 8);
+                    match base.solve_ip_id(&q) {
+                        Ok(got) => assert_ne!(got, id),
+                        Err(Error::BadIcrc { .. }) => refused += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                assert!(
+                    refused + 2 >= tried,
+                    "len {len} id {id:#x}: {refused}/{tried} refused"
+                );
+            }
+        }
+        // Without DF (not what rxe sends) no ID fits the header the receiver assumes.
+        let mut p = packet();
+        IcrcContext {
+            ip_id: 7,
+            dont_fragment: false,
+            ..base
+        }
+        .fill(&mut p)
+        .unwrap();
+        assert!(base.solve_ip_id(&p).is_err());
+    }
+
+    #[test]
+    fn ip_id_window() {
+        let mut w = IpIdWindow::new();
+        assert!(w.accept(0xFFF0, 0)); // first: anything
+        assert!(w.accept(0xFFF1, 10));
+        assert!(w.accept(0x0005, 20)); // wraps forward
+        assert!(w.accept(0xFFF8, 30)); // a little behind (reordered)
+        assert!(!w.accept(0x0005 + IP_ID_AHEAD as u16 + 1, 40)); // too far ahead
+        assert!(!w.accept(0x0005u16.wrapping_sub(IP_ID_BEHIND + 1), 50)); // too far behind
+                                                                          // After a second of silence the window has grown by ~1000.
+        assert!(w.accept(0x0005 + IP_ID_AHEAD as u16 + 900, 1_000_000_000));
+        // ID-0 senders stay at 0.
+        let mut z = IpIdWindow::new();
+        for t in 0..10 {
+            assert!(z.accept(0, t));
+        }
+        assert!(!z.accept(0x8000, 11));
     }
 
     #[test]

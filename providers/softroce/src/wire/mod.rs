@@ -33,7 +33,7 @@ pub mod roce;
 
 pub use bth::{Bth, BthRepr};
 pub use frame::{FrameInfo, Ipv4UdpFrame, ROCE_UDP_PORT};
-pub use icrc::IcrcContext;
+pub use icrc::{IcrcContext, IpIdWindow, IP_ID_AHEAD, IP_ID_BEHIND};
 pub use opcode::{HeaderSet, Opcode};
 pub use roce::{RocePacket, RoceRepr};
 
@@ -55,6 +55,12 @@ pub enum Error {
         /// ICRC computed over the packet.
         computed: u32,
     },
+    /// The datagram does not come from the queue pair's connected peer (another
+    /// address, or another source port than the one the peer uses).
+    WrongSource,
+    /// The IP ID that makes the ICRC verify is not plausible for the sender
+    /// ([`IpIdWindow`]): treated as a bad ICRC.
+    ImplausibleIpId(u16),
 }
 
 impl fmt::Display for Error {
@@ -66,6 +72,11 @@ impl fmt::Display for Error {
             Error::BadIcrc { stored, computed } => write!(
                 f,
                 "ICRC mismatch: packet holds {stored:#010x}, computed {computed:#010x}"
+            ),
+            Error::WrongSource => write!(f, "datagram not from the connected peer"),
+            Error::ImplausibleIpId(id) => write!(
+                f,
+                "the ICRC verifies only with IP ID {id:#06x}, not plausible for the sender"
             ),
         }
     }

@@ -94,6 +94,15 @@ def main():
     # IP ID and DF are covered by the ICRC: a frame that is not what rxe sends.
     out.append(frame("send_only_id_nodf", dict(opcode=0x04, dqpn=0x11, psn=0x101),
                      payload=b"abc", ip_id=0x1234, df=False, ttl=3, tos=0xB8))
+    # What Linux rdma_rxe sends: DF with a non-zero IP ID (incrementing per packet),
+    # covered by the ICRC; a UDP-socket receiver solves for it.
+    out.append(frame("rxe_send_only_id", dict(opcode=0x04, dqpn=0x11, psn=0x102, ackreq=1),
+                     payload=b"from kernel rxe", ip_id=0x5A3C, sport=0xC0DE))
+    out.append(frame("rxe_write_middle_id", dict(opcode=0x07, dqpn=0x13, psn=0x2B),
+                     payload=bytes((i * 11) & 0xFF for i in range(1024)), ip_id=0xFFFF,
+                     sport=0xC0DE))
+    out.append(frame("rxe_ack_id", dict(opcode=0x11, dqpn=0x16, psn=0x123457), aeth=(0x1F, 0x11),
+                     ip_id=0x0001, sport=0xC0DE))
     # CNP captured on a ConnectX-4 Lx, from scapy's test/contrib/roce.uts.
     cx4 = Ether(import_hexcap("""0x0000:  e41d 2dab 2bc2 7cfe 9064 3b32 0800 45c2
 0x0010:  003c 718c 4000 4011 9161 0a00 1101 0a00
