@@ -800,6 +800,14 @@ impl RdmEndpoint {
     ) -> Result<Option<Peeked>> {
         let src = src.map(|a| self.peer_of(a, "tpeek")).transpose()?;
         let inner = &*self.inner;
+        // As fi_trecvmsg(FI_PEEK) does: make progress before looking, so that a caller
+        // polling with peek sees messages arrive without another thread's help. A
+        // message still on the wire is not found (None, libfabric's FI_ENOMSG): peek
+        // again.
+        if let Some(_g) = inner.progress.try_lock() {
+            inner.app_progress.store(stamp(inner), Ordering::Relaxed);
+            progress_once(inner, &mut Vec::new(), Duration::ZERO);
+        }
         let mut st = inner.st.lock();
         let Some(i) = st
             .unexp_tag

@@ -120,9 +120,18 @@ fn peek_claim_discard(ctx: &Ctx) -> CaseResult {
             .ctx("tsenddata")?;
         ok(ctx, &a.ep)?;
     }
-    std::thread::sleep(Duration::from_millis(50));
-    let pk = b.ep.tpeek(None, 0x1ff, 0, PeekMode::Peek).ctx("peek")?;
-    let pk = pk.ok_or_else(|| CaseError::fail("peek found nothing"))?;
+    // A completed send may still be on its way: peek (which finds only what has
+    // arrived, as FI_PEEK) until the first message is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pk = loop {
+        if let Some(pk) = b.ep.tpeek(None, 0x1ff, 0, PeekMode::Peek).ctx("peek")? {
+            break pk;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CaseError::fail("peek found nothing within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     ensure_eq!(
         (pk.len, pk.tag, pk.src, pk.data),
         (8, 0x1ff, Some(b.to[0]), Some(40)),
@@ -162,10 +171,15 @@ fn peek_claim_discard(ctx: &Ctx) -> CaseResult {
         "claimed receive"
     );
     ensure_eq!(mb.to_vec(0, 1).ctx("read")?, vec![0xb0], "claimed data");
-    let d =
-        b.ep.tpeek(None, 0x7, 0, PeekMode::Discard)
-            .ctx("discard")?
-            .ok_or_else(|| CaseError::fail("discard found nothing"))?;
+    let d = loop {
+        if let Some(d) = b.ep.tpeek(None, 0x7, 0, PeekMode::Discard).ctx("discard")? {
+            break d;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CaseError::fail("discard found nothing within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     ensure_eq!(d.data, Some(41), "the first 0x7 is discarded");
     b.ep.trecv(mb.iov(8, 8), None, 0x7, 0, 2).ctx("trecv")?;
     let c = ok(ctx, &b.ep)?;
