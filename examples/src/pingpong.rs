@@ -217,11 +217,7 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
                 untimed += t.elapsed();
             }
         }
-        let elapsed = timed_start
-            .elapsed()
-            .saturating_sub(untimed)
-            .as_secs_f64()
-            * 1e6;
+        let elapsed = timed_start.elapsed().saturating_sub(untimed).as_secs_f64() * 1e6;
         let mean = elapsed / (2.0 * iters.max(1) as f64);
         results.push(PpResult {
             size,

@@ -328,9 +328,7 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
                 let slot = posted % slots;
                 if opts.verify && opts.op == RmaOp::Read {
                     let t = Instant::now();
-                    local
-                        .fill(slot * size, size, 0)
-                        .map_err(ctx("clear"))?;
+                    local.fill(slot * size, size, 0).map_err(ctx("clear"))?;
                     untimed += t.elapsed();
                 }
                 let l = local.iov(slot * size, size);
@@ -361,9 +359,7 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
                     .to_vec((done % slots) * size, size)
                     .map_err(ctx("read back"))?;
                 if let Some(at) = got.iter().zip(&expect_read).position(|(a, b)| a != b) {
-                    return Err(format!(
-                        "size {size}, read {done}: wrong data at byte {at}"
-                    ));
+                    return Err(format!("size {size}, read {done}: wrong data at byte {at}"));
                 }
                 untimed += t.elapsed();
             }

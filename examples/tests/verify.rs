@@ -36,7 +36,10 @@ fn rmabw_verified(provider: &str, node: &str, op: RmaOp) {
     };
     let res = rmabw::run_self(provider, node, &opts).expect("rma-bw");
     assert_eq!(res.len(), 2);
-    assert!(res.iter().all(|r| r.transfers == 16 && r.mb_per_s > 0.0), "{res:?}");
+    assert!(
+        res.iter().all(|r| r.transfers == 16 && r.mb_per_s > 0.0),
+        "{res:?}"
+    );
 }
 
 #[test]

@@ -91,7 +91,10 @@ fn peek_until(ep: &RdmEndpoint, tag: u64, mode: PeekMode) -> fabric_rdm::Peeked 
         if let Some(p) = ep.tpeek(None, tag, 0, mode).unwrap() {
             return p;
         }
-        assert!(std::time::Instant::now() < deadline, "tag {tag:#x} never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tag {tag:#x} never arrived"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }

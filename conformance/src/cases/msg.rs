@@ -620,7 +620,10 @@ fn truncation_ended_connection(p: &Pair) -> CaseResult {
     let tx = p.client.alloc(64, Access::SEND)?;
     for (what, r) in [
         ("receive after the Shutdown", p.server.ep.recv(rx.full(), 1)),
-        ("send after the Shutdown", p.client.ep.send(tx.iov(0, 40), 2)),
+        (
+            "send after the Shutdown",
+            p.client.ep.send(tx.iov(0, 40), 2),
+        ),
     ] {
         match r {
             Err(e) if matches!(e.kind(), ErrorKind::NotConnected | ErrorKind::Shutdown) => {}

@@ -151,10 +151,7 @@ fn access_error_ends_connection(ctx: &Ctx) -> CaseResult {
         .ctx("read after it")?;
     // A send after it: the target must not receive it, and (even where sends
     // complete once handed to the transport) it must not complete successfully.
-    p.client
-        .ep
-        .send(l.iov(1024, 32), 4)
-        .ctx("send after it")?;
+    p.client.ep.send(l.iov(1024, 32), 4).ctx("send after it")?;
     let mut done: Vec<Completion> = Vec::new();
     while done.len() < 5 {
         done.push(
@@ -164,7 +161,11 @@ fn access_error_ends_connection(ctx: &Ctx) -> CaseResult {
     }
     let mut ctxs: Vec<u64> = done.iter().map(|c| c.context).collect();
     ctxs.sort_unstable();
-    ensure_eq!(ctxs, vec![1, 2, 3, 4, 40], "initiator completions, once each");
+    ensure_eq!(
+        ctxs,
+        vec![1, 2, 3, 4, 40],
+        "initiator completions, once each"
+    );
     for c in &done {
         match c.context {
             1 => expect_cq_error(c, CqErrorKind::RemoteAccess, "the refused write")?,

@@ -73,7 +73,10 @@ fn read_flood_queues_at_most_the_responder_resources() {
     while let Some(t) = sim.qps[1].poll_transmit(now) {
         packets += 1;
         bytes += t.payload.len() as u64;
-        assert!(packets <= 16 * 256 + 16, "the responder keeps sending: {packets} packets");
+        assert!(
+            packets <= 16 * 256 + 16,
+            "the responder keeps sending: {packets} packets"
+        );
     }
     eprintln!("flood of 10,000 x 1 MiB READs: {packets} packets, {bytes} bytes to send; {st:?}");
     assert!(bytes < 17 << 20);

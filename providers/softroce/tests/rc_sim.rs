@@ -455,7 +455,8 @@ fn vanished_peer_gives_retry_exceeded_not_a_hang() {
     // (2,046 ms).
     let gave_up = Duration::from_nanos(sim.now.as_nanos());
     assert!(
-        gave_up >= fabric_softroce::rc::MIN_GIVE_UP && gave_up < 3 * fabric_softroce::rc::MIN_GIVE_UP,
+        gave_up >= fabric_softroce::rc::MIN_GIVE_UP
+            && gave_up < 3 * fabric_softroce::rc::MIN_GIVE_UP,
         "gave up after {gave_up:?}"
     );
     assert_eq!(sim.qps[0].stats().timeouts, 10);

@@ -58,7 +58,10 @@ fn accept_attacker(p: &Pair) -> (Endpoint, TcpStream) {
     s.write_all(&req).unwrap();
     let deadline = Instant::now() + T;
     let req = loop {
-        assert!(Instant::now() < deadline, "no connection request from the attacker");
+        assert!(
+            Instant::now() < deadline,
+            "no connection request from the attacker"
+        );
         match p.server.eq.wait(T).expect("event") {
             Event::ConnRequest(r) => break r,
             Event::Connected { .. } => {}
@@ -136,7 +139,10 @@ fn expect_shutdown_within(p: &Pair, fid: Fid, within: Duration) -> ShutdownReaso
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no Shutdown for the attacker's endpoint within {within:?}");
+        assert!(
+            !left.is_zero(),
+            "no Shutdown for the attacker's endpoint within {within:?}"
+        );
         match p.server.eq.sread(Some(left.min(Duration::from_millis(50)))) {
             Ok(Some(Event::Shutdown { fid: f, reason })) if f == fid => return reason,
             Ok(_) => {}
@@ -251,7 +257,10 @@ fn peer_that_fills_the_unexpected_buffer_and_closes_is_noticed() {
     let t0 = Instant::now();
     drop(attacker);
     let reason = expect_shutdown_within(&p, ep.fid(), Duration::from_secs(5));
-    eprintln!("Shutdown ({reason:?}) {:?} after the attacker closed", t0.elapsed());
+    eprintln!(
+        "Shutdown ({reason:?}) {:?} after the attacker closed",
+        t0.elapsed()
+    );
     let after = rss().saturating_sub(before);
     eprintln!("server holds {} MiB after the Shutdown", after / MIB);
     assert!(
@@ -354,7 +363,12 @@ fn listener_at_the_descriptor_limit_backs_off_and_recovers() {
     use std::process::{Command, Stdio};
 
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "emfile_listener_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "emfile_listener_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(EMFILE_CHILD, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -364,7 +378,10 @@ fn listener_at_the_descriptor_limit_backs_off_and_recovers() {
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(std::result::Result::ok) {
+        for line in std::io::BufReader::new(out)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -374,9 +391,7 @@ fn listener_at_the_descriptor_limit_backs_off_and_recovers() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 // libtest prints "test <name> ... " before the child's first line.
-                Ok(l) if l.contains(prefix) => {
-                    return l[l.find(prefix).unwrap_or(0)..].to_string()
-                }
+                Ok(l) if l.contains(prefix) => return l[l.find(prefix).unwrap_or(0)..].to_string(),
                 Ok(_) => {}
                 Err(_) => panic!("the child did not print {prefix}"),
             }
@@ -399,12 +414,7 @@ fn listener_at_the_descriptor_limit_backs_off_and_recovers() {
             "the listener spins at the descriptor limit: {used:?} of CPU in 2 s"
         );
         drop(pending);
-        child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"free\n")
-            .unwrap();
+        child.stdin.as_mut().unwrap().write_all(b"free\n").unwrap();
         expect("FREED");
         // A legitimate client now gets through.
         let cinfo = connect_info(port, Progress::Manual);

@@ -149,7 +149,6 @@ impl Shared {
         }
     }
 
-
     /// Reads and dispatches every pending RDMA CM event.
     fn cm_progress(&self) {
         let Some(_g) = self.cm_lock.try_lock() else {

@@ -434,7 +434,10 @@ fn acked_commits_survive_sigkill() {
         totals.verified,
         totals.bytes
     );
-    assert!(totals.acked > 0, "no COMMIT write completed before any kill");
+    assert!(
+        totals.acked > 0,
+        "no COMMIT write completed before any kill"
+    );
     if regular {
         let _ = std::fs::remove_file(&file);
     }

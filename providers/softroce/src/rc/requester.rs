@@ -232,7 +232,12 @@ impl Requester {
                 .position(|w| w.kind == Kind::Read && w.contains(p))
             {
                 let k = psn::diff(p, self.sq[idx].first_psn) as u32;
-                trace!(qpn = ctx.qpn, psn = p, packets = n, "READ: asking again for a gap");
+                trace!(
+                    qpn = ctx.qpn,
+                    psn = p,
+                    packets = n,
+                    "READ: asking again for a gap"
+                );
                 if let Ok(b) = self.build(idx, k, Some(n), ctx) {
                     if self.retrans_deadline.is_none() {
                         self.retrans_deadline = Some(now + self.timeout());

@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 
 use fabric_core::{CompFlags, Completion, RemoteIov, Segment};
 
-use super::{Conn, ConnState, Fatal, TX_BATCH_BYTES, TX_IOV_MAX};
 #[cfg(doc)]
 use super::TX_ANSWER_LIMIT;
+use super::{Conn, ConnState, Fatal, TX_BATCH_BYTES, TX_IOV_MAX};
 use crate::sys;
 use crate::wire::{Header, Op, Status, WireIov, MAX_HDR_SIZE, MAX_RMA_IOV};
 use fabric_core::prov::RemoteRange;

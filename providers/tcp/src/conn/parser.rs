@@ -10,7 +10,9 @@ use fabric_core::{
 };
 use tracing::debug;
 
-use super::{Body, Conn, ConnState, Fatal, PendKind, Violation, Pending, Sink, Unexpected, RX_ROUNDS};
+use super::{
+    Body, Conn, ConnState, Fatal, PendKind, Pending, Sink, Unexpected, Violation, RX_ROUNDS,
+};
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
 use fabric_core::prov::{RemoteRange, ScatterList};

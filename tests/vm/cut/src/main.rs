@@ -119,7 +119,8 @@ fn write(a: &Args) -> R<()> {
     let path = file_of(&a.dir, a.run);
     let len = RECORD * RECORDS;
     let _ = std::fs::remove_file(&path);
-    let map = pmem::Mapping::create(&path, len).map_err(|e| format!("map {}: {e}", path.display()))?;
+    let map =
+        pmem::Mapping::create(&path, len).map_err(|e| format!("map {}: {e}", path.display()))?;
     // The file and its name are made durable before any record is written: the check
     // must find the file of every run whose records were acked.
     File::open(&path)
@@ -133,7 +134,11 @@ fn write(a: &Args) -> R<()> {
         path.display(),
         map.kind(),
         map.is_pmem(),
-        if a.commit { "COMMIT_COMPLETE" } else { "DELIVERY_COMPLETE" },
+        if a.commit {
+            "COMMIT_COMPLETE"
+        } else {
+            "DELIVERY_COMPLETE"
+        },
         a.provider
     );
     // The target: auto progress (the provider's thread runs the COMMIT persists).
