@@ -683,8 +683,7 @@ impl RdmEndpoint {
                 },
             );
         } else {
-            let rid = st.next_rid;
-            st.next_rid += 1;
+            let rid = st_next_rid(&mut st.next_rid);
             hdr.rid = rid;
             hdr.raddr = iov.mr.remote().addr.wrapping_add(iov.offset as u64);
             hdr.rkey = iov.mr.key();
@@ -696,20 +695,7 @@ impl RdmEndpoint {
                     done,
                 },
             );
-            if let Some(conn) = st.conns.get_mut(&c) {
-                conn.waiting += 1;
-            }
-            enqueue(
-                inner,
-                &mut st,
-                c,
-                Out {
-                    hdr,
-                    payload,
-                    done: None,
-                    rma: None,
-                },
-            );
+            enqueue_awaited(inner, &mut st, c, hdr, payload);
         }
         Ok(())
     }
@@ -1033,8 +1019,7 @@ impl RdmEndpoint {
         let mut st = inner.st.lock();
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, "atomic")?;
-        let rid = st.next_rid;
-        st.next_rid += 1;
+        let rid = st_next_rid(&mut st.next_rid);
         hdr.rid = rid;
         st.atomics.insert(
             rid,
@@ -1044,20 +1029,7 @@ impl RdmEndpoint {
                 done,
             },
         );
-        if let Some(conn) = st.conns.get_mut(&c) {
-            conn.waiting += 1;
-        }
-        enqueue(
-            inner,
-            &mut st,
-            c,
-            Out {
-                hdr,
-                payload,
-                done: None,
-                rma: None,
-            },
-        );
+        enqueue_awaited(inner, &mut st, c, hdr, payload);
         Ok(())
     }
 
@@ -1302,6 +1274,25 @@ fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
 }
 
 /// Sends what the connection's credits and send buffers allow.
+/// Queues a control message whose answer the connection waits for (a rendezvous
+/// request, an atomic): counted in `waiting` so the connection is not idle-closed.
+fn enqueue_awaited(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
+    if let Some(conn) = st.conns.get_mut(&c) {
+        conn.waiting += 1;
+    }
+    enqueue(
+        inner,
+        st,
+        c,
+        Out {
+            hdr,
+            payload,
+            done: None,
+            rma: None,
+        },
+    );
+}
+
 fn st_next_rid(next: &mut u64) -> u64 {
     let r = *next;
     *next += 1;
@@ -1462,8 +1453,7 @@ fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
 
 /// Hands an unexpected (or just arrived) message to a matched receive.
 fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
-    let key = st.next_rid;
-    st.next_rid += 1;
+    let key = st_next_rid(&mut st.next_rid);
     let Some(conn) = st.conns.get_mut(&u.conn) else {
         return;
     };
