@@ -82,6 +82,80 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) {
     }
 }
 
+/// A set of descriptors watched for readability (an epoll instance, level-triggered),
+/// each reported with the `u64` token it was added with. Providers use it where they
+/// would otherwise poll many mostly idle sockets one by one: asking which of n
+/// descriptors are ready costs O(ready), not O(n), and the set's own descriptor is
+/// readable while any member is, so a sleeper polls one descriptor for all of them.
+/// A descriptor leaves the set when it is closed (or by [`ReadySet::remove`]).
+#[derive(Debug)]
+pub struct ReadySet(OwnedFd);
+
+impl ReadySet {
+    /// An empty set.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(ReadySet(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for input, hang-up and errors, reported as `token`.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            u64: token,
+        };
+        // SAFETY: ev is a live epoll_event; the kernel only reads it. A bad or closed
+        // fd is an error return, not undefined behaviour.
+        let r = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `fd` (closing it has the same effect).
+    pub fn remove(&self, fd: RawFd) {
+        // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is allowed since 2.6.9).
+        let _ = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Appends to `out` the tokens of members that are ready now (at most 256 per
+    /// call; call again for more), without waiting.
+    pub fn ready(&self, out: &mut Vec<u64>) {
+        const BATCH: usize = 256;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        // SAFETY: evs is a live array of BATCH epoll_events the kernel writes into.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                evs.as_mut_ptr(),
+                BATCH as libc::c_int,
+                0,
+            )
+        };
+        for e in evs.iter().take(n.max(0) as usize) {
+            out.push(e.u64);
+        }
+    }
+
+    /// The set's descriptor: readable while a member is ready (to `poll` with others).
+    pub fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 struct Inner<T> {
     items: VecDeque<T>,
     sleepers: usize,
@@ -242,6 +316,52 @@ impl<T> WaitQueue<T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn ready_set_reports_only_ready_members() {
+        let set = ReadySet::new().unwrap();
+        let fds: Vec<EventFd> = (0..100).map(|_| EventFd::new().unwrap()).collect();
+        for (i, f) in fds.iter().enumerate() {
+            set.add(f.raw(), i as u64).unwrap();
+        }
+        let mut out = Vec::new();
+        set.ready(&mut out);
+        assert!(out.is_empty());
+        assert!(!is_readable(set.raw()));
+        fds[7].signal();
+        fds[42].signal();
+        assert!(is_readable(set.raw()));
+        set.ready(&mut out);
+        out.sort();
+        assert_eq!(out, [7, 42]);
+        // Level-triggered: still ready until drained; removed members are not reported.
+        set.remove(fds[7].raw());
+        out.clear();
+        set.ready(&mut out);
+        assert_eq!(out, [42]);
+        fds[42].drain();
+        out.clear();
+        set.ready(&mut out);
+        assert!(out.is_empty());
+        // A closed member leaves the set by itself.
+        let extra = EventFd::new().unwrap();
+        set.add(extra.raw(), 1000).unwrap();
+        extra.signal();
+        drop(extra);
+        out.clear();
+        set.ready(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    fn is_readable(fd: RawFd) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
 
     #[test]
     fn fifo_signal_and_drain() {

@@ -183,10 +183,7 @@ impl Device {
                     cell.acks_held.store(now.0, Ordering::Release);
                 }
                 self.acks_held.store(true, Ordering::Release);
-                cell.deadline.store(
-                    slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
-                    Ordering::Release,
-                );
+                self.set_deadline(&cell, slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0));
                 continue;
             }
             self.flush_qp(&cell, &mut slot, now);
@@ -195,19 +192,29 @@ impl Device {
 
     /// Runs the QP timers that are due and releases delayed frames.
     pub(super) fn timers(&self, now: Time) {
-        let due: Vec<Arc<QpCell>> = {
+        // One word says whether any QP timer can be due; only then are the QPs
+        // scanned, and the scan recomputes the word. It is cleared before the scan,
+        // so a deadline another thread sets meanwhile (`set_deadline`: store, then
+        // fetch_min) is either seen by the scan or survives in the word.
+        let due: Vec<Arc<QpCell>> = if self.next_deadline.load(Ordering::Acquire) > now.0 {
+            Vec::new()
+        } else {
+            // A swap, not a store: it reads the last fetch_min, so the deadline that
+            // fetch_min published is visible to the scan.
+            self.next_deadline.swap(u64::MAX, Ordering::AcqRel);
             let qps = self.qps.read();
-            if !qps
-                .values()
-                .any(|c| c.deadline.load(Ordering::Acquire) <= now.0)
-            {
-                Vec::new()
-            } else {
-                qps.values()
-                    .filter(|c| c.deadline.load(Ordering::Acquire) <= now.0)
-                    .cloned()
-                    .collect()
+            let mut later = u64::MAX;
+            let mut due = Vec::new();
+            for c in qps.values() {
+                let d = c.deadline.load(Ordering::Acquire);
+                if d <= now.0 {
+                    due.push(c.clone());
+                } else {
+                    later = later.min(d);
+                }
             }
+            self.next_deadline.fetch_min(later, Ordering::AcqRel);
+            due
         };
         for cell in due {
             let mut slot = cell.slot.lock();
@@ -298,7 +305,7 @@ impl Device {
             // Come back for the rest (the timer pass flushes it).
             deadline = deadline.min(resume.max(now.0));
         }
-        cell.deadline.store(deadline, Ordering::Release);
+        self.set_deadline(cell, deadline);
     }
 
     /// Sends frames, through the fault injector and capture when configured. `out`

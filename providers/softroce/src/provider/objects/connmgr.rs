@@ -12,6 +12,8 @@ impl Shared {
             listeners,
             half_open,
             eps,
+            ready,
+            ..
         } = &mut *cm;
         // One poll(2) tells whether any CM socket has something to say: accept(2) on
         // an idle listener costs several µs (the kernel sets up a socket and a file
@@ -24,16 +26,10 @@ impl Shared {
                 .map(|l| l.sock.as_raw_fd()),
         );
         fds.extend(half_open.iter().map(|h| h.sock.as_raw_fd()));
-        let mut live = 0;
-        for ep in eps.iter().filter_map(Weak::upgrade) {
-            live += 1;
-            if let Some(fd) = ep.cm.lock().sock.as_ref().map(|s| s.as_raw_fd()) {
-                fds.push(fd);
-            }
-        }
+        fds.push(ready.raw());
         let now = Instant::now();
         let overdue = half_open.next_deadline().is_some_and(|d| now >= d);
-        if !overdue && live == eps.len() && !sys::any_readable(&fds) {
+        if !overdue && !sys::any_readable(&fds) {
             return;
         }
         for (id, l) in listeners.iter() {
@@ -114,13 +110,17 @@ impl Shared {
                 }
             }
         }
-        eps.retain(|w| match w.upgrade() {
-            Some(ep) => {
-                ep.cm_poll();
-                true
+        // Only the endpoints whose CM socket is ready (a message, the peer's closure).
+        let mut tokens = Vec::new();
+        ready.ready(&mut tokens);
+        for t in tokens {
+            match eps.get(&t).and_then(Weak::upgrade) {
+                Some(ep) => ep.cm_poll(),
+                None => {
+                    eps.remove(&t);
+                }
             }
-            None => false,
-        });
+        }
     }
 }
 
@@ -428,10 +428,11 @@ impl CmOps for SrEndpoint {
         sock.set_nonblocking(true)?;
         cm.local = Some(local);
         cm.peer = Some(sa);
+        let fd = sock.as_raw_fd();
         cm.sock = Some(sock);
         cm.phase = Phase::AwaitReply;
         drop(cm);
-        ep.shared.cm.lock().eps.push(Arc::downgrade(&self.inner));
+        ep.shared.cm.lock().watch(&self.inner, fd)?;
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use super::Config;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
 use fabric_core::prov::KeyMap;
 use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
-use fabric_core::wait::WaitQueue;
+use fabric_core::wait::{ReadySet, WaitQueue};
 
 mod connmgr;
 mod datapath;
@@ -53,14 +53,48 @@ pub(crate) struct Shared {
     config: Config,
 }
 
-#[derive(Default)]
 struct CmState {
     listeners: HashMap<u64, CmListener>,
     /// Accepted connections whose request is still arriving: at most
     /// [`prov::HALF_OPEN_MAX`] (one more closes the oldest), each for at most
     /// [`prov::HALF_OPEN_AGE`].
     half_open: prov::HalfOpen<Incoming>,
-    eps: Vec<Weak<EpInner>>,
+    /// Endpoints with a CM socket, by fid. Their sockets are in `ready`, so the
+    /// connection manager reads only those with something to say: an idle connection
+    /// costs nothing per progress round or sleep (issue 11, item 8).
+    eps: HashMap<u64, Weak<EpInner>>,
+    ready: ReadySet,
+    /// `eps.len()` after the last sweep of ended endpoints (amortized: a sweep runs
+    /// when the map has doubled since).
+    swept: usize,
+}
+
+impl CmState {
+    fn new() -> Result<CmState> {
+        Ok(CmState {
+            listeners: HashMap::new(),
+            half_open: prov::HalfOpen::default(),
+            eps: HashMap::new(),
+            ready: ReadySet::new()?,
+            swept: 0,
+        })
+    }
+
+    /// Watches an endpoint's CM socket.
+    fn watch(&mut self, ep: &Arc<EpInner>, fd: RawFd) -> Result<()> {
+        self.ready.add(fd, ep.fid.0)?;
+        self.eps.insert(ep.fid.0, Arc::downgrade(ep));
+        if self.eps.len() > 2 * self.swept + 64 {
+            // Ended endpoints' sockets left the ready set when they closed; their
+            // entries go here, in a sweep whose cost the doubling amortizes.
+            self.eps.retain(|_, w| {
+                w.upgrade()
+                    .is_some_and(|ep| ep.cm.try_lock().is_none_or(|cm| cm.sock.is_some()))
+            });
+            self.swept = self.eps.len();
+        }
+        Ok(())
+    }
 }
 
 struct CmListener {
@@ -135,7 +169,7 @@ impl SrFabric {
     pub(crate) fn open(info: &Info, config: Config) -> Result<SrFabric> {
         let shared = Arc::new(Shared {
             devices: RwLock::new(Vec::new()),
-            cm: Mutex::new(CmState::default()),
+            cm: Mutex::new(CmState::new()?),
             auto: AtomicBool::new(false),
             tick: AtomicU32::new(0),
             config,
@@ -270,11 +304,12 @@ impl DomainOps for SrDomain {
             let mut cm = inner.cm.lock();
             cm.local = Some(local);
             cm.peer = sock.peer_addr().ok();
+            let fd = sock.as_raw_fd();
             cm.sock = Some(sock);
             cm.phase = Phase::Accepting;
             cm.request = Some(req);
             drop(cm);
-            self.shared.cm.lock().eps.push(Arc::downgrade(&inner));
+            self.shared.cm.lock().watch(&inner, fd)?;
         }
         Ok(Arc::new(SrEndpoint { inner }))
     }

@@ -43,11 +43,8 @@ impl Shared {
                     .map(|l| l.sock.as_raw_fd()),
             );
             fds.extend(cm.half_open.iter().map(|h| h.sock.as_raw_fd()));
-            for ep in cm.eps.iter().filter_map(Weak::upgrade) {
-                if let Some(fd) = ep.cm.lock().sock.as_ref().map(|s| s.as_raw_fd()) {
-                    fds.push(fd);
-                }
-            }
+            // Every endpoint's CM socket, as one descriptor.
+            fds.push(cm.ready.raw());
         }
         if let Some(q) = queue_fd {
             fds.push(q);
