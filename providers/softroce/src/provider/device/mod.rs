@@ -511,7 +511,7 @@ impl Device {
     }
 
     /// Publishes a QP's next timer (`u64::MAX`: none).
-    pub(super) fn set_deadline(&self, cell: &QpCell, deadline: u64) {
+    fn set_deadline(&self, cell: &QpCell, deadline: u64) {
         cell.deadline.store(deadline, Ordering::Release);
         self.next_deadline.fetch_min(deadline, Ordering::AcqRel);
     }
