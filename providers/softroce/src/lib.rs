@@ -9,9 +9,11 @@
 //! using that address; packets are demultiplexed by destination QPN, every ICRC is
 //! verified (see "Receiving rxe's packets" below; bad packets are dropped and counted,
 //! [`device_stats`]), and a connected QP takes packets only from its peer's address
-//! and source port (others are dropped and counted as `wrong_source`). Several devices on one machine use several loopback addresses;
-//! if 4791 on an address is taken by another process, opening fails with
-//! `AddressInUse` and says to use another one. A client picks its device from
+//! and source port (others are dropped and counted as `wrong_source`). Several devices on one machine use several loopback addresses.
+//! A device address is shared by every process of the user that opens it, as kernel
+//! rxe is shared (below, "One device, many processes"); if 4791 on an address is
+//! taken by a program that does not share it (kernel rxe, another user's softroce),
+//! opening fails with `AddressInUse` and says to use another one. A client picks its device from
 //! `info.src_addr`; without one, from the route to the server (127.0.0.1 for a
 //! loopback server), or from a free loopback address when 127.0.0.1:4791 is taken by
 //! another process. Tests and tools never depend
@@ -109,6 +111,27 @@
 //!   `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
 //!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the
 //!   device sends; `SOFTROCE_PCAP=/path/file.pcap` captures every frame it sends.
+//!
+//! ## One device, many processes
+//! Every process that opens the device on an address binds its own UDP socket on
+//! `<ip>:4791` with `SO_REUSEPORT` (the kernel groups only sockets of one user, and
+//! refuses the group to a program holding the port without it) and takes a *slot*
+//! 1..=255: the abstract Unix datagram socket `@softroce/<ip>/<slot>`, whose bind is
+//! exclusive and which the kernel frees when the process exits, so a slot never leaks.
+//! Its QP numbers carry the slot in bits 16..24. The kernel hands each arriving
+//! datagram to one socket of the group (a hash of its addresses and ports, so one
+//! peer device's packets all go to one process); that process dispatches what is for
+//! its own QPs and passes the rest, with their source address, to the owner's slot
+//! socket, whose process checks them as if it had received them (ICRC, IP ID window,
+//! source, PSN). No process is special; when one exits the kernel spreads its flows
+//! over the others. Costs and limits: a datagram for another process crosses one more
+//! socket (a copy and a system call at each end); the slot sockets take datagrams only
+//! from processes of the same user (`SCM_CREDENTIALS` checked on each, others dropped
+//! and counted as `forward_refused`), so another local user cannot inject a forged
+//! peer address through them; at most 255 processes per address and 65,536 QPs per
+//! process. [`DeviceStats`] counts `forwarded`, `forwarded_in` and `forward_refused`.
+//! Tested by `tests/shared_device.rs`: four processes on one address, each with its
+//! own connection to a server, messages and RMA verified, packets passed between them.
 //!
 //! ## Receiving rxe's packets
 //! Linux rdma_rxe sends its packets with DF and an IP ID that increments per packet

@@ -235,9 +235,9 @@ impl RawQp {
             if let Some(t) = self.dev.next_timer() {
                 wait = wait.min(t);
             }
-            let [a, b] = self.dev.fds();
+            let fds = self.dev.fds();
             self.dev.begin_sleep();
-            fabric_core::wait::poll_readable(&[a, b], Some(wait));
+            fabric_core::wait::poll_readable(&fds, Some(wait));
             self.dev.end_sleep();
         }
     }

@@ -43,7 +43,8 @@ fn setsockopt_int(
 /// Binds the device's UDP socket on `ip:port`: non-blocking, don't-fragment with
 /// IP ID 0 (`IP_PMTUDISC_DO`, what the ICRC assumes), large buffers.
 pub(crate) fn bind_udp(ip: Ipv4Addr, port: u16) -> io::Result<UdpSocket> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(ip, port))?;
+    // Shared with the other processes that use the device on `ip` (SO_REUSEPORT).
+    let sock = super::device::share::bind_reuseport(SocketAddrV4::new(ip, port))?;
     sock.set_nonblocking(true)?;
     let fd = sock.as_raw_fd();
     setsockopt_int(

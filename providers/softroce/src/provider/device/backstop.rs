@@ -44,7 +44,11 @@ pub(super) fn backstop(weak: Weak<Device>) {
             .next_timer()
             .map_or(BACKSTOP_IDLE, |t| t.min(BACKSTOP_IDLE));
         fabric_core::wait::poll_readable(
-            &[dev.sock.as_raw_fd(), dev.backstop_efd.raw()],
+            &[
+                dev.sock.as_raw_fd(),
+                dev.backstop_efd.raw(),
+                dev.share.raw(),
+            ],
             Some(timeout),
         );
         dev.backstop_waiting.store(false, Ordering::Release);

@@ -83,8 +83,62 @@ impl Device {
                 break;
             }
         }
+        self.take_forwarded(&mut rx, hold_acks);
         self.timers(now);
         drop(rx);
+    }
+
+    /// Receives what other processes sharing the device passed to this one (frames
+    /// for its QPs that the kernel gave to their sockets) and dispatches it as if
+    /// received here.
+    fn take_forwarded(&self, st: &mut RxState, hold_acks: bool) {
+        for _ in 0..MAX_ROUNDS {
+            let mut fwd = std::mem::take(&mut st.fwd);
+            let mut n = 0;
+            while n < BATCH {
+                if fwd.len() <= n {
+                    fwd.push((
+                        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                        vec![0; sys::MAX_DATAGRAM],
+                    ));
+                }
+                let (src, buf) = &mut fwd[n];
+                buf.resize(sys::MAX_DATAGRAM, 0);
+                match self.share.recv(buf) {
+                    Ok(Some((from, len))) => {
+                        *src = from;
+                        buf.truncate(len);
+                        n += 1;
+                    }
+                    Ok(None) => break,
+                    Err(()) => {
+                        self.counters
+                            .forward_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if n > 0 {
+                self.counters
+                    .forwarded_in
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let RxState {
+                    touched, ip_ids, ..
+                } = st;
+                let now = self.now();
+                self.dispatch_frames(
+                    fwd[..n].iter().map(|(a, b)| (*a, &b[..])),
+                    touched,
+                    ip_ids,
+                    now,
+                    hold_acks,
+                );
+            }
+            st.fwd = fwd;
+            if n < BATCH {
+                break;
+            }
+        }
     }
 
     /// Tells the owners of QPs that entered ERROR on their own (a refused access, a
@@ -116,13 +170,29 @@ impl Device {
             rx,
             touched,
             ip_ids,
+            ..
         } = st;
+        self.dispatch_frames((0..n).map(|i| rx.get(i)), touched, ip_ids, now, hold_acks);
+        self.counters
+            .rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// [`Self::dispatch`] for any source of frames (the socket's batch, or frames
+    /// other processes passed on).
+    fn dispatch_frames<'a>(
+        &self,
+        frames: impl Iterator<Item = (SocketAddrV4, &'a [u8])>,
+        touched: &mut Vec<Arc<QpCell>>,
+        ip_ids: &mut HashMap<Ipv4Addr, IpIdWindow>,
+        now: Time,
+        hold_acks: bool,
+    ) {
         {
             let qps = self.qps.read();
             let mut last: Option<(u32, &Arc<QpCell>)> = None;
             let mut slot_guard = None;
-            for i in 0..n {
-                let (src, bytes) = rx.get(i);
+            for (src, bytes) in frames {
                 let icrc = IcrcContext::rxe(*src.ip(), self.ip, src.port(), ROCE_UDP_PORT);
                 let ip_id = match icrc.solve_ip_id(bytes) {
                     Ok(id) if bytes.len() >= 16 => id,
@@ -135,7 +205,16 @@ impl Device {
                 if last.is_none_or(|(q, _)| q != qpn) {
                     slot_guard = None;
                     let Some(cell) = qps.get(&qpn) else {
-                        self.counters.unknown_qp.fetch_add(1, Ordering::Relaxed);
+                        // Another process's QP on this shared device: pass it on.
+                        let owner = share::Share::owner(qpn);
+                        if owner != 0
+                            && owner != self.share.slot()
+                            && self.share.forward(owner, src, bytes)
+                        {
+                            self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            self.counters.unknown_qp.fetch_add(1, Ordering::Relaxed);
+                        }
                         last = None;
                         continue;
                     };
@@ -168,9 +247,6 @@ impl Device {
                 }
             }
         }
-        self.counters
-            .rx_packets
-            .fetch_add(n as u64, Ordering::Relaxed);
         for cell in touched.drain(..) {
             let mut slot = cell.slot.lock();
             // Completions first, so the application sees the receive now.

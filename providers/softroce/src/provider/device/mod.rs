@@ -51,6 +51,7 @@ mod backstop;
 mod config;
 mod io;
 mod qp;
+pub(crate) mod share;
 
 use backstop::backstop;
 pub use backstop::DEFAULT_BACKSTOP;
@@ -72,8 +73,16 @@ pub struct DeviceStats {
     pub tx_packets: u64,
     /// Datagrams dropped because their ICRC (or framing) was wrong.
     pub bad_packets: u64,
-    /// Datagrams for a QPN the device does not have.
+    /// Datagrams for a QPN the device does not have (in any process sharing it).
     pub unknown_qp: u64,
+    /// Datagrams for another process's QP on this shared device, passed to it
+    /// (see "One device, many processes" in the crate docs).
+    pub forwarded: u64,
+    /// Datagrams another process passed to this one.
+    pub forwarded_in: u64,
+    /// Datagrams on the device's process-to-process socket from another user, or
+    /// malformed, dropped.
+    pub forward_refused: u64,
     /// Datagrams with a valid ICRC for a connected QP that did not come from that
     /// QP's peer (another address, or another source port than the peer's).
     pub wrong_source: u64,
@@ -199,6 +208,8 @@ struct RxState {
     touched: Vec<Arc<QpCell>>,
     /// The IP IDs seen from each peer address ([`IpIdWindow`]).
     ip_ids: HashMap<Ipv4Addr, IpIdWindow>,
+    /// Frames other processes passed to this one (a receive buffer, reused).
+    fwd: Vec<(SocketAddrV4, Vec<u8>)>,
 }
 
 /// Fault injection and capture between the QPs and the socket; locked only while one
@@ -217,6 +228,9 @@ struct Counters {
     tx_packets: AtomicU64,
     bad_packets: AtomicU64,
     unknown_qp: AtomicU64,
+    forwarded: AtomicU64,
+    forwarded_in: AtomicU64,
+    forward_refused: AtomicU64,
     wrong_source: AtomicU64,
 }
 
@@ -234,6 +248,8 @@ pub struct Device {
     efd: EventFd,
     epoch: Instant,
     qps: RwLock<HashMap<u32, Arc<QpCell>>>,
+    /// This process's slot on the shared device; its QPNs are `slot << 16 | n`.
+    share: share::Share,
     next_qpn: AtomicU32,
     rx: Mutex<RxState>,
     extras: Mutex<TxExtras>,
@@ -395,9 +411,12 @@ impl Device {
                 Error::from(e).context(format!("softroce: bind UDP {ip}:{ROCE_UDP_PORT}"))
             }
         })?;
+        let share = share::Share::open(ip)
+            .map_err(|e| Error::from(e).context(format!("softroce: sharing the device on {ip}")))?;
         let dev = Arc::new(Device {
             ip,
             sock,
+            share,
             efd: EventFd::new()?,
             epoch: Instant::now(),
             qps: RwLock::new(HashMap::new()),
@@ -406,6 +425,7 @@ impl Device {
                 rx: RecvBatch::new(),
                 touched: Vec::with_capacity(8),
                 ip_ids: HashMap::new(),
+                fwd: Vec::new(),
             }),
             extras: Mutex::new(TxExtras {
                 faults: None,
@@ -473,6 +493,9 @@ impl Device {
             tx_packets: c.tx_packets.load(Ordering::Relaxed),
             bad_packets: c.bad_packets.load(Ordering::Relaxed),
             unknown_qp: c.unknown_qp.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            forwarded_in: c.forwarded_in.load(Ordering::Relaxed),
+            forward_refused: c.forward_refused.load(Ordering::Relaxed),
             wrong_source: c.wrong_source.load(Ordering::Relaxed),
             faults: self
                 .extras
@@ -493,9 +516,10 @@ impl Device {
         Time(self.epoch.elapsed().as_nanos() as u64)
     }
 
-    /// Descriptors a sleeper polls: the socket and the wake-up eventfd.
-    pub(crate) fn fds(&self) -> [RawFd; 2] {
-        [self.sock.as_raw_fd(), self.efd.raw()]
+    /// Descriptors a sleeper polls: the socket, the wake-up eventfd and the socket
+    /// other processes sharing the device pass frames through.
+    pub(crate) fn fds(&self) -> [RawFd; 3] {
+        [self.sock.as_raw_fd(), self.efd.raw(), self.share.raw()]
     }
 
     /// Time until the next timer, if any.
@@ -533,14 +557,25 @@ impl Device {
         rep: Arc<Reporting>,
     ) -> Result<u32, Error> {
         let mut qps = self.qps.write();
-        let mut qpn = self.next_qpn.load(Ordering::Relaxed);
-        for _ in 0..0x100_0000 {
-            qpn = (qpn + 1) & 0xFF_FFFF;
-            if qpn > 1 && !qps.contains_key(&qpn) {
+        // This process's numbers: its slot in bits 16..24 (`share`), so that any
+        // process sharing the device knows whose QP a packet is for.
+        let base = u32::from(self.share.slot()) << 16;
+        let mut low = self.next_qpn.load(Ordering::Relaxed);
+        let mut qpn = 0;
+        for _ in 0..0x1_0000 {
+            low = (low + 1) & 0xFFFF;
+            if !qps.contains_key(&(base | low)) {
+                qpn = base | low;
                 break;
             }
         }
-        self.next_qpn.store(qpn, Ordering::Relaxed);
+        if qpn == 0 {
+            return Err(Error::new(
+                ErrorKind::Other,
+                "softroce: this process has 65,536 queue pairs on the device already",
+            ));
+        }
+        self.next_qpn.store(low, Ordering::Relaxed);
         let mut qp = QueuePair::new(qpn, table);
         qp.modify_to_init()
             .map_err(|e| Error::new(ErrorKind::Other, e.to_string()))?;
