@@ -13,11 +13,11 @@
 //! ratio was tens, now about 1), so it holds on a loaded machine. One test in this
 //! file: the read counter is the whole process's.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fabric_core::*;
-use fabric_softroce::{configure_device, free_loopback_ip, DeviceConfig};
+mod support;
+use support::*;
 
 /// Idle connections, as in the measurement: 2 sockets each in this process
 /// (both ends), so the descriptor limit is raised toward its hard limit first.
@@ -80,73 +80,38 @@ fn read_cost(cq: &CompletionQueue, eq: &EventQueue) -> Duration {
     runs[3]
 }
 
-fn hints() -> Hints {
-    Hints::new()
-        .caps(Caps::MSG)
-        .ep_type(EpType::Msg)
-        .provider("softroce")
-}
-
-/// Reads events from `eq` (driving `other`'s progress too) until `n` match `want`.
-fn expect_events(
-    eq: &EventQueue,
-    other: &EventQueue,
-    n: usize,
-    mut want: impl FnMut(Event) -> bool,
-) -> usize {
+/// Reads both sides' event queues (each read drives that side's progress) until
+/// `done`, handing every event to its side's handler: none is dropped.
+fn pump(
+    server: &EventQueue,
+    client: &EventQueue,
+    mut on_server: impl FnMut(Event),
+    mut on_client: impl FnMut(Event),
+    mut done: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut got = 0;
-    while got < n {
-        match eq.read().expect("eq read") {
-            Some(ev) => {
-                if want(ev) {
-                    got += 1;
-                }
-            }
-            None => {
-                let _ = other.read();
-                assert!(Instant::now() < deadline, "{got} of {n} events in 60 s");
-            }
+    while !done() {
+        if let Some(ev) = server.read().expect("eq read") {
+            on_server(ev);
         }
+        if let Some(ev) = client.read().expect("eq read") {
+            on_client(ev);
+        }
+        assert!(Instant::now() < deadline, "events missing after 60 s");
     }
-    got
 }
 
 #[test]
 fn idle_connections_cost_no_reads_per_queue_read() {
-    let s_ip = free_loopback_ip().unwrap();
-    let c_ip = loop {
-        let c = free_loopback_ip().unwrap();
-        if c != s_ip {
-            break c;
-        }
-    };
-    for ip in [s_ip, c_ip] {
-        configure_device(ip, DeviceConfig::default()).unwrap();
-    }
-    let reg = Registry::new().with(fabric_softroce::provider());
-    let sinfo = reg
-        .getinfo(&hints().source(true).node(&s_ip.to_string()).service(0))
-        .unwrap()
-        .remove(0);
-    let sfab = Fabric::open(&sinfo).unwrap();
-    let sdom = sfab.domain(&sinfo).unwrap();
-    let seq = sfab.eq(EqAttr::default()).unwrap();
-    let scq = sdom.cq(CqAttr::default()).unwrap();
-    let pep = sfab.passive_endpoint(&sinfo, &seq).unwrap();
-    pep.listen().unwrap();
-    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
-    let mut cinfo = reg
-        .getinfo(&hints().node(&s_ip.to_string()).service(port))
-        .unwrap()
-        .remove(0);
-    cinfo.src_addr = Some(Address::Inet(SocketAddr::new(c_ip.into(), 0)));
-    let cfab = Fabric::open(&cinfo).unwrap();
-    let cdom = cfab.domain(&cinfo).unwrap();
-    let ceq = cfab.eq(EqAttr::default()).unwrap();
-    let ccq = cdom.cq(CqAttr::default()).unwrap();
+    let ips = addrs(2, true);
+    let (s_ip, c_ip) = (ips[0], ips[1]);
+    let (server, _pep, port) = server(s_ip, Caps::MSG);
+    let client = client(c_ip, &s_ip.to_string(), port, Caps::MSG);
+    let (sdom, seq, scq) = (&server.domain, &server.eq, &server.cq);
+    let (cdom, ceq, ccq) = (&client.domain, &client.eq, &client.cq);
+    let cinfo = &client.info;
 
-    let idle_none = read_cost(&scq, &seq);
+    let idle_none = read_cost(scq, seq);
 
     let n = room_for_connections();
     assert!(
@@ -160,29 +125,42 @@ fn idle_connections_cost_no_reads_per_queue_read() {
     for _ in 0..n / 50 {
         let t0 = Instant::now();
         for _ in 0..50 {
-            let ep = cdom
-                .endpoint(&cinfo, EndpointConfig::new(&ccq, &ceq))
-                .unwrap();
+            let ep = cdom.endpoint(cinfo, EndpointConfig::new(ccq, ceq)).unwrap();
             ep.connect(b"idle").unwrap();
             clients.push(ep);
         }
-        let mut reqs = Vec::new();
-        expect_events(&seq, &ceq, 50, |ev| match ev {
-            Event::ConnRequest(r) => {
-                reqs.push(r);
-                true
-            }
-            other => panic!("server: {other:?}"),
-        });
-        for r in reqs {
+        let reqs = std::cell::RefCell::new(Vec::new());
+        pump(
+            seq,
+            ceq,
+            |ev| match ev {
+                Event::ConnRequest(r) => reqs.borrow_mut().push(r),
+                other => panic!("server: {other:?}"),
+            },
+            |ev| panic!("client, before any accept: {ev:?}"),
+            || reqs.borrow().len() == 50,
+        );
+        for r in reqs.into_inner() {
             let ep = sdom
-                .endpoint(&r.info, EndpointConfig::new(&scq, &seq))
+                .endpoint(&r.info, EndpointConfig::new(scq, seq))
                 .unwrap();
             ep.accept(b"").unwrap();
             servers.push(ep);
         }
-        expect_events(&ceq, &seq, 50, |ev| matches!(ev, Event::Connected { .. }));
-        expect_events(&seq, &ceq, 50, |ev| matches!(ev, Event::Connected { .. }));
+        let (s_conn, c_conn) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        pump(
+            seq,
+            ceq,
+            |ev| match ev {
+                Event::Connected { .. } => s_conn.set(s_conn.get() + 1),
+                other => panic!("server: {other:?}"),
+            },
+            |ev| match ev {
+                Event::Connected { .. } => c_conn.set(c_conn.get() + 1),
+                other => panic!("client: {other:?}"),
+            },
+            || s_conn.get() == 50 && c_conn.get() == 50,
+        );
         batch_ms.push(t0.elapsed().as_secs_f64() * 1e3 / 50.0);
     }
     eprintln!(
@@ -214,7 +192,7 @@ fn idle_connections_cost_no_reads_per_queue_read() {
         "{reads} read(2) calls in {rounds} CM rounds with {n} idle connections: idle endpoints are being read"
     );
 
-    let idle_n = read_cost(&scq, &seq);
+    let idle_n = read_cost(scq, seq);
     let ratio = idle_n.as_secs_f64() / idle_none.as_secs_f64().max(1e-9);
     eprintln!(
         "empty queue reads: {idle_none:?} with no connection, {idle_n:?} with {n} idle ones ({ratio:.1}x)"
@@ -245,11 +223,17 @@ fn idle_connections_cost_no_reads_per_queue_read() {
     assert_eq!(mr_s.to_vec(0, 11).unwrap(), b"still alive");
     clients[0].shutdown().unwrap();
     let fid0 = servers[0].fid();
-    expect_events(&seq, &ceq, 1, |ev| match ev {
-        Event::Shutdown { fid, .. } => {
-            assert_eq!(fid, fid0, "Shutdown on another endpoint");
-            true
-        }
-        _ => false,
-    });
+    let shut = std::cell::Cell::new(false);
+    pump(
+        seq,
+        ceq,
+        |ev| {
+            if let Event::Shutdown { fid, .. } = ev {
+                assert_eq!(fid, fid0, "Shutdown on another endpoint");
+                shut.set(true);
+            }
+        },
+        |_| {},
+        || shut.get(),
+    );
 }

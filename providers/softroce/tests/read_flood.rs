@@ -14,26 +14,23 @@
 //!
 //! The flood is bounded in count (10,000 requests) and the test in time.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use fabric_core::*;
 use fabric_softroce::wire::ext::RethRepr;
 use fabric_softroce::wire::frame::ROCE_UDP_PORT;
 use fabric_softroce::wire::{BthRepr, IcrcContext, Opcode, RoceRepr};
-use fabric_softroce::{configure_device, device_stats, free_loopback_ip, DeviceConfig};
+use fabric_softroce::{configure_device, device_stats, DeviceConfig};
+
+mod support;
+use support::*;
 
 const FLOOD: usize = 10_000;
 const PINGS: usize = 200;
 const MAX_PING: Duration = Duration::from_secs(2);
-
-fn hints() -> Hints {
-    Hints::new()
-        .caps(Caps::MSG | Caps::RMA)
-        .ep_type(EpType::Msg)
-        .provider("softroce")
-}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -109,16 +106,38 @@ fn read_request(
     buf
 }
 
-/// Polls `cq` (and `other`, for its progress) for one completion within `t`.
-fn next(cq: &CompletionQueue, other: &CompletionQueue, t: Duration) -> Option<Completion> {
-    let end = Instant::now() + t;
-    while Instant::now() < end {
-        if let Some(c) = cq.try_next().unwrap() {
-            return Some(c);
+/// Both ends' completion queues, polled from this one thread: reading one side's
+/// queue also drives the other side's progress, and what that read returns is kept
+/// for its side, never dropped.
+struct Cqs<'a> {
+    cqs: [&'a CompletionQueue; 2],
+    kept: [VecDeque<Completion>; 2],
+}
+
+impl<'a> Cqs<'a> {
+    fn new(a: &'a CompletionQueue, b: &'a CompletionQueue) -> Self {
+        Cqs {
+            cqs: [a, b],
+            kept: [VecDeque::new(), VecDeque::new()],
         }
-        let _ = other.try_next();
     }
-    None
+
+    /// Side `i`'s next completion within `t`.
+    fn next(&mut self, i: usize, t: Duration) -> Option<Completion> {
+        let end = Instant::now() + t;
+        while Instant::now() < end {
+            if let Some(c) = self.kept[i].pop_front() {
+                return Some(c);
+            }
+            if let Some(c) = self.cqs[i].try_next().unwrap() {
+                return Some(c);
+            }
+            if let Some(c) = self.cqs[1 - i].try_next().unwrap() {
+                self.kept[1 - i].push_back(c);
+            }
+        }
+        None
+    }
 }
 
 fn event(eq: &EventQueue, cq: &CompletionQueue) -> Event {
@@ -135,60 +154,34 @@ fn event(eq: &EventQueue, cq: &CompletionQueue) -> Event {
 
 #[test]
 fn a_read_flood_leaves_the_devices_other_connections_working() {
-    let ips: Vec<Ipv4Addr> = {
-        let mut v: Vec<Ipv4Addr> = Vec::new();
-        while v.len() < 3 {
-            let ip = free_loopback_ip().unwrap();
-            if !v.contains(&ip) {
-                v.push(ip);
-            }
-        }
-        v
-    };
+    let ips = addrs(3, false);
     let (s_ip, c_ip, x_ip) = (ips[0], ips[1], ips[2]);
     for ip in [s_ip, c_ip] {
         configure_device(ip, DeviceConfig::default()).unwrap();
     }
-    let reg = Registry::new().with(fabric_softroce::provider());
-    let sinfo = reg
-        .getinfo(&hints().source(true).node(&s_ip.to_string()).service(0))
-        .unwrap()
-        .remove(0);
-    let sfab = Fabric::open(&sinfo).unwrap();
-    let sdom = sfab.domain(&sinfo).unwrap();
-    let seq = sfab.eq(EqAttr::default()).unwrap();
-    let scq = sdom.cq(CqAttr::default()).unwrap();
-    let pep = sfab.passive_endpoint(&sinfo, &seq).unwrap();
-    pep.listen().unwrap();
-    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
+    let caps = Caps::MSG | Caps::RMA;
+    let (server, _pep, port) = server(s_ip, caps);
+    let (sdom, seq, scq) = (&server.domain, &server.eq, &server.cq);
     let region = sdom
         .alloc(1 << 20, Access::LOCAL | Access::REMOTE_READ)
         .unwrap();
     let remote = region.remote();
 
     // The legitimate client.
-    let mut cinfo = reg
-        .getinfo(&hints().node(&s_ip.to_string()).service(port))
-        .unwrap()
-        .remove(0);
-    cinfo.src_addr = Some(Address::Inet(SocketAddr::new(c_ip.into(), 0)));
-    let cfab = Fabric::open(&cinfo).unwrap();
-    let cdom = cfab.domain(&cinfo).unwrap();
-    let ceq = cfab.eq(EqAttr::default()).unwrap();
-    let ccq = cdom.cq(CqAttr::default()).unwrap();
-    let cep = cdom
-        .endpoint(&cinfo, EndpointConfig::new(&ccq, &ceq))
-        .unwrap();
+    let client = client(c_ip, &s_ip.to_string(), port, caps);
+    let (ceq, ccq) = (&client.eq, &client.cq);
+    let cdom = &client.domain;
+    let cep = client.endpoint(&client.info);
     cep.connect(b"").unwrap();
-    let Event::ConnRequest(req) = event(&seq, &ccq) else {
+    let Event::ConnRequest(req) = event(seq, ccq) else {
         panic!("expected the client's request")
     };
     let sep = sdom
-        .endpoint(&req.info, EndpointConfig::new(&scq, &seq))
+        .endpoint(&req.info, EndpointConfig::new(scq, seq))
         .unwrap();
     sep.accept(b"").unwrap();
-    assert!(matches!(event(&ceq, &scq), Event::Connected { .. }));
-    assert!(matches!(event(&seq, &ccq), Event::Connected { .. }));
+    assert!(matches!(event(ceq, scq), Event::Connected { .. }));
+    assert!(matches!(event(seq, ccq), Event::Connected { .. }));
 
     // The attacker connects like a client: REQ, the server accepts it, RTU.
     let attacker_qpn = 0x00AB_CDEF;
@@ -196,18 +189,18 @@ fn a_read_flood_leaves_the_devices_other_connections_working() {
     cm.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     cm.write_all(&cm_msg(1, attacker_qpn, 0, x_ip, 4096))
         .unwrap();
-    let Event::ConnRequest(req) = event(&seq, &scq) else {
+    let Event::ConnRequest(req) = event(seq, scq) else {
         panic!("expected the attacker's request")
     };
     let xep = sdom
-        .endpoint(&req.info, EndpointConfig::new(&scq, &seq))
+        .endpoint(&req.info, EndpointConfig::new(scq, seq))
         .unwrap();
     xep.accept(b"").unwrap();
     let (kind, server_qpn, _, mtu) = read_cm(&mut cm);
     assert_eq!(kind, 2, "the server accepts");
     cm.write_all(&cm_msg(4, attacker_qpn, 0, x_ip, mtu))
         .unwrap();
-    assert!(matches!(event(&seq, &scq), Event::Connected { .. }));
+    assert!(matches!(event(seq, scq), Event::Connected { .. }));
 
     // The flood, from the attacker's address, in its own thread, bounded in count.
     let rss0 = rss_kib();
@@ -236,6 +229,8 @@ fn a_read_flood_leaves_the_devices_other_connections_working() {
     let sbuf = sdom.alloc(64, Access::LOCAL).unwrap();
     let cbuf = cdom.alloc(64, Access::LOCAL).unwrap();
     let mut worst = Duration::ZERO;
+    // Side 0 is the server, side 1 the client.
+    let mut cqs = Cqs::new(scq, ccq);
     for i in 0..PINGS {
         let t0 = Instant::now();
         sep.recv(sbuf.iov(0, 64), 1).unwrap();
@@ -243,7 +238,7 @@ fn a_read_flood_leaves_the_devices_other_connections_working() {
         cbuf.write_at(0, &(i as u64).to_le_bytes()).unwrap();
         cep.send(cbuf.iov(0, 8), 3).unwrap();
         let got = loop {
-            let c = next(&scq, &ccq, MAX_PING).unwrap_or_else(|| {
+            let c = cqs.next(0, MAX_PING).unwrap_or_else(|| {
                 panic!("ping {i}: no receive at the server within {MAX_PING:?} during the flood")
             });
             assert!(c.status.is_ok(), "ping {i}: {c:?}");
@@ -255,11 +250,18 @@ fn a_read_flood_leaves_the_devices_other_connections_working() {
         sbuf.write_at(8, &sbuf.to_vec(0, 8).unwrap()).unwrap();
         sep.send(sbuf.iov(8, 8), 4).unwrap();
         let mut done = 0;
+        let mut seen = Vec::new();
         while done < 2 {
-            let c = next(&ccq, &scq, MAX_PING).unwrap_or_else(|| {
-                panic!("ping {i}: no completion at the client within {MAX_PING:?} during the flood")
+            let c = cqs.next(1, MAX_PING).unwrap_or_else(|| {
+                panic!(
+                    "ping {i}: completion {done} of 2 missing at the client after {MAX_PING:?} \
+                     during the flood (had {seen:?}); server {:?}; client {:?}",
+                    device_stats(s_ip),
+                    device_stats(c_ip)
+                )
             });
             assert!(c.status.is_ok(), "ping {i}: {c:?}");
+            seen.push(c.context);
             done += 1;
         }
         assert_eq!(cbuf.to_vec(8, 8).unwrap(), (i as u64).to_le_bytes());

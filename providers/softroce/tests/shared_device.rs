@@ -9,23 +9,19 @@
 //! Children are this test binary run again with `SHARED_DEVICE_CHILD` set (as
 //! `rdm/tests/mesh.rs` does); bounded in time.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fabric_core::*;
-use fabric_softroce::{configure_device, device_stats, free_loopback_ip, DeviceConfig};
+use fabric_softroce::{configure_device, device_stats, DeviceConfig};
+
+mod support;
+use support::*;
 
 const CHILDREN: usize = 4;
 const ROUNDS: usize = 50;
 const T: Duration = Duration::from_secs(20);
-
-fn hints() -> Hints {
-    Hints::new()
-        .caps(Caps::MSG | Caps::RMA)
-        .ep_type(EpType::Msg)
-        .provider("softroce")
-}
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
     (0..len)
@@ -65,17 +61,9 @@ fn shared_device_child() {
     let c_ip: Ipv4Addr = std::env::var("SHARED_CLIENT_IP").unwrap().parse().unwrap();
     let server: String = std::env::var("SHARED_SERVER").unwrap();
     let (s_ip, port) = server.split_once(':').unwrap();
-    let reg = Registry::new().with(fabric_softroce::provider());
-    let mut info = reg
-        .getinfo(&hints().node(s_ip).service(port))
-        .unwrap()
-        .remove(0);
-    info.src_addr = Some(Address::Inet(SocketAddr::new(c_ip.into(), 0)));
-    let fab = Fabric::open(&info).unwrap();
-    let dom = fab.domain(&info).unwrap();
-    let eq = fab.eq(EqAttr::default()).unwrap();
-    let cq = dom.cq(CqAttr::default()).unwrap();
-    let ep = dom.endpoint(&info, EndpointConfig::new(&cq, &eq)).unwrap();
+    let side = client(c_ip, s_ip, port.parse().unwrap(), Caps::MSG | Caps::RMA);
+    let (dom, eq, cq) = (&side.domain, &side.eq, &side.cq);
+    let ep = side.endpoint(&side.info);
     let region = dom
         .alloc(
             64 << 10,
@@ -89,10 +77,10 @@ fn shared_device_child() {
     let mut data = (id as u64).to_le_bytes().to_vec();
     data.extend_from_slice(&region.remote().to_bytes());
     ep.connect(&data).unwrap();
-    assert!(matches!(event(&eq), Event::Connected { .. }));
+    assert!(matches!(event(eq), Event::Connected { .. }));
     let mut round = 0;
     while round < ROUNDS {
-        let c = next(&cq);
+        let c = next(cq);
         if !c.flags.contains(CompFlags::RECV) {
             continue; // an echo's send completion
         }
@@ -139,26 +127,11 @@ fn shared_device_child() {
 
 #[test]
 fn four_processes_share_one_device_address() {
-    let s_ip = free_loopback_ip().unwrap();
-    let c_ip = loop {
-        let ip = free_loopback_ip().unwrap();
-        if ip != s_ip {
-            break ip;
-        }
-    };
+    let ips = addrs(2, false);
+    let (s_ip, c_ip) = (ips[0], ips[1]);
     configure_device(s_ip, DeviceConfig::default()).unwrap();
-    let reg = Registry::new().with(fabric_softroce::provider());
-    let info = reg
-        .getinfo(&hints().source(true).node(&s_ip.to_string()).service(0))
-        .unwrap()
-        .remove(0);
-    let fab = Fabric::open(&info).unwrap();
-    let dom = fab.domain(&info).unwrap();
-    let eq = fab.eq(EqAttr::default()).unwrap();
-    let cq = dom.cq(CqAttr::default()).unwrap();
-    let pep = fab.passive_endpoint(&info, &eq).unwrap();
-    pep.listen().unwrap();
-    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
+    let (server, _pep, port) = server(s_ip, Caps::MSG | Caps::RMA);
+    let (dom, eq, cq) = (&server.domain, &server.eq, &server.cq);
 
     let exe = std::env::current_exe().unwrap();
     let mut children: Vec<_> = (0..CHILDREN)
@@ -179,12 +152,12 @@ fn four_processes_share_one_device_address() {
     let mut eps: Vec<Option<(Endpoint, RemoteMr)>> = (0..CHILDREN).map(|_| None).collect();
     let (mut accepted, mut connected) = (0, 0);
     while accepted < CHILDREN || connected < CHILDREN {
-        match event(&eq) {
+        match event(eq) {
             Event::ConnRequest(req) => {
                 let id = u64::from_le_bytes(req.data[..8].try_into().unwrap()) as usize;
                 let remote = RemoteMr::from_bytes(&req.data[8..]).unwrap();
                 let ep = dom
-                    .endpoint(&req.info, EndpointConfig::new(&cq, &eq))
+                    .endpoint(&req.info, EndpointConfig::new(cq, eq))
                     .unwrap();
                 ep.accept(b"").unwrap();
                 eps[id] = Some((ep, remote));
@@ -210,7 +183,7 @@ fn four_processes_share_one_device_address() {
         }
         let mut echoes = 0;
         while echoes < CHILDREN {
-            let c = next(&cq);
+            let c = next(cq);
             if c.flags.contains(CompFlags::RECV) {
                 let id = (c.context - 100) as usize;
                 assert_eq!(c.len, len);
@@ -245,7 +218,7 @@ fn four_processes_share_one_device_address() {
     // completions may come in between.
     let mut done = 0;
     while done < 2 * CHILDREN {
-        if (300..500).contains(&next(&cq).context) {
+        if (300..500).contains(&next(cq).context) {
             done += 1;
         }
     }

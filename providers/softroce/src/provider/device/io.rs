@@ -16,6 +16,12 @@ impl Device {
         } else {
             u64::MAX - 1
         };
+        // The hint is cleared before the scan and set again if a QP still holds:
+        // a QP that starts holding meanwhile (dispatch: its stamp, then the hint) is
+        // either seen by the scan or leaves the hint set. (Clearing it after the
+        // scan lost such a QP's ACK for good: nothing looked at it again until its
+        // peer retransmitted, and a busy peer's connection stalled for seconds.)
+        self.acks_held.swap(false, Ordering::AcqRel);
         let mut still_held = false;
         let release: Vec<Arc<QpCell>> = {
             let qps = self.qps.read();
@@ -30,8 +36,8 @@ impl Device {
             }
             v
         };
-        if !still_held {
-            self.acks_held.store(false, Ordering::Release);
+        if still_held {
+            self.acks_held.store(true, Ordering::Release);
         }
         for cell in release {
             let mut slot = cell.slot.lock();
