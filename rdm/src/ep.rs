@@ -42,7 +42,7 @@
 //! are quiet when idle (request/response patterns).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -330,6 +330,10 @@ struct Inner {
     /// When an application thread last drove progress ([`stamp`]).
     app_progress: AtomicU64,
     epoch: Instant,
+    /// Progress rounds so far.
+    tick: AtomicU32,
+    /// Some connection forms or closes ([`refresh_cm_busy`]).
+    cm_busy: AtomicBool,
 }
 
 /// Serializes atomics executed by every RDM endpoint of this process, so atomics on
@@ -504,6 +508,8 @@ impl RdmEndpoint {
             progress: Mutex::new(()),
             app_progress: AtomicU64::new(0),
             epoch: Instant::now(),
+            tick: AtomicU32::new(0),
+            cm_busy: AtomicBool::new(false),
         });
         let i2 = inner.clone();
         let thread = std::thread::Builder::new()
@@ -790,8 +796,8 @@ impl RdmEndpoint {
         // polling with peek sees messages arrive without another thread's help. A
         // message still on the wire is not found (None, libfabric's FI_ENOMSG): peek
         // again.
+        touch(inner);
         if let Some(_g) = inner.progress.try_lock() {
-            inner.app_progress.store(stamp(inner), Ordering::Relaxed);
             progress_once(inner, &mut Vec::new(), Duration::ZERO);
         }
         let mut st = inner.st.lock();
@@ -1115,10 +1121,8 @@ impl RdmEndpoint {
 
     /// Moves up to `max` completions into `out` without blocking; returns how many.
     pub fn read(&self, out: &mut Vec<RdmCompletion>, max: usize) -> usize {
+        touch(&self.inner);
         if let Some(_g) = self.inner.progress.try_lock() {
-            self.inner
-                .app_progress
-                .store(stamp(&self.inner), Ordering::Relaxed);
             progress_once(&self.inner, &mut Vec::new(), Duration::ZERO);
         }
         let mut st = self.inner.st.lock();
@@ -1135,6 +1139,7 @@ impl RdmEndpoint {
         let mut batch = Vec::new();
         loop {
             let now = Instant::now();
+            touch(inner);
             {
                 let mut st = inner.st.lock();
                 if let Some(c) = st.completions.pop_front() {
@@ -1157,7 +1162,6 @@ impl RdmEndpoint {
             }
             // Drive progress here: no hand-off through the progress thread.
             if let Some(_g) = inner.progress.try_lock() {
-                inner.app_progress.store(stamp(inner), Ordering::Relaxed);
                 let slice = (deadline - now).min(Duration::from_millis(1));
                 progress_once(inner, &mut batch, slice);
             }
@@ -1262,6 +1266,7 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
         return Err(e.context("rdm: connect"));
     }
     st.by_peer.insert(peer.to_vec(), id);
+    inner.cm_busy.store(true, Ordering::Relaxed);
     Ok(id)
 }
 
@@ -2095,6 +2100,7 @@ fn housekeeping(inner: &Inner, st: &mut State) {
         tracing::debug!("rdm: closing idle connection {id}");
         close_conn(inner, st, id, "idle");
     }
+    refresh_cm_busy(inner, st);
 }
 
 /// Retries sends and credit updates that found the provider's queue full.
@@ -2117,12 +2123,21 @@ fn retry_blocked(inner: &Inner, st: &mut State) {
 /// [`RdmEndpoint::read`], which then skips the hand-off through the thread.
 fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) {
     let mut any = false;
-    for _ in 0..64 {
+    // An event-queue read is the provider's full progress (connection manager, socket
+    // polls): every round while a connection forms or closes, or when this round may
+    // sleep; otherwise every EQ_EVERY rounds, so a busy poller pays for the cheap
+    // completion-queue read only.
+    let tick = inner.tick.fetch_add(1, Ordering::Relaxed);
+    let eq_due = !timeout.is_zero()
+        || inner.cm_busy.load(Ordering::Relaxed)
+        || tick.is_multiple_of(EQ_EVERY);
+    for _ in 0..if eq_due { 64 } else { 0 } {
         match inner.eq.read() {
             Ok(Some(ev)) => {
                 any = true;
                 let mut st = inner.st.lock();
                 on_event(inner, &mut st, ev);
+                refresh_cm_busy(inner, &st);
             }
             Ok(None) => break,
             Err(e) => {
@@ -2133,7 +2148,12 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     }
     batch.clear();
     let timeout = if any { Duration::ZERO } else { timeout };
-    if let Err(e) = inner.cq.sread(batch, 64, Some(timeout)) {
+    let r = if timeout.is_zero() {
+        inner.cq.read(batch, 64)
+    } else {
+        inner.cq.sread(batch, 64, Some(timeout))
+    };
+    if let Err(e) = r {
         tracing::warn!("rdm: completion queue: {e}");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -2151,21 +2171,49 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     }
 }
 
-/// Nanoseconds since `inner.epoch`, for the last application-driven progress.
+/// A busy poller reads the event queue every this many progress rounds while no
+/// connection forms or closes.
+const EQ_EVERY: u32 = 32;
+
+/// Whether some connection waits for a connection-manager event (forming or closing):
+/// progress then reads the event queue every round.
+fn refresh_cm_busy(inner: &Inner, st: &State) {
+    let busy = st
+        .conns
+        .values()
+        .any(|c| !matches!(c.state, CState::Connected | CState::Closed));
+    inner.cm_busy.store(busy, Ordering::Relaxed);
+}
+
+/// Nanoseconds since `inner.epoch`.
 fn stamp(inner: &Inner) -> u64 {
     inner.epoch.elapsed().as_nanos() as u64
+}
+
+/// How long after an application thread's last read, wait or peek the progress thread
+/// leaves progress to the application.
+const APP_ACTIVE: Duration = Duration::from_millis(2);
+
+/// Notes that an application thread is polling or waiting now (whether or not it gets
+/// the progress lock: one that finds the thread's round under way must still keep the
+/// thread away from the next one).
+fn touch(inner: &Inner) {
+    inner.app_progress.store(stamp(inner), Ordering::Relaxed);
 }
 
 fn progress_loop(inner: &Inner) {
     let mut batch = Vec::with_capacity(64);
     let mut last_house = Instant::now();
     while !inner.stop.load(Ordering::Acquire) {
-        // While the application drives progress itself (it waited within the last
-        // 2 ms), stay out of its way; otherwise drive it.
-        let app_recent =
-            stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed)) < 200_000;
+        // While the application drives progress itself (a thread read, waited or
+        // peeked within the last APP_ACTIVE), stay out of its way: a round of this
+        // thread holds the progress lock while it sleeps on the queue, and a busy
+        // poller that cannot take the lock would only see what this thread hands it
+        // (the cost of a wake-up per message). Otherwise drive progress.
+        let app_recent = stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed))
+            < APP_ACTIVE.as_nanos() as u64;
         if app_recent {
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_micros(200));
         } else if let Some(_g) = inner.progress.try_lock() {
             progress_once(inner, &mut batch, Duration::from_millis(1));
         } else {
