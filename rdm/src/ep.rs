@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use fabric_core::{
     Access, Completion, CompletionQueue, CqAttr, CqError, CqErrorKind, Domain, EndpointConfig,
-    EqAttr, Error, ErrorKind, Event, EventQueue, Fid, Info, LocalIov, MemoryRegion,
-    PassiveEndpoint, RemoteIov, Result,
+    EqAttr, Error, ErrorKind, Event, EventQueue, Fid, Info, LocalIov, MemoryRegion, OpFlags,
+    PassiveEndpoint, RemoteIov, Result, RmaMsg,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -132,6 +132,9 @@ pub enum OpKind {
     Write,
     /// An RMA read.
     Read,
+    /// A peer's RMA write with remote CQ data landed here
+    /// ([`RdmEndpoint::writedata_to`]; libfabric's `FI_REMOTE_WRITE | FI_REMOTE_CQ_DATA`).
+    RemoteWrite,
 }
 
 /// A completion of an RDM endpoint.
@@ -228,11 +231,17 @@ struct Rma {
     mr: MemoryRegion,
     offset: usize,
     remote: RemoteIov,
+    /// Remote CQ data (`writedata_to`): announced by a `WriteData` message once the
+    /// write has completed.
+    data: Option<u64>,
 }
 
 struct Conn {
     ep: fabric_core::Endpoint,
-    peer: Vec<u8>,
+    peer: Peer,
+    /// The peer's handle in the address vector, as of AV generation `src_gen`.
+    src: Option<FiAddr>,
+    src_gen: u64,
     state: CState,
     since: Instant,
     last_used: Instant,
@@ -252,27 +261,38 @@ struct Conn {
     retry: bool,
 }
 
-struct Posted {
+/// One range of a posted receive.
+#[derive(Clone)]
+struct Seg {
     mr: MemoryRegion,
     offset: usize,
     len: usize,
+}
+
+struct Posted {
+    segs: Vec<Seg>,
+    /// Bytes of all segments.
+    len: usize,
     context: u64,
-    src: Option<Vec<u8>>,
+    src: Option<Peer>,
     tag: u64,
     ignore: u64,
     tagged: bool,
 }
 
+/// A peer's endpoint name, shared by the records that name it.
+type Peer = Arc<[u8]>;
+
 struct Unexpected {
     conn: u32,
     slot: u32,
     hdr: Header,
-    peer: Vec<u8>,
+    peer: Peer,
 }
 
 struct RndvTx {
     conn: u32,
-    _mr: MemoryRegion,
+    _mrs: Vec<MemoryRegion>,
     done: Done,
 }
 
@@ -280,7 +300,7 @@ struct RndvRx {
     conn: u32,
     recv: Posted,
     hdr: Header,
-    peer: Vec<u8>,
+    peer: Peer,
     len: usize,
     truncated: bool,
 }
@@ -305,7 +325,7 @@ struct State {
     next_claim: u64,
     rndv_tx: HashMap<u64, RndvTx>,
     rndv_rx: HashMap<u64, RndvRx>,
-    rma_ops: HashMap<u64, (u32, Done)>,
+    rma_ops: HashMap<u64, (u32, Done, Option<u64>)>,
     atomics: HashMap<u64, AtomicTx>,
     next_rid: u64,
     completions: VecDeque<RdmCompletion>,
@@ -325,8 +345,9 @@ struct Inner {
     st: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
-    /// Serializes progress rounds (reading and handling underlying completions).
-    progress: Mutex<()>,
+    /// Serializes progress rounds (reading and handling underlying completions); holds
+    /// the round's completion buffer.
+    progress: Mutex<Vec<Completion>>,
     /// When an application thread last drove progress ([`stamp`]).
     app_progress: AtomicU64,
     epoch: Instant,
@@ -505,7 +526,7 @@ impl RdmEndpoint {
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
-            progress: Mutex::new(()),
+            progress: Mutex::new(Vec::with_capacity(64)),
             app_progress: AtomicU64::new(0),
             epoch: Instant::now(),
             tick: AtomicU32::new(0),
@@ -567,6 +588,12 @@ impl RdmEndpoint {
 
     /// Sends a message to `dest` (`fi_send`).
     pub fn send_to(&self, iov: LocalIov<'_>, dest: FiAddr, context: u64) -> Result<()> {
+        self.send_inner(&[iov], dest, None, None, context, false)
+    }
+    /// Sends a message gathered from several ranges (`fi_sendv`): at most
+    /// [`IOV_LIMIT`] ranges; above the eager limit, at most the MSG provider's
+    /// `rma_iov_limit` (the receiver reads them as remote ranges).
+    pub fn sendv_to(&self, iov: &[LocalIov<'_>], dest: FiAddr, context: u64) -> Result<()> {
         self.send_inner(iov, dest, None, None, context, false)
     }
     /// Sends with remote CQ data (`fi_senddata`).
@@ -577,14 +604,25 @@ impl RdmEndpoint {
         dest: FiAddr,
         context: u64,
     ) -> Result<()> {
-        self.send_inner(iov, dest, None, Some(data), context, false)
+        self.send_inner(&[iov], dest, None, Some(data), context, false)
     }
     /// Sends a small message copied at the call, with no completion (`fi_inject`).
     pub fn inject_to(&self, iov: LocalIov<'_>, dest: FiAddr) -> Result<()> {
-        self.send_inner(iov, dest, None, None, 0, true)
+        self.send_inner(&[iov], dest, None, None, 0, true)
     }
     /// Sends a tagged message (`fi_tsend`).
     pub fn tsend(&self, iov: LocalIov<'_>, dest: FiAddr, tag: u64, context: u64) -> Result<()> {
+        self.send_inner(&[iov], dest, Some(tag), None, context, false)
+    }
+    /// Sends a tagged message gathered from several ranges (`fi_tsendv`; limits as
+    /// [`sendv_to`](Self::sendv_to)).
+    pub fn tsendv(
+        &self,
+        iov: &[LocalIov<'_>],
+        dest: FiAddr,
+        tag: u64,
+        context: u64,
+    ) -> Result<()> {
         self.send_inner(iov, dest, Some(tag), None, context, false)
     }
     /// Sends a tagged message with remote CQ data (`fi_tsenddata`).
@@ -596,12 +634,12 @@ impl RdmEndpoint {
         tag: u64,
         context: u64,
     ) -> Result<()> {
-        self.send_inner(iov, dest, Some(tag), Some(data), context, false)
+        self.send_inner(&[iov], dest, Some(tag), Some(data), context, false)
     }
     /// Sends a small tagged message copied at the call, with no completion
     /// (`fi_tinject`).
     pub fn tinject(&self, iov: LocalIov<'_>, dest: FiAddr, tag: u64) -> Result<()> {
-        self.send_inner(iov, dest, Some(tag), None, 0, true)
+        self.send_inner(&[iov], dest, Some(tag), None, 0, true)
     }
 
     fn peer_of(&self, a: FiAddr, what: &str) -> Result<Vec<u8>> {
@@ -613,7 +651,7 @@ impl RdmEndpoint {
 
     fn send_inner(
         &self,
-        iov: LocalIov<'_>,
+        iov: &[LocalIov<'_>],
         dest: FiAddr,
         tag: Option<u64>,
         data: Option<u64>,
@@ -621,33 +659,53 @@ impl RdmEndpoint {
         inject: bool,
     ) -> Result<()> {
         let what = if tag.is_some() { "tsend" } else { "send" };
-        check_iov(&iov, Access::SEND, &self.inner.domain, what)?;
-        if iov.len > self.inner.info.limits.max_msg_size {
+        let inner = &*self.inner;
+        if iov.is_empty() || iov.len() > IOV_LIMIT {
             return Err(Error::invalid(format!(
-                "{what}: {} bytes exceed max_msg_size {}",
-                iov.len, self.inner.info.limits.max_msg_size
+                "{what}: {} ranges (1 to {IOV_LIMIT} allowed)",
+                iov.len()
             )));
         }
-        let peer = self.peer_of(dest, what)?;
-        let eager = iov.len <= self.inner.attr.eager_limit;
+        let mut len = 0usize;
+        for v in iov {
+            check_iov(v, Access::SEND, &inner.domain, what)?;
+            len += v.len;
+        }
+        if len > inner.info.limits.max_msg_size {
+            return Err(Error::invalid(format!(
+                "{what}: {len} bytes exceed max_msg_size {}",
+                inner.info.limits.max_msg_size
+            )));
+        }
+        let eager = len <= inner.attr.eager_limit;
         if inject && !eager {
             return Err(Error::invalid(format!(
-                "{what}: an inject of {} bytes exceeds the eager limit {}",
-                iov.len, self.inner.attr.eager_limit
+                "{what}: an inject of {len} bytes exceeds the eager limit {}",
+                inner.attr.eager_limit
             )));
         }
-        if !eager && !iov.mr.access().contains(Access::REMOTE_READ) {
-            return Err(Error::new(
-                ErrorKind::AccessDenied,
-                format!(
-                    "{what}: a message above the eager limit ({} bytes) goes by rendezvous, \
-                     which needs its region registered with REMOTE_READ",
-                    self.inner.attr.eager_limit
-                ),
-            ));
+        if !eager {
+            if iov.iter().any(|v| !v.mr.access().contains(Access::REMOTE_READ)) {
+                return Err(Error::new(
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{what}: a message above the eager limit ({} bytes) goes by \
+                         rendezvous, which needs its regions registered with REMOTE_READ",
+                        inner.attr.eager_limit
+                    ),
+                ));
+            }
+            if iov.len() > inner.info.limits.rma_iov_limit {
+                return Err(Error::invalid(format!(
+                    "{what}: a rendezvous message may have at most {} ranges (the \
+                     provider's rma_iov_limit), not {}",
+                    inner.info.limits.rma_iov_limit,
+                    iov.len()
+                )));
+            }
         }
         let mut hdr = Header::new(if eager { Op::Eager } else { Op::Rts });
-        hdr.len = iov.len as u64;
+        hdr.len = len as u64;
         if let Some(t) = tag {
             hdr.flags |= F_TAGGED;
             hdr.tag = t;
@@ -663,20 +721,23 @@ impl RdmEndpoint {
             } else {
                 OpKind::Send
             },
-            len: iov.len,
+            len,
             tag: tag.unwrap_or(0),
             cntr: CntrEvents::SEND,
         };
-        let payload = if eager {
-            iov.mr.to_vec(iov.offset, iov.len)?
-        } else {
-            Vec::new()
-        };
-        let inner = &*self.inner;
+        let peer = self.peer_of(dest, what)?;
         let mut st = inner.st.lock();
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, what)?;
+        let done = (!inject).then_some(done);
         if eager {
+            // The usual case: nothing queued, a credit and a send buffer free. The
+            // payload goes straight from the application's ranges into the send
+            // buffer, with no allocation.
+            if send_now(&mut st, c, &mut hdr, iov, done) {
+                return Ok(());
+            }
+            let payload = gather(iov)?;
             enqueue(
                 inner,
                 &mut st,
@@ -684,21 +745,29 @@ impl RdmEndpoint {
                 Out {
                     hdr,
                     payload,
-                    done: (!inject).then_some(done),
+                    done,
                     rma: None,
                 },
             );
         } else {
             let rid = st_next_rid(&mut st.next_rid);
             hdr.rid = rid;
-            hdr.raddr = iov.mr.remote().addr.wrapping_add(iov.offset as u64);
-            hdr.rkey = iov.mr.key();
+            hdr.raddr = iov.len() as u64;
+            // The ranges to read, as (address, length, key) triples.
+            let mut payload = Vec::with_capacity(RNDV_ENTRY * iov.len());
+            for v in iov {
+                payload.extend_from_slice(
+                    &v.mr.remote().addr.wrapping_add(v.offset as u64).to_le_bytes(),
+                );
+                payload.extend_from_slice(&(v.len as u64).to_le_bytes());
+                payload.extend_from_slice(&v.mr.key().to_le_bytes());
+            }
             st.rndv_tx.insert(
                 rid,
                 RndvTx {
                     conn: c,
-                    _mr: iov.mr.clone(),
-                    done,
+                    _mrs: iov.iter().map(|v| v.mr.clone()).collect(),
+                    done: done.expect("a rendezvous send is no inject"),
                 },
             );
             enqueue_awaited(inner, &mut st, c, hdr, payload);
@@ -710,11 +779,16 @@ impl RdmEndpoint {
 
     /// Posts a receive for a message from anyone (`fi_recv`).
     pub fn recv(&self, iov: LocalIov<'_>, context: u64) -> Result<()> {
-        self.recv_inner(iov, None, None, context)
+        self.recv_inner(&[iov], None, None, context)
+    }
+    /// Posts a receive scattering into several ranges (`fi_recvv`), from `src` only
+    /// when given: at most [`IOV_LIMIT`] ranges and the MSG provider's `iov_limit`.
+    pub fn recvv(&self, iov: &[LocalIov<'_>], src: Option<FiAddr>, context: u64) -> Result<()> {
+        self.recv_inner(iov, src, None, context)
     }
     /// Posts a receive for a message from `src` only (`FI_DIRECTED_RECV`).
     pub fn recv_from(&self, iov: LocalIov<'_>, src: FiAddr, context: u64) -> Result<()> {
-        self.recv_inner(iov, Some(src), None, context)
+        self.recv_inner(&[iov], Some(src), None, context)
     }
     /// Posts a tagged receive: it matches a message whose tag equals `tag` in every
     /// bit not set in `ignore`, from `src` (or anyone), in posting order
@@ -727,24 +801,37 @@ impl RdmEndpoint {
         ignore: u64,
         context: u64,
     ) -> Result<()> {
+        self.recv_inner(&[iov], src, Some((tag, ignore)), context)
+    }
+    /// A tagged receive scattering into several ranges (`fi_trecvv`; limits as
+    /// [`recvv`](Self::recvv)).
+    pub fn trecvv(
+        &self,
+        iov: &[LocalIov<'_>],
+        src: Option<FiAddr>,
+        tag: u64,
+        ignore: u64,
+        context: u64,
+    ) -> Result<()> {
         self.recv_inner(iov, src, Some((tag, ignore)), context)
     }
 
     fn recv_inner(
         &self,
-        iov: LocalIov<'_>,
+        iov: &[LocalIov<'_>],
         src: Option<FiAddr>,
         tag: Option<(u64, u64)>,
         context: u64,
     ) -> Result<()> {
         let what = if tag.is_some() { "trecv" } else { "recv" };
-        check_iov(&iov, Access::RECV, &self.inner.domain, what)?;
-        let src = src.map(|a| self.peer_of(a, what)).transpose()?;
+        let segs = recv_segs(&self.inner, iov, what)?;
+        let src = src
+            .map(|a| self.peer_of(a, what).map(Peer::from))
+            .transpose()?;
         let (t, ig) = tag.unwrap_or((0, 0));
         let p = Posted {
-            mr: iov.mr.clone(),
-            offset: iov.offset,
-            len: iov.len,
+            len: segs.iter().map(|s| s.len).sum(),
+            segs,
             context,
             src,
             tag: t,
@@ -797,23 +884,25 @@ impl RdmEndpoint {
         // message still on the wire is not found (None, libfabric's FI_ENOMSG): peek
         // again.
         touch(inner);
-        if let Some(_g) = inner.progress.try_lock() {
-            progress_once(inner, &mut Vec::new(), Duration::ZERO);
+        if let Some(mut batch) = inner.progress.try_lock() {
+            progress_once(inner, &mut batch, Duration::ZERO);
         }
         let mut st = inner.st.lock();
         let Some(i) = st
             .unexp_tag
             .iter()
-            .position(|u| matches_spec(&src, true, tag, ignore, u))
+            .position(|u| matches_spec(src.as_deref(), true, tag, ignore, u))
         else {
             return Ok(None);
         };
+        let (conn, peer) = (st.unexp_tag[i].conn, st.unexp_tag[i].peer.clone());
+        let src = src_of(inner, &mut st, conn, &peer);
         let u = &st.unexp_tag[i];
         let mut out = Peeked {
             len: u.hdr.len as usize,
             tag: u.hdr.tag,
             data: (u.hdr.flags & F_DATA != 0).then_some(u.hdr.data),
-            src: inner.av.reverse_lookup(&u.peer),
+            src,
             claim: None,
         };
         match mode {
@@ -836,7 +925,7 @@ impl RdmEndpoint {
     /// Receives a message reserved by [`PeekMode::Claim`] (`fi_trecvmsg` with
     /// `FI_CLAIM`).
     pub fn trecv_claimed(&self, iov: LocalIov<'_>, claim: Claim, context: u64) -> Result<()> {
-        check_iov(&iov, Access::RECV, &self.inner.domain, "trecv_claimed")?;
+        let segs = recv_segs(&self.inner, &[iov], "trecv_claimed")?;
         let inner = &*self.inner;
         let mut st = inner.st.lock();
         let u = st
@@ -844,9 +933,8 @@ impl RdmEndpoint {
             .remove(&claim.0)
             .ok_or_else(|| Error::invalid("trecv_claimed: unknown claim"))?;
         let p = Posted {
-            mr: iov.mr.clone(),
-            offset: iov.offset,
-            len: iov.len,
+            len: segs.iter().map(|s| s.len).sum(),
+            segs,
             context,
             src: None,
             tag: u.hdr.tag,
@@ -1052,7 +1140,25 @@ impl RdmEndpoint {
         remote: RemoteIov,
         context: u64,
     ) -> Result<()> {
-        self.rma_inner(true, iov, dest, remote, context)
+        self.rma_inner(true, iov, dest, remote, None, context)
+    }
+
+    /// Writes a local range into a peer's region and delivers `data` to the peer: its
+    /// endpoint reports an [`OpKind::RemoteWrite`] completion with `data`, the length
+    /// and the writer's address (`fi_writedata` to an `fi_addr_t`; libfabric's
+    /// `FI_REMOTE_CQ_DATA`). The layer announces the data in a message sent once the
+    /// write has completed (been placed at the target), so the target's completion
+    /// always follows the data, on any provider; this write's completion follows the
+    /// announcement's. The target consumes no posted receive for it.
+    pub fn writedata_to(
+        &self,
+        iov: LocalIov<'_>,
+        data: u64,
+        dest: FiAddr,
+        remote: RemoteIov,
+        context: u64,
+    ) -> Result<()> {
+        self.rma_inner(true, iov, dest, remote, Some(data), context)
     }
 
     /// Reads a peer's range into a local range (`fi_read` from an `fi_addr_t`).
@@ -1063,7 +1169,7 @@ impl RdmEndpoint {
         remote: RemoteIov,
         context: u64,
     ) -> Result<()> {
-        self.rma_inner(false, iov, dest, remote, context)
+        self.rma_inner(false, iov, dest, remote, None, context)
     }
 
     fn rma_inner(
@@ -1072,9 +1178,14 @@ impl RdmEndpoint {
         iov: LocalIov<'_>,
         dest: FiAddr,
         remote: RemoteIov,
+        data: Option<u64>,
         context: u64,
     ) -> Result<()> {
-        let what = if write { "write_to" } else { "read_to" };
+        let what = match (write, data) {
+            (true, None) => "write_to",
+            (true, Some(_)) => "writedata_to",
+            _ => "read_to",
+        };
         let need = if write { Access::WRITE } else { Access::READ };
         check_iov(&iov, need, &self.inner.domain, what)?;
         if remote.len != iov.len {
@@ -1111,6 +1222,7 @@ impl RdmEndpoint {
                     mr: iov.mr.clone(),
                     offset: iov.offset,
                     remote,
+                    data,
                 }),
             },
         );
@@ -1122,8 +1234,8 @@ impl RdmEndpoint {
     /// Moves up to `max` completions into `out` without blocking; returns how many.
     pub fn read(&self, out: &mut Vec<RdmCompletion>, max: usize) -> usize {
         touch(&self.inner);
-        if let Some(_g) = self.inner.progress.try_lock() {
-            progress_once(&self.inner, &mut Vec::new(), Duration::ZERO);
+        if let Some(mut batch) = self.inner.progress.try_lock() {
+            progress_once(&self.inner, &mut batch, Duration::ZERO);
         }
         let mut st = self.inner.st.lock();
         let n = max.min(st.completions.len());
@@ -1136,7 +1248,6 @@ impl RdmEndpoint {
     pub fn wait(&self, timeout: Duration) -> Result<RdmCompletion> {
         let inner = &*self.inner;
         let deadline = Instant::now() + timeout;
-        let mut batch = Vec::new();
         loop {
             let now = Instant::now();
             touch(inner);
@@ -1161,7 +1272,7 @@ impl RdmEndpoint {
                 }
             }
             // Drive progress here: no hand-off through the progress thread.
-            if let Some(_g) = inner.progress.try_lock() {
+            if let Some(mut batch) = inner.progress.try_lock() {
                 let slice = (deadline - now).min(Duration::from_millis(1));
                 progress_once(inner, &mut batch, slice);
             }
@@ -1170,18 +1281,152 @@ impl RdmEndpoint {
 }
 
 fn matches(p: &Posted, u: &Unexpected) -> bool {
-    matches_spec(&p.src, p.tagged, p.tag, p.ignore, u)
+    matches_spec(p.src.as_deref(), p.tagged, p.tag, p.ignore, u)
 }
 
-fn matches_spec(
-    src: &Option<Vec<u8>>,
-    tagged: bool,
-    tag: u64,
-    ignore: u64,
-    u: &Unexpected,
-) -> bool {
-    src.as_ref().is_none_or(|s| *s == u.peer)
+fn matches_spec(src: Option<&[u8]>, tagged: bool, tag: u64, ignore: u64, u: &Unexpected) -> bool {
+    src.is_none_or(|s| s == &*u.peer)
         && (!tagged || (u.hdr.tag & !ignore) == (tag & !ignore))
+}
+
+/// Most ranges of one send or receive (`sendv_to`, `tsendv`, `recvv`, `trecvv`).
+pub const IOV_LIMIT: usize = 8;
+
+/// Bytes per range in a rendezvous request: address, length, key.
+const RNDV_ENTRY: usize = 24;
+
+/// Checks a receive's ranges and takes hold of them.
+fn recv_segs(inner: &Inner, iov: &[LocalIov<'_>], what: &str) -> Result<Vec<Seg>> {
+    let limit = IOV_LIMIT.min(inner.info.limits.iov_limit.max(1));
+    if iov.is_empty() || iov.len() > limit {
+        return Err(Error::invalid(format!(
+            "{what}: {} ranges (1 to {limit} allowed)",
+            iov.len()
+        )));
+    }
+    iov.iter()
+        .map(|v| {
+            check_iov(v, Access::RECV, &inner.domain, what)?;
+            Ok(Seg {
+                mr: v.mr.clone(),
+                offset: v.offset,
+                len: v.len,
+            })
+        })
+        .collect()
+}
+
+/// Copies `len` bytes from one region to another through a stack buffer.
+fn copy_mr(
+    src: &MemoryRegion,
+    src_off: usize,
+    dst: &MemoryRegion,
+    dst_off: usize,
+    len: usize,
+) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    let mut at = 0;
+    while at < len {
+        let k = (len - at).min(buf.len());
+        src.read_at(src_off + at, &mut buf[..k])?;
+        dst.write_at(dst_off + at, &buf[..k])?;
+        at += k;
+    }
+    Ok(())
+}
+
+/// The bytes of a send's ranges, for a message that must wait in the backlog.
+fn gather(iov: &[LocalIov<'_>]) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; iov.iter().map(|x| x.len).sum()];
+    let mut at = 0;
+    for x in iov {
+        x.mr.read_at(x.offset, &mut v[at..at + x.len])?;
+        at += x.len;
+    }
+    Ok(v)
+}
+
+/// Copies `n` bytes at `src_off` of `src` into a receive's ranges, in order.
+fn scatter(src: &MemoryRegion, src_off: usize, segs: &[Seg], n: usize) -> Result<()> {
+    let mut left = n;
+    let mut at = src_off;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let k = s.len.min(left);
+        copy_mr(src, at, &s.mr, s.offset, k)?;
+        at += k;
+        left -= k;
+    }
+    Ok(())
+}
+
+/// The sender's handle in the address vector, cached per connection until the vector
+/// changes.
+fn src_of(inner: &Inner, st: &mut State, c: u32, peer: &[u8]) -> Option<FiAddr> {
+    let Some(conn) = st.conns.get_mut(&c) else {
+        return inner.av.reverse_lookup(peer);
+    };
+    let gen = inner.av.generation();
+    if conn.src_gen != gen {
+        conn.src = inner.av.reverse_lookup(&conn.peer);
+        conn.src_gen = gen;
+    }
+    conn.src
+}
+
+/// Sends an eager message at once when the connection has nothing queued, a credit
+/// and a send buffer: header and payload are written straight into the send buffer.
+/// `false` when it cannot (the caller queues the message).
+fn send_now(
+    st: &mut State,
+    c: u32,
+    hdr: &mut Header,
+    iov: &[LocalIov<'_>],
+    done: Option<Done>,
+) -> bool {
+    let Some(conn) = st.conns.get_mut(&c) else {
+        return false;
+    };
+    if conn.state != CState::Connected
+        || !conn.backlog.is_empty()
+        || conn.credits == 0
+        || conn.tx_free.is_empty()
+    {
+        return false;
+    }
+    let slot = conn.tx_free.pop().expect("not empty");
+    hdr.credits = conn.unannounced as u32;
+    let off = slot_off(conn, slot);
+    let mut at = off + HDR;
+    let mut len = HDR;
+    let mut r = conn.tx.write_at(off, &hdr.to_bytes());
+    for v in iov {
+        if r.is_err() {
+            break;
+        }
+        r = copy_mr(v.mr, v.offset, &conn.tx, at, v.len);
+        at += v.len;
+        len += v.len;
+    }
+    let r = r.and_then(|_| conn.ep.send(conn.tx.iov(off, len), ctx(K_TX, c, slot)));
+    match r {
+        Ok(()) => {
+            conn.unannounced = 0;
+            conn.credits -= 1;
+            conn.tx_done[slot as usize] = done;
+            conn.last_used = Instant::now();
+            true
+        }
+        Err(e) => {
+            // Queued instead; flush retries it and ends the connection on errors
+            // other than a full provider queue.
+            tracing::debug!("rdm: direct send on connection {c}: {e}");
+            conn.tx_free.push(slot);
+            false
+        }
+    }
 }
 
 fn slot_off(conn: &Conn, slot: u32) -> usize {
@@ -1227,7 +1472,9 @@ fn new_conn(
         id,
         Conn {
             ep,
-            peer: peer.to_vec(),
+            peer: Arc::from(peer),
+            src: None,
+            src_gen: u64::MAX,
             state,
             since: now,
             last_used: now,
@@ -1330,7 +1577,7 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
                 match r {
                     Ok(()) => {
                         conn.waiting += 1;
-                        st.rma_ops.insert(key as u32 as u64, (c, done));
+                        st.rma_ops.insert(key as u32 as u64, (c, done, rma.data));
                         continue;
                     }
                     Err(e) => {
@@ -1348,13 +1595,12 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
             let slot = conn.tx_free.pop().expect("not empty");
             out.hdr.credits = conn.unannounced as u32;
             let off = slot_off(conn, slot);
-            let mut buf = Vec::with_capacity(HDR + out.payload.len());
-            buf.extend_from_slice(&out.hdr.to_bytes());
-            buf.extend_from_slice(&out.payload);
-            let r = conn.tx.write_at(off, &buf).and_then(|_| {
-                conn.ep
-                    .send(conn.tx.iov(off, buf.len()), ctx(K_TX, c, slot))
-            });
+            let len = HDR + out.payload.len();
+            let r = conn
+                .tx
+                .write_at(off, &out.hdr.to_bytes())
+                .and_then(|_| conn.tx.write_at(off + HDR, &out.payload))
+                .and_then(|_| conn.ep.send(conn.tx.iov(off, len), ctx(K_TX, c, slot)));
             match r {
                 Ok(()) => {
                     conn.unannounced = 0;
@@ -1459,6 +1705,7 @@ fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
 /// Hands an unexpected (or just arrived) message to a matched receive.
 fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
     let key = st_next_rid(&mut st.next_rid);
+    let src = src_of(inner, st, u.conn, &u.peer);
     let Some(conn) = st.conns.get_mut(&u.conn) else {
         return;
     };
@@ -1469,18 +1716,13 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
         OpKind::Recv
     };
     let data = (u.hdr.flags & F_DATA != 0).then_some(u.hdr.data);
-    let src = inner.av.reverse_lookup(&u.peer);
     let msg_len = u.hdr.len as usize;
     let n = msg_len.min(p.len);
     let truncated = msg_len > p.len;
     match u.hdr.op {
         Op::Eager => {
             let off = slot_off(conn, u.slot) + HDR;
-            let r = conn
-                .rx
-                .to_vec(off, n)
-                .and_then(|v| p.mr.write_at(p.offset, &v));
-            let status = match r {
+            let status = match scatter(&conn.rx, off, &p.segs, n) {
                 Err(e) => Err(cq_err(CqErrorKind::LocalProtection, e.to_string())),
                 Ok(()) if truncated => Err(cq_err(
                     CqErrorKind::Truncated,
@@ -1507,15 +1749,25 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
             let started = if n == 0 {
                 Ok(false)
             } else {
+                // The sender's ranges (checked on arrival) and ours, both cut to the
+                // `n` bytes that fit.
+                let entries = conn
+                    .rx
+                    .to_vec(slot_off(conn, u.slot) + HDR, u.hdr.payload_len())
+                    .unwrap_or_default();
+                let remote = clip_remote(&entries, n);
+                let local = clip_local(&p.segs, n);
+                let local: Vec<LocalIov<'_>> =
+                    local.iter().map(|(s, k)| s.mr.iov(s.offset, *k)).collect();
                 conn.ep
-                    .read(
-                        p.mr.iov(p.offset, n),
-                        RemoteIov {
-                            addr: u.hdr.raddr,
-                            len: n,
-                            key: u.hdr.rkey,
+                    .readmsg(
+                        &RmaMsg {
+                            iov: &local,
+                            rma_iov: &remote,
+                            context: ctx(K_READ, u.conn, key as u32),
+                            data: 0,
                         },
-                        ctx(K_READ, u.conn, key as u32),
+                        OpFlags::COMPLETION,
                     )
                     .map(|_| true)
             };
@@ -1569,6 +1821,46 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
     }
 }
 
+/// A rendezvous request's ranges (checked on arrival: whole entries), cut to `n`
+/// bytes, empty ranges left out.
+fn clip_remote(entries: &[u8], n: usize) -> Vec<RemoteIov> {
+    let mut out = Vec::new();
+    let mut left = n;
+    for e in entries.chunks_exact(RNDV_ENTRY) {
+        if left == 0 {
+            break;
+        }
+        let f = |i: usize| u64::from_le_bytes(e[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        let k = (f(1) as usize).min(left);
+        if k > 0 {
+            out.push(RemoteIov {
+                addr: f(0),
+                len: k,
+                key: f(2),
+            });
+        }
+        left -= k;
+    }
+    out
+}
+
+/// A receive's ranges cut to `n` bytes, empty ones left out.
+fn clip_local(segs: &[Seg], n: usize) -> Vec<(&Seg, usize)> {
+    let mut out = Vec::new();
+    let mut left = n;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let k = s.len.min(left);
+        if k > 0 {
+            out.push((s, k));
+        }
+        left -= k;
+    }
+    out
+}
+
 fn drop_unexpected(inner: &Inner, st: &mut State, u: Unexpected) {
     if let Some(conn) = st.conns.get_mut(&u.conn) {
         conn.held = conn.held.saturating_sub(1);
@@ -1590,21 +1882,22 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     conn.last_used = Instant::now();
     let off = slot_off(conn, slot);
     let peer = conn.peer.clone();
+    let mut hb = [0u8; HDR];
     let parsed = conn
         .rx
-        .to_vec(off, HDR.min(len))
-        .and_then(|b| Header::parse(&b))
+        .read_at(off, &mut hb[..HDR.min(len)])
+        .and_then(|_| Header::parse(&hb[..HDR.min(len)]))
         .and_then(|h| {
             let payload = len - HDR;
-            let want = match h.op {
-                Op::Eager | Op::AtomicReq | Op::AtomicResp => h.len as usize,
-                _ => 0,
-            };
+            let want = h.payload_len();
             if want != payload {
                 return Err(Error::new(
                     ErrorKind::Protocol,
                     format!("rdm: header says {want} payload bytes, the message has {payload}"),
                 ));
+            }
+            if h.op == Op::Rts {
+                check_rts(&conn.rx, off + HDR, &h)?;
             }
             Ok(h)
         });
@@ -1621,6 +1914,22 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     };
     match hdr.op {
         Op::Credit => repost(inner, st, c, slot, false),
+        Op::WriteData => {
+            let src = src_of(inner, st, c, &peer);
+            st.complete(
+                RdmCompletion {
+                    context: 0,
+                    kind: OpKind::RemoteWrite,
+                    len: hdr.len as usize,
+                    tag: 0,
+                    data: Some(hdr.data),
+                    src,
+                    status: Ok(()),
+                },
+                CntrEvents::REMOTE_WRITE,
+            );
+            repost(inner, st, c, slot, true);
+        }
         Op::Eager | Op::Rts => {
             let u = Unexpected {
                 conn: c,
@@ -1688,6 +1997,29 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
         }
     }
     flush(inner, st, c);
+}
+
+/// Checks a rendezvous request's ranges: 1 to [`IOV_LIMIT`] of them, adding up to the
+/// message's length.
+fn check_rts(rx: &MemoryRegion, off: usize, h: &Header) -> Result<()> {
+    let n = h.raddr as usize;
+    let bad = |why: String| Error::new(ErrorKind::Protocol, format!("rdm: rendezvous: {why}"));
+    if n == 0 || n > IOV_LIMIT {
+        return Err(bad(format!("{n} ranges")));
+    }
+    let entries = rx.to_vec(off, n * RNDV_ENTRY)?;
+    let total = entries
+        .chunks_exact(RNDV_ENTRY)
+        .try_fold(0u64, |acc, e| {
+            acc.checked_add(u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")))
+        });
+    if total != Some(h.len) {
+        return Err(bad(format!(
+            "the ranges add up to {total:?} bytes, the message has {}",
+            h.len
+        )));
+    }
+    Ok(())
 }
 
 fn conn_payload(st: &State, c: u32, slot: u32, hdr: &Header) -> Vec<u8> {
@@ -1796,8 +2128,8 @@ fn close_conn(inner: &Inner, st: &mut State, c: u32, why: &str) {
     let tx_done: Vec<Done> = conn.tx_done.iter_mut().filter_map(Option::take).collect();
     let held = conn.held;
     st.by_fid.remove(&fid);
-    if st.by_peer.get(&peer) == Some(&c) {
-        st.by_peer.remove(&peer);
+    if st.by_peer.get(&*peer) == Some(&c) {
+        st.by_peer.remove(&*peer);
     }
     let lost = |d: &str| cq_err(CqErrorKind::ConnectionLost, format!("rdm: {d}"));
     for d in backlog.into_iter().filter_map(|o| o.done).chain(tx_done) {
@@ -1820,7 +2152,7 @@ fn close_conn(inner: &Inner, st: &mut State, c: u32, why: &str) {
         .map(|(k, _)| *k)
         .collect();
     for r in rids {
-        let (_, d) = st.rma_ops.remove(&r).expect("key from iteration");
+        let (_, d, _) = st.rma_ops.remove(&r).expect("key from iteration");
         st.finish(d, Err(lost(why)));
     }
     let rids: Vec<u64> = st
@@ -1965,7 +2297,7 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
                 return;
             };
             let waiting_for_peer = st.conns.get(&id).is_some_and(|c| {
-                c.state == CState::Connecting && c.peer < inner.name && c.peer != inner.name
+                c.state == CState::Connecting && *c.peer < *inner.name && *c.peer != *inner.name
             });
             if waiting_for_peer {
                 // Rejected by a peer with a smaller name: its own request is coming.
@@ -2005,11 +2337,33 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
             flush(inner, st, conn);
         }
         K_RMA => {
-            if let Some((cn, done)) = st.rma_ops.remove(&(slot as u64)) {
+            if let Some((cn, done, data)) = st.rma_ops.remove(&(slot as u64)) {
                 if let Some(x) = st.conns.get_mut(&cn) {
                     x.waiting = x.waiting.saturating_sub(1);
                 }
-                st.finish(done, c.status);
+                match (data, c.status) {
+                    (Some(d), Ok(())) => {
+                        // The data is placed (a write completes on the target's
+                        // acknowledgement): announce it. The write's completion waits
+                        // for the announcement's.
+                        let mut h = Header::new(Op::WriteData);
+                        h.flags |= F_DATA;
+                        h.data = d;
+                        h.len = done.len as u64;
+                        enqueue(
+                            inner,
+                            st,
+                            cn,
+                            Out {
+                                hdr: h,
+                                payload: Vec::new(),
+                                done: Some(done),
+                                rma: None,
+                            },
+                        );
+                    }
+                    (_, status) => st.finish(done, status),
+                }
             }
         }
         K_READ => {
@@ -2082,7 +2436,7 @@ fn housekeeping(inner: &Inner, st: &mut State) {
                     .attr
                     .idle_timeout
                     .is_some_and(|t| now.duration_since(c.last_used) > t)
-                    && inner.name < c.peer
+                    && *inner.name < *c.peer
                     && c.backlog.is_empty()
                     && c.waiting == 0
                     && c.held == 0
@@ -2202,7 +2556,6 @@ fn touch(inner: &Inner) {
 }
 
 fn progress_loop(inner: &Inner) {
-    let mut batch = Vec::with_capacity(64);
     let mut last_house = Instant::now();
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
@@ -2210,11 +2563,14 @@ fn progress_loop(inner: &Inner) {
         // thread holds the progress lock while it sleeps on the queue, and a busy
         // poller that cannot take the lock would only see what this thread hands it
         // (the cost of a wake-up per message). Otherwise drive progress.
-        let app_recent = stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed))
-            < APP_ACTIVE.as_nanos() as u64;
-        if app_recent {
-            std::thread::sleep(Duration::from_micros(200));
-        } else if let Some(_g) = inner.progress.try_lock() {
+        let since = stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed));
+        let active = APP_ACTIVE.as_nanos() as u64;
+        if since < active {
+            // Look again when the window ends (a wake-up per window, not per message:
+            // on a small machine each wake-up can preempt a busy poller).
+            let left = Duration::from_nanos(active - since).max(Duration::from_micros(100));
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        } else if let Some(mut batch) = inner.progress.try_lock() {
             progress_once(inner, &mut batch, Duration::from_millis(1));
         } else {
             std::thread::sleep(Duration::from_micros(200));

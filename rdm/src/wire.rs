@@ -22,6 +22,8 @@ pub(crate) enum Op {
     AtomicReq = 5,
     /// Atomic response (`rid`), with a status and any fetched values.
     AtomicResp = 6,
+    /// Remote CQ data (`data`) of an RMA write of `len` bytes that has completed.
+    WriteData = 7,
 }
 
 impl Op {
@@ -33,6 +35,7 @@ impl Op {
             4 => Op::Credit,
             5 => Op::AtomicReq,
             6 => Op::AtomicResp,
+            7 => Op::WriteData,
             _ => return None,
         })
     }
@@ -79,6 +82,21 @@ impl Header {
             rid: 0,
             raddr: 0,
             rkey: 0,
+        }
+    }
+
+    /// Payload bytes that follow the header: the data of an eager message or atomic,
+    /// the ranges of a rendezvous request (`raddr` of them, 24 bytes each), else none.
+    /// Saturates, so a hostile header cannot overflow it (the length check fails).
+    pub(crate) fn payload_len(&self) -> usize {
+        match self.op {
+            Op::Eager | Op::AtomicReq | Op::AtomicResp => {
+                usize::try_from(self.len).unwrap_or(usize::MAX)
+            }
+            Op::Rts => usize::try_from(self.raddr)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(24),
+            _ => 0,
         }
     }
 
