@@ -106,6 +106,7 @@ fn rdm_run(provider: &str, iters: usize) -> Result<f64> {
         Ok((f, d, av, ep))
     };
     let (_fa, da, ava, a) = open()?;
+    let stats0 = ip.parse().ok().and_then(fabric_softroce::device_stats);
     let (_fb, db, avb, b) = open()?;
     let to_b = ava.insert(&b.name())?;
     let to_a = avb.insert(&a.name())?;
@@ -136,6 +137,11 @@ fn rdm_run(provider: &str, iters: usize) -> Result<f64> {
             }
         }
         echo.join().expect("echo thread")?;
+        if let (Some(s0), Some(s1)) = (stats0, ip.parse().ok().and_then(fabric_softroce::device_stats)) {
+            if std::env::var("RDM_LAT_STATS").is_ok() {
+                println!("rdm packets per round trip: {:.2}", (s1.tx_packets - s0.tx_packets) as f64 / total as f64);
+            }
+        }
         Ok(median_us(lat))
     })
 }
@@ -152,6 +158,7 @@ fn msg_run(provider: &str, iters: usize) -> Result<f64> {
         .remove(0);
     let sf = Fabric::open(&sinfo)?;
     let sd = sf.domain(&sinfo)?;
+    let stats0 = ip.parse().ok().and_then(fabric_softroce::device_stats);
     let seq = sf.eq(EqAttr::default())?;
     let scq = sd.cq(CqAttr::default())?;
     let pep = sf.passive_endpoint(&sinfo, &seq)?;
@@ -202,6 +209,11 @@ fn msg_run(provider: &str, iters: usize) -> Result<f64> {
             }
         }
         server.join().expect("server thread")?;
+        if let (Some(s0), Some(s1)) = (stats0, ip.parse().ok().and_then(fabric_softroce::device_stats)) {
+            if std::env::var("RDM_LAT_STATS").is_ok() {
+                println!("msg packets per round trip: {:.2}", (s1.tx_packets - s0.tx_packets) as f64 / total as f64);
+            }
+        }
         Ok(median_us(lat))
     })
 }
@@ -219,8 +231,19 @@ fn main() {
     let mut rows: Vec<Vec<(f64, f64)>> = vec![Vec::new(); providers.len()];
     for round in 0..rounds.max(1) {
         for (p, provider) in providers.iter().enumerate() {
-            let msg = msg_run(provider, iters).unwrap_or_else(|e| panic!("{provider} msg: {e}"));
-            let rdm = rdm_run(provider, iters).unwrap_or_else(|e| panic!("{provider} rdm: {e}"));
+            // RDM_LAT_ONLY=msg|rdm measures one side only (for profiling); the other
+            // reads as 1.
+            let only = std::env::var("RDM_LAT_ONLY").unwrap_or_default();
+            let msg = if only == "rdm" {
+                1.0
+            } else {
+                msg_run(provider, iters).unwrap_or_else(|e| panic!("{provider} msg: {e}"))
+            };
+            let rdm = if only == "msg" {
+                1.0
+            } else {
+                rdm_run(provider, iters).unwrap_or_else(|e| panic!("{provider} rdm: {e}"))
+            };
             println!(
                 "round {round} {provider}: msg {msg:.2} us, rdm tagged {rdm:.2} us, ratio {:.3}",
                 rdm / msg

@@ -42,7 +42,7 @@
 //! are quiet when idle (request/response patterns).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -351,8 +351,8 @@ struct Inner {
     /// When an application thread last drove progress ([`stamp`]).
     app_progress: AtomicU64,
     epoch: Instant,
-    /// Progress rounds so far.
-    tick: AtomicU32,
+    /// When progress last read the event queue ([`stamp`]).
+    last_eq: AtomicU64,
     /// Some connection forms or closes ([`refresh_cm_busy`]).
     cm_busy: AtomicBool,
 }
@@ -529,7 +529,7 @@ impl RdmEndpoint {
             progress: Mutex::new(Vec::with_capacity(64)),
             app_progress: AtomicU64::new(0),
             epoch: Instant::now(),
-            tick: AtomicU32::new(0),
+            last_eq: AtomicU64::new(0),
             cm_busy: AtomicBool::new(false),
         });
         let i2 = inner.clone();
@@ -2479,12 +2479,17 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     let mut any = false;
     // An event-queue read is the provider's full progress (connection manager, socket
     // polls): every round while a connection forms or closes, or when this round may
-    // sleep; otherwise every EQ_EVERY rounds, so a busy poller pays for the cheap
-    // completion-queue read only.
-    let tick = inner.tick.fetch_add(1, Ordering::Relaxed);
+    // sleep; otherwise once per EQ_EVERY, so a busy poller pays for the cheap
+    // completion-queue read only (a full progress call also sends the acknowledgements
+    // a provider holds back for the application's answer, and waits for its locks).
+    let now = stamp(inner);
     let eq_due = !timeout.is_zero()
         || inner.cm_busy.load(Ordering::Relaxed)
-        || tick.is_multiple_of(EQ_EVERY);
+        || now.saturating_sub(inner.last_eq.load(Ordering::Relaxed))
+            >= EQ_EVERY.as_nanos() as u64;
+    if eq_due {
+        inner.last_eq.store(now, Ordering::Relaxed);
+    }
     for _ in 0..if eq_due { 64 } else { 0 } {
         match inner.eq.read() {
             Ok(Some(ev)) => {
@@ -2525,9 +2530,9 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     }
 }
 
-/// A busy poller reads the event queue every this many progress rounds while no
-/// connection forms or closes.
-const EQ_EVERY: u32 = 32;
+/// A busy poller reads the event queue this often while no connection forms or
+/// closes.
+const EQ_EVERY: Duration = Duration::from_micros(500);
 
 /// Whether some connection waits for a connection-manager event (forming or closing):
 /// progress then reads the event queue every round.
