@@ -62,8 +62,10 @@ use crate::wire::{
 };
 use crate::RdmInfo;
 
-/// Receive buffers beyond the credited ones, for credit-only messages.
-const EXTRA_RX: usize = 4;
+/// Receive buffers beyond the credited ones, for messages that take no credit:
+/// credit-only messages (at most two in flight) and the close handshake's (a request
+/// and an answer each way at most).
+const EXTRA_RX: usize = 8;
 
 /// Attributes of an RDM endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -203,6 +205,11 @@ enum CState {
     /// We accepted the peer's request; waiting for `Connected`.
     Accepting,
     Connected,
+    /// Idle: we asked the peer to close (`CloseReq`) and send nothing until it answers.
+    CloseAsked,
+    /// The peer asked to close and we agreed (`CloseAck`): we send nothing and wait for
+    /// its shutdown (or a `CloseNack`).
+    CloseAgreed,
     /// Ended; kept only while unexpected messages still sit in its buffers.
     Closed,
 }
@@ -322,6 +329,8 @@ struct State {
     unexp_msg: VecDeque<Unexpected>,
     unexp_tag: VecDeque<Unexpected>,
     claimed: HashMap<u64, Unexpected>,
+    /// Connections closed by the idle handshake.
+    closed_idle: u64,
     next_claim: u64,
     rndv_tx: HashMap<u64, RndvTx>,
     rndv_rx: HashMap<u64, RndvRx>,
@@ -562,6 +571,12 @@ impl RdmEndpoint {
             .values()
             .filter(|c| c.state != CState::Closed)
             .count()
+    }
+
+    /// Connections closed so far by the idle handshake (both sides agreed: see the
+    /// module docs).
+    pub fn idle_closes(&self) -> u64 {
+        self.inner.st.lock().closed_idle
     }
 
     /// Counts completions of the classes in `events` on `cntr` (`fi_ep_bind` of a
@@ -1914,6 +1929,11 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     };
     match hdr.op {
         Op::Credit => repost(inner, st, c, slot, false),
+        Op::CloseReq | Op::CloseAck | Op::CloseNack => {
+            repost(inner, st, c, slot, false);
+            on_close_msg(inner, st, c, hdr.op);
+            return;
+        }
         Op::WriteData => {
             let src = src_of(inner, st, c, &peer);
             st.complete(
@@ -2218,6 +2238,9 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
             let replace = match existing.and_then(|id| st.conns.get(&id).map(|c| (id, c.state))) {
                 None => None,
                 Some((id, CState::Connecting | CState::Waiting)) if inner.name > peer => Some(id),
+                // The peer connects again, so it has closed its side of a connection
+                // whose close was under way here: the new one replaces it (below).
+                Some((_, CState::CloseAsked | CState::CloseAgreed)) => None,
                 Some(_) => {
                     // Ours wins (smaller name), or a connection exists already.
                     let _ = inner.pep.reject(&req, b"rxm: simultaneous connect");
@@ -2265,7 +2288,16 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
                 }
             }
             if !self_loop {
+                let closing = existing.filter(|old| {
+                    st.conns
+                        .get(old)
+                        .is_some_and(|c| matches!(c.state, CState::CloseAsked | CState::CloseAgreed))
+                });
                 st.by_peer.insert(peer, id);
+                if let Some(old) = closing {
+                    // Its queued operations move to the new connection.
+                    agreed_close(inner, st, old);
+                }
             }
         }
         Event::Connected { fid, data } => {
@@ -2284,6 +2316,16 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
         }
         Event::Shutdown { fid, reason } => {
             if let Some(&id) = st.by_fid.get(&fid) {
+                if st
+                    .conns
+                    .get(&id)
+                    .is_some_and(|c| matches!(c.state, CState::CloseAgreed | CState::CloseAsked))
+                {
+                    // The peer closed as agreed (or, asking, closed first itself:
+                    // nothing was in flight).
+                    agreed_close(inner, st, id);
+                    return;
+                }
                 close_conn(
                     inner,
                     st,
@@ -2424,6 +2466,7 @@ fn housekeeping(inner: &Inner, st: &mut State) {
     let now = Instant::now();
     let mut late = Vec::new();
     let mut idle = Vec::new();
+    let mut stale = Vec::new();
     for (&id, c) in &st.conns {
         match c.state {
             CState::Connecting | CState::Waiting | CState::Accepting
@@ -2436,13 +2479,16 @@ fn housekeeping(inner: &Inner, st: &mut State) {
                     .attr
                     .idle_timeout
                     .is_some_and(|t| now.duration_since(c.last_used) > t)
-                    && *inner.name < *c.peer
-                    && c.backlog.is_empty()
-                    && c.waiting == 0
-                    && c.held == 0
-                    && c.tx_free.len() == c.tx_done.len() =>
+                    && quiet(c) =>
             {
                 idle.push(id)
+            }
+            CState::CloseAsked | CState::CloseAgreed
+                if now.duration_since(c.since) > inner.attr.connect_timeout =>
+            {
+                // The peer never answered or never shut down: nothing is in flight
+                // (both sides said so), so end it as agreed.
+                stale.push(id)
             }
             _ => {}
         }
@@ -2451,10 +2497,152 @@ fn housekeeping(inner: &Inner, st: &mut State) {
         close_conn(inner, st, id, "the connection did not form in time");
     }
     for id in idle {
-        tracing::debug!("rdm: closing idle connection {id}");
-        close_conn(inner, st, id, "idle");
+        tracing::debug!("rdm: asking to close idle connection {id}");
+        if let Some(conn) = st.conns.get_mut(&id) {
+            if send_ctrl(inner, conn, id, Op::CloseReq) {
+                conn.state = CState::CloseAsked;
+                conn.since = now;
+            }
+        }
+    }
+    for id in stale {
+        agreed_close(inner, st, id);
     }
     refresh_cm_busy(inner, st);
+}
+
+/// Nothing in flight on a connection from this side: nothing queued, no operation
+/// waiting for the peer, no message of the peer held, every send completed.
+fn quiet(c: &Conn) -> bool {
+    c.backlog.is_empty() && c.waiting == 0 && c.held == 0 && c.tx_free.len() == c.tx_done.len()
+}
+
+/// Sends a header-only control message of the close handshake (it takes no credit:
+/// the receiver's extra buffers hold it). `false` if it could not be posted.
+fn send_ctrl(inner: &Inner, conn: &mut Conn, c: u32, op: Op) -> bool {
+    let h = Header::new(op).to_bytes();
+    let r = if inner.info.limits.inject_size >= HDR {
+        conn.ep.inject(&h)
+    } else if let Some(slot) = conn.tx_free.pop() {
+        let off = slot_off(conn, slot);
+        let r = conn
+            .tx
+            .write_at(off, &h)
+            .and_then(|_| conn.ep.send(conn.tx.iov(off, HDR), ctx(K_TX, c, slot)));
+        if r.is_err() {
+            conn.tx_free.push(slot);
+        }
+        r
+    } else {
+        return false;
+    };
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("rdm: {op:?} on connection {c} failed: {e}");
+            false
+        }
+    }
+}
+
+/// Ends a connection both sides agreed to close (nothing in flight either way): its
+/// queued operations, posted meanwhile, move to a new connection to the peer.
+fn agreed_close(inner: &Inner, st: &mut State, c: u32) {
+    let Some(conn) = st.conns.get_mut(&c) else {
+        return;
+    };
+    let _ = conn.ep.shutdown();
+    conn.state = CState::Closed;
+    let peer = conn.peer.clone();
+    let fid = conn.ep.fid();
+    let backlog: Vec<Out> = conn.backlog.drain(..).collect();
+    let (held, waiting) = (conn.held, conn.waiting);
+    st.by_fid.remove(&fid);
+    if st.by_peer.get(&*peer) == Some(&c) {
+        st.by_peer.remove(&*peer);
+    }
+    st.closed_idle += 1;
+    tracing::debug!("rdm: connection {c} closed by agreement");
+    if !backlog.is_empty() || waiting > 0 {
+        match conn_for(inner, st, &peer) {
+            Ok(n) => {
+                if let Some(nc) = st.conns.get_mut(&n) {
+                    nc.backlog.extend(backlog);
+                    nc.waiting += waiting;
+                }
+                for t in st.rndv_tx.values_mut().filter(|t| t.conn == c) {
+                    t.conn = n;
+                }
+                for t in st.atomics.values_mut().filter(|t| t.conn == c) {
+                    t.conn = n;
+                }
+            }
+            Err(e) => {
+                let lost = cq_err(CqErrorKind::ConnectionLost, format!("rdm: reconnect: {e}"));
+                for d in backlog.into_iter().filter_map(|o| o.done) {
+                    st.finish(d, Err(lost.clone()));
+                }
+            }
+        }
+    }
+    if held == 0 {
+        st.conns.remove(&c);
+    }
+}
+
+/// The close handshake's messages on connection `c`.
+fn on_close_msg(inner: &Inner, st: &mut State, c: u32, op: Op) {
+    let Some(conn) = st.conns.get_mut(&c) else {
+        return;
+    };
+    match (op, conn.state) {
+        (Op::CloseReq, CState::Connected) => {
+            if quiet(conn) && send_ctrl(inner, conn, c, Op::CloseAck) {
+                conn.state = CState::CloseAgreed;
+                conn.since = Instant::now();
+            } else {
+                send_ctrl(inner, conn, c, Op::CloseNack);
+            }
+        }
+        (Op::CloseReq, CState::CloseAsked) => {
+            // Both asked at once: the request of the endpoint with the smaller name
+            // stands; the other answers it as if it had not asked (and the smaller
+            // one ignores the larger one's request, so no answer to it comes).
+            if *inner.name > *conn.peer {
+                if quiet(conn) && send_ctrl(inner, conn, c, Op::CloseAck) {
+                    conn.state = CState::CloseAgreed;
+                    conn.since = Instant::now();
+                } else {
+                    send_ctrl(inner, conn, c, Op::CloseNack);
+                    conn.state = CState::Connected;
+                }
+            }
+        }
+        (Op::CloseAck, CState::CloseAsked) => {
+            // What the peer sent before agreeing has arrived (the connection keeps
+            // order): close only if none of it still needs the connection.
+            if quiet_but_backlog(conn) {
+                agreed_close(inner, st, c);
+                return;
+            }
+            send_ctrl(inner, conn, c, Op::CloseNack);
+            conn.state = CState::Connected;
+            conn.last_used = Instant::now();
+        }
+        (Op::CloseNack, CState::CloseAsked | CState::CloseAgreed) => {
+            conn.state = CState::Connected;
+            conn.last_used = Instant::now();
+        }
+        _ => tracing::debug!("rdm: {op:?} in state {:?} ignored", conn.state),
+    }
+    flush(inner, st, c);
+    maybe_credit(inner, st, c);
+}
+
+/// [`quiet`], except for operations queued while the close was being asked (they move
+/// to the next connection).
+fn quiet_but_backlog(c: &Conn) -> bool {
+    c.waiting == 0 && c.held == 0 && c.tx_free.len() == c.tx_done.len()
 }
 
 /// Retries sends and credit updates that found the provider's queue full.
@@ -2549,6 +2737,10 @@ fn stamp(inner: &Inner) -> u64 {
     inner.epoch.elapsed().as_nanos() as u64
 }
 
+/// How often the progress thread looks for connections that are late or idle (more
+/// often with an idle timeout below twice this).
+const HOUSEKEEPING: Duration = Duration::from_millis(100);
+
 /// How long after an application thread's last read, wait or peek the progress thread
 /// leaves progress to the application.
 const APP_ACTIVE: Duration = Duration::from_millis(2);
@@ -2562,6 +2754,10 @@ fn touch(inner: &Inner) {
 
 fn progress_loop(inner: &Inner) {
     let mut last_house = Instant::now();
+    let house_every = inner
+        .attr
+        .idle_timeout
+        .map_or(HOUSEKEEPING, |t| (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING));
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
         // peeked within the last APP_ACTIVE), stay out of its way: a round of this
@@ -2574,13 +2770,13 @@ fn progress_loop(inner: &Inner) {
             // Look again when the window ends (a wake-up per window, not per message:
             // on a small machine each wake-up can preempt a busy poller).
             let left = Duration::from_nanos(active - since).max(Duration::from_micros(100));
-            std::thread::sleep(left.min(Duration::from_millis(100)));
+            std::thread::sleep(left.min(house_every));
         } else if let Some(mut batch) = inner.progress.try_lock() {
             progress_once(inner, &mut batch, Duration::from_millis(1));
         } else {
             std::thread::sleep(Duration::from_micros(200));
         }
-        if last_house.elapsed() > Duration::from_millis(100) {
+        if last_house.elapsed() > house_every {
             let mut st = inner.st.lock();
             housekeeping(inner, &mut st);
             retry_blocked(inner, &mut st);

@@ -24,6 +24,13 @@ pub(crate) enum Op {
     AtomicResp = 6,
     /// Remote CQ data (`data`) of an RMA write of `len` bytes that has completed.
     WriteData = 7,
+    /// The sender has nothing in flight on this connection and asks to close it.
+    CloseReq = 8,
+    /// The answer to `CloseReq`: agreed (nothing in flight this way either); the asker
+    /// shuts the connection down.
+    CloseAck = 9,
+    /// The answer to `CloseReq` (or to `CloseAck`): not now; both keep the connection.
+    CloseNack = 10,
 }
 
 impl Op {
@@ -36,6 +43,9 @@ impl Op {
             5 => Op::AtomicReq,
             6 => Op::AtomicResp,
             7 => Op::WriteData,
+            8 => Op::CloseReq,
+            9 => Op::CloseAck,
+            10 => Op::CloseNack,
             _ => return None,
         })
     }

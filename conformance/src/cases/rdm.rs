@@ -32,6 +32,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "unexpected_flood", NEEDS, "300 messages to a peer that posts nothing: at most rx_buffers complete, then all arrive in order", unexpected_flood),
         case(G, "rma_to", NEEDS, "write_to and read_to a peer's region (64 KiB, data verified), the first opening the connection", rma_to),
         case(G, "idle_close_reopen", NEEDS, "an idle connection is closed at both ends and reopened by the next send", idle_close_reopen),
+        case(G, "idle_close_races", NEEDS, "idle closes by handshake (5 ms idle timeout) while both sides send 200 messages each at irregular gaps: every message delivered exactly once, every send succeeds, closes happened", idle_close_races),
         case(G, "writedata_to", NEEDS, "writedata_to (4 KiB and 1 MiB): the target reports RemoteWrite with the 64-bit data, length and writer, after the data is placed", writedata_to),
         case(G, "sendv_recvv", NEEDS, "sendv_to/recvv gather and scatter across differently split ranges, eager and rendezvous (3 x ~70 KiB), and across a single range; bad range counts refused", sendv_recvv),
     ]
@@ -512,6 +513,96 @@ fn sendv_recvv(ctx: &Ctx) -> CaseResult {
     ensure!(
         b.ep.recvv(&[], None, 7).is_err(),
         "a receive of no ranges was accepted"
+    );
+    Ok(())
+}
+
+fn idle_close_races(ctx: &Ctx) -> CaseResult {
+    let attr = RdmAttr::default().idle_timeout(Duration::from_millis(5));
+    let w = world(ctx, 2, attr)?;
+    let n = 200usize;
+    // Gaps of 0 to 11 ms (fixed pseudo-random): many land just before, at or just after
+    // an idle close.
+    let gaps: Vec<u64> = (0..n as u64).map(|i| (i * 7919 + 13) % 12).collect();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|me| {
+                let node = &w[me];
+                let gaps = &gaps;
+                s.spawn(move || -> Result<(Vec<u64>, usize), CaseError> {
+                    let peer = node.to[1 - me];
+                    let rx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
+                    let tx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
+                    for i in 0..n {
+                        node.ep.recv(rx.iov(8 * i, 8), (1 << 32) | i as u64).ctx("recv")?;
+                    }
+                    // (sends completed, receives completed, values received)
+                    let mut t = (0usize, 0usize, Vec::new());
+                    let take = |t: &mut (usize, usize, Vec<u64>),
+                                c: RdmCompletion|
+                     -> Result<(), CaseError> {
+                        if let Err(e) = &c.status {
+                            return Err(CaseError::fail(format!(
+                                "endpoint {me}: error completion {:?} ({e}) for {:#x}",
+                                e.kind, c.context
+                            )));
+                        }
+                        if c.context >> 32 == 1 {
+                            t.1 += 1;
+                            let i = (c.context & 0xffff_ffff) as usize;
+                            let v = rx.to_vec(8 * i, 8).ctx("read")?;
+                            t.2.push(u64::from_le_bytes(v.try_into().expect("8 bytes")));
+                        } else {
+                            t.0 += 1;
+                        }
+                        Ok(())
+                    };
+                    let mut buf = Vec::new();
+                    for i in 0..n {
+                        std::thread::sleep(Duration::from_millis(gaps[(i + me * 5) % n]));
+                        tx.write_at(8 * i, &((me as u64) << 32 | i as u64).to_le_bytes())
+                            .ctx("fill")?;
+                        node.ep.send_to(tx.iov(8 * i, 8), peer, i as u64).ctx("send_to")?;
+                        node.ep.read(&mut buf, usize::MAX);
+                        for c in buf.drain(..) {
+                            take(&mut t, c)?;
+                        }
+                    }
+                    let deadline = Instant::now() + ctx.timeout();
+                    while t.0 < n || t.1 < n {
+                        ensure!(
+                            Instant::now() < deadline,
+                            "endpoint {me}: {} of {n} sends and {} of {n} receives completed",
+                            t.0,
+                            t.1
+                        );
+                        if let Ok(c) = node.ep.wait(Duration::from_millis(50)) {
+                            take(&mut t, c)?;
+                        }
+                    }
+                    Ok((t.2, node.ep.idle_closes() as usize))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("endpoint thread"))
+            .collect::<Vec<_>>()
+    });
+    let mut closes = 0;
+    for (me, r) in results.into_iter().enumerate() {
+        let (mut got, c) = r?;
+        closes += c;
+        got.sort_unstable();
+        let want: Vec<u64> = (0..n as u64).map(|i| ((1 - me as u64) << 32) | i).collect();
+        ensure!(
+            got == want,
+            "endpoint {me}: the messages received are not each of the peer's exactly once"
+        );
+    }
+    ensure!(
+        closes >= 10,
+        "only {closes} idle closes happened during the traffic: the race was not exercised"
     );
     Ok(())
 }
