@@ -45,7 +45,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn timed_out(what: &str) -> Error {
-    Error::new(ErrorKind::TimedOut, format!("{what}: no completion in time"))
+    Error::new(
+        ErrorKind::TimedOut,
+        format!("{what}: no completion in time"),
+    )
 }
 
 /// Busy-polls an RDM endpoint for one completion.
@@ -61,7 +64,7 @@ fn rdm_poll(ep: &RdmEndpoint, buf: &mut Vec<RdmCompletion>) -> Result<RdmComplet
             return Ok(c);
         }
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && t0.elapsed() > T {
+        if spins.is_multiple_of(4096) && t0.elapsed() > T {
             return Err(timed_out("rdm"));
         }
         std::hint::spin_loop();
@@ -81,7 +84,7 @@ fn cq_poll(cq: &CompletionQueue, buf: &mut Vec<Completion>) -> Result<Completion
             return Ok(c);
         }
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && t0.elapsed() > T {
+        if spins.is_multiple_of(4096) && t0.elapsed() > T {
             return Err(timed_out("msg"));
         }
         std::hint::spin_loop();
@@ -137,9 +140,15 @@ fn rdm_run(provider: &str, iters: usize) -> Result<f64> {
             }
         }
         echo.join().expect("echo thread")?;
-        if let (Some(s0), Some(s1)) = (stats0, ip.parse().ok().and_then(fabric_softroce::device_stats)) {
+        if let (Some(s0), Some(s1)) = (
+            stats0,
+            ip.parse().ok().and_then(fabric_softroce::device_stats),
+        ) {
             if std::env::var("RDM_LAT_STATS").is_ok() {
-                println!("rdm packets per round trip: {:.2}", (s1.tx_packets - s0.tx_packets) as f64 / total as f64);
+                println!(
+                    "rdm packets per round trip: {:.2}",
+                    (s1.tx_packets - s0.tx_packets) as f64 / total as f64
+                );
             }
         }
         Ok(median_us(lat))
@@ -209,9 +218,15 @@ fn msg_run(provider: &str, iters: usize) -> Result<f64> {
             }
         }
         server.join().expect("server thread")?;
-        if let (Some(s0), Some(s1)) = (stats0, ip.parse().ok().and_then(fabric_softroce::device_stats)) {
+        if let (Some(s0), Some(s1)) = (
+            stats0,
+            ip.parse().ok().and_then(fabric_softroce::device_stats),
+        ) {
             if std::env::var("RDM_LAT_STATS").is_ok() {
-                println!("msg packets per round trip: {:.2}", (s1.tx_packets - s0.tx_packets) as f64 / total as f64);
+                println!(
+                    "msg packets per round trip: {:.2}",
+                    (s1.tx_packets - s0.tx_packets) as f64 / total as f64
+                );
             }
         }
         Ok(median_us(lat))

@@ -20,26 +20,58 @@
 //! a finish; the sender's completion waits for the finish. So a large message is
 //! copied once, by the fabric.
 //!
+//! Eager messages up to `eager_limit` are copied from the application's ranges
+//! straight into a send buffer when the connection has a credit and nothing queued
+//! (no allocation on that path); a rendezvous request lists up to [`IOV_LIMIT`]
+//! ranges, which the receiver reads with one RMA read into its own ranges.
+//! `writedata_to` writes, then, once the write has completed (been placed), sends a
+//! `WriteData` message with the 64-bit data: the target's `RemoteWrite` completion
+//! therefore always follows the data, whatever the provider's ordering.
+//!
 //! # Progress
 //! A progress thread per endpoint reads the underlying event and completion queues.
-//! An application thread in [`RdmEndpoint::wait`] or [`RdmEndpoint::read`] runs the
-//! same progress round itself when no one else is (one at a time, in order), which
-//! saves the hand-off through the thread (8-byte tagged ping-pong over tcp: about 2.2
-//! times the MSG endpoint's latency with the hand-off, 1.1 to 1.5 times without, in
-//! `examples/rdm-latency.rs`); the thread steps back for 200 µs after each such round.
+//! An application thread in [`RdmEndpoint::wait`], [`RdmEndpoint::read`] or
+//! [`RdmEndpoint::tpeek`] runs the same progress round itself when no one else is (one
+//! at a time, in order), which saves the hand-off through the thread. The thread stays
+//! away for 2 ms after any such call (taken or not: a thread that finds a round under
+//! way still counts), so a busy poller is not left waiting behind the thread's
+//! sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
+//! event queue (the provider's full progress: connection manager, socket polls) is
+//! read every 500 µs, or every round while a connection forms or closes. Measured with
+//! `examples/rdm-lat.rs` (busy-polled 8-byte ping-pong, RDM tagged against the MSG
+//! endpoint on the same provider, interleaved rounds): see the crate README /
+//! BENCHMARKS.md for the figures.
 //!
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
 //! this endpoint's name; operations wait in a bounded per-peer backlog meanwhile.
 //! When two endpoints connect to each other at once, the connection initiated by the
 //! endpoint with the smaller name wins: each side rejects the other's request or
-//! accepts it and moves its backlog there, by the same rule, so both agree. A
-//! connection unused for `idle_timeout` (off by default) with nothing outstanding on
-//! it is shut down by the side with the smaller name; the next operation opens a new
-//! one. The close is not a handshake yet: a message the peer posts in the instant the
-//! close happens fails there with `ConnectionLost`, or, where the provider completed
-//! the send once it left (tcp), is lost without an error. Enable it only where peers
-//! are quiet when idle (request/response patterns).
+//! accepts it and moves its backlog there, by the same rule, so both agree.
+//!
+//! # Idle close (a handshake)
+//! A connection unused for `idle_timeout` (60 s by default) is closed by agreement,
+//! so a message racing the close is neither lost nor failed:
+//! 1. A side with nothing in flight on it (nothing queued, no operation waiting for
+//!    the peer, no message of the peer held, every send completed) sends `CloseReq`
+//!    and from then on sends nothing on it; operations the application posts to the
+//!    peer wait in the backlog.
+//! 2. The peer answers `CloseAck` only if it has nothing in flight toward the asker
+//!    either, and then sends nothing more on it; otherwise `CloseNack`, and both go
+//!    on. When both ask at once, the smaller name's request stands and the other
+//!    answers it.
+//! 3. The connection keeps order, so when the `CloseAck` arrives everything the peer
+//!    sent before it has arrived too: if some of that still needs the connection (a
+//!    held message, a rendezvous to read), the asker answers `CloseNack`; otherwise it
+//!    shuts the connection down, and the peer closes on the shutdown event.
+//! 4. Operations posted during the handshake move to a new connection (either side
+//!    may open it; simultaneous connects resolve as above).
+//!
+//! Handshake messages take no credit (the receiver keeps spare buffers for them). A
+//! side that gets no answer (or no shutdown) within `connect_timeout` closes as
+//! agreed. Tested by the conformance case `rdm/idle_close_races`: 200 messages each
+//! way at 0 to 11 ms gaps around a 5 ms idle timeout, every one delivered exactly once
+//! while dozens of closes happen.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,8 +116,8 @@ pub struct RdmAttr {
     pub max_posted: usize,
     /// How long a connection may take to form before its operations fail.
     pub connect_timeout: Duration,
-    /// A connection idle this long with nothing outstanding is closed (`None`, the
-    /// default: never; see the module docs for the caveat).
+    /// A connection idle this long with nothing outstanding is closed by the
+    /// handshake in the module docs (default 60 s; `None`: never).
     pub idle_timeout: Option<Duration>,
 }
 
@@ -98,7 +130,7 @@ impl Default for RdmAttr {
             backlog: 4096,
             max_posted: 4096,
             connect_timeout: Duration::from_secs(10),
-            idle_timeout: None,
+            idle_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -631,13 +663,7 @@ impl RdmEndpoint {
     }
     /// Sends a tagged message gathered from several ranges (`fi_tsendv`; limits as
     /// [`sendv_to`](Self::sendv_to)).
-    pub fn tsendv(
-        &self,
-        iov: &[LocalIov<'_>],
-        dest: FiAddr,
-        tag: u64,
-        context: u64,
-    ) -> Result<()> {
+    pub fn tsendv(&self, iov: &[LocalIov<'_>], dest: FiAddr, tag: u64, context: u64) -> Result<()> {
         self.send_inner(iov, dest, Some(tag), None, context, false)
     }
     /// Sends a tagged message with remote CQ data (`fi_tsenddata`).
@@ -700,7 +726,10 @@ impl RdmEndpoint {
             )));
         }
         if !eager {
-            if iov.iter().any(|v| !v.mr.access().contains(Access::REMOTE_READ)) {
+            if iov
+                .iter()
+                .any(|v| !v.mr.access().contains(Access::REMOTE_READ))
+            {
                 return Err(Error::new(
                     ErrorKind::AccessDenied,
                     format!(
@@ -772,7 +801,11 @@ impl RdmEndpoint {
             let mut payload = Vec::with_capacity(RNDV_ENTRY * iov.len());
             for v in iov {
                 payload.extend_from_slice(
-                    &v.mr.remote().addr.wrapping_add(v.offset as u64).to_le_bytes(),
+                    &v.mr
+                        .remote()
+                        .addr
+                        .wrapping_add(v.offset as u64)
+                        .to_le_bytes(),
                 );
                 payload.extend_from_slice(&(v.len as u64).to_le_bytes());
                 payload.extend_from_slice(&v.mr.key().to_le_bytes());
@@ -1300,8 +1333,7 @@ fn matches(p: &Posted, u: &Unexpected) -> bool {
 }
 
 fn matches_spec(src: Option<&[u8]>, tagged: bool, tag: u64, ignore: u64, u: &Unexpected) -> bool {
-    src.is_none_or(|s| s == &*u.peer)
-        && (!tagged || (u.hdr.tag & !ignore) == (tag & !ignore))
+    src.is_none_or(|s| s == &*u.peer) && (!tagged || (u.hdr.tag & !ignore) == (tag & !ignore))
 }
 
 /// Most ranges of one send or receive (`sendv_to`, `tsendv`, `recvv`, `trecvv`).
@@ -2028,11 +2060,9 @@ fn check_rts(rx: &MemoryRegion, off: usize, h: &Header) -> Result<()> {
         return Err(bad(format!("{n} ranges")));
     }
     let entries = rx.to_vec(off, n * RNDV_ENTRY)?;
-    let total = entries
-        .chunks_exact(RNDV_ENTRY)
-        .try_fold(0u64, |acc, e| {
-            acc.checked_add(u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")))
-        });
+    let total = entries.chunks_exact(RNDV_ENTRY).try_fold(0u64, |acc, e| {
+        acc.checked_add(u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")))
+    });
     if total != Some(h.len) {
         return Err(bad(format!(
             "the ranges add up to {total:?} bytes, the message has {}",
@@ -2289,9 +2319,9 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
             }
             if !self_loop {
                 let closing = existing.filter(|old| {
-                    st.conns
-                        .get(old)
-                        .is_some_and(|c| matches!(c.state, CState::CloseAsked | CState::CloseAgreed))
+                    st.conns.get(old).is_some_and(|c| {
+                        matches!(c.state, CState::CloseAsked | CState::CloseAgreed)
+                    })
                 });
                 st.by_peer.insert(peer, id);
                 if let Some(old) = closing {
@@ -2673,8 +2703,7 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     let now = stamp(inner);
     let eq_due = !timeout.is_zero()
         || inner.cm_busy.load(Ordering::Relaxed)
-        || now.saturating_sub(inner.last_eq.load(Ordering::Relaxed))
-            >= EQ_EVERY.as_nanos() as u64;
+        || now.saturating_sub(inner.last_eq.load(Ordering::Relaxed)) >= EQ_EVERY.as_nanos() as u64;
     if eq_due {
         inner.last_eq.store(now, Ordering::Relaxed);
     }
@@ -2754,10 +2783,9 @@ fn touch(inner: &Inner) {
 
 fn progress_loop(inner: &Inner) {
     let mut last_house = Instant::now();
-    let house_every = inner
-        .attr
-        .idle_timeout
-        .map_or(HOUSEKEEPING, |t| (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING));
+    let house_every = inner.attr.idle_timeout.map_or(HOUSEKEEPING, |t| {
+        (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING)
+    });
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
         // peeked within the last APP_ACTIVE), stay out of its way: a round of this

@@ -493,7 +493,11 @@ fn sendv_recvv(ctx: &Ctx) -> CaseResult {
         let one = alloc(&b.domain, total, Access::LOCAL)?;
         b.ep.recv(one.full(), 3).ctx("recv")?;
         a.ep.sendv_to(&iov, a.to[1], 4).ctx("sendv_to")?;
-        ensure_eq!(ok(ctx, &b.ep)?.len, total, "round {round}: single-range receive");
+        ensure_eq!(
+            ok(ctx, &b.ep)?.len,
+            total,
+            "round {round}: single-range receive"
+        );
         ensure!(
             one.to_vec(0, total).ctx("read")? == data,
             "round {round}: gathered data differs"
@@ -534,7 +538,9 @@ fn idle_close_races(ctx: &Ctx) -> CaseResult {
                     let rx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
                     let tx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
                     for i in 0..n {
-                        node.ep.recv(rx.iov(8 * i, 8), (1 << 32) | i as u64).ctx("recv")?;
+                        node.ep
+                            .recv(rx.iov(8 * i, 8), (1 << 32) | i as u64)
+                            .ctx("recv")?;
                     }
                     // (sends completed, receives completed, values received)
                     let mut t = (0usize, 0usize, Vec::new());
@@ -562,7 +568,9 @@ fn idle_close_races(ctx: &Ctx) -> CaseResult {
                         std::thread::sleep(Duration::from_millis(gaps[(i + me * 5) % n]));
                         tx.write_at(8 * i, &((me as u64) << 32 | i as u64).to_le_bytes())
                             .ctx("fill")?;
-                        node.ep.send_to(tx.iov(8 * i, 8), peer, i as u64).ctx("send_to")?;
+                        node.ep
+                            .send_to(tx.iov(8 * i, 8), peer, i as u64)
+                            .ctx("send_to")?;
                         node.ep.read(&mut buf, usize::MAX);
                         for c in buf.drain(..) {
                             take(&mut t, c)?;

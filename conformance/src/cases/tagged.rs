@@ -280,7 +280,8 @@ fn tsendv_trecvv(ctx: &Ctx) -> CaseResult {
         let data = pattern(90 + round as u64, total);
         let src = alloc(&a.domain, total + 64, Access::LOCAL | Access::REMOTE_READ)?;
         src.write_at(0, &data[..total / 2]).ctx("fill")?;
-        src.write_at(total / 2 + 32, &data[total / 2..]).ctx("fill")?;
+        src.write_at(total / 2 + 32, &data[total / 2..])
+            .ctx("fill")?;
         let iov = [
             src.iov(0, total / 2),
             src.iov(total / 2 + 32, total - total / 2),
@@ -302,8 +303,16 @@ fn tsendv_trecvv(ctx: &Ctx) -> CaseResult {
             if !posted_first {
                 // Let the message arrive unexpected (rendezvous: its request).
                 let deadline = std::time::Instant::now() + ctx.timeout();
-                while b.ep.tpeek(None, tag, 0, PeekMode::Peek).ctx("peek")?.is_none() {
-                    ensure!(std::time::Instant::now() < deadline, "the message never arrived");
+                while b
+                    .ep
+                    .tpeek(None, tag, 0, PeekMode::Peek)
+                    .ctx("peek")?
+                    .is_none()
+                {
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "the message never arrived"
+                    );
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 b.ep.trecvv(&riov, None, tag, 0, 1).ctx("trecvv")?;
@@ -332,7 +341,8 @@ fn tsendv_trecvv(ctx: &Ctx) -> CaseResult {
                 "send completion"
             );
             // Take the decoy with a message of its own.
-            a.ep.tsend(src.iov(0, 8), a.to[1], tag + 100, 3).ctx("tsend")?;
+            a.ep.tsend(src.iov(0, 8), a.to[1], tag + 100, 3)
+                .ctx("tsend")?;
             ensure_eq!(ok(ctx, &b.ep)?.context, 99, "decoy");
             ok(ctx, &a.ep)?;
         }
