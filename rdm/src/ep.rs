@@ -2774,6 +2774,10 @@ const HOUSEKEEPING: Duration = Duration::from_millis(100);
 /// leaves progress to the application.
 const APP_ACTIVE: Duration = Duration::from_millis(2);
 
+/// After this long without an application thread in read, wait or peek, the progress
+/// thread's rounds may sleep on the queues (holding the progress lock while they do).
+const APP_RECENT: Duration = Duration::from_millis(50);
+
 /// Notes that an application thread is polling or waiting now (whether or not it gets
 /// the progress lock: one that finds the thread's round under way must still keep the
 /// thread away from the next one).
@@ -2799,6 +2803,14 @@ fn progress_loop(inner: &Inner) {
             // on a small machine each wake-up can preempt a busy poller).
             let left = Duration::from_nanos(active - since).max(Duration::from_micros(100));
             std::thread::sleep(left.min(house_every));
+        } else if since < APP_RECENT.as_nanos() as u64 {
+            // The application was here lately and may be back any moment (on a loaded
+            // machine a busy poller is off its core for milliseconds): rounds that do
+            // not sleep holding the progress lock, short sleeps between them.
+            if let Some(mut batch) = inner.progress.try_lock() {
+                progress_once(inner, &mut batch, Duration::ZERO);
+            }
+            std::thread::sleep(Duration::from_micros(100));
         } else if let Some(mut batch) = inner.progress.try_lock() {
             progress_once(inner, &mut batch, Duration::from_millis(1));
         } else {
