@@ -185,4 +185,29 @@ mod tests {
         b[0] = 99;
         assert!(Header::parse(&b).is_err());
     }
+
+    #[test]
+    fn close_and_writedata_ops_round_trip_and_payload_lengths_saturate() {
+        for op in [Op::WriteData, Op::CloseReq, Op::CloseAck, Op::CloseNack] {
+            let h = Header::new(op);
+            assert_eq!(Header::parse(&h.to_bytes()).unwrap().op, op);
+            assert_eq!(h.payload_len(), 0);
+        }
+        let mut h = Header::new(Op::Rts);
+        h.raddr = 3;
+        h.len = 1 << 30;
+        assert_eq!(
+            h.payload_len(),
+            72,
+            "a rendezvous request carries its ranges"
+        );
+        h.raddr = u64::MAX;
+        assert_eq!(h.payload_len(), usize::MAX, "a hostile count saturates");
+        let mut e = Header::new(Op::Eager);
+        e.len = 5;
+        assert_eq!(e.payload_len(), 5);
+        let mut b = e.to_bytes();
+        b[0] = 11;
+        assert!(Header::parse(&b).is_err());
+    }
 }
