@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fabric_core::{Address, Domain, Error, Result};
@@ -51,6 +52,9 @@ struct Table {
 #[derive(Clone)]
 pub struct AddressVector {
     table: Arc<Mutex<Table>>,
+    /// Bumped by every insert of a new name and every removal (endpoints cache
+    /// reverse lookups per connection until it changes).
+    gen: Arc<AtomicU64>,
     domain: Domain,
     attr: AvAttr,
 }
@@ -75,6 +79,7 @@ impl AddressVector {
                 by_name: HashMap::new(),
                 live: 0,
             })),
+            gen: Arc::new(AtomicU64::new(0)),
             domain: domain.clone(),
             attr,
         })
@@ -103,6 +108,7 @@ impl AddressVector {
         t.slots.push(Some(name.to_vec()));
         t.by_name.insert(name.to_vec(), i);
         t.live += 1;
+        self.gen.fetch_add(1, Ordering::Release);
         Ok(FiAddr(i))
     }
 
@@ -117,6 +123,7 @@ impl AddressVector {
             .ok_or_else(|| Error::invalid(format!("av remove: {addr} is not in the table")))?;
         t.by_name.remove(&name);
         t.live -= 1;
+        self.gen.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -133,6 +140,11 @@ impl AddressVector {
     /// reported).
     pub fn reverse_lookup(&self, name: &[u8]) -> Option<FiAddr> {
         self.table.lock().by_name.get(name).map(|&i| FiAddr(i))
+    }
+
+    /// A number that changes whenever the table does.
+    pub(crate) fn generation(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
     }
 
     /// Names in the table.

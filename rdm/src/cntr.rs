@@ -20,6 +20,8 @@ bitflags::bitflags! {
         const READ = 1 << 2;
         /// Writes and non-fetching atomics initiated here.
         const WRITE = 1 << 3;
+        /// Peers' writes with remote CQ data announced here (`FI_REMOTE_WRITE`).
+        const REMOTE_WRITE = 1 << 4;
     }
 }
 

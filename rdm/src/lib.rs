@@ -31,11 +31,14 @@
 //!
 //! How messages, credits, rendezvous, progress and connections work is in [`ep`].
 //!
+//! - Multi-range forms: `sendv_to`, `tsendv`, `recvv`, `trecvv` (up to
+//!   [`IOV_LIMIT`] ranges); RMA `writedata_to` (the target gets a `RemoteWrite`
+//!   completion with the 64-bit data and the writer's address).
+//! - Idle connections close by a handshake (default after 60 s idle; see [`ep`]).
+//!
 //! ## Not yet
-//! Remote CQ data with RMA writes (`writedata_to`), multi-iovec forms, idle closes by
-//! handshake (the idle close is off by default: see [`ep`]), native atomics of a
-//! provider (softroce's CMP_SWAP/FETCH_ADD): every atomic is executed by the target's
-//! layer.
+//! Native atomics of a provider (softroce's CMP_SWAP/FETCH_ADD): every atomic is
+//! executed by the target's layer.
 //!
 //! ## Example
 //! ```no_run
@@ -73,7 +76,7 @@ mod wire;
 pub use atomic::{atomic_valid, AtomicForm, AtomicOp, Datatype, MAX_ATOMIC_COUNT};
 pub use av::{AddressVector, AvAttr, FiAddr};
 pub use cntr::{CntrEvents, Counter};
-pub use ep::{Claim, OpKind, PeekMode, Peeked, RdmAttr, RdmCompletion, RdmEndpoint};
+pub use ep::{Claim, OpKind, PeekMode, Peeked, RdmAttr, RdmCompletion, RdmEndpoint, IOV_LIMIT};
 
 use fabric_core::{Caps, EpType, GetInfoError, Hints, Info, Registry};
 

@@ -22,6 +22,15 @@ pub(crate) enum Op {
     AtomicReq = 5,
     /// Atomic response (`rid`), with a status and any fetched values.
     AtomicResp = 6,
+    /// Remote CQ data (`data`) of an RMA write of `len` bytes that has completed.
+    WriteData = 7,
+    /// The sender has nothing in flight on this connection and asks to close it.
+    CloseReq = 8,
+    /// The answer to `CloseReq`: agreed (nothing in flight this way either); the asker
+    /// shuts the connection down.
+    CloseAck = 9,
+    /// The answer to `CloseReq` (or to `CloseAck`): not now; both keep the connection.
+    CloseNack = 10,
 }
 
 impl Op {
@@ -33,6 +42,10 @@ impl Op {
             4 => Op::Credit,
             5 => Op::AtomicReq,
             6 => Op::AtomicResp,
+            7 => Op::WriteData,
+            8 => Op::CloseReq,
+            9 => Op::CloseAck,
+            10 => Op::CloseNack,
             _ => return None,
         })
     }
@@ -79,6 +92,21 @@ impl Header {
             rid: 0,
             raddr: 0,
             rkey: 0,
+        }
+    }
+
+    /// Payload bytes that follow the header: the data of an eager message or atomic,
+    /// the ranges of a rendezvous request (`raddr` of them, 24 bytes each), else none.
+    /// Saturates, so a hostile header cannot overflow it (the length check fails).
+    pub(crate) fn payload_len(&self) -> usize {
+        match self.op {
+            Op::Eager | Op::AtomicReq | Op::AtomicResp => {
+                usize::try_from(self.len).unwrap_or(usize::MAX)
+            }
+            Op::Rts => usize::try_from(self.raddr)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(24),
+            _ => 0,
         }
     }
 
@@ -155,6 +183,31 @@ mod tests {
         assert!(Header::parse(&[1; HDR - 1]).is_err());
         let mut b = h.to_bytes();
         b[0] = 99;
+        assert!(Header::parse(&b).is_err());
+    }
+
+    #[test]
+    fn close_and_writedata_ops_round_trip_and_payload_lengths_saturate() {
+        for op in [Op::WriteData, Op::CloseReq, Op::CloseAck, Op::CloseNack] {
+            let h = Header::new(op);
+            assert_eq!(Header::parse(&h.to_bytes()).unwrap().op, op);
+            assert_eq!(h.payload_len(), 0);
+        }
+        let mut h = Header::new(Op::Rts);
+        h.raddr = 3;
+        h.len = 1 << 30;
+        assert_eq!(
+            h.payload_len(),
+            72,
+            "a rendezvous request carries its ranges"
+        );
+        h.raddr = u64::MAX;
+        assert_eq!(h.payload_len(), usize::MAX, "a hostile count saturates");
+        let mut e = Header::new(Op::Eager);
+        e.len = 5;
+        assert_eq!(e.payload_len(), 5);
+        let mut b = e.to_bytes();
+        b[0] = 11;
         assert!(Header::parse(&b).is_err());
     }
 }

@@ -32,6 +32,9 @@ pub fn cases() -> Vec<Case> {
         case(G, "unexpected_flood", NEEDS, "300 messages to a peer that posts nothing: at most rx_buffers complete, then all arrive in order", unexpected_flood),
         case(G, "rma_to", NEEDS, "write_to and read_to a peer's region (64 KiB, data verified), the first opening the connection", rma_to),
         case(G, "idle_close_reopen", NEEDS, "an idle connection is closed at both ends and reopened by the next send", idle_close_reopen),
+        case(G, "idle_close_races", NEEDS, "idle closes by handshake (5 ms idle timeout) while both sides send 200 messages each at irregular gaps: every message delivered exactly once, every send succeeds, closes happened", idle_close_races),
+        case(G, "writedata_to", NEEDS, "writedata_to (4 KiB and 1 MiB): the target reports RemoteWrite with the 64-bit data, length and writer, after the data is placed", writedata_to),
+        case(G, "sendv_recvv", NEEDS, "sendv_to/recvv gather and scatter across differently split ranges, eager and rendezvous (3 x ~70 KiB), and across a single range; bad range counts refused", sendv_recvv),
     ]
 }
 
@@ -403,6 +406,211 @@ fn rma_to(ctx: &Ctx) -> CaseResult {
         a.ep.write_to(src.iov(0, 8), a.to[1], remote.iov(0, 16), 3)
             .is_err(),
         "lengths that differ were accepted"
+    );
+    Ok(())
+}
+
+fn writedata_to(ctx: &Ctx) -> CaseResult {
+    let w = world(ctx, 2, RdmAttr::default())?;
+    let (a, b) = (&w[0], &w[1]);
+    let len = 1 << 20;
+    let target = alloc(&b.domain, len, Access::LOCAL | Access::REMOTE)?;
+    let remote = target.remote();
+    let src = alloc(&a.domain, len, Access::LOCAL)?;
+    for (i, (n, data)) in [(4096usize, 0x0123_4567_89ab_cdefu64), (len, u64::MAX - 7)]
+        .into_iter()
+        .enumerate()
+    {
+        let bytes = crate::payload::pattern(40 + i as u64, n);
+        src.write_at(0, &bytes).ctx("fill")?;
+        a.ep.writedata_to(src.iov(0, n), data, a.to[1], remote.iov(0, n), 7 + i as u64)
+            .ctx("writedata_to")?;
+        // The target's completion comes once the data is placed: look at once.
+        let r = ok(ctx, &b.ep)?;
+        ensure!(
+            target.to_vec(0, n).ctx("read")? == bytes,
+            "write {i}: the data was not in place when the target saw the CQ data"
+        );
+        ensure_eq!(
+            (r.kind, r.len, r.data, r.src),
+            (OpKind::RemoteWrite, n, Some(data), Some(b.to[0])),
+            "write {i}: target completion"
+        );
+        let c = ok(ctx, &a.ep)?;
+        ensure_eq!(
+            (c.context, c.kind, c.len),
+            (7 + i as u64, OpKind::Write, n),
+            "write {i}: initiator completion"
+        );
+    }
+    Ok(())
+}
+
+fn sendv_recvv(ctx: &Ctx) -> CaseResult {
+    let w = world(ctx, 2, RdmAttr::default())?;
+    let (a, b) = (&w[0], &w[1]);
+    // Eager (60 B) and rendezvous (3 ranges, 210,000 B, above the 8 KiB eager limit).
+    for (round, sizes) in [[10usize, 20, 30], [70_000, 70_001, 69_999]]
+        .into_iter()
+        .enumerate()
+    {
+        let total: usize = sizes.iter().sum();
+        let data = crate::payload::pattern(60 + round as u64, total);
+        // Three sender regions, the ranges at odd offsets.
+        let mut regions = Vec::new();
+        let mut at = 0;
+        for (k, n) in sizes.iter().enumerate() {
+            let r = alloc(&a.domain, n + 16, Access::LOCAL | Access::REMOTE_READ)?;
+            r.write_at(3 + k, &data[at..at + n]).ctx("fill")?;
+            at += n;
+            regions.push(r);
+        }
+        let iov: Vec<_> = regions
+            .iter()
+            .zip(sizes)
+            .enumerate()
+            .map(|(k, (r, n))| r.iov(3 + k, n))
+            .collect();
+        // The receiver scatters into two regions, split elsewhere.
+        let split = total / 3 + 1;
+        let r1 = alloc(&b.domain, split + 8, Access::LOCAL)?;
+        let r2 = alloc(&b.domain, total - split + 8, Access::LOCAL)?;
+        b.ep.recvv(&[r1.iov(8, split), r2.iov(0, total - split)], None, 1)
+            .ctx("recvv")?;
+        a.ep.sendv_to(&iov, a.to[1], 2).ctx("sendv_to")?;
+        let r = ok(ctx, &b.ep)?;
+        ensure_eq!(
+            (r.context, r.kind, r.len, r.src),
+            (1, OpKind::Recv, total, Some(b.to[0])),
+            "round {round}: receive"
+        );
+        let mut got = r1.to_vec(8, split).ctx("read")?;
+        got.extend(r2.to_vec(0, total - split).ctx("read")?);
+        ensure!(got == data, "round {round}: scattered data differs");
+        let s = ok(ctx, &a.ep)?;
+        ensure_eq!((s.context, s.len), (2, total), "round {round}: send");
+        // The same gathered message into one range.
+        let one = alloc(&b.domain, total, Access::LOCAL)?;
+        b.ep.recv(one.full(), 3).ctx("recv")?;
+        a.ep.sendv_to(&iov, a.to[1], 4).ctx("sendv_to")?;
+        ensure_eq!(
+            ok(ctx, &b.ep)?.len,
+            total,
+            "round {round}: single-range receive"
+        );
+        ensure!(
+            one.to_vec(0, total).ctx("read")? == data,
+            "round {round}: gathered data differs"
+        );
+        ok(ctx, &a.ep)?;
+    }
+    let m = alloc(&a.domain, 64, Access::LOCAL)?;
+    ensure!(
+        a.ep.sendv_to(&[], a.to[1], 5).is_err(),
+        "a send of no ranges was accepted"
+    );
+    let nine: Vec<_> = (0..9).map(|k| m.iov(k, 1)).collect();
+    ensure!(
+        a.ep.sendv_to(&nine, a.to[1], 6).is_err(),
+        "a send of 9 ranges was accepted (IOV_LIMIT is 8)"
+    );
+    ensure!(
+        b.ep.recvv(&[], None, 7).is_err(),
+        "a receive of no ranges was accepted"
+    );
+    Ok(())
+}
+
+fn idle_close_races(ctx: &Ctx) -> CaseResult {
+    let attr = RdmAttr::default().idle_timeout(Duration::from_millis(5));
+    let w = world(ctx, 2, attr)?;
+    let n = 200usize;
+    // Gaps of 0 to 11 ms (fixed pseudo-random): many land just before, at or just after
+    // an idle close.
+    let gaps: Vec<u64> = (0..n as u64).map(|i| (i * 7919 + 13) % 12).collect();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|me| {
+                let node = &w[me];
+                let gaps = &gaps;
+                s.spawn(move || -> Result<(Vec<u64>, usize), CaseError> {
+                    let peer = node.to[1 - me];
+                    let rx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
+                    let tx = alloc(&node.domain, 8 * n, Access::LOCAL)?;
+                    for i in 0..n {
+                        node.ep
+                            .recv(rx.iov(8 * i, 8), (1 << 32) | i as u64)
+                            .ctx("recv")?;
+                    }
+                    // (sends completed, receives completed, values received)
+                    let mut t = (0usize, 0usize, Vec::new());
+                    let take = |t: &mut (usize, usize, Vec<u64>),
+                                c: RdmCompletion|
+                     -> Result<(), CaseError> {
+                        if let Err(e) = &c.status {
+                            return Err(CaseError::fail(format!(
+                                "endpoint {me}: error completion {:?} ({e}) for {:#x}",
+                                e.kind, c.context
+                            )));
+                        }
+                        if c.context >> 32 == 1 {
+                            t.1 += 1;
+                            let i = (c.context & 0xffff_ffff) as usize;
+                            let v = rx.to_vec(8 * i, 8).ctx("read")?;
+                            t.2.push(u64::from_le_bytes(v.try_into().expect("8 bytes")));
+                        } else {
+                            t.0 += 1;
+                        }
+                        Ok(())
+                    };
+                    let mut buf = Vec::new();
+                    for i in 0..n {
+                        std::thread::sleep(Duration::from_millis(gaps[(i + me * 5) % n]));
+                        tx.write_at(8 * i, &((me as u64) << 32 | i as u64).to_le_bytes())
+                            .ctx("fill")?;
+                        node.ep
+                            .send_to(tx.iov(8 * i, 8), peer, i as u64)
+                            .ctx("send_to")?;
+                        node.ep.read(&mut buf, usize::MAX);
+                        for c in buf.drain(..) {
+                            take(&mut t, c)?;
+                        }
+                    }
+                    let deadline = Instant::now() + ctx.timeout();
+                    while t.0 < n || t.1 < n {
+                        ensure!(
+                            Instant::now() < deadline,
+                            "endpoint {me}: {} of {n} sends and {} of {n} receives completed",
+                            t.0,
+                            t.1
+                        );
+                        if let Ok(c) = node.ep.wait(Duration::from_millis(50)) {
+                            take(&mut t, c)?;
+                        }
+                    }
+                    Ok((t.2, node.ep.idle_closes() as usize))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("endpoint thread"))
+            .collect::<Vec<_>>()
+    });
+    let mut closes = 0;
+    for (me, r) in results.into_iter().enumerate() {
+        let (mut got, c) = r?;
+        closes += c;
+        got.sort_unstable();
+        let want: Vec<u64> = (0..n as u64).map(|i| ((1 - me as u64) << 32) | i).collect();
+        ensure!(
+            got == want,
+            "endpoint {me}: the messages received are not each of the peer's exactly once"
+        );
+    }
+    ensure!(
+        closes >= 10,
+        "only {closes} idle closes happened during the traffic: the race was not exercised"
     );
     Ok(())
 }

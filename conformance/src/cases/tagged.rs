@@ -26,6 +26,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "tagged_untagged_apart", NEEDS, "a tagged message never matches an untagged receive, nor the reverse", tagged_untagged_apart),
         case(G, "rendezvous_sizes", NEEDS, "1 B to 4 MiB around a 4 KiB eager limit, receive posted before or after, data and CQ data verified", rendezvous_sizes),
         case(G, "rendezvous_truncated", NEEDS, "a rendezvous into a smaller buffer: Truncated at both ends; no REMOTE_READ: refused at the call", rendezvous_truncated),
+        case(G, "tsendv_trecvv", NEEDS, "tsendv/trecvv: gathered and scattered tagged messages matched by tag, eager and rendezvous, posted before and after arrival, truncation across ranges", tsendv_trecvv),
     ]
 }
 
@@ -270,4 +271,94 @@ fn rendezvous_truncated(ctx: &Ctx) -> CaseResult {
             "a rendezvous without REMOTE_READ: {other:?}"
         ))),
     }
+}
+
+fn tsendv_trecvv(ctx: &Ctx) -> CaseResult {
+    let w = world(ctx, 2, RdmAttr::default().eager_limit(4096))?;
+    let (a, b) = (&w[0], &w[1]);
+    for (round, total) in [100usize, 50_000].into_iter().enumerate() {
+        let data = pattern(90 + round as u64, total);
+        let src = alloc(&a.domain, total + 64, Access::LOCAL | Access::REMOTE_READ)?;
+        src.write_at(0, &data[..total / 2]).ctx("fill")?;
+        src.write_at(total / 2 + 32, &data[total / 2..])
+            .ctx("fill")?;
+        let iov = [
+            src.iov(0, total / 2),
+            src.iov(total / 2 + 32, total - total / 2),
+        ];
+        let dst = alloc(&b.domain, total + 64, Access::LOCAL | Access::READ)?;
+        let cut = total / 4;
+        let riov = [dst.iov(0, cut), dst.iov(cut + 16, total - cut)];
+        for posted_first in [true, false] {
+            dst.fill(0, total + 64, 0).ctx("clear")?;
+            let tag = 0x5000 + round as u64 * 2 + posted_first as u64;
+            // A decoy receive of another tag stays unmatched.
+            let decoy = alloc(&b.domain, 8, Access::LOCAL)?;
+            b.ep.trecv(decoy.iov(0, 8), None, tag + 100, 0, 99)
+                .ctx("trecv decoy")?;
+            if posted_first {
+                b.ep.trecvv(&riov, None, tag, 0, 1).ctx("trecvv")?;
+            }
+            a.ep.tsendv(&iov, a.to[1], tag, 2).ctx("tsendv")?;
+            if !posted_first {
+                // Let the message arrive unexpected (rendezvous: its request).
+                let deadline = std::time::Instant::now() + ctx.timeout();
+                while b
+                    .ep
+                    .tpeek(None, tag, 0, PeekMode::Peek)
+                    .ctx("peek")?
+                    .is_none()
+                {
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "the message never arrived"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                b.ep.trecvv(&riov, None, tag, 0, 1).ctx("trecvv")?;
+            }
+            let r = ok(ctx, &b.ep)?;
+            ensure_eq!(
+                (r.context, r.kind, r.len, r.tag),
+                (1, OpKind::TaggedRecv, total, tag),
+                "round {round} posted_first {posted_first}: receive"
+            );
+            let mut got = dst.to_vec(0, cut).ctx("read")?;
+            got.extend(dst.to_vec(cut + 16, total - cut).ctx("read")?);
+            ensure!(
+                got == data,
+                "round {round} posted_first {posted_first}: data differs"
+            );
+            ensure_eq!(
+                dst.to_vec(cut, 16).ctx("read")?,
+                vec![0; 16],
+                "the gap between the receive's ranges was written"
+            );
+            let s = ok(ctx, &a.ep)?;
+            ensure_eq!(
+                (s.context, s.kind, s.len),
+                (2, OpKind::TaggedSend, total),
+                "send completion"
+            );
+            // Take the decoy with a message of its own.
+            a.ep.tsend(src.iov(0, 8), a.to[1], tag + 100, 3)
+                .ctx("tsend")?;
+            ensure_eq!(ok(ctx, &b.ep)?.context, 99, "decoy");
+            ok(ctx, &a.ep)?;
+        }
+        // Truncation across ranges: the receive's two ranges hold total - 10 bytes.
+        let tag = 0x6000 + round as u64;
+        b.ep.trecvv(&[dst.iov(0, 10), dst.iov(10, total - 20)], None, tag, 0, 4)
+            .ctx("trecvv")?;
+        a.ep.tsendv(&iov, a.to[1], tag, 5).ctx("tsendv")?;
+        let r = err(ctx, &b.ep, CqErrorKind::Truncated, "truncated receive")?;
+        ensure_eq!(r.len, total - 10, "round {round}: bytes that fit");
+        ensure!(
+            dst.to_vec(0, total - 10).ctx("read")? == data[..total - 10],
+            "round {round}: truncated data differs"
+        );
+        let s = a.ep.wait(ctx.timeout()).ctx("send completion")?;
+        ensure_eq!(s.context, 5, "truncated send's completion");
+    }
+    Ok(())
 }
