@@ -145,6 +145,25 @@ impl Rma {
     }
 }
 
+/// What [`Link::next_arrival`] found.
+#[derive(Debug)]
+pub(crate) enum Arrival {
+    /// A message in receive slot `slot`, `len` bytes.
+    Message {
+        /// Receive slot.
+        slot: usize,
+        /// Bytes received.
+        len: usize,
+    },
+    /// A posted operation ended (an RMA transfer, or a send not waited for).
+    Op {
+        /// Its context.
+        ctx: u64,
+        /// Why it failed, if it did.
+        error: Option<String>,
+    },
+}
+
 /// One connected queue: endpoint, its queues, and the receive buffers.
 pub(crate) struct Link {
     pub(crate) ep: Endpoint,
@@ -327,27 +346,33 @@ impl Link {
         Ok(())
     }
 
-    /// The next received message: its bytes, copied out, with the receive posted again.
+    /// The next completion in the order the completion queue gave them: a received
+    /// message (still in its receive slot: [`take_message`](Self::take_message)
+    /// copies it out and posts the receive again) or a posted operation's end.
     /// `None` when nothing arrived within `timeout`.
-    pub(crate) fn next_message(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn next_arrival(&mut self, timeout: Duration) -> Result<Option<Arrival>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(i) = self.stash.iter().position(|c| c.context & RECV_TAG != 0) {
-                let c = self.stash.remove(i).unwrap_or_else(|| unreachable!());
-                if let Err(e) = &c.status {
-                    self.closed
-                        .get_or_insert_with(|| format!("receive failed: {e:?}"));
-                    return Err(self.dead());
+            if let Some(c) = self.stash.pop_front() {
+                if c.context & RECV_TAG != 0 {
+                    if let Err(e) = &c.status {
+                        self.closed
+                            .get_or_insert_with(|| format!("receive failed: {e:?}"));
+                        return Err(self.dead());
+                    }
+                    let slot = (c.context & !RECV_TAG) as usize;
+                    if slot >= self.slots {
+                        return Err(Error::Protocol(format!("unknown receive context {slot}")));
+                    }
+                    return Ok(Some(Arrival::Message {
+                        slot,
+                        len: c.len.min(self.slot_len),
+                    }));
                 }
-                let slot = (c.context & !RECV_TAG) as usize;
-                if slot >= self.slots {
-                    return Err(Error::Protocol(format!("unknown receive context {slot}")));
-                }
-                let bytes = self
-                    .recv_mr
-                    .to_vec(slot * self.slot_len, c.len.min(self.slot_len))?;
-                self.post_recv(slot)?;
-                return Ok(Some(bytes));
+                return Ok(Some(Arrival::Op {
+                    ctx: c.context,
+                    error: c.status.err().map(|e| format!("{e:?}")),
+                }));
             }
             if self.closed.is_some() {
                 return Err(self.dead());
@@ -358,6 +383,15 @@ impl Link {
             }
             self.poll(POLL_SLICE.min(deadline - now))?;
         }
+    }
+
+    /// Copies the message of an [`Arrival::Message`] into `out` (replacing its
+    /// contents, reusing its allocation) and posts the receive again.
+    pub(crate) fn take_message(&mut self, slot: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        out.resize(len, 0);
+        self.recv_mr.read_at(slot * self.slot_len, out)?;
+        self.post_recv(slot)
     }
 
     /// Sends one message (a capsule or a response), delivered after every RMA write
