@@ -277,7 +277,7 @@ impl Xfer<'_> {
                     key: u64::from(k.key()),
                 };
                 // Posted, not waited for: the response follows it in order.
-                match self.link.post_rma(Rma::Write, buf, 0, remote) {
+                match self.link.post_write_then_send(buf, remote) {
                     Ok(ctx) => {
                         self.bounce.writing.push_back((ctx, i));
                         Ok(())
