@@ -4,10 +4,15 @@ mod common;
 use common::*;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
-use nvmeof::host::{Data, HostQueue};
+use nvmeof::host::{Data, HostQueue, IoFuture, IoRequest};
 use nvmeof::wire::opcodes::{IoCommand, IoOpcode};
 use nvmeof::wire::SqeRepr;
+use nvmeof::wire::StatusCode;
 
 const BS: usize = 512;
 
@@ -157,7 +162,7 @@ fn full_queue_data_integrity(provider: &str) {
         }
         let blocks = 1 + (rng.next() % REGION_BLOCKS as u64) as usize;
         let slba = region as u64 * REGION_BLOCKS as u64;
-        let cid = if rng.next() % 2 == 0 {
+        let cid = if rng.next().is_multiple_of(2) {
             let bytes = pattern(i, blocks * BS);
             writes += 1;
             let cid = write(&mut q, slba, &bytes);
@@ -183,7 +188,10 @@ fn full_queue_data_integrity(provider: &str) {
             &mut out_of_order,
         );
     }
-    assert!(reads > 500 && writes > 500, "{reads} reads, {writes} writes");
+    assert!(
+        reads > 500 && writes > 500,
+        "{reads} reads, {writes} writes"
+    );
     assert!(
         max_inflight >= depth / 2,
         "at most {max_inflight} commands were in flight"
@@ -201,4 +209,154 @@ fn full_queue_data_integrity(provider: &str) {
     ctrl.disconnect().unwrap();
 }
 
-over_providers!(out_of_order_completions, full_queue_data_integrity);
+/// Polls every future until all have resolved (at most 30 s); their outputs, and the
+/// order in which they resolved (indices).
+fn join_all(mut futs: Vec<IoFuture<'_>>) -> (Vec<nvmeof::Result<Vec<u8>>>, Vec<usize>) {
+    let mut out: Vec<Option<nvmeof::Result<Vec<u8>>>> = futs.iter().map(|_| None).collect();
+    let mut order = Vec::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while order.len() < futs.len() {
+        assert!(
+            Instant::now() < deadline,
+            "futures still pending after 30 s"
+        );
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            if let Poll::Ready(r) = Pin::new(f).poll(&mut cx) {
+                out[i] = Some(r);
+                order.push(i);
+            }
+        }
+    }
+    (out.into_iter().map(Option::unwrap).collect(), order)
+}
+
+/// The async host API: 100 futures on one queue of 32 entries (more wait for a
+/// slot); writes whose data the target fetches (8 KiB) interleaved with reads of
+/// earlier data resolve in the order the target answers, each with its own data;
+/// a bad command fails alone; a dropped in-flight future frees its slot.
+fn async_futures(provider: &str) {
+    let s = setup(provider);
+    let ctrl = s.connect();
+    let ns = ctrl.namespace(1).unwrap();
+    let depth = usize::from(ctrl.io_queue(0).unwrap().depth());
+    const N: u64 = 50;
+    const BLOCKS: u32 = 16;
+    let at = |i: u64| i * u64::from(BLOCKS);
+    let data = |seed: u64| pattern(seed, BLOCKS as usize * BS);
+
+    // Phase 1: N writes, more than the queue holds at once.
+    let futs = (0..N)
+        .map(|i| {
+            let req = IoRequest::Write {
+                slba: at(i),
+                data: data(i),
+                fua: false,
+            };
+            ctrl.submit_async(0, &ns, &req)
+        })
+        .collect();
+    let (results, _) = join_all(futs);
+    for (i, r) in results.into_iter().enumerate() {
+        assert!(r.unwrap().is_empty(), "write {i}");
+    }
+
+    // Phase 2: writes to new places interleaved with reads of phase 1, and one
+    // read beyond the end of the namespace.
+    let mut reqs = Vec::new();
+    for i in 0..N {
+        reqs.push(IoRequest::Write {
+            slba: at(N + i),
+            data: data(1000 + i),
+            fua: false,
+        });
+        reqs.push(IoRequest::Read {
+            slba: at(i),
+            blocks: BLOCKS,
+        });
+    }
+    reqs.push(IoRequest::Read {
+        slba: ns.blocks,
+        blocks: 1,
+    });
+    let futs = reqs.iter().map(|r| ctrl.submit_async(0, &ns, r)).collect();
+    let (results, order) = join_all(futs);
+    let bad = results.len() - 1;
+    for (k, r) in results.into_iter().enumerate() {
+        if k == bad {
+            let e = r.expect_err("a read beyond the end");
+            assert_eq!(e.status_code(), Some(StatusCode::LbaOutOfRange), "{e}");
+        } else if k % 2 == 0 {
+            assert!(r.unwrap().is_empty(), "write {k}");
+        } else {
+            assert_eq!(r.unwrap(), data(k as u64 / 2), "read {k}");
+        }
+    }
+    let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &k)| (k, p)).collect();
+    let overtaken = (0..N as usize)
+        .filter(|i| pos[&(2 * i + 1)] < pos[&(2 * i)])
+        .count();
+    assert!(
+        overtaken > 0,
+        "no read resolved before the write submitted just before it"
+    );
+    for i in 0..N {
+        let have = s
+            .target
+            .read_namespace(SUBNQN, 1, at(N + i) * BS as u64, BLOCKS as usize * BS)
+            .unwrap();
+        assert_eq!(have, data(1000 + i), "phase 2 write {i} in the back end");
+    }
+
+    // A future dropped while its command is in flight: the slot comes back.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut f = ctrl.submit_async(
+        0,
+        &ns,
+        &IoRequest::Read {
+            slba: 0,
+            blocks: BLOCKS,
+        },
+    );
+    if Pin::new(&mut f).poll(&mut cx).is_pending() {
+        assert_eq!(
+            ctrl.io_queue(0).unwrap().outstanding(),
+            1,
+            "submitted on its first poll"
+        );
+    }
+    drop(f);
+    assert_eq!(ctrl.io_queue(0).unwrap().outstanding(), 0, "given up");
+    let futs = (0..depth as u64 + 8)
+        .map(|i| {
+            ctrl.submit_async(
+                0,
+                &ns,
+                &IoRequest::Read {
+                    slba: at(i % N),
+                    blocks: BLOCKS,
+                },
+            )
+        })
+        .collect();
+    let (results, _) = join_all(futs);
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(
+            r.unwrap(),
+            data(i as u64 % N),
+            "read {i} after a dropped future"
+        );
+    }
+    assert_eq!(ctrl.io_queue(0).unwrap().outstanding(), 0);
+    eprintln!("{provider}: {overtaken} of {N} reads resolved before the write ahead of them");
+    ctrl.disconnect().unwrap();
+}
+
+over_providers!(
+    out_of_order_completions,
+    full_queue_data_integrity,
+    async_futures
+);

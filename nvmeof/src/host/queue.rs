@@ -33,6 +33,8 @@ pub enum Data<'a> {
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     read_len: usize,
+    /// Given up by its submitter (a dropped future): its response frees the slot.
+    orphan: bool,
 }
 
 /// A connected host queue.
@@ -198,7 +200,10 @@ impl HostQueue {
         let sent = self.link.send(&capsule);
         self.capsule = capsule;
         sent?;
-        self.pending[slot] = Some(Pending { read_len });
+        self.pending[slot] = Some(Pending {
+            read_len,
+            orphan: false,
+        });
         Ok(cid)
     }
 
@@ -212,7 +217,10 @@ impl HostQueue {
         let mut bytes = capsule.to_vec();
         bytes[2..4].copy_from_slice(&(slot as u16).to_le_bytes());
         self.link.send(&bytes)?;
-        self.pending[slot] = Some(Pending { read_len: 0 });
+        self.pending[slot] = Some(Pending {
+            read_len: 0,
+            orphan: false,
+        });
         Ok(self.complete(slot as u16)?.0)
     }
 
@@ -237,6 +245,19 @@ impl HostQueue {
 
     /// Reads one response into the completed set.
     fn receive(&mut self, timeout: Duration) -> Result<()> {
+        if self.receive_within(timeout)? {
+            Ok(())
+        } else {
+            Err(Error::Timeout(format!(
+                "no response on queue {} within {timeout:?}",
+                self.qid
+            )))
+        }
+    }
+
+    /// Reads one response into the completed set if one comes within `timeout`
+    /// (zero: only what is there already); whether one came.
+    fn receive_within(&mut self, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         let (slot, len) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -244,12 +265,7 @@ impl HostQueue {
                 Some(Arrival::Message { slot, len }) => break (slot, len),
                 // The host posts no operation it does not wait for by context.
                 Some(Arrival::Op { .. }) => {}
-                None => {
-                    return Err(Error::Timeout(format!(
-                        "no response on queue {} within {timeout:?}",
-                        self.qid
-                    )))
-                }
+                None => return Ok(false),
             }
         };
         let mut msg = std::mem::take(&mut self.response);
@@ -263,9 +279,13 @@ impl HostQueue {
         let cqe = parsed?;
         let cid = cqe.cid;
         match self.pending.get(usize::from(cid)) {
+            Some(Some(p)) if p.orphan => {
+                self.pending[usize::from(cid)] = None;
+                Ok(true)
+            }
             Some(Some(_)) if !self.done.iter().any(|d| d.cid == cid) => {
                 self.done.push_back(cqe);
-                Ok(())
+                Ok(true)
             }
             _ => Err(Error::Protocol(format!(
                 "response for command {} that is not outstanding",
@@ -313,9 +333,52 @@ impl HostQueue {
         Ok(())
     }
 
-    /// Commands submitted and not yet reaped.
+    /// Commands submitted and not yet reaped (given-up ones not counted).
     pub fn outstanding(&self) -> usize {
-        self.pending.iter().flatten().count()
+        self.pending.iter().flatten().filter(|p| !p.orphan).count()
+    }
+
+    /// Submits a command if a slot is free, after taking in the responses that
+    /// are there already; `None` when every slot is taken (no waiting).
+    pub fn try_submit(&mut self, sqe: SqeRepr, data: Data<'_>) -> Result<Option<u16>> {
+        if !self.pending.iter().any(Option::is_none) {
+            while self.receive_within(Duration::ZERO)? {}
+            if !self.pending.iter().any(Option::is_none) {
+                return Ok(None);
+            }
+        }
+        self.submit(sqe, data).map(Some)
+    }
+
+    /// Command `cid`'s completion and data if it has completed, after taking in the
+    /// responses that are there already; `None` if it has not (no waiting).
+    pub fn try_complete(&mut self, cid: u16) -> Result<Option<(CqeRepr, Vec<u8>)>> {
+        let slot = usize::from(cid);
+        let Some(Some(p)) = self.pending.get(slot).copied() else {
+            return Err(Error::Config(format!("command {cid} is not outstanding")));
+        };
+        if !self.done.iter().any(|d| d.cid == cid) {
+            while self.receive_within(Duration::ZERO)? {}
+        }
+        let Some(at) = self.done.iter().position(|d| d.cid == cid) else {
+            return Ok(None);
+        };
+        let cqe = self.done.remove(at).unwrap_or_default();
+        let mut data = Vec::new();
+        self.reap(cqe, p, &mut data)?;
+        Ok(Some((cqe, data)))
+    }
+
+    /// Gives up command `cid` without waiting: its slot is freed when its response
+    /// arrives (or now, if it has arrived), and its result is dropped.
+    pub fn abandon(&mut self, cid: u16) {
+        let slot = usize::from(cid);
+        if let Some(at) = self.done.iter().position(|d| d.cid == cid) {
+            self.done.remove(at);
+            self.pending[slot] = None;
+        } else if let Some(Some(p)) = self.pending.get_mut(slot) {
+            p.orphan = true;
+        }
     }
 
     /// Waits for whichever outstanding command completes first (the target may
@@ -343,7 +406,10 @@ impl HostQueue {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout(format!("no completion on queue {}", self.qid)));
+                return Err(Error::Timeout(format!(
+                    "no completion on queue {}",
+                    self.qid
+                )));
             }
             self.receive(left)?;
         };

@@ -456,7 +456,9 @@ impl TargetQueue {
             return None;
         }
         match sqe.dptr {
-            Dptr::Sgl(SglRepr::Keyed(k)) if k.length() > 0 && k.length() as usize <= MAX_TRANSFER => {
+            Dptr::Sgl(SglRepr::Keyed(k))
+                if k.length() > 0 && k.length() as usize <= MAX_TRANSFER =>
+            {
                 Some(RemoteIov {
                     addr: k.address(),
                     len: k.length() as usize,

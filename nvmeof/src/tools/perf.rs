@@ -236,7 +236,11 @@ fn run_queue(
             let cid = q.submit(sqe, data)?;
             match inflight.get_mut(usize::from(cid)) {
                 Some(entry) => *entry = Some((t, read)),
-                None => return Err(Error::Protocol(format!("command ID {cid} beyond the queue"))),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "command ID {cid} beyond the queue"
+                    )))
+                }
             }
             outstanding += 1;
         }
@@ -246,7 +250,9 @@ fn run_queue(
         let (cid, cqe) = q.complete_any_into(&mut data)?;
         let now = Instant::now();
         let Some((t, read)) = inflight.get_mut(usize::from(cid)).and_then(Option::take) else {
-            return Err(Error::Protocol(format!("completion of command {cid} not submitted")));
+            return Err(Error::Protocol(format!(
+                "completion of command {cid} not submitted"
+            )));
         };
         outstanding -= 1;
         check(&cqe, StatusContext::Io)?;
