@@ -426,10 +426,31 @@ impl Link {
     /// Sends one message (a capsule or a response), delivered after every RMA write
     /// posted before it (see the module docs on ordering).
     pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send_hinted(bytes, false)
+    }
+
+    /// Whether the next arrival is a message already received (a capsule the
+    /// target serves at once, so a response it sends now may wait to go with the
+    /// next one).
+    pub(crate) fn message_waiting(&self) -> bool {
+        self.stash
+            .front()
+            .is_some_and(|c| c.context & RECV_TAG != 0 && c.status.is_ok())
+    }
+
+    /// [`send`](Self::send), with `more`: another send or RMA write without it
+    /// follows at once, so a short message goes with [`OpFlags::MORE`] (tcp hands
+    /// both to the socket in one `sendmsg`). The caller must post that one.
+    pub(crate) fn send_hinted(&mut self, bytes: &[u8], more: bool) -> Result<()> {
         if self.closed.is_some() {
             return Err(self.dead());
         }
         if bytes.len() <= self.inject_size {
+            let flags = if more && self.more {
+                OpFlags::INJECT | OpFlags::FENCE | OpFlags::MORE
+            } else {
+                OpFlags::INJECT | OpFlags::FENCE
+            };
             let deadline = Instant::now() + Duration::from_secs(5);
             // Injected: copied at the call, so the buffer is free again at once.
             self.send_mr.write_at(0, bytes)?;
@@ -440,7 +461,7 @@ impl Link {
                     context: 0,
                     data: 0,
                 };
-                match self.ep.sendmsg(&msg, OpFlags::INJECT | OpFlags::FENCE) {
+                match self.ep.sendmsg(&msg, flags) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.kind() == fabric::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {

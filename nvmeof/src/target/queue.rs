@@ -552,7 +552,11 @@ impl TargetQueue {
                 }
             }
         }
-        self.link.send(&cqe.to_bytes())
+        // A capsule already received is served next: on an I/O queue this response
+        // may go to the wire with that command's first transfer or response (its
+        // handling always posts one: a response, an RMA read, or the queue ends).
+        let more = self.qid != 0 && self.link.message_waiting();
+        self.link.send_hinted(&cqe.to_bytes(), more)
     }
 
     fn dispatch(&mut self, sqe: SqeRepr, inline: &[u8], prefetched: Option<usize>) -> CmdResult {
