@@ -29,6 +29,14 @@
 //!   with [`OpFlags::FENCE`](fabric::OpFlags::FENCE), which asks exactly that of a
 //!   provider that would not order it anyway. If the write fails, the connection ends
 //!   (a refused remote access ends it at both ends) before the response is delivered.
+//! * Batching: the RMA write is posted with [`OpFlags::MORE`](fabric::OpFlags::MORE)
+//!   (libfabric's `FI_MORE`), and so is a response when the next capsule is already
+//!   in the completion queue: tcp then hands data and response (and, at depth,
+//!   several commands' worth) to the socket in one `sendmsg`, where it made one
+//!   call each; softroce ignores the hint. `NVMEOF_MORE=0` turns it off.
+//! * Arrival order: `Link::next_arrival` hands out completions in the order of
+//!   the completion queue (messages and RMA completions alike), which is what lets a
+//!   target queue serve the capsules behind a command still fetching its data.
 //!
 //! `Link` (crate-private) is one connected queue's fabric side, shared by target and host.
 
