@@ -363,7 +363,10 @@ impl Controller {
     }
 
     /// Runs requests with up to the queue depth in flight on one I/O queue; results
-    /// in order (a read's data, else empty).
+    /// in order (a read's data, else empty). Requests in flight together execute in
+    /// any order, as NVMe allows (a Write waiting for its data can finish after a
+    /// later command): a Flush covers the writes completed before it was submitted,
+    /// and overlapping requests in one batch need separate batches to be ordered.
     pub fn batch(&self, ns: &NamespaceInfo, reqs: &[IoRequest]) -> Vec<Result<Vec<u8>>> {
         let mut q = match self.any_io_queue() {
             Ok(q) => q,
