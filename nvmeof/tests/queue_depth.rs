@@ -89,6 +89,7 @@ fn out_of_order_completions(provider: &str) {
         "the read completed first in only {read_first} of {TRIALS} trials: the queue \
          serves its commands one at a time"
     );
+    eprintln!("{provider}: the read completed first in {read_first} of {TRIALS} trials");
     drop(q);
     ctrl.disconnect().unwrap();
 }
