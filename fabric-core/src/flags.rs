@@ -124,6 +124,11 @@ bitflags! {
         const COMMIT_COMPLETE = 1 << 6;
         /// Wait for earlier operations to the same peer before starting this one.
         const FENCE = 1 << 7;
+        /// More operations on this endpoint follow at once (`FI_MORE`): the provider
+        /// may hold this one back and hand it to the wire with the next one posted
+        /// without `MORE` (tcp: one `sendmsg` for both), which the caller must post.
+        /// A hint; a provider may ignore it.
+        const MORE = 1 << 8;
     }
 }
 

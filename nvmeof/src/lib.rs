@@ -24,7 +24,18 @@
 //!   Copy (format 0).
 //! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
 //!   number of queues, I/O queues), keep-alive, reconnect after a lost association,
-//!   and a block API with several commands in flight per queue.
+//!   and a block API: synchronous, batched, or asynchronous
+//!   ([`Controller::submit_async`](host::Controller::submit_async) returns a future;
+//!   up to the queue depth outstanding per queue). Completions are matched by
+//!   command ID, in whatever order the target sends them
+//!   ([`HostQueue::complete_any`](host::HostQueue::complete_any)).
+//! * Queue depth: a target queue serves capsules in the order they arrive, and a
+//!   command whose data it must fetch from the host (a Write, Compare, Dataset
+//!   Management or Copy with a keyed SGL) waits for its RMA read while the queue
+//!   serves the commands behind it, so responses leave out of order as NVMe allows.
+//!   A Read's back end fills the registered buffer its RMA write goes from, and the
+//!   write is posted with `OpFlags::MORE` so that tcp sends data and response in
+//!   one `sendmsg`.
 //! * [`tools`] – what the command line tools share: nvmetcli's saved-config JSON
 //!   ([`tools::config`]), the `nvmeof-perf` load generator ([`tools::perf`]), latency
 //!   histograms with an SVG picture ([`tools::stats`]), stderr logging and signals.
@@ -59,8 +70,10 @@
 //! ```
 //!
 //! Not here: in-band authentication, asynchronous events ever firing, ANA,
-//! reservations, persistent (kernel) host connections, an async host API, automatic
-//! resubmission after a reconnect.
+//! reservations, persistent (kernel) host connections, automatic resubmission after
+//! a reconnect, back-end work on more than one thread per queue (a queue's back-end
+//! reads and writes run one after another on its thread; only data transfers
+//! overlap).
 //!
 //! A target with a memory namespace and a host reading it back, over softroce:
 //!

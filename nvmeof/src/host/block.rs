@@ -1,5 +1,10 @@
-//! The block API: NVM I/O commands at logical-block granularity, one at a time or
-//! several in flight on one queue ([`Controller::batch`]).
+//! The block API: NVM I/O commands at logical-block granularity, one at a time,
+//! several in flight on one queue ([`Controller::batch`]), or as futures
+//! ([`Controller::submit_async`]) with up to the queue's depth outstanding.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use super::queue::{Data, HostQueue};
 use super::Controller;
@@ -197,6 +202,114 @@ fn build(ns: &NamespaceInfo, req: &IoRequest) -> Result<(SqeRepr, Vec<u8>, usize
     Ok((sqe, out, read_len))
 }
 
+/// One I/O command as a future (from [`Controller::submit_async`]): it is submitted
+/// on its first poll that finds a free slot in its queue, and resolves with a read's
+/// data (empty for other commands) once its response arrives, whatever the order of
+/// the responses to the queue's other commands. Polling drives the queue (the
+/// fabric's manual progress): a poll that finds nothing asks to be polled again at
+/// once, so any executor works, busy-polling as SPDK's does. Dropping a submitted
+/// future gives its command up: its response, when it comes, frees the slot.
+///
+/// While futures use a queue, do not reap it with
+/// [`HostQueue::complete_any`](super::HostQueue::complete_any), which would take
+/// their completions.
+#[must_use = "a future does nothing unless polled"]
+pub struct IoFuture<'a> {
+    ctrl: &'a Controller,
+    queue: usize,
+    state: State,
+}
+
+enum State {
+    /// Built, not yet submitted (the queue was full).
+    Ready {
+        sqe: SqeRepr,
+        out: Vec<u8>,
+        read_len: usize,
+    },
+    /// Submitted as this command ID.
+    InFlight(u16),
+    /// Resolved, or failed before it could be submitted.
+    Finished,
+    Failed(Error),
+}
+
+impl IoFuture<'_> {
+    fn step(&mut self) -> Poll<Result<Vec<u8>>> {
+        let mut q = match self.ctrl.io_queue(self.queue) {
+            Ok(q) => q,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        if let State::Ready { sqe, out, read_len } = &self.state {
+            match q.try_submit(*sqe, data(out, *read_len)) {
+                Ok(Some(cid)) => self.state = State::InFlight(cid),
+                Ok(None) => return Poll::Pending,
+                Err(e) => {
+                    self.state = State::Finished;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        let cid = match std::mem::replace(&mut self.state, State::Finished) {
+            State::InFlight(cid) => cid,
+            State::Failed(e) => return Poll::Ready(Err(e)),
+            _ => return Poll::Ready(Err(Error::Config("future polled after it resolved".into()))),
+        };
+        match q.try_complete(cid) {
+            Ok(Some((cqe, data))) => {
+                Poll::Ready(super::check(&cqe, StatusContext::Io).map(|()| data))
+            }
+            Ok(None) => {
+                self.state = State::InFlight(cid);
+                Poll::Pending
+            }
+            Err(e) => {
+                // The queue failed (connection lost, timeout): the command is gone.
+                q.abandon(cid);
+                Poll::Ready(Err(e))
+            }
+        }
+    }
+}
+
+impl Future for IoFuture<'_> {
+    type Output = Result<Vec<u8>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let r = this.step();
+        if r.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+}
+
+impl Drop for IoFuture<'_> {
+    fn drop(&mut self) {
+        if let State::InFlight(cid) = self.state {
+            if let Ok(mut q) = self.ctrl.io_queue(self.queue) {
+                q.abandon(cid);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for IoFuture<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Ready { .. } => "not submitted".to_string(),
+            State::InFlight(cid) => format!("in flight as command {cid}"),
+            State::Finished => "resolved".into(),
+            State::Failed(e) => format!("failed: {e}"),
+        };
+        f.debug_struct("IoFuture")
+            .field("queue", &self.queue)
+            .field("state", &state)
+            .finish()
+    }
+}
+
 fn data<'a>(out: &'a [u8], read_len: usize) -> Data<'a> {
     if read_len > 0 {
         Data::In(read_len)
@@ -229,13 +342,31 @@ impl Controller {
         })
     }
 
+    /// `req` as a future on I/O queue `queue` (see [`IoFuture`]): as many may be
+    /// outstanding as the queue has entries (more wait for a free slot), and
+    /// each resolves with a read's data, or empty, when its own response comes.
+    pub fn submit_async(&self, queue: usize, ns: &NamespaceInfo, req: &IoRequest) -> IoFuture<'_> {
+        let state = match build(ns, req) {
+            Ok((sqe, out, read_len)) => State::Ready { sqe, out, read_len },
+            Err(e) => State::Failed(e),
+        };
+        IoFuture {
+            ctrl: self,
+            queue,
+            state,
+        }
+    }
+
     /// Runs one request on the next I/O queue; returns the data of a read.
     pub fn submit_one(&self, ns: &NamespaceInfo, req: &IoRequest) -> Result<Vec<u8>> {
         run(&mut *self.any_io_queue()?, ns, req)
     }
 
     /// Runs requests with up to the queue depth in flight on one I/O queue; results
-    /// in order (a read's data, else empty).
+    /// in order (a read's data, else empty). Requests in flight together execute in
+    /// any order, as NVMe allows (a Write waiting for its data can finish after a
+    /// later command): a Flush covers the writes completed before it was submitted,
+    /// and overlapping requests in one batch need separate batches to be ordered.
     pub fn batch(&self, ns: &NamespaceInfo, reqs: &[IoRequest]) -> Vec<Result<Vec<u8>>> {
         let mut q = match self.any_io_queue() {
             Ok(q) => q,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use block::{IoRequest, NamespaceInfo};
+pub use block::{IoFuture, IoRequest, NamespaceInfo};
 pub use queue::{check, Data, HostQueue, MAX_HOST_TRANSFER};
 
 use crate::error::{Error, Result};

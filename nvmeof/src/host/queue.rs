@@ -1,7 +1,7 @@
 //! One host queue: command capsules out, responses in, data in registered memory the
 //! target reaches by keyed SGLs (or in the capsule for small writes).
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use fabric::{
 
 use super::{HostConfig, TransportAddr};
 use crate::error::{Error, Result};
-use crate::transport::{self, Link, CQE_LEN, SQE_LEN};
+use crate::transport::{self, Arrival, Link, CQE_LEN, SQE_LEN};
 use crate::wire::rdma_cm::CmAccept;
 use crate::wire::sqe::Dptr;
 use crate::wire::{Cqe, CqeRepr, KeyedSgl, SglRepr, SqeRepr, StatusContext};
@@ -33,6 +33,8 @@ pub enum Data<'a> {
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     read_len: usize,
+    /// Given up by its submitter (a dropped future): its response frees the slot.
+    orphan: bool,
 }
 
 /// A connected host queue.
@@ -44,7 +46,11 @@ pub struct HostQueue {
     key: u32,
     inline_max: usize,
     pending: Vec<Option<Pending>>,
-    done: HashMap<u16, CqeRepr>,
+    /// Responses received and not yet reaped, in the order they arrived.
+    done: VecDeque<CqeRepr>,
+    /// Reused for every capsule sent and response received.
+    capsule: Vec<u8>,
+    response: Vec<u8>,
     timeout: Duration,
     // Kept alive for the queue's lifetime (the endpoint's fabric and domain).
     _fabric: Fabric,
@@ -117,7 +123,9 @@ impl HostQueue {
             key,
             inline_max: 0,
             pending: vec![None; depth.into()],
-            done: HashMap::new(),
+            done: VecDeque::new(),
+            capsule: Vec::with_capacity(SQE_LEN + transport::DEFAULT_INLINE_DATA),
+            response: Vec::with_capacity(SQE_LEN),
             timeout: cfg.timeout,
             _fabric: fab,
         })
@@ -185,10 +193,17 @@ impl HostQueue {
         let cid = slot as u16;
         sqe.cid = cid;
         sqe.dptr = Dptr::Sgl(sgl);
-        let mut capsule = sqe.to_bytes().to_vec();
+        let mut capsule = std::mem::take(&mut self.capsule);
+        capsule.clear();
+        capsule.extend_from_slice(&sqe.to_bytes());
         capsule.extend_from_slice(inline);
-        self.link.send(&capsule)?;
-        self.pending[slot] = Some(Pending { read_len });
+        let sent = self.link.send(&capsule);
+        self.capsule = capsule;
+        sent?;
+        self.pending[slot] = Some(Pending {
+            read_len,
+            orphan: false,
+        });
         Ok(cid)
     }
 
@@ -202,7 +217,10 @@ impl HostQueue {
         let mut bytes = capsule.to_vec();
         bytes[2..4].copy_from_slice(&(slot as u16).to_le_bytes());
         self.link.send(&bytes)?;
-        self.pending[slot] = Some(Pending { read_len: 0 });
+        self.pending[slot] = Some(Pending {
+            read_len: 0,
+            orphan: false,
+        });
         Ok(self.complete(slot as u16)?.0)
     }
 
@@ -227,20 +245,47 @@ impl HostQueue {
 
     /// Reads one response into the completed set.
     fn receive(&mut self, timeout: Duration) -> Result<()> {
-        let Some(msg) = self.link.next_message(timeout)? else {
-            return Err(Error::Timeout(format!(
+        if self.receive_within(timeout)? {
+            Ok(())
+        } else {
+            Err(Error::Timeout(format!(
                 "no response on queue {} within {timeout:?}",
                 self.qid
-            )));
-        };
-        if msg.len() < CQE_LEN {
-            return Err(Error::Protocol(format!("response of {} bytes", msg.len())));
+            )))
         }
-        let cqe = CqeRepr::parse(&Cqe::new_checked(&msg[..])?)?;
-        match self.pending.get(usize::from(cqe.cid)) {
-            Some(Some(_)) => {
-                self.done.insert(cqe.cid, cqe);
-                Ok(())
+    }
+
+    /// Reads one response into the completed set if one comes within `timeout`
+    /// (zero: only what is there already); whether one came.
+    fn receive_within(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        let (slot, len) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.link.next_arrival(left)? {
+                Some(Arrival::Message { slot, len }) => break (slot, len),
+                // The host posts no operation it does not wait for by context.
+                Some(Arrival::Op { .. }) => {}
+                None => return Ok(false),
+            }
+        };
+        let mut msg = std::mem::take(&mut self.response);
+        let parsed = self.link.take_message(slot, len, &mut msg).and_then(|()| {
+            if msg.len() < CQE_LEN {
+                return Err(Error::Protocol(format!("response of {} bytes", msg.len())));
+            }
+            Ok(CqeRepr::parse(&Cqe::new_checked(&msg[..])?)?)
+        });
+        self.response = msg;
+        let cqe = parsed?;
+        let cid = cqe.cid;
+        match self.pending.get(usize::from(cid)) {
+            Some(Some(p)) if p.orphan => {
+                self.pending[usize::from(cid)] = None;
+                Ok(true)
+            }
+            Some(Some(_)) if !self.done.iter().any(|d| d.cid == cid) => {
+                self.done.push_back(cqe);
+                Ok(true)
             }
             _ => Err(Error::Protocol(format!(
                 "response for command {} that is not outstanding",
@@ -256,7 +301,10 @@ impl HostQueue {
             return Err(Error::Config(format!("command {cid} is not outstanding")));
         };
         let deadline = Instant::now() + self.timeout;
-        while !self.done.contains_key(&cid) {
+        let at = loop {
+            if let Some(at) = self.done.iter().position(|d| d.cid == cid) {
+                break at;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(Error::Timeout(format!(
@@ -265,15 +313,114 @@ impl HostQueue {
                 )));
             }
             self.receive(left)?;
-        }
-        let cqe = self.done.remove(&cid).unwrap_or_default();
-        self.pending[slot] = None;
-        let data = if p.read_len > 0 && cqe.status.is_success() {
-            self.data_mr.to_vec(slot * MAX_HOST_TRANSFER, p.read_len)?
-        } else {
-            Vec::new()
         };
+        let cqe = self.done.remove(at).unwrap_or_default();
+        let mut data = Vec::new();
+        self.reap(cqe, p, &mut data)?;
         Ok((cqe, data))
+    }
+
+    /// Frees a completed command's slot, after copying a successful read's data
+    /// into `data` (cleared first).
+    fn reap(&mut self, cqe: CqeRepr, p: Pending, data: &mut Vec<u8>) -> Result<()> {
+        let slot = usize::from(cqe.cid);
+        self.pending[slot] = None;
+        data.clear();
+        if p.read_len > 0 && cqe.status.is_success() {
+            data.resize(p.read_len, 0);
+            self.data_mr.read_at(slot * MAX_HOST_TRANSFER, data)?;
+        }
+        Ok(())
+    }
+
+    /// Commands submitted and not yet reaped (given-up ones not counted).
+    pub fn outstanding(&self) -> usize {
+        self.pending.iter().flatten().filter(|p| !p.orphan).count()
+    }
+
+    /// Submits a command if a slot is free, after taking in the responses that
+    /// are there already; `None` when every slot is taken (no waiting).
+    pub fn try_submit(&mut self, sqe: SqeRepr, data: Data<'_>) -> Result<Option<u16>> {
+        if !self.pending.iter().any(Option::is_none) {
+            while self.receive_within(Duration::ZERO)? {}
+            if !self.pending.iter().any(Option::is_none) {
+                return Ok(None);
+            }
+        }
+        self.submit(sqe, data).map(Some)
+    }
+
+    /// Command `cid`'s completion and data if it has completed, after taking in the
+    /// responses that are there already; `None` if it has not (no waiting).
+    pub fn try_complete(&mut self, cid: u16) -> Result<Option<(CqeRepr, Vec<u8>)>> {
+        let slot = usize::from(cid);
+        let Some(Some(p)) = self.pending.get(slot).copied() else {
+            return Err(Error::Config(format!("command {cid} is not outstanding")));
+        };
+        if !self.done.iter().any(|d| d.cid == cid) {
+            while self.receive_within(Duration::ZERO)? {}
+        }
+        let Some(at) = self.done.iter().position(|d| d.cid == cid) else {
+            return Ok(None);
+        };
+        let cqe = self.done.remove(at).unwrap_or_default();
+        let mut data = Vec::new();
+        self.reap(cqe, p, &mut data)?;
+        Ok(Some((cqe, data)))
+    }
+
+    /// Gives up command `cid` without waiting: its slot is freed when its response
+    /// arrives (or now, if it has arrived), and its result is dropped.
+    pub fn abandon(&mut self, cid: u16) {
+        let slot = usize::from(cid);
+        if let Some(at) = self.done.iter().position(|d| d.cid == cid) {
+            self.done.remove(at);
+            self.pending[slot] = None;
+        } else if let Some(Some(p)) = self.pending.get_mut(slot) {
+            p.orphan = true;
+        }
+    }
+
+    /// Waits for whichever outstanding command completes first (the target may
+    /// complete commands in any order; responses are matched by command ID) and
+    /// returns its command ID, its completion and, for a successful read, its data.
+    pub fn complete_any(&mut self) -> Result<(u16, CqeRepr, Vec<u8>)> {
+        let mut data = Vec::new();
+        let (cid, cqe) = self.complete_any_into(&mut data)?;
+        Ok((cid, cqe, data))
+    }
+
+    /// [`complete_any`](Self::complete_any), with a read's data copied into `data`
+    /// (cleared first; its allocation is reused, so a loop allocates nothing).
+    pub fn complete_any_into(&mut self, data: &mut Vec<u8>) -> Result<(u16, CqeRepr)> {
+        if self.outstanding() == 0 {
+            return Err(Error::Config(format!(
+                "no command is outstanding on queue {}",
+                self.qid
+            )));
+        }
+        let deadline = Instant::now() + self.timeout;
+        let cqe = loop {
+            if let Some(cqe) = self.done.pop_front() {
+                break cqe;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(format!(
+                    "no completion on queue {}",
+                    self.qid
+                )));
+            }
+            self.receive(left)?;
+        };
+        let Some(Some(p)) = self.pending.get(usize::from(cqe.cid)).copied() else {
+            return Err(Error::Protocol(format!(
+                "completion for command {} that is not outstanding",
+                cqe.cid
+            )));
+        };
+        self.reap(cqe, p, data)?;
+        Ok((cqe.cid, cqe))
     }
 
     /// Submits and waits; a failed status is [`Error::Command`].

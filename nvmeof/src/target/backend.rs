@@ -116,6 +116,18 @@ fn open_rw(path: &PathBuf, direct: bool) -> Result<File> {
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
+/// Touches every page of a fresh memory namespace, so that its reads and writes do
+/// not take a page fault each the first time they reach a page (a zeroed allocation
+/// is mapped lazily): a memory namespace is memory, allocated when it is created.
+fn prefault(mem: &mut [u8]) {
+    for page in mem.chunks_mut(4096) {
+        // Volatile: a store of the zero the allocation already holds must not be
+        // optimised away.
+        // SAFETY: `page` is a valid, non-empty, exclusively borrowed slice.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
+    }
+}
+
 fn out_of_range() -> Error {
     Error::Config("access beyond the end of the back end".into())
 }
@@ -126,7 +138,9 @@ impl Store {
             Backing::Memory { size } => {
                 let len = usize::try_from(*size)
                     .map_err(|_| Error::Config(format!("memory namespace of {size} bytes")))?;
-                Ok(Store::Memory(RwLock::new(vec![0u8; len])))
+                let mut mem = vec![0u8; len];
+                prefault(&mut mem);
+                Ok(Store::Memory(RwLock::new(mem)))
             }
             Backing::File { path, size } => {
                 let file = open_rw(path, false)?;

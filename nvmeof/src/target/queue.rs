@@ -1,6 +1,7 @@
 //! One target queue: capsules in, commands dispatched, data moved, responses out
 //! (the request life cycle of nvmet's rdma.c, one thread per queue).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use fabric::{Access, Domain, Fabric, MemoryRegion, RemoteIov};
 use super::ctrl::{Controller, MAX_TRANSFER};
 use super::{admin_cmd, fabrics_cmd, io_cmd, Shared};
 use crate::error::Error;
-use crate::transport::{Link, Rma, SQE_LEN};
+use crate::transport::{Arrival, Link, Rma, SQE_LEN};
 use crate::wire::log::ErrorInformationEntry;
 use crate::wire::sqe::{Dptr, Fuse};
 use crate::wire::{CqeRepr, SglRepr, Sqe, SqeRepr, Status, StatusCode, WireError};
@@ -74,53 +75,87 @@ pub(crate) fn backend(e: Error) -> CmdError {
     StatusCode::InternalError.into()
 }
 
-/// Registered buffers that data passes through between a back end and the host,
-/// used in turn: a Read's RMA write is posted and the response follows at once, and
-/// the write's completion is only waited for when its buffer comes round again.
-pub(crate) struct BounceRing {
+/// Registered buffers that data passes through between a back end and the host, one
+/// per command in progress, allocated as the queue needs them (a QD1 queue uses two).
+/// A Read's RMA write is posted and its response follows at once; the buffer comes
+/// back when the write's completion arrives (or, if every buffer is taken, when the
+/// oldest write is waited for). A Write's data is fetched by an RMA read into a buffer
+/// while the queue serves other commands.
+pub(crate) struct BouncePool {
+    domain: Domain,
     bufs: Vec<MemoryRegion>,
-    /// Context of the RMA still reading from each buffer.
-    pending: Vec<Option<u64>>,
-    next: usize,
+    free: Vec<usize>,
+    /// RMA writes still reading from a buffer: (context, buffer), oldest first.
+    writing: VecDeque<(u64, usize)>,
+    max: usize,
 }
 
-/// Bounce buffers per queue (at most; fewer for shallow queues).
-const BOUNCE_BUFFERS: usize = 4;
+/// Bounce buffers per queue beyond its depth (writes whose completion is not in yet).
+const BOUNCE_SPARE: usize = 4;
 
-impl BounceRing {
-    fn new(domain: &Domain, count: usize) -> Result<BounceRing, Error> {
-        let count = count.clamp(1, BOUNCE_BUFFERS);
-        let mut bufs = Vec::with_capacity(count);
-        for _ in 0..count {
-            bufs.push(domain.alloc(MAX_TRANSFER, Access::LOCAL)?);
+impl BouncePool {
+    fn new(domain: &Domain, depth: usize) -> BouncePool {
+        BouncePool {
+            domain: domain.clone(),
+            bufs: Vec::new(),
+            free: Vec::new(),
+            writing: VecDeque::new(),
+            max: depth.max(1) + BOUNCE_SPARE,
         }
-        Ok(BounceRing {
-            bufs,
-            pending: vec![None; count],
-            next: 0,
-        })
     }
 
-    /// The next buffer, free (its earlier transfer waited for).
+    /// A free buffer: a returned one, a new one, or the oldest write's once done.
     fn take(&mut self, link: &mut Link) -> Result<usize, CmdError> {
-        let i = self.next;
-        self.next = (i + 1) % self.bufs.len();
-        if let Some(ctx) = self.pending[i].take() {
-            // The response of that command is gone already: a failed write here means
-            // the connection has ended, so the queue ends too.
-            link.wait_op(ctx, "RMA write")
-                .map_err(|e| CmdError::Fatal(Error::Transfer(e.to_string())))?;
+        if let Some(i) = self.free.pop() {
+            return Ok(i);
         }
+        if self.bufs.len() < self.max {
+            let mr = self
+                .domain
+                .alloc(MAX_TRANSFER, Access::LOCAL)
+                .map_err(|e| CmdError::Fatal(e.into()))?;
+            self.bufs.push(mr);
+            return Ok(self.bufs.len() - 1);
+        }
+        let Some((ctx, i)) = self.writing.pop_front() else {
+            return Err(CmdError::Fatal(Error::Protocol(
+                "every bounce buffer is held by a command in progress".into(),
+            )));
+        };
+        // The response of that command is gone already: a failed write here means
+        // the connection has ended, so the queue ends too.
+        link.wait_op(ctx, "RMA write")
+            .map_err(|e| CmdError::Fatal(Error::Transfer(e.to_string())))?;
         Ok(i)
+    }
+
+    fn give_back(&mut self, i: usize) {
+        self.free.push(i);
+    }
+
+    /// An operation's completion arrived: if it is an RMA write from a buffer, the
+    /// buffer is free again. Returns whether it was one.
+    fn write_done(&mut self, ctx: u64) -> bool {
+        match self.writing.iter().position(|&(c, _)| c == ctx) {
+            Some(at) => {
+                if let Some((_, i)) = self.writing.remove(at) {
+                    self.free.push(i);
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
 /// The data of one command, as its SGL describes it.
 pub(crate) struct Xfer<'a> {
     link: &'a mut Link,
-    bounce: &'a mut BounceRing,
+    bounce: &'a mut BouncePool,
     sgl: SglRepr,
     inline: &'a [u8],
+    /// The bounce buffer holding a keyed SGL's data, already read from the host.
+    prefetched: Option<usize>,
 }
 
 const DPTR: usize = 24;
@@ -181,6 +216,11 @@ impl Xfer<'_> {
                 if len == 0 {
                     return Ok(Vec::new());
                 }
+                if let Some(i) = self.prefetched {
+                    return self.bounce.bufs[i]
+                        .to_vec(0, len)
+                        .map_err(|e| CmdError::Fatal(e.into()));
+                }
                 let remote = RemoteIov {
                     addr: k.address(),
                     len,
@@ -188,10 +228,13 @@ impl Xfer<'_> {
                 };
                 let i = self.bounce.take(self.link)?;
                 let buf = &self.bounce.bufs[i];
-                self.link
+                let r = self
+                    .link
                     .rma(Rma::Read, buf, 0, remote)
-                    .map_err(transfer_failed)?;
-                buf.to_vec(0, len).map_err(|e| CmdError::Fatal(e.into()))
+                    .map_err(transfer_failed)
+                    .and_then(|()| buf.to_vec(0, len).map_err(|e| CmdError::Fatal(e.into())));
+                self.bounce.give_back(i);
+                r
             }
             _ => Err(StatusCode::InvalidField.into()),
         }
@@ -199,28 +242,51 @@ impl Xfer<'_> {
 
     /// Data to the host (by RMA write): exactly the descriptor's length.
     pub(crate) fn put(&mut self, data: &[u8]) -> Result<(), CmdError> {
-        self.expect(data.len())?;
+        self.put_with(data.len(), |buf| {
+            buf.copy_from_slice(data);
+            Ok(())
+        })
+    }
+
+    /// Data to the host (by RMA write), `len` bytes (exactly the descriptor's length)
+    /// that `fill` writes straight into the registered buffer the transfer goes from.
+    pub(crate) fn put_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), CmdError>,
+    ) -> Result<(), CmdError> {
+        self.expect(len)?;
         match self.sgl {
             SglRepr::Keyed(k) => {
-                if data.is_empty() {
+                if len == 0 {
                     return Ok(());
                 }
                 let i = self.bounce.take(self.link)?;
                 let buf = &self.bounce.bufs[i];
-                buf.write_at(0, data)
-                    .map_err(|e| CmdError::Fatal(e.into()))?;
+                // SAFETY: buffer `i` is free: no operation is posted on it (its last
+                // RMA write completed, or it is new) and no other slice of it lives;
+                // the slice ends before the RMA write below is posted.
+                let filled = fill(unsafe { &mut buf.as_mut_slice()[..len] });
+                if let Err(e) = filled {
+                    self.bounce.give_back(i);
+                    return Err(e);
+                }
                 let remote = RemoteIov {
                     addr: k.address(),
-                    len: data.len(),
+                    len,
                     key: u64::from(k.key()),
                 };
                 // Posted, not waited for: the response follows it in order.
-                let ctx = self
-                    .link
-                    .post_rma(Rma::Write, buf, 0, remote)
-                    .map_err(transfer_failed)?;
-                self.bounce.pending[i] = Some(ctx);
-                Ok(())
+                match self.link.post_write_then_send(buf, remote) {
+                    Ok(ctx) => {
+                        self.bounce.writing.push_back((ctx, i));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.bounce.give_back(i);
+                        Err(transfer_failed(e))
+                    }
+                }
             }
             // In-capsule data only flows from the host.
             _ => Err(CmdError::at(StatusCode::InvalidField, DPTR)),
@@ -240,6 +306,16 @@ pub(crate) struct Cmd<'a> {
     pub(crate) xfer: Xfer<'a>,
 }
 
+/// A command waiting for its data: the RMA read of its keyed SGL is in flight.
+struct Deferred {
+    /// Context of the RMA read.
+    ctx: u64,
+    /// Bounce buffer it reads into.
+    buf: usize,
+    /// The command capsule's SQE.
+    sqe: [u8; SQE_LEN],
+}
+
 /// A target queue's state and loop.
 pub(crate) struct TargetQueue {
     pub(crate) link: Link,
@@ -249,7 +325,11 @@ pub(crate) struct TargetQueue {
     pub(crate) depth: u16,
     pub(crate) ctrl: Option<Arc<Controller>>,
     pub(crate) inline_data: usize,
-    bounce: BounceRing,
+    bounce: BouncePool,
+    /// Commands whose data is being fetched, in the order they arrived.
+    deferred: Vec<Deferred>,
+    /// The capsule being served (reused: no allocation per command).
+    capsule: Vec<u8>,
     sq_head: u16,
     // The queue's own progress engine, alive as long as the queue.
     _fabric: Fabric,
@@ -268,7 +348,7 @@ impl TargetQueue {
         inline_data: usize,
     ) -> Result<TargetQueue, Error> {
         Ok(TargetQueue {
-            bounce: BounceRing::new(domain, depth.into())?,
+            bounce: BouncePool::new(domain, depth.into()),
             link,
             shared,
             portid,
@@ -276,13 +356,18 @@ impl TargetQueue {
             depth,
             ctrl: None,
             inline_data,
+            deferred: Vec::new(),
+            capsule: Vec::with_capacity(SQE_LEN + inline_data),
             sq_head: 0,
             _fabric: fabric,
         })
     }
 
     /// Serves the queue until its connection ends, its controller is torn down or
-    /// the target stops.
+    /// the target stops. Completions are taken in the order the completion queue
+    /// gives them: a capsule is served at once, except a command whose data must be
+    /// read from the host, which waits for that RMA read while the queue serves
+    /// the capsules behind it (so responses can leave out of order, as NVMe allows).
     pub(crate) fn run(mut self) {
         if let Err(e) = self.link.wait_connected(Duration::from_secs(10)) {
             tracing::debug!("queue {} never connected: {e}", self.qid);
@@ -301,18 +386,23 @@ impl TargetQueue {
                     break;
                 }
             }
-            match self.link.next_message(Duration::from_millis(20)) {
-                Ok(Some(capsule)) => {
-                    if let Err(e) = self.handle(&capsule) {
-                        tracing::debug!("queue {}: {e}", self.qid);
-                        break;
-                    }
+            let step = match self.link.next_arrival(Duration::from_millis(20)) {
+                Ok(Some(Arrival::Message { slot, len })) => {
+                    let mut capsule = std::mem::take(&mut self.capsule);
+                    let r = self
+                        .link
+                        .take_message(slot, len, &mut capsule)
+                        .and_then(|()| self.serve(&capsule));
+                    self.capsule = capsule;
+                    r
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!("queue {}: {e}", self.qid);
-                    break;
-                }
+                Ok(Some(Arrival::Op { ctx, error })) => self.op_done(ctx, error),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                tracing::debug!("queue {}: {e}", self.qid);
+                break;
             }
         }
         self.link.shutdown();
@@ -324,8 +414,88 @@ impl TargetQueue {
         }
     }
 
+    /// A capsule: starts the RMA read of a command that needs its data from the
+    /// host, or handles the command now.
+    fn serve(&mut self, capsule: &[u8]) -> Result<(), Error> {
+        if let Some(remote) = self.needs_fetch(capsule) {
+            if let Ok(buf) = self.bounce.take(&mut self.link) {
+                match self
+                    .link
+                    .post_rma(Rma::Read, &self.bounce.bufs[buf], 0, remote)
+                {
+                    Ok(ctx) => {
+                        let mut sqe = [0u8; SQE_LEN];
+                        sqe.copy_from_slice(&capsule[..SQE_LEN]);
+                        self.deferred.push(Deferred { ctx, buf, sqe });
+                        return Ok(());
+                    }
+                    // Handled now, where the transfer fails with the usual status.
+                    Err(_) => self.bounce.give_back(buf),
+                }
+            }
+        }
+        self.handle(capsule, None)
+    }
+
+    /// The remote data of an I/O command that transfers from the host by a keyed
+    /// SGL (opcode bits 1:0 = 01b: Write, Compare, Dataset Management, Copy), on a
+    /// ready controller; `None` for every other capsule, which is handled at once.
+    fn needs_fetch(&self, capsule: &[u8]) -> Option<RemoteIov> {
+        if self.qid == 0 || capsule.len() != SQE_LEN {
+            return None;
+        }
+        let ctrl = self.ctrl.as_ref()?;
+        if !ctrl.is_ready() || ctrl.is_dead() {
+            return None;
+        }
+        let sqe = SqeRepr::parse(&Sqe::new_checked(capsule).ok()?).ok()?;
+        if sqe.opcode & 0b11 != 0b01
+            || sqe.opcode == crate::wire::fabrics::FABRICS_OPCODE
+            || sqe.fuse != Fuse::Normal
+        {
+            return None;
+        }
+        match sqe.dptr {
+            Dptr::Sgl(SglRepr::Keyed(k))
+                if k.length() > 0 && k.length() as usize <= MAX_TRANSFER =>
+            {
+                Some(RemoteIov {
+                    addr: k.address(),
+                    len: k.length() as usize,
+                    key: u64::from(k.key()),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// An operation ended: a deferred command's data is in (or failed to come), or
+    /// an RMA write's buffer is free again.
+    fn op_done(&mut self, ctx: u64, error: Option<String>) -> Result<(), Error> {
+        if let Some(at) = self.deferred.iter().position(|d| d.ctx == ctx) {
+            let d = self.deferred.remove(at);
+            let r = match error {
+                None => self.handle(&d.sqe, Some(d.buf)),
+                Some(e) => {
+                    tracing::debug!("queue {}: RMA read: {e}", self.qid);
+                    self.respond(&d.sqe, Err(StatusCode::DataTransferError.into()))
+                }
+            };
+            self.bounce.give_back(d.buf);
+            return r;
+        }
+        if self.bounce.write_done(ctx) {
+            if let Some(e) = error {
+                // The response of that command is gone already: the connection has
+                // ended, so the queue ends too.
+                return Err(Error::Transfer(format!("RMA write: {e}")));
+            }
+        }
+        Ok(())
+    }
+
     /// One capsule: parse, dispatch, answer. An error ends the queue.
-    fn handle(&mut self, capsule: &[u8]) -> Result<(), Error> {
+    fn handle(&mut self, capsule: &[u8], prefetched: Option<usize>) -> Result<(), Error> {
         if capsule.len() < SQE_LEN {
             return Err(Error::Protocol(format!(
                 "capsule of {} bytes, shorter than an SQE",
@@ -333,14 +503,21 @@ impl TargetQueue {
             )));
         }
         let view = Sqe::new_checked(capsule)?;
-        let cid = view.cid();
-        self.sq_head = (self.sq_head + 1) % self.depth.max(1);
         let parsed = SqeRepr::parse(&view);
         let inline = view.in_capsule_data();
         let result = match parsed {
             Err(e) => Err(CmdError::from(e)),
-            Ok(sqe) => self.dispatch(sqe, inline),
+            Ok(sqe) => self.dispatch(sqe, inline, prefetched),
         };
+        self.respond(capsule, result)
+    }
+
+    /// Sends the response of the command whose capsule starts with `capsule` (none
+    /// for a held command).
+    fn respond(&mut self, capsule: &[u8], result: CmdResult) -> Result<(), Error> {
+        let view = Sqe::new_checked(capsule)?;
+        let cid = view.cid();
+        self.sq_head = (self.sq_head + 1) % self.depth.max(1);
         let mut cqe = CqeRepr {
             sq_head: self.sq_head,
             sq_id: self.qid,
@@ -375,10 +552,14 @@ impl TargetQueue {
                 }
             }
         }
-        self.link.send(&cqe.to_bytes())
+        // A capsule already received is served next: on an I/O queue this response
+        // may go to the wire with that command's first transfer or response (its
+        // handling always posts one: a response, an RMA read, or the queue ends).
+        let more = self.qid != 0 && self.link.message_waiting();
+        self.link.send_hinted(&cqe.to_bytes(), more)
     }
 
-    fn dispatch(&mut self, sqe: SqeRepr, inline: &[u8]) -> CmdResult {
+    fn dispatch(&mut self, sqe: SqeRepr, inline: &[u8], prefetched: Option<usize>) -> CmdResult {
         // Fabrics transports carry SGLs only (PSDT 01b), and this target has no fused
         // operations.
         let sgl = match sqe.dptr {
@@ -396,6 +577,7 @@ impl TargetQueue {
                 bounce: &mut self.bounce,
                 sgl,
                 inline,
+                prefetched,
             },
         };
         let fabrics = sqe.opcode == crate::wire::fabrics::FABRICS_OPCODE;

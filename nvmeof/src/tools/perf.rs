@@ -3,7 +3,6 @@
 //! sequential, reads, writes or a mix; every completion's latency (submission to
 //! completion, as the host sees it) goes into a [`Histogram`].
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -207,10 +206,14 @@ fn run_queue(
         write: Histogram::new(),
         depth,
     };
-    let mut inflight: VecDeque<(u16, Instant, bool)> = VecDeque::new();
+    // Submission time and direction of each outstanding command, by command ID
+    // (commands complete in whatever order the target answers them).
+    let mut inflight: Vec<Option<(Instant, bool)>> = vec![None; usize::from(q.depth())];
+    let mut outstanding = 0usize;
+    let mut data = Vec::with_capacity(cfg.block_size);
     let mut stop = false;
     loop {
-        while !stop && inflight.len() < usize::from(depth) {
+        while !stop && outstanding < usize::from(depth) {
             let slot = if cfg.workload.random {
                 rng.next() % slots
             } else {
@@ -231,13 +234,27 @@ fn run_queue(
             };
             let t = Instant::now();
             let cid = q.submit(sqe, data)?;
-            inflight.push_back((cid, t, read));
+            match inflight.get_mut(usize::from(cid)) {
+                Some(entry) => *entry = Some((t, read)),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "command ID {cid} beyond the queue"
+                    )))
+                }
+            }
+            outstanding += 1;
         }
-        let Some((cid, t, read)) = inflight.pop_front() else {
+        if outstanding == 0 {
             break;
-        };
-        let (cqe, _) = q.complete(cid)?;
+        }
+        let (cid, cqe) = q.complete_any_into(&mut data)?;
         let now = Instant::now();
+        let Some((t, read)) = inflight.get_mut(usize::from(cid)).and_then(Option::take) else {
+            return Err(Error::Protocol(format!(
+                "completion of command {cid} not submitted"
+            )));
+        };
+        outstanding -= 1;
         check(&cqe, StatusContext::Io)?;
         if now >= end || shared.failed.load(Ordering::Relaxed) {
             stop = true;

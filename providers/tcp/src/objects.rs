@@ -242,7 +242,10 @@ impl TcpEndpoint {
         })
     }
 
-    fn post_tx(&self, op_builder: impl FnOnce(&mut Conn) -> TxOp) -> Result<()> {
+    /// Queues an operation and sends at once, or with `more` (`OpFlags::MORE`)
+    /// leaves it queued for the next post without `MORE` to send in the same
+    /// `sendmsg` (as libfabric's `FI_MORE`, the caller owes that post).
+    fn post_tx(&self, more: bool, op_builder: impl FnOnce(&mut Conn) -> TxOp) -> Result<()> {
         self.with_conn(|c| {
             if let Some(e) = c.post_refusal() {
                 return Err(e);
@@ -255,7 +258,7 @@ impl TcpEndpoint {
             }
             let op = op_builder(c);
             c.queue(op, false);
-            if !c.want_write {
+            if !more && !c.want_write {
                 if let Err(f) = c.flush() {
                     c.fail(f);
                 }
@@ -351,7 +354,7 @@ impl CmOps for TcpEndpoint {
 
 impl MsgOps for TcpEndpoint {
     fn post_send(&self, req: SendRequest) -> Result<()> {
-        self.post_tx(|c| {
+        self.post_tx(req.flags.contains(OpFlags::MORE), |c| {
             let op_id = c.next_id();
             let len = req.payload.len();
             let mut h = Header::new(Op::Msg, op_id, len as u64);
@@ -409,7 +412,7 @@ impl MsgOps for TcpEndpoint {
 
 impl RmaOps for TcpEndpoint {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
-        self.post_tx(|c| {
+        self.post_tx(req.flags.contains(OpFlags::MORE), |c| {
             let op_id = c.next_id();
             let len = req.payload.len();
             let mut h = Header::new(Op::Write, op_id, len as u64);
@@ -438,7 +441,7 @@ impl RmaOps for TcpEndpoint {
     }
 
     fn post_read(&self, req: RmaRequest) -> Result<()> {
-        self.post_tx(|c| {
+        self.post_tx(req.flags.contains(OpFlags::MORE), |c| {
             let op_id = c.next_id();
             let len = req.payload.len();
             let mut h = Header::new(Op::ReadReq, op_id, 0);
