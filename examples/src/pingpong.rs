@@ -262,12 +262,17 @@ pub fn server(side: &Side, mode: Mode) -> ToolResult<()> {
                     break;
                 }
             }
+            // Echo first, then post the next receive: the echo is the critical path
+            // (as a raw ping-pong's read-then-write), and the client's next message
+            // cannot leave before the echo has reached it. Should it arrive first all
+            // the same, the provider buffers it as unexpected until the receive is
+            // posted.
+            side.ep.send(buf(i), SEND_CTX).map_err(ctx("echo"))?;
             if i + 1 < total {
                 side.ep
                     .recv(buf(i + 1), RECV_CTX)
                     .map_err(ctx("post receive"))?;
             }
-            side.ep.send(buf(i), SEND_CTX).map_err(ctx("echo"))?;
         }
     }
     linger(side)
