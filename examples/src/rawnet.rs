@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::median;
+use crate::{cpu_seconds, median, CpuCost};
 use crate::pingpong::PpResult;
 use crate::sizes::auto_iterations;
 
@@ -65,7 +65,7 @@ fn plan(sizes: &[usize], iterations: Option<usize>) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn result(size: usize, iters: usize, samples: &[f64], total_us: f64) -> PpResult {
+fn result(size: usize, iters: usize, samples: &[f64], total_us: f64, cpu_s: f64) -> PpResult {
     let mean = total_us / (2.0 * iters.max(1) as f64);
     PpResult {
         size,
@@ -73,6 +73,12 @@ fn result(size: usize, iters: usize, samples: &[f64], total_us: f64) -> PpResult
         lat_median_us: median(samples) / 2.0,
         lat_mean_us: mean,
         mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
+        cpu: Some(CpuCost::new(
+            cpu_s,
+            total_us / 1e6,
+            (2 * size * iters) as f64,
+            (2 * iters) as f64,
+        )),
     }
 }
 
@@ -111,8 +117,10 @@ pub fn tcp_pingpong(
         let mut rx = vec![0u8; size];
         let mut samples = Vec::with_capacity(iters);
         let mut start = Instant::now();
+        let mut cpu0 = cpu_seconds(false);
         for i in 0..warmup + iters {
             if i == warmup {
+                cpu0 = cpu_seconds(false);
                 start = Instant::now();
             }
             let t0 = Instant::now();
@@ -127,6 +135,7 @@ pub fn tcp_pingpong(
             iters,
             &samples,
             start.elapsed().as_secs_f64() * 1e6,
+            cpu_seconds(false) - cpu0,
         ));
     }
     server
@@ -191,8 +200,10 @@ pub fn udp_pingpong(
         let tx = vec![0x5Au8; size];
         let mut samples = Vec::with_capacity(iters);
         let mut start = Instant::now();
+        let mut cpu0 = cpu_seconds(false);
         for i in 0..warmup + iters {
             if i == warmup {
+                cpu0 = cpu_seconds(false);
                 start = Instant::now();
             }
             let t0 = Instant::now();
@@ -207,6 +218,7 @@ pub fn udp_pingpong(
             iters,
             &samples,
             start.elapsed().as_secs_f64() * 1e6,
+            cpu_seconds(false) - cpu0,
         ));
     }
     server
