@@ -227,6 +227,174 @@ pub fn udp_pingpong(
     Ok(out)
 }
 
+/// Asks for a receive buffer of `bytes` (the kernel caps it at net.core.rmem_max);
+/// failure leaves the default, which only lowers the figure.
+fn set_rcvbuf(s: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// A one-way stream's result: what arrived and how fast.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamResult {
+    /// Bytes per send call (the datagram size for UDP).
+    pub chunk: usize,
+    /// Bytes the receiver got.
+    pub bytes: usize,
+    /// MB/s (10^6 bytes) received, from the first send to the last byte received.
+    pub mb_per_s: f64,
+    /// Datagrams the receiver did not get (UDP; loopback drops only when the
+    /// receiver's buffer overflows).
+    pub lost: usize,
+    /// CPU of both threads over the stream.
+    pub cpu: CpuCost,
+}
+
+/// A busy-polled one-way stream of `total` bytes in sends of `chunk` bytes between
+/// two threads over `node`: TCP (`udp` false) or UDP datagrams of `chunk` bytes (the
+/// limit a RoCE-over-UDP provider sending one 4 KiB packet per datagram works
+/// against).
+pub fn stream(node: &str, udp: bool, chunk: usize, total: usize) -> io::Result<StreamResult> {
+    if chunk == 0 || (udp && chunk > MAX_UDP) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("stream chunk of {chunk} bytes"),
+        ));
+    }
+    let count = total.div_ceil(chunk);
+    let deadline = Instant::now() + TIMEOUT;
+    let cpu0 = cpu_seconds(false);
+    let start = Instant::now();
+    let (got, lost) = if udp {
+        let a = UdpSocket::bind((node, 0))?;
+        let b = UdpSocket::bind((node, 0))?;
+        a.connect(b.local_addr()?)?;
+        b.connect(a.local_addr()?)?;
+        b.set_nonblocking(true)?;
+        set_rcvbuf(&b, 4 << 20);
+        // Flow control, as a reliable transport over UDP has: at most WINDOW datagrams
+        // in flight (sent and not yet received), so the stream measures what the
+        // receiver can take instead of how fast the kernel drops.
+        const WINDOW: usize = 32;
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r2 = received.clone();
+        let rx = std::thread::spawn(move || -> io::Result<usize> {
+            let mut buf = vec![0u8; MAX_UDP];
+            let mut got = 0usize;
+            let mut idle_since: Option<Instant> = None;
+            // Until every datagram came, or none came for 100 ms (the rest was lost).
+            while got < count * chunk {
+                match b.recv(&mut buf) {
+                    Ok(n) => {
+                        got += n;
+                        r2.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        idle_since = None;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let t = *idle_since.get_or_insert_with(Instant::now);
+                        if t.elapsed() > Duration::from_millis(100) || Instant::now() > deadline
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(got)
+        });
+        let tx = vec![0xA5u8; chunk];
+        let mut sent = 0usize;
+        while sent < count {
+            let seen = received.load(std::sync::atomic::Ordering::Acquire);
+            if sent - seen.min(sent) >= WINDOW {
+                // A datagram dropped for good would stall the window: after 10 ms
+                // without progress, count it as lost and go on.
+                let t = Instant::now();
+                while received.load(std::sync::atomic::Ordering::Acquire) == seen {
+                    if t.elapsed() > Duration::from_millis(10) {
+                        received.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            match a.send(&tx) {
+                Ok(_) => sent += 1,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                // The kernel had no buffer for it: a drop, counted as lost.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => sent += 1,
+                Err(e) => return Err(e),
+            }
+            if Instant::now() > deadline {
+                return Err(timed_out());
+            }
+        }
+        let got = rx
+            .join()
+            .map_err(|_| io::Error::other("raw UDP receiver panicked"))??;
+        (got, count - got / chunk)
+    } else {
+        let listener = TcpListener::bind((node, 0))?;
+        let addr = listener.local_addr()?;
+        let rx = std::thread::spawn(move || -> io::Result<usize> {
+            let (mut s, _) = listener.accept()?;
+            s.set_nonblocking(true)?;
+            let mut buf = vec![0u8; chunk.max(1 << 16)];
+            let mut got = 0usize;
+            while got < count * chunk {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(timed_out());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(got)
+        });
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.set_nonblocking(true)?;
+        let tx = vec![0xA5u8; chunk];
+        for _ in 0..count {
+            spin_write(&mut c, &tx, deadline)?;
+        }
+        let got = rx
+            .join()
+            .map_err(|_| io::Error::other("raw TCP receiver panicked"))??;
+        (got, 0)
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(false) - cpu0;
+    Ok(StreamResult {
+        chunk,
+        bytes: got,
+        mb_per_s: if secs > 0.0 { got as f64 / secs / 1e6 } else { 0.0 },
+        lost,
+        cpu: CpuCost::new(cpu, secs, got as f64, (got / chunk) as f64),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +407,17 @@ mod tests {
         let u = udp_pingpong("127.0.0.1", &[8, 70_000], Some(50), 5).unwrap();
         assert_eq!(u.len(), 1, "sizes above the UDP limit are left out");
         assert_eq!(u[0].size, 8);
+    }
+
+    #[test]
+    fn raw_streams_move_what_they_say() {
+        let t = stream("127.0.0.1", false, 65536, 8 << 20).unwrap();
+        assert_eq!(t.bytes, 8 << 20);
+        assert_eq!(t.lost, 0);
+        assert!(t.mb_per_s > 0.0);
+        let u = stream("127.0.0.1", true, 4096, 4 << 20).unwrap();
+        assert_eq!(u.bytes + u.lost * 4096, 4 << 20, "{u:?}");
+        assert!(u.bytes > 0 && u.mb_per_s > 0.0, "{u:?}");
+        assert!(stream("127.0.0.1", true, 70_000, 1 << 20).is_err());
     }
 }
