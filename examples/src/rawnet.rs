@@ -6,9 +6,9 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::{cpu_seconds, median, CpuCost};
 use crate::pingpong::PpResult;
 use crate::sizes::auto_iterations;
+use crate::{cpu_seconds, median, CpuCost};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest UDP payload on IPv4.
@@ -288,11 +288,14 @@ pub fn stream(node: &str, udp: bool, chunk: usize, total: usize) -> io::Result<S
         const WINDOW: usize = 32;
         let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let r2 = received.clone();
+        let sent_all = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = sent_all.clone();
         let rx = std::thread::spawn(move || -> io::Result<usize> {
             let mut buf = vec![0u8; MAX_UDP];
             let mut got = 0usize;
             let mut idle_since: Option<Instant> = None;
-            // Until every datagram came, or none came for 100 ms (the rest was lost).
+            // Until every datagram came, or none came for 100 ms once the sender is
+            // done (the rest was lost).
             while got < count * chunk {
                 match b.recv(&mut buf) {
                     Ok(n) => {
@@ -301,9 +304,14 @@ pub fn stream(node: &str, udp: bool, chunk: usize, total: usize) -> io::Result<S
                         idle_since = None;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        if !s2.load(std::sync::atomic::Ordering::Acquire) {
+                            continue;
+                        }
                         let t = *idle_since.get_or_insert_with(Instant::now);
-                        if t.elapsed() > Duration::from_millis(100) || Instant::now() > deadline
-                        {
+                        if t.elapsed() > Duration::from_millis(100) {
                             break;
                         }
                     }
@@ -345,6 +353,7 @@ pub fn stream(node: &str, udp: bool, chunk: usize, total: usize) -> io::Result<S
                 return Err(timed_out());
             }
         }
+        sent_all.store(true, std::sync::atomic::Ordering::Release);
         let got = rx
             .join()
             .map_err(|_| io::Error::other("raw UDP receiver panicked"))??;
@@ -389,7 +398,11 @@ pub fn stream(node: &str, udp: bool, chunk: usize, total: usize) -> io::Result<S
     Ok(StreamResult {
         chunk,
         bytes: got,
-        mb_per_s: if secs > 0.0 { got as f64 / secs / 1e6 } else { 0.0 },
+        mb_per_s: if secs > 0.0 {
+            got as f64 / secs / 1e6
+        } else {
+            0.0
+        },
         lost,
         cpu: CpuCost::new(cpu, secs, got as f64, (got / chunk) as f64),
     })

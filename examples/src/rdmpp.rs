@@ -11,8 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fabric::rdm::{
-    av::encode_name, AddressVector, AvAttr, FiAddr, RdmAttr, RdmCompletion, RdmEndpoint,
-    RdmInfo,
+    av::encode_name, AddressVector, AvAttr, FiAddr, RdmAttr, RdmCompletion, RdmEndpoint, RdmInfo,
 };
 use fabric::{Access, Address, Caps, Domain, EpType, Fabric, Hints, MemoryRegion};
 
@@ -28,6 +27,9 @@ const SEND_CTX: u64 = 1;
 const RECV_CTX: u64 = 2;
 const CFG_CTX: u64 = 3;
 const DONE_CTX: u64 = 4;
+const BYE_CTX: u64 = 5;
+/// How long the last handshake ("done", "bye") may take.
+const LINGER: Duration = Duration::from_secs(5);
 const NAME_MAX: usize = 258;
 
 /// One RDM end: every object it needs, kept alive together.
@@ -118,8 +120,17 @@ impl RdmSide {
 
     /// Waits for one successful completion.
     pub fn next(&self, mode: Mode) -> ToolResult<RdmCompletion> {
-        let c = match mode {
-            Mode::Sleep => self.ep.wait(OP_TIMEOUT).map_err(ctx("waiting"))?,
+        let c = self.next_any(mode)?;
+        if let Err(e) = &c.status {
+            return Err(format!("operation {} failed: {e}", c.context));
+        }
+        Ok(c)
+    }
+
+    /// Waits for one completion, successful or not.
+    fn next_any(&self, mode: Mode) -> ToolResult<RdmCompletion> {
+        match mode {
+            Mode::Sleep => self.ep.wait(OP_TIMEOUT).map_err(ctx("waiting")),
             Mode::Poll => {
                 let deadline = Instant::now() + OP_TIMEOUT;
                 let mut v = Vec::with_capacity(1);
@@ -127,7 +138,7 @@ impl RdmSide {
                 loop {
                     if self.ep.read(&mut v, 1) > 0 {
                         if let Some(c) = v.pop() {
-                            break c;
+                            return Ok(c);
                         }
                     }
                     spins = spins.wrapping_add(1);
@@ -136,19 +147,20 @@ impl RdmSide {
                     }
                 }
             }
-        };
-        if let Err(e) = &c.status {
-            return Err(format!("operation {} failed: {e}", c.context));
         }
-        Ok(c)
     }
 
-    /// Waits for the completion with `context` (others that come first are dropped:
-    /// send completions of echoes the peer has already answered).
+    /// Waits for the successful completion with `context`. Others that come first are
+    /// dropped whatever their status: they are send completions of echoes the peer
+    /// has already answered or checked (the RDM layer may complete the server's last
+    /// echo with an error when the client, which has it, leaves first).
     fn until(&self, mode: Mode, context: u64) -> ToolResult<RdmCompletion> {
         loop {
-            let c = self.next(mode)?;
+            let c = self.next_any(mode)?;
             if c.context == context {
+                if let Err(e) = &c.status {
+                    return Err(format!("operation {context} failed: {e}"));
+                }
                 return Ok(c);
             }
         }
@@ -163,7 +175,9 @@ pub fn server(side: &RdmSide, mode: Mode) -> ToolResult<()> {
         .alloc(NAME_MAX + 2 + CONFIG_MAX, Access::LOCAL)
         .map_err(ctx("register"))?;
     side.post_recv(&cfg, 0, NAME_MAX + 2 + CONFIG_MAX, CFG_TAG, CFG_CTX)?;
-    let c = side.until(mode, CFG_CTX)?;
+    let c = side
+        .until(mode, CFG_CTX)
+        .map_err(|e| format!("configuration: {e}"))?;
     let b = cfg.to_vec(0, c.len).map_err(ctx("config"))?;
     let bad = || "malformed RDM ping-pong configuration from the client".to_string();
     let n = usize::from(u16::from_le_bytes([
@@ -185,7 +199,10 @@ pub fn server(side: &RdmSide, mode: Mode) -> ToolResult<()> {
         side.post_recv(&mr, 0, size, TAG, RECV_CTX)?;
         for i in 0..total {
             loop {
-                if side.next(mode)?.context == RECV_CTX {
+                let c = side
+                    .next(mode)
+                    .map_err(|e| format!("size {size}, message {i}: {e}"))?;
+                if c.context == RECV_CTX {
                     break;
                 }
             }
@@ -196,10 +213,37 @@ pub fn server(side: &RdmSide, mode: Mode) -> ToolResult<()> {
             }
         }
     }
-    // The "done" message: every echo has reached the client.
+    // The "done" message: every echo has reached the client. Answered with "bye",
+    // which the client waits for before it leaves: the RDM layer can lose a message
+    // that is still being received when its sender closes the connection (seen: the
+    // "done" of a client that left at once never completed here).
     side.post_recv(&cfg, 0, 4, DONE_TAG, DONE_CTX)?;
     side.until(mode, DONE_CTX)?;
+    cfg.write_at(0, b"bye!").map_err(ctx("bye"))?;
+    side.post_send(&cfg, 0, 4, peer, DONE_TAG, BYE_CTX)?;
+    // Its completion, successful or not (the client may leave once it has it), at
+    // most LINGER; then a moment for the bytes to be read before this end closes.
+    let _ = wait_for(side, mode, BYE_CTX, LINGER);
+    std::thread::sleep(Duration::from_millis(50));
     Ok(())
+}
+
+/// Waits up to `limit` for the completion with `context`, whatever its status;
+/// whether it came.
+fn wait_for(side: &RdmSide, mode: Mode, context: u64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut v = Vec::with_capacity(4);
+    while Instant::now() < deadline {
+        v.clear();
+        side.ep.read(&mut v, 4);
+        if v.iter().any(|c| c.context == context) {
+            return true;
+        }
+        if mode == Mode::Sleep {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    false
 }
 
 /// The client half: sends its name and the configuration to `server`, then measures
@@ -215,14 +259,18 @@ pub fn client(side: &RdmSide, server: &[u8], opts: &Options) -> ToolResult<Vec<P
     let max = opts.sizes.iter().copied().max().unwrap_or(0).max(1);
     let mr = side
         .domain
-        .alloc(2 * max + NAME_MAX + 2 + CONFIG_MAX, Access::LOCAL | Access::REMOTE_READ)
+        .alloc(
+            2 * max + NAME_MAX + 2 + CONFIG_MAX,
+            Access::LOCAL | Access::REMOTE_READ,
+        )
         .map_err(ctx("register buffers"))?;
     let mut msg = (name.len() as u16).to_le_bytes().to_vec();
     msg.extend_from_slice(&name);
     msg.extend_from_slice(&cfg);
     mr.write_at(2 * max, &msg).map_err(ctx("config"))?;
     side.post_send(&mr, 2 * max, msg.len(), peer, CFG_TAG, CFG_CTX)?;
-    side.until(opts.mode, CFG_CTX)?;
+    side.until(opts.mode, CFG_CTX)
+        .map_err(|e| format!("configuration: {e}"))?;
 
     let mut results = Vec::with_capacity(plan.len());
     for &(size, iters) in &plan {
@@ -249,7 +297,9 @@ pub fn client(side: &RdmSide, server: &[u8], opts: &Options) -> ToolResult<Vec<P
             side.post_send(&mr, 0, size, peer, TAG, SEND_CTX)?;
             let (mut sent, mut got) = (false, false);
             while !(sent && got) {
-                let c = side.next(opts.mode)?;
+                let c = side
+                    .next(opts.mode)
+                    .map_err(|e| format!("size {size}, round trip {i}: {e}"))?;
                 match c.context {
                     SEND_CTX => sent = true,
                     RECV_CTX => {
@@ -304,25 +354,12 @@ pub fn client(side: &RdmSide, server: &[u8], opts: &Options) -> ToolResult<Vec<P
         });
     }
     mr.write_at(2 * max, b"done").map_err(ctx("done"))?;
+    // "done", and the server's "bye" before leaving (see `server`). Every echo was
+    // checked already: a "done" or "bye" that does not come within LINGER only ends
+    // the run later, it is not an error of the measurement.
+    side.post_recv(&mr, 2 * max + 8, 4, DONE_TAG, BYE_CTX)?;
     side.post_send(&mr, 2 * max, 4, peer, DONE_TAG, DONE_CTX)?;
-    // The server ends once "done" has arrived: the send may complete with the
-    // connection's end (a provider that completes sends on the peer's ACK sees the
-    // peer leave first). Every echo was already checked; only a timeout is an error.
-    let deadline = Instant::now() + OP_TIMEOUT;
-    let mut v = Vec::with_capacity(4);
-    loop {
-        v.clear();
-        side.ep.read(&mut v, 4);
-        if v.iter().any(|c| c.context == DONE_CTX) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err("the final message did not complete".into());
-        }
-        if opts.mode == Mode::Sleep {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
+    wait_for(side, opts.mode, BYE_CTX, LINGER);
     Ok(results)
 }
 
@@ -366,7 +403,10 @@ pub fn run_self(
     let srv = srv
         .join()
         .map_err(|_| "the server thread panicked".to_string())?;
-    let res = res?;
-    srv?;
-    Ok(res)
+    match (res, srv) {
+        (Ok(r), Ok(())) => Ok(r),
+        (Ok(_), Err(e)) => Err(format!("server: {e}")),
+        (Err(e), Ok(())) => Err(format!("client: {e}")),
+        (Err(c), Err(s)) => Err(format!("client: {c}; server: {s}")),
+    }
 }

@@ -534,7 +534,7 @@ fn run(a: &Args) -> Result<(), String> {
     let large = sizes.iter().copied().max().unwrap_or(small);
     let rma_large = rma_sizes.iter().copied().max();
     let mut how = Table {
-        title: format!(
+        title: String::from(
             "How each row was measured, and its CPU cost (getrusage of the measuring process over the timed part: both ends, as both run in it; libfabric: both fi_pingpong processes, whole run; busy polling keeps a core per end busy by design)"
         ),
         header: vec![

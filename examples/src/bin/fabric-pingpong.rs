@@ -192,9 +192,7 @@ fn run(a: &Args) -> Result<(), String> {
         return run_rdm(a, &opts);
     }
     if a.tagged {
-        return Err(
-            "--tagged needs -e rdm (tagged messages are an RDM capability here)".into(),
-        );
+        return Err("--tagged needs -e rdm (tagged messages are an RDM capability here)".into());
     }
     let mode = a.mode;
     let role = a.role.role();
