@@ -122,8 +122,7 @@ impl Conn {
     pub(super) fn match_unexpected(&mut self) -> Result<(), Fatal> {
         let mut acked = false;
         while !self.posted.is_empty() && !self.unexpected.is_empty() {
-            let (Some(mut recv), Some(u)) =
-                (self.posted.pop_front(), self.unexpected.pop_front())
+            let (Some(mut recv), Some(u)) = (self.posted.pop_front(), self.unexpected.pop_front())
             else {
                 break;
             };
