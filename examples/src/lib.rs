@@ -1,6 +1,7 @@
-//! Shared code of the bundled tools: connection setup, the ping-pong and RMA-bandwidth
-//! benchmarks, raw-socket reference measurements, and report output (table, JSON,
-//! Markdown, SVG).
+//! Shared code of the bundled tools: connection setup, the ping-pong (MSG endpoints,
+//! and RDM endpoints in [`rdmpp`]) and RMA-bandwidth benchmarks, raw-socket reference
+//! measurements (ping-pongs and one-way streams), CPU cost ([`CpuCost`]), and report
+//! output (table, JSON, Markdown, SVG).
 //!
 //! ```no_run
 //! use fabric_examples::{pingpong, Mode};
