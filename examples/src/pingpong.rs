@@ -14,8 +14,8 @@ use crate::sizes::auto_iterations;
 use crate::{ctx, median, Mode, ToolResult};
 
 const MAGIC: &[u8; 4] = b"FPP1";
-const CONFIG_MAX: usize = 4096;
-const OP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONFIG_MAX: usize = 4096;
+pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const SEND_CTX: u64 = 1;
 const RECV_CTX: u64 = 2;
 
@@ -48,6 +48,11 @@ pub struct PpResult {
     pub lat_mean_us: f64,
     /// Bandwidth from the mean latency, MB/s (10^6 bytes; fi_pingpong's MB/sec).
     pub mb_per_s: f64,
+    /// CPU cost of the timed iterations (2 messages and 2 x size bytes per round
+    /// trip), when measured: of this process (both ends with `--self`), or of both
+    /// `fi_pingpong` processes for the libfabric reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::CpuCost>,
 }
 
 /// Waits for one successful completion.
@@ -63,7 +68,7 @@ pub fn next_completion(cq: &CompletionQueue, mode: Mode) -> ToolResult<Completio
     Ok(c)
 }
 
-fn encode_config(plan: &[(usize, usize)], warmup: usize) -> Vec<u8> {
+pub(crate) fn encode_config(plan: &[(usize, usize)], warmup: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + plan.len() * 16);
     v.extend_from_slice(MAGIC);
     v.extend_from_slice(&(plan.len() as u32).to_le_bytes());
@@ -84,7 +89,7 @@ pub const LINGER: Duration = Duration::from_secs(10);
 /// an hour of 1 us round trips).
 const MAX_COUNT: usize = 1 << 32;
 
-fn decode_config(b: &[u8]) -> ToolResult<(Vec<(usize, usize)>, usize)> {
+pub(crate) fn decode_config(b: &[u8]) -> ToolResult<(Vec<(usize, usize)>, usize)> {
     let bad = |why: &str| format!("malformed ping-pong configuration from the client: {why}");
     if b.len() < 16 || &b[0..4] != MAGIC {
         return Err(bad("no header"));
@@ -119,7 +124,7 @@ fn decode_config(b: &[u8]) -> ToolResult<(Vec<(usize, usize)>, usize)> {
     Ok((plan, warmup))
 }
 
-fn plan(opts: &Options) -> Vec<(usize, usize)> {
+pub(crate) fn plan(opts: &Options) -> Vec<(usize, usize)> {
     opts.sizes
         .iter()
         .map(|&s| (s, opts.iterations.unwrap_or_else(|| auto_iterations(s))))
@@ -170,8 +175,10 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
         let total_start = Instant::now();
         let mut timed_start = total_start;
         let mut untimed = Duration::ZERO;
+        let mut cpu0 = crate::cpu_seconds(false);
         for i in 0..opts.warmup + iters {
             if i == opts.warmup {
+                cpu0 = crate::cpu_seconds(false);
                 timed_start = Instant::now();
                 untimed = Duration::ZERO;
             }
@@ -217,7 +224,9 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
                 untimed += t.elapsed();
             }
         }
-        let elapsed = timed_start.elapsed().saturating_sub(untimed).as_secs_f64() * 1e6;
+        let cpu = crate::cpu_seconds(false) - cpu0;
+        let wall = timed_start.elapsed();
+        let elapsed = wall.saturating_sub(untimed).as_secs_f64() * 1e6;
         let mean = elapsed / (2.0 * iters.max(1) as f64);
         results.push(PpResult {
             size,
@@ -225,6 +234,12 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
             lat_median_us: median(&samples) / 2.0,
             lat_mean_us: mean,
             mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
+            cpu: Some(crate::CpuCost::new(
+                cpu,
+                wall.as_secs_f64(),
+                (2 * size * iters) as f64,
+                (2 * iters) as f64,
+            )),
         });
     }
     Ok(results)
@@ -262,12 +277,17 @@ pub fn server(side: &Side, mode: Mode) -> ToolResult<()> {
                     break;
                 }
             }
+            // Echo first, then post the next receive: the echo is the critical path
+            // (as a raw ping-pong's read-then-write), and the client's next message
+            // cannot leave before the echo has reached it. Should it arrive first all
+            // the same, the provider buffers it as unexpected until the receive is
+            // posted.
+            side.ep.send(buf(i), SEND_CTX).map_err(ctx("echo"))?;
             if i + 1 < total {
                 side.ep
                     .recv(buf(i + 1), RECV_CTX)
                     .map_err(ctx("post receive"))?;
             }
-            side.ep.send(buf(i), SEND_CTX).map_err(ctx("echo"))?;
         }
     }
     linger(side)

@@ -55,6 +55,7 @@ pub fn parse_output(out: &str, size: usize, iterations: usize) -> Option<PpResul
                 lat_median_us: usec,
                 lat_mean_us: usec,
                 mb_per_s: mbps,
+                cpu: None,
             });
         }
     }
@@ -68,13 +69,29 @@ pub fn fi_pingpong(
     size: usize,
     iterations: usize,
 ) -> Result<PpResult, String> {
+    fi_pingpong_ep(bin, provider, "msg", false, size, iterations)
+}
+
+/// Runs one fi_pingpong measurement of `size` with endpoint type `ep_type` (`msg`, or
+/// `rdm` with a provider such as `"tcp;ofi_rxm"`), tagged messages (`-m tagged`) when
+/// `tagged`, on 127.0.0.1.
+pub fn fi_pingpong_ep(
+    bin: &std::path::Path,
+    provider: &str,
+    ep_type: &str,
+    tagged: bool,
+    size: usize,
+    iterations: usize,
+) -> Result<PpResult, String> {
     let limit = Duration::from_secs(60);
     for attempt in 0..5 {
         let port = free_port().map_err(|e| format!("free port: {e}"))?;
         let common = |c: &mut Command| {
             c.env("FI_TCP_IFACE", "lo")
                 .env("FI_SOCKETS_IFACE", "lo")
-                .args(["-p", provider, "-e", "msg", "-I"])
+                .args(["-p", provider, "-e", ep_type, "-m"])
+                .arg(if tagged { "tagged" } else { "msg" })
+                .arg("-I")
                 .arg(iterations.to_string())
                 .arg("-S")
                 .arg(size.to_string())
@@ -82,6 +99,8 @@ pub fn fi_pingpong(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
         };
+        let cpu0 = crate::cpu_seconds(true);
+        let t0 = Instant::now();
         let mut sc = Command::new(bin);
         common(&mut sc);
         sc.args(["-B", &port.to_string()]);
@@ -97,12 +116,24 @@ pub fn fi_pingpong(
             let _ = o.read_to_string(&mut out);
         }
         wait_or_kill(&mut server, Duration::from_secs(5));
+        // Both processes have been waited for: their CPU is in RUSAGE_CHILDREN (from
+        // process start on, warm-up and setup included: an upper bound).
+        let cpu = crate::cpu_seconds(true) - cpu0;
         if cstatus.is_some_and(|s| s.success()) {
-            return parse_output(&out, size, iterations)
-                .ok_or_else(|| format!("could not parse fi_pingpong output:\n{out}"));
+            let mut r = parse_output(&out, size, iterations)
+                .ok_or_else(|| format!("could not parse fi_pingpong output:\n{out}"))?;
+            r.cpu = Some(crate::CpuCost::new(
+                cpu,
+                t0.elapsed().as_secs_f64(),
+                (2 * size * iterations) as f64,
+                (2 * iterations) as f64,
+            ));
+            return Ok(r);
         }
     }
-    Err(format!("fi_pingpong -p {provider} failed for size {size}"))
+    Err(format!(
+        "fi_pingpong -p {provider} -e {ep_type} failed for size {size}"
+    ))
 }
 
 #[cfg(test)]

@@ -77,6 +77,8 @@ pub struct Line {
     pub label: String,
     /// (message size, value) points.
     pub points: Vec<(usize, f64)>,
+    /// Drawn dashed: a limit (a raw-socket reference), not a measured provider.
+    pub dashed: bool,
 }
 
 const COLORS: [&str; 8] = [
@@ -176,13 +178,23 @@ fn panel(svg: &mut String, x0: f64, title: &str, ylabel: &str, lines: &[Line], s
             .collect();
         let _ = writeln!(
             svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2"{} points="{}"/>"#,
+            dash(l.dashed),
             pts.join(" ")
         );
         for p in &pts {
             let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
             let _ = writeln!(svg, r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>"#);
         }
+    }
+}
+
+/// The stroke attribute of a dashed (limit) line.
+fn dash(dashed: bool) -> &'static str {
+    if dashed {
+        r#" stroke-dasharray="6 4""#
+    } else {
+        ""
     }
 }
 
@@ -203,11 +215,11 @@ pub fn svg_plot(latency: &[Line], bandwidth: &[Line]) -> String {
         .collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let labels: Vec<&str> = {
-        let mut v: Vec<&str> = Vec::new();
+    let labels: Vec<(&str, bool)> = {
+        let mut v: Vec<(&str, bool)> = Vec::new();
         for l in latency.iter().chain(bandwidth) {
-            if !v.contains(&l.label.as_str()) {
-                v.push(&l.label);
+            if !v.iter().any(|x| x.0 == l.label) {
+                v.push((&l.label, l.dashed));
             }
         }
         v
@@ -223,12 +235,13 @@ pub fn svg_plot(latency: &[Line], bandwidth: &[Line]) -> String {
     // Colors follow the legend order, so the same series has one color in both panels.
     let recolor = |lines: &[Line]| -> Vec<Line> {
         let mut out = Vec::new();
-        for label in &labels {
+        for (label, dashed) in &labels {
             match lines.iter().find(|l| &l.label == label) {
                 Some(l) => out.push(l.clone()),
                 None => out.push(Line {
                     label: label.to_string(),
                     points: Vec::new(),
+                    dashed: *dashed,
                 }),
             }
         }
@@ -250,14 +263,16 @@ pub fn svg_plot(latency: &[Line], bandwidth: &[Line]) -> String {
         &recolor(bandwidth),
         &sizes,
     );
-    for (i, label) in labels.iter().enumerate() {
+    for (i, (label, dashed)) in labels.iter().enumerate() {
         let y = 345.0 + 20.0 * i as f64;
         let color = COLORS[i % COLORS.len()];
         let _ = writeln!(
             svg,
-            r#"<line x1="70" y1="{y}" x2="100" y2="{y}" stroke="{color}" stroke-width="3"/><text x="108" y="{}" font-size="13">{}</text>"#,
+            r#"<line x1="70" y1="{y}" x2="100" y2="{y}" stroke="{color}" stroke-width="3"{}/><text x="108" y="{}" font-size="13">{}{}</text>"#,
+            dash(*dashed),
             y + 4.0,
-            xml_escape(label)
+            xml_escape(label),
+            if *dashed { " (limit, dashed)" } else { "" }
         );
     }
     svg.push_str("</svg>\n");
@@ -299,14 +314,19 @@ mod tests {
             Line {
                 label: "a<b".into(),
                 points: vec![(8, 5.0), (1024, 7.0)],
+                dashed: false,
             },
             Line {
                 label: "c".into(),
                 points: vec![(8, 3.0), (1024, 4.0)],
+                dashed: true,
             },
         ];
         let svg = svg_plot(&l, &l);
         assert_eq!(svg.matches("<polyline").count(), 4);
+        // The limit line is dashed in both panels and in the legend; the other not.
+        assert_eq!(svg.matches("stroke-dasharray").count(), 3, "{svg}");
+        assert!(svg.contains("c (limit, dashed)"));
         assert!(svg.contains("a&lt;b"));
         assert!(svg.starts_with("<svg"));
     }

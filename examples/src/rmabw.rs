@@ -90,6 +90,9 @@ pub struct BwResult {
     pub mb_per_s: f64,
     /// Mean time per transfer, microseconds.
     pub usec_per_xfer: f64,
+    /// CPU cost of the timed transfers (getrusage of this process: both ends with
+    /// `--self`), per GB moved and per million transfers.
+    pub cpu: crate::CpuCost,
 }
 
 /// The bytes at `offset..offset + len` of a region filled by [`fill_pattern`].
@@ -321,6 +324,7 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
             Vec::new()
         };
         let mut untimed = std::time::Duration::ZERO;
+        let cpu0 = crate::cpu_seconds(false);
         let start = Instant::now();
         let (mut posted, mut done) = (0usize, 0usize);
         while done < n {
@@ -365,7 +369,9 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
             }
             done += 1;
         }
-        let secs = start.elapsed().saturating_sub(untimed).as_secs_f64();
+        let wall = start.elapsed();
+        let cpu = crate::cpu_seconds(false) - cpu0;
+        let secs = wall.saturating_sub(untimed).as_secs_f64();
         if opts.verify && opts.op != RmaOp::Read {
             // The target holds what the writes carried.
             side.ep
@@ -390,6 +396,7 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<BwResult>> {
             transfers: n,
             mb_per_s: (size * n) as f64 / secs / 1e6,
             usec_per_xfer: secs * 1e6 / n as f64,
+            cpu: crate::CpuCost::new(cpu, wall.as_secs_f64(), (size * n) as f64, n as f64),
         });
     }
     ctrl.write_at(0, b"done").map_err(ctx("done"))?;

@@ -42,25 +42,39 @@ struct Args {
     no_verify: bool,
 }
 
-fn print(provider: &str, res: &[BwResult], json: bool) {
+fn print(provider: &str, mode: Mode, self_mode: bool, res: &[BwResult], json: bool) {
     if json {
-        let v = serde_json::json!({"provider": provider, "results": res});
+        let v = serde_json::json!({
+            "provider": provider, "mode": mode, "cpu_counts_both_ends": self_mode,
+            "results": res,
+        });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!("# provider {provider}");
+    println!("# provider {provider}, completions by {mode}");
     println!(
-        "{:>10} {:>8} {:>10} {:>12} {:>12}",
-        "op", "bytes", "xfers", "MB/s", "usec/xfer"
+        "# CPU: getrusage of this process over the timed transfers ({}); cores = CPU seconds per wall second",
+        if self_mode {
+            "both ends: --self runs them in this process"
+        } else {
+            "this end only"
+        }
+    );
+    println!(
+        "{:>10} {:>8} {:>10} {:>12} {:>12} {:>10} {:>12} {:>6}",
+        "op", "bytes", "xfers", "MB/s", "usec/xfer", "cpu_s/GB", "cpu_s/Mxfer", "cores"
     );
     for r in res {
         println!(
-            "{:>10} {:>8} {:>10} {:>12.1} {:>12.2}",
+            "{:>10} {:>8} {:>10} {:>12.1} {:>12.2} {:>10.2} {:>12.2} {:>6.2}",
             r.op.to_string(),
             fmt_size(r.size),
             r.transfers,
             r.mb_per_s,
-            r.usec_per_xfer
+            r.usec_per_xfer,
+            r.cpu.s_per_gb,
+            r.cpu.s_per_mmsg,
+            r.cpu.cores()
         );
     }
 }
@@ -85,7 +99,7 @@ fn run(a: &Args) -> Result<(), String> {
         |side| rmabw::client(side, &opts),
     )?;
     if let Some(res) = res {
-        print(&a.role.provider, &res, a.json);
+        print(&a.role.provider, a.mode, a.role.self_mode, &res, a.json);
     }
     Ok(())
 }

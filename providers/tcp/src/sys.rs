@@ -166,12 +166,45 @@ pub unsafe fn readv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     }
 }
 
+/// Gather-sends of at most this many bytes are copied into one buffer and sent with
+/// `send(2)` instead of `sendmsg(2)`.
+const SMALL_SEND: usize = 512;
+
 /// Gather-sends `iov` without raising SIGPIPE.
 ///
 /// # Safety
 /// Each iovec must describe memory that is valid for reads of its `iov_len` bytes for
 /// the duration of the call.
 pub unsafe fn sendv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    if iov.len() > 1 && total <= SMALL_SEND {
+        // A small message (a header and a short payload): one copy into a stack
+        // buffer and a plain send(2), which spares the kernel importing the msghdr and
+        // iovec array (measured: the cheaper call on the 8-byte ping-pong's path).
+        let mut buf = [0u8; SMALL_SEND];
+        let mut at = 0;
+        for v in iov {
+            // SAFETY: the caller guarantees each iovec is readable for iov_len bytes;
+            // the total fits the buffer.
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            buf[at..at + v.iov_len].copy_from_slice(src);
+            at += v.iov_len;
+        }
+        // SAFETY: buf is valid for reads of `at` bytes.
+        let r = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                at,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        return if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        };
+    }
     // SAFETY: an all-zero msghdr is valid; we set the iovec fields.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;

@@ -27,8 +27,11 @@ impl Conn {
         let size = h.size as usize;
         let data = (h.flags & FLAG_CQ_DATA != 0).then_some(h.data);
         let ack = (h.flags & FLAG_DELIVERY != 0).then_some(h.op_id);
-        if let Some(recv) = self.posted.pop_front() {
-            let sink = Sink::list(ScatterList::local(recv.segments.clone()));
+        if let Some(mut recv) = self.posted.pop_front() {
+            // The segments move into the sink (no copy of the list per message): the
+            // completion needs only the context, and a truncation reports `placed`,
+            // which is then the whole buffer.
+            let sink = Sink::list(ScatterList::local(std::mem::take(&mut recv.segments)));
             self.expect(
                 sink,
                 size,
@@ -83,10 +86,8 @@ impl Conn {
                 CqError::new(
                     CqErrorKind::Truncated,
                     0,
-                    format!(
-                        "message of {size} bytes, receive buffer of {} bytes",
-                        recv.len()
-                    ),
+                    // Truncated: the buffer took all it had room for.
+                    format!("message of {size} bytes, receive buffer of {placed} bytes"),
                 ),
             )
         } else {
@@ -121,7 +122,7 @@ impl Conn {
     pub(super) fn match_unexpected(&mut self) -> Result<(), Fatal> {
         let mut acked = false;
         while !self.posted.is_empty() && !self.unexpected.is_empty() {
-            let (Some(recv), Some(u)) = (self.posted.pop_front(), self.unexpected.pop_front())
+            let (Some(mut recv), Some(u)) = (self.posted.pop_front(), self.unexpected.pop_front())
             else {
                 break;
             };
@@ -129,7 +130,7 @@ impl Conn {
             let placed = if u.write_data {
                 0
             } else {
-                let l = ScatterList::local(recv.segments.clone());
+                let l = ScatterList::local(std::mem::take(&mut recv.segments));
                 l.cursor().fill(&u.bytes)
             };
             self.complete_recv(recv, u.size, placed, u.data, u.write_data);
