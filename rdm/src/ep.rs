@@ -2718,6 +2718,12 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
         match inner.eq.read() {
             Ok(Some(ev)) => {
                 any = true;
+                if matches!(ev, Event::Shutdown { .. }) {
+                    // What the connection delivered before it ended is already in the
+                    // completion queue: handle it first, or a message its sender saw
+                    // complete (and then closed) would be dropped with the connection.
+                    drain_completions(inner, batch);
+                }
                 let mut st = inner.st.lock();
                 on_event(inner, &mut st, ev);
                 refresh_cm_busy(inner, &st);
@@ -2752,6 +2758,23 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
             inner.cv.notify_all();
         }
     }
+}
+
+/// Handles every completion the queue holds now (bounded: 64 reads of 64).
+fn drain_completions(inner: &Inner, batch: &mut Vec<Completion>) {
+    for _ in 0..64 {
+        batch.clear();
+        match inner.cq.read(batch, 64) {
+            Ok(n) if n > 0 => {
+                let mut st = inner.st.lock();
+                for c in batch.drain(..) {
+                    on_completion(inner, &mut st, c);
+                }
+            }
+            _ => break,
+        }
+    }
+    batch.clear();
 }
 
 /// A busy poller reads the event queue this often while no connection forms or
