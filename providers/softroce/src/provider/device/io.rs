@@ -79,7 +79,7 @@ impl Device {
                 now = self.now();
                 self.dispatch(&mut rx, now, n, hold_acks);
             }
-            if n < BATCH {
+            if !rx.rx.full() {
                 break;
             }
         }
@@ -171,6 +171,16 @@ impl Device {
         self.counters
             .rx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
+        if rx.gro > 0 {
+            self.counters
+                .gro_packets
+                .fetch_add(rx.gro as u64, Ordering::Relaxed);
+        }
+        if rx.truncated > 0 {
+            self.counters
+                .bad_packets
+                .fetch_add(rx.truncated as u64, Ordering::Relaxed);
+        }
         for cell in touched.drain(..) {
             let mut slot = cell.slot.lock();
             // Completions first, so the application sees the receive now.
@@ -264,10 +274,10 @@ impl Device {
             };
             sent += 1;
             if out.capacity() == 0 {
-                out.reserve(BATCH);
+                out.reserve(GATHER);
             }
             out.push((t.dst, t.payload));
-            if out.len() >= BATCH {
+            if out.len() >= GATHER {
                 self.send(&mut out, now);
                 for (_, frame) in out.drain(..) {
                     slot.qp.recycle(frame);
@@ -308,7 +318,7 @@ impl Device {
             return;
         }
         if !self.has_extras.load(Ordering::Acquire) {
-            let n = sys::send_batch(self.sock.as_raw_fd(), out);
+            let n = self.transmit(out, None);
             self.counters
                 .tx_packets
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -352,7 +362,9 @@ impl Device {
         if out.is_empty() {
             return;
         }
-        let n = sys::send_batch(self.sock.as_raw_fd(), out);
+        let mut ids = Vec::new();
+        let want_ids = pcap.is_some();
+        let n = self.transmit(out, want_ids.then_some(&mut ids));
         self.counters
             .tx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -364,8 +376,11 @@ impl Device {
             );
             let mut w = c.lock();
             let mut ok = true;
-            for (dst, payload) in out.iter().take(n) {
-                let info = FrameInfo::rxe(self.ip, *dst.ip(), ROCE_UDP_PORT);
+            for ((dst, payload), &ip_id) in out.iter().zip(&ids) {
+                let info = FrameInfo {
+                    ip_id,
+                    ..FrameInfo::rxe(self.ip, *dst.ip(), ROCE_UDP_PORT)
+                };
                 let written = build_frame(&info, payload).map(|f| w.write_frame(wall, &f));
                 if !matches!(written, Ok(Ok(()))) {
                     ok = false;
@@ -380,4 +395,105 @@ impl Device {
             }
         }
     }
+
+    /// Hands frames to the kernel; returns how many it took. Where the device may
+    /// ([`DeviceConfig::gso`], and the kernel has it), runs of frames to one peer of
+    /// one length leave as one UDP segmentation offload send each
+    /// ([`sys::gso_groups`]): the kernel numbers the IP IDs of the datagrams of a GSO
+    /// send from this unconnected DF socket 0, 1, 2, ... (one ID-0 datagram otherwise),
+    /// and the ICRC covers the ID, so each frame's ICRC (built for ID 0) is first
+    /// moved to the ID it will carry ([`IpIdDelta`]). A kernel that refuses the offload
+    /// on this path turns it off for the device; the frames are then sent one by one
+    /// with their ICRCs moved back. With `ids`, the ID each frame was sent with (in
+    /// `out`'s order, for the capture).
+    pub(super) fn transmit(
+        &self,
+        out: &mut [(SocketAddrV4, Vec<u8>)],
+        ids: Option<&mut Vec<u16>>,
+    ) -> usize {
+        let fd = self.sock.as_raw_fd();
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        if out.len() > 1 && self.gso.load(Ordering::Relaxed) {
+            sys::gso_groups(out, &mut groups);
+        }
+        if groups.len() == out.len() || groups.is_empty() {
+            if let Some(ids) = ids {
+                ids.clear();
+                ids.resize(out.len(), 0);
+            }
+            return sys::send_batch(fd, out);
+        }
+        for &(start, count) in groups.iter().filter(|g| g.1 > 1) {
+            set_gso_ids(&mut out[start..start + count], true);
+        }
+        let r = sys::send_groups(fd, out, &groups);
+        let sent_gso = groups[..r.groups].iter().filter(|g| g.1 > 1).count();
+        self.counters
+            .gso_sends
+            .fetch_add(sent_gso as u64, Ordering::Relaxed);
+        let mut n = r.frames;
+        // Where the frames from `from` on went out one by one (ID 0).
+        let mut from = out.len();
+        if r.gso_refused {
+            self.gso.store(false, Ordering::Relaxed);
+            warn!(
+                ip = %self.ip,
+                "softroce: the kernel refused UDP segmentation offload on this path; \
+                 sending packets one by one from now on"
+            );
+            from = groups[r.groups].0;
+            for &(start, count) in groups[r.groups..].iter().filter(|g| g.1 > 1) {
+                set_gso_ids(&mut out[start..start + count], false);
+            }
+            n += sys::send_batch(fd, &out[from..]);
+        }
+        if let Some(ids) = ids {
+            ids.clear();
+            for &(start, count) in &groups {
+                for i in 0..count {
+                    let gso = count > 1 && start < from;
+                    ids.push(if gso { i as u16 } else { 0 });
+                }
+            }
+        }
+        n
+    }
+}
+
+/// Frames a QP's output is gathered into before it is handed to the kernel: a pacing
+/// turn (64 packets) in at most a few GSO sends.
+const GATHER: usize = 64;
+
+/// Moves the ICRCs of one GSO group's frames from ID 0 to the IDs the segments will
+/// carry (`to_gso`), or back.
+fn set_gso_ids(frames: &mut [(SocketAddrV4, Vec<u8>)], to_gso: bool) {
+    thread_local! {
+        /// The columns of the last few packet lengths (a stream has two or three).
+        static DELTAS: std::cell::RefCell<Vec<IpIdDelta>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+    DELTAS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        for (i, (_, f)) in frames.iter_mut().enumerate().skip(1) {
+            let len = f.len();
+            let d = match cache.iter().position(|d| d.roce_len() == len) {
+                Some(k) => cache[k],
+                None => {
+                    let d = IpIdDelta::new(len);
+                    if cache.len() >= 8 {
+                        cache.remove(0);
+                    }
+                    cache.push(d);
+                    d
+                }
+            };
+            let id = i as u16;
+            if to_gso {
+                d.apply(f, 0, id);
+            } else {
+                d.apply(f, id, 0);
+            }
+        }
+    });
 }

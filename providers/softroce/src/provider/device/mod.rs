@@ -38,13 +38,13 @@ use fabric_core::{
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
-use super::sys::{self, RecvBatch, BATCH};
+use super::sys::{self, RecvBatch};
 use crate::fault::{FaultConfig, FaultInjector};
 use crate::pcap::{PcapWriter, LINKTYPE_RAW};
 use crate::rc::{self, QueuePair, RecvWr, RtrAttr, RtsAttr, SendWr, Time, WcOpcode, WcStatus};
 use crate::wire::ext::NakCode;
 use crate::wire::frame::{build_frame, FrameInfo, ROCE_UDP_PORT};
-use crate::wire::{IcrcContext, IpIdWindow};
+use crate::wire::{IcrcContext, IpIdDelta, IpIdWindow};
 use fabric_core::wait::{EventFd, WaitQueue};
 
 mod backstop;
@@ -77,6 +77,11 @@ pub struct DeviceStats {
     /// Datagrams with a valid ICRC for a connected QP that did not come from that
     /// QP's peer (another address, or another source port than the peer's).
     pub wrong_source: u64,
+    /// UDP segmentation offload sends (of several packets each) handed to the kernel.
+    pub gso_sends: u64,
+    /// Packets that arrived inside GRO super-datagrams (several packets of one
+    /// sender that the kernel kept together).
+    pub gro_packets: u64,
     /// Frames the fault injector dropped, duplicated, reordered, corrupted.
     pub faults: crate::fault::FaultStats,
 }
@@ -218,6 +223,8 @@ struct Counters {
     bad_packets: AtomicU64,
     unknown_qp: AtomicU64,
     wrong_source: AtomicU64,
+    gso_sends: AtomicU64,
+    gro_packets: AtomicU64,
 }
 
 /// A RoCEv2 device: the UDP socket of one IPv4 address.
@@ -239,6 +246,11 @@ pub struct Device {
     extras: Mutex<TxExtras>,
     /// Whether `extras` must be consulted on every send.
     has_extras: AtomicBool,
+    /// The kernel has UDP segmentation offload (`UDP_SEGMENT`).
+    gso_kernel: bool,
+    /// Runs of packets leave as GSO sends ([`DeviceConfig::gso`], `gso_kernel`, and
+    /// no refusal by the kernel so far).
+    gso: AtomicBool,
     /// Due time of the earliest delayed frame (`u64::MAX`: none).
     delayed_deadline: AtomicU64,
     /// Some QP may hold ACKs back (a hint).
@@ -390,8 +402,11 @@ impl Device {
                 Error::from(e).context(format!("softroce: bind UDP {ip}:{ROCE_UDP_PORT}"))
             }
         })?;
+        let gso_kernel = sys::gso_supported(sock.as_raw_fd());
         let dev = Arc::new(Device {
             ip,
+            gso_kernel,
+            gso: AtomicBool::new(false),
             sock,
             efd: EventFd::new()?,
             epoch: Instant::now(),
@@ -450,6 +465,10 @@ impl Device {
             config.backstop.unwrap_or(DEFAULT_BACKSTOP).as_nanos() as u64,
             Ordering::Relaxed,
         );
+        self.gso.store(
+            self.gso_kernel && config.gso.unwrap_or(true),
+            Ordering::Relaxed,
+        );
         let mut x = self.extras.lock();
         x.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
         x.pcap = pcap;
@@ -468,6 +487,8 @@ impl Device {
             bad_packets: c.bad_packets.load(Ordering::Relaxed),
             unknown_qp: c.unknown_qp.load(Ordering::Relaxed),
             wrong_source: c.wrong_source.load(Ordering::Relaxed),
+            gso_sends: c.gso_sends.load(Ordering::Relaxed),
+            gro_packets: c.gro_packets.load(Ordering::Relaxed),
             faults: self
                 .extras
                 .lock()
