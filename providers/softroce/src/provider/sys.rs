@@ -533,3 +533,101 @@ pub(crate) fn connect_from(
     stream.set_nonblocking(false)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(spec: &[(u8, usize)]) -> Vec<(SocketAddrV4, Vec<u8>)> {
+        spec.iter()
+            .map(|&(d, len)| {
+                (
+                    SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, d), 4791),
+                    vec![0; len],
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gso_groups_are_runs_of_one_peer_and_length() {
+        let mut g = Vec::new();
+        // A write: FIRST (with RETH, longer: the next, shorter, ends its group),
+        // MIDDLEs, a shorter LAST, then an ACK to another peer.
+        let f = frames(&[
+            (1, 4128),
+            (1, 4112),
+            (1, 4112),
+            (1, 4112),
+            (1, 100),
+            (2, 20),
+        ]);
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 2), (2, 3), (5, 1)]);
+        // A shorter frame ends a group; a longer one starts the next.
+        g.clear();
+        let f = frames(&[(1, 1000), (1, 1000), (1, 500), (1, 1000), (1, 1000)]);
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 3), (3, 2)]);
+        // At most MAX_UDP_PAYLOAD bytes per group: 15 packets of 4112.
+        g.clear();
+        let f = frames(&[(1, 4112); 40]);
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 15), (15, 15), (30, 10)]);
+        // At most GSO_MAX_SEGS per group.
+        g.clear();
+        let f = frames(&[(1, 40); 150]);
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 64), (64, 64), (128, 22)]);
+        // Empty frames never join a group.
+        g.clear();
+        let f = frames(&[(1, 0), (1, 0)]);
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn gso_send_arrives_as_one_gro_datagram_or_as_segments() {
+        let rx = bind_udp(Ipv4Addr::LOCALHOST, 0).unwrap();
+        let tx = bind_udp(Ipv4Addr::LOCALHOST, 0).unwrap();
+        if !gso_supported(tx.as_raw_fd()) {
+            println!("SKIP: no UDP_SEGMENT in this kernel");
+            return;
+        }
+        let dst = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        let mut f: Vec<(SocketAddrV4, Vec<u8>)> = (0..5u8)
+            .map(|i| (dst, vec![i; if i == 4 { 300 } else { 1000 }]))
+            .collect();
+        f.push((dst, vec![9; 1000]));
+        let mut g = Vec::new();
+        gso_groups(&f, &mut g);
+        assert_eq!(g, vec![(0, 5), (5, 1)]);
+        let r = send_groups(tx.as_raw_fd(), &f, &g);
+        assert_eq!(
+            r,
+            GroupsSent {
+                groups: 2,
+                frames: 6,
+                gso_refused: false
+            }
+        );
+        let mut b = RecvBatch::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut gro = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 6 && std::time::Instant::now() < deadline {
+            let n = b.recv(rx.as_raw_fd()).unwrap_or(0);
+            gro += b.gro;
+            for i in 0..n {
+                got.push(b.get(i).1.to_vec());
+            }
+        }
+        let want: Vec<Vec<u8>> = f.iter().map(|x| x.1.clone()).collect();
+        assert_eq!(got, want, "the packets, split back at their boundaries");
+        // Loopback hands a GRO socket the GSO send whole.
+        assert_eq!(gro, 5);
+    }
+}

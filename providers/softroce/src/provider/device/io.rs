@@ -46,24 +46,45 @@ impl Device {
     /// QP that just received a one-packet message hold its ACK back for the
     /// application's answer (the caller is a busy poller; see [`Self::dispatch`]).
     pub(crate) fn progress(&self, wait_lock: bool) {
-        self.app_progress.store(self.now().0, Ordering::Relaxed);
-        self.run(wait_lock, !wait_lock);
+        // One clock read per poll: a busy poller's loop is this call, and every
+        // read of the clock lengthens the time until it sees the next packet.
+        let now = self.now();
+        // Written only when it moved by a while: the backstop judges in intervals of
+        // a millisecond, and a store on every poll would take the cache line from the
+        // other threads polling this device each time.
+        let grain = self.backstop_ns.load(Ordering::Relaxed) / APP_PROGRESS_GRAIN;
+        if now
+            .0
+            .saturating_sub(self.app_progress.load(Ordering::Relaxed))
+            > grain
+        {
+            self.app_progress.store(now.0, Ordering::Relaxed);
+        }
+        self.run_at(now, wait_lock, !wait_lock);
     }
 
     /// Receives, runs timers, sends. `wait_lock` false: skip when another thread is
     /// receiving; `hold_acks`: see [`Self::dispatch`].
     pub(super) fn run(&self, wait_lock: bool, hold_acks: bool) {
+        self.run_at(self.now(), wait_lock, hold_acks);
+    }
+
+    /// [`Self::run`] with the time read by the caller.
+    fn run_at(&self, mut now: Time, wait_lock: bool, hold_acks: bool) {
         self.release_acks(hold_acks || wait_lock);
         let mut rx = if wait_lock {
             self.rx.lock()
         } else {
+            // Looked at before the attempt: a failed try is a read-modify-write too.
+            if self.rx.is_locked() {
+                return;
+            }
             match self.rx.try_lock() {
                 Some(s) => s,
                 None => return,
             }
         };
         let fd = self.sock.as_raw_fd();
-        let mut now = self.now();
         for _ in 0..MAX_ROUNDS {
             let n = match rx.rx.recv(fd) {
                 Ok(n) => n,
@@ -90,7 +111,11 @@ impl Device {
     /// Tells the owners of QPs that entered ERROR on their own (a refused access, a
     /// NAK, retries exhausted). Call with no lock held: owners take their own.
     pub(crate) fn report_failures(&self) {
-        if !self.has_failed.swap(false, Ordering::AcqRel) {
+        // Read before the swap: this runs on every poll, and a read-modify-write
+        // would take the cache line from every other poller each time.
+        if !self.has_failed.load(Ordering::Acquire)
+            || !self.has_failed.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let failed = std::mem::take(&mut *self.failed.lock());
@@ -193,10 +218,7 @@ impl Device {
                     cell.acks_held.store(now.0, Ordering::Release);
                 }
                 self.acks_held.store(true, Ordering::Release);
-                cell.deadline.store(
-                    slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0),
-                    Ordering::Release,
-                );
+                self.publish_deadline(&cell, slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0));
                 continue;
             }
             self.flush_qp(&cell, &mut slot, now);
@@ -205,19 +227,28 @@ impl Device {
 
     /// Runs the QP timers that are due and releases delayed frames.
     pub(super) fn timers(&self, now: Time) {
+        // Nothing due before the earliest deadline published since the last pass:
+        // no lock, no scan (the common case of a busy poller).
+        if self.next_deadline.load(Ordering::SeqCst) > now.0
+            && self.delayed_deadline.load(Ordering::Acquire) > now.0
+        {
+            return;
+        }
         let due: Vec<Arc<QpCell>> = {
             let qps = self.qps.read();
-            if !qps
-                .values()
-                .any(|c| c.deadline.load(Ordering::Acquire) <= now.0)
-            {
-                Vec::new()
-            } else {
-                qps.values()
-                    .filter(|c| c.deadline.load(Ordering::Acquire) <= now.0)
-                    .cloned()
-                    .collect()
+            // Recomputed from every QP; a QP publishing a deadline meanwhile lowers
+            // it again itself (`publish_deadline`), so none is lost.
+            self.next_deadline.store(u64::MAX, Ordering::SeqCst);
+            let mut due = Vec::new();
+            for c in qps.values() {
+                let d = c.deadline.load(Ordering::SeqCst);
+                if d <= now.0 {
+                    due.push(c.clone());
+                } else {
+                    self.next_deadline.fetch_min(d, Ordering::SeqCst);
+                }
             }
+            due
         };
         for cell in due {
             let mut slot = cell.slot.lock();
@@ -308,7 +339,16 @@ impl Device {
             // Come back for the rest (the timer pass flushes it).
             deadline = deadline.min(resume.max(now.0));
         }
-        cell.deadline.store(deadline, Ordering::Release);
+        self.publish_deadline(cell, deadline);
+    }
+
+    /// Publishes a QP's next timer (ns since the epoch, `u64::MAX`: none) for the
+    /// timer pass ([`Self::timers`]).
+    pub(super) fn publish_deadline(&self, cell: &QpCell, deadline: u64) {
+        cell.deadline.store(deadline, Ordering::SeqCst);
+        if deadline != u64::MAX {
+            self.next_deadline.fetch_min(deadline, Ordering::SeqCst);
+        }
     }
 
     /// Sends frames, through the fault injector and capture when configured. `out`
@@ -459,6 +499,11 @@ impl Device {
         n
     }
 }
+
+/// How stale [`Device::progress`] lets the time of the application's last progress
+/// get before it writes it again: this fraction of the backstop interval (31 µs of
+/// the default 1 ms).
+const APP_PROGRESS_GRAIN: u64 = 32;
 
 /// Frames a QP's output is gathered into before it is handed to the kernel: a pacing
 /// turn (64 packets) in at most a few GSO sends.

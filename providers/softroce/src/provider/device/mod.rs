@@ -253,6 +253,9 @@ pub struct Device {
     gso: AtomicBool,
     /// Due time of the earliest delayed frame (`u64::MAX`: none).
     delayed_deadline: AtomicU64,
+    /// No QP timer is due before this (ns since `epoch`): the least deadline QPs
+    /// published since the last timer pass ([`Device::publish_deadline`]).
+    next_deadline: AtomicU64,
     /// Some QP may hold ACKs back (a hint).
     acks_held: AtomicBool,
     /// Transport retry count for QPs connected from now on.
@@ -425,6 +428,7 @@ impl Device {
             }),
             has_extras: AtomicBool::new(false),
             delayed_deadline: AtomicU64::new(u64::MAX),
+            next_deadline: AtomicU64::new(u64::MAX),
             acks_held: AtomicBool::new(false),
             retry_cnt: std::sync::atomic::AtomicU8::new(DEFAULT_RETRY_CNT),
             counters: Counters::default(),
