@@ -108,6 +108,12 @@
 //!   `SOFTROCE_PACE="burst=64,gap_us=0"` (output pacing per QP: packets per turn and
 //!   the least time between a QP's turns, [`Pace`]; a 1 MiB READ is answered in turns
 //!   of 64 packets, other QPs and the receive side going in between),
+//!   `SOFTROCE_GSO=0` (UDP segmentation offload off; on by default where the kernel
+//!   has it: runs of packets of one length to one peer leave as one GSO `sendmsg`,
+//!   which the kernel splits into datagrams numbered with IP IDs 0, 1, 2, ..., and
+//!   each packet's ICRC is built for the ID its datagram carries; the socket also
+//!   takes `UDP_GRO`, so such a run arrives as one datagram, split again by its
+//!   segment size; the wire is the same either way, [`DeviceConfig::gso`]),
 //!   `SOFTROCE_FAULTS="drop=0.1,dup=0.05,reorder=0.05,corrupt=0.01,seed=42"`
 //!   (also `delay_us`, `jitter_us`, `reorder_us`) injects faults into every frame the
 //!   device sends; `SOFTROCE_PCAP=/path/file.pcap` captures every frame it sends.

@@ -33,7 +33,7 @@ pub mod roce;
 
 pub use bth::{Bth, BthRepr};
 pub use frame::{FrameInfo, Ipv4UdpFrame, ROCE_UDP_PORT};
-pub use icrc::{IcrcContext, IpIdWindow, IP_ID_AHEAD, IP_ID_BEHIND};
+pub use icrc::{IcrcContext, IpIdDelta, IpIdWindow, IP_ID_AHEAD, IP_ID_BEHIND};
 pub use opcode::{HeaderSet, Opcode};
 pub use roce::{RocePacket, RoceRepr};
 

@@ -23,6 +23,11 @@ pub struct DeviceConfig {
     pub backstop: Option<Duration>,
     /// Output pacing (`None`: [`Pace::default`], turns of 64 packets, no gap).
     pub pace: Option<Pace>,
+    /// UDP segmentation offload (`None`: on where the kernel has it). On, runs of
+    /// packets of one length to one peer leave as one GSO send each (the kernel
+    /// splits them; each packet's ICRC is built for the IP ID its datagram gets);
+    /// off, one datagram per `sendmmsg` entry. The wire is the same either way.
+    pub gso: Option<bool>,
 }
 
 /// How a device paces each QP's output: a QP sends at most `burst` packets in a row,
@@ -56,7 +61,8 @@ impl DeviceConfig {
     /// of `drop=P`, `dup=P`, `reorder=P`, `corrupt=P` (probabilities 0..1), `seed=N`,
     /// `delay_us=N`, `jitter_us=N`, `reorder_us=N` (extra delay of a reordered frame,
     /// default 200); `SOFTROCE_PCAP` a file path; `SOFTROCE_RETRY_CNT` the transport
-    /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off).
+    /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off);
+    /// `SOFTROCE_GSO` 0 or 1 (UDP segmentation offload off or on).
     pub fn from_env() -> Result<Self, String> {
         let mut c = DeviceConfig::default();
         if let Ok(s) = std::env::var("SOFTROCE_FAULTS") {
@@ -80,6 +86,14 @@ impl DeviceConfig {
             if !p.trim().is_empty() {
                 c.pace = Some(parse_pace(&p)?);
             }
+        }
+        if let Ok(g) = std::env::var("SOFTROCE_GSO") {
+            c.gso = match g.trim() {
+                "" => None,
+                "1" | "on" => Some(true),
+                "0" | "off" => Some(false),
+                _ => return Err(format!("SOFTROCE_GSO={g}: 1/on or 0/off")),
+            };
         }
         if let Ok(r) = std::env::var("SOFTROCE_RETRY_CNT") {
             if !r.trim().is_empty() {

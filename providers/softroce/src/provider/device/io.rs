@@ -52,24 +52,45 @@ impl Device {
     /// QP that just received a one-packet message hold its ACK back for the
     /// application's answer (the caller is a busy poller; see [`Self::dispatch`]).
     pub(crate) fn progress(&self, wait_lock: bool) {
-        self.app_progress.store(self.now().0, Ordering::Relaxed);
-        self.run(wait_lock, !wait_lock);
+        // One clock read per poll: a busy poller's loop is this call, and every
+        // read of the clock lengthens the time until it sees the next packet.
+        let now = self.now();
+        // Written only when it moved by a while: the backstop judges in intervals of
+        // a millisecond, and a store on every poll would take the cache line from the
+        // other threads polling this device each time.
+        let grain = self.backstop_ns.load(Ordering::Relaxed) / APP_PROGRESS_GRAIN;
+        if now
+            .0
+            .saturating_sub(self.app_progress.load(Ordering::Relaxed))
+            > grain
+        {
+            self.app_progress.store(now.0, Ordering::Relaxed);
+        }
+        self.run_at(now, wait_lock, !wait_lock);
     }
 
     /// Receives, runs timers, sends. `wait_lock` false: skip when another thread is
     /// receiving; `hold_acks`: see [`Self::dispatch`].
     pub(super) fn run(&self, wait_lock: bool, hold_acks: bool) {
+        self.run_at(self.now(), wait_lock, hold_acks);
+    }
+
+    /// [`Self::run`] with the time read by the caller.
+    fn run_at(&self, mut now: Time, wait_lock: bool, hold_acks: bool) {
         self.release_acks(hold_acks || wait_lock);
         let mut rx = if wait_lock {
             self.rx.lock()
         } else {
+            // Looked at before the attempt: a failed try is a read-modify-write too.
+            if self.rx.is_locked() {
+                return;
+            }
             match self.rx.try_lock() {
                 Some(s) => s,
                 None => return,
             }
         };
         let fd = self.sock.as_raw_fd();
-        let mut now = self.now();
         for _ in 0..MAX_ROUNDS {
             let n = match rx.rx.recv(fd) {
                 Ok(n) => n,
@@ -85,7 +106,7 @@ impl Device {
                 now = self.now();
                 self.dispatch(&mut rx, now, n, hold_acks);
             }
-            if n < BATCH {
+            if !rx.rx.full() {
                 break;
             }
         }
@@ -101,15 +122,15 @@ impl Device {
         for _ in 0..MAX_ROUNDS {
             let mut fwd = std::mem::take(&mut st.fwd);
             let mut n = 0;
-            while n < BATCH {
+            while n < sys::BATCH {
                 if fwd.len() <= n {
                     fwd.push((
                         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-                        vec![0; sys::MAX_DATAGRAM],
+                        vec![0; FORWARDED_MAX],
                     ));
                 }
                 let (src, buf) = &mut fwd[n];
-                buf.resize(sys::MAX_DATAGRAM, 0);
+                buf.resize(FORWARDED_MAX, 0);
                 match self.share.recv(buf) {
                     Ok(Some((from, len))) => {
                         *src = from;
@@ -141,7 +162,7 @@ impl Device {
                 );
             }
             st.fwd = fwd;
-            if n < BATCH {
+            if n < sys::BATCH {
                 break;
             }
         }
@@ -150,7 +171,11 @@ impl Device {
     /// Tells the owners of QPs that entered ERROR on their own (a refused access, a
     /// NAK, retries exhausted). Call with no lock held: owners take their own.
     pub(crate) fn report_failures(&self) {
-        if !self.has_failed.swap(false, Ordering::AcqRel) {
+        // Read before the swap: this runs on every poll, and a read-modify-write
+        // would take the cache line from every other poller each time.
+        if !self.has_failed.load(Ordering::Acquire)
+            || !self.has_failed.swap(false, Ordering::AcqRel)
+        {
             return;
         }
         let failed = std::mem::take(&mut *self.failed.lock());
@@ -182,6 +207,16 @@ impl Device {
         self.counters
             .rx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
+        if rx.gro > 0 {
+            self.counters
+                .gro_packets
+                .fetch_add(rx.gro as u64, Ordering::Relaxed);
+        }
+        if rx.truncated > 0 {
+            self.counters
+                .bad_packets
+                .fetch_add(rx.truncated as u64, Ordering::Relaxed);
+        }
     }
 
     /// [`Self::dispatch`] for any source of frames (the socket's batch, or frames
@@ -265,7 +300,7 @@ impl Device {
                     cell.acks_held.store(now.0, Ordering::Release);
                 }
                 self.acks_held.store(true, Ordering::Release);
-                self.set_deadline(&cell, slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0));
+                self.publish_deadline(&cell, slot.qp.poll_timeout().map_or(u64::MAX, |t| t.0));
                 continue;
             }
             self.flush_qp(&cell, &mut slot, now);
@@ -274,28 +309,27 @@ impl Device {
 
     /// Runs the QP timers that are due and releases delayed frames.
     pub(super) fn timers(&self, now: Time) {
-        // One word says whether any QP timer can be due; only then are the QPs
-        // scanned, and the scan recomputes the word. It is cleared before the scan,
-        // so a deadline another thread sets meanwhile (`set_deadline`: store, then
-        // fetch_min) is either seen by the scan or survives in the word.
-        let due: Vec<Arc<QpCell>> = if self.next_deadline.load(Ordering::Acquire) > now.0 {
-            Vec::new()
-        } else {
-            // A swap, not a store: it reads the last fetch_min, so the deadline that
-            // fetch_min published is visible to the scan.
-            self.next_deadline.swap(u64::MAX, Ordering::AcqRel);
+        // Nothing due before the earliest deadline published since the last pass:
+        // no lock, no scan (the common case of a busy poller).
+        if self.next_deadline.load(Ordering::SeqCst) > now.0
+            && self.delayed_deadline.load(Ordering::Acquire) > now.0
+        {
+            return;
+        }
+        let due: Vec<Arc<QpCell>> = {
             let qps = self.qps.read();
-            let mut later = u64::MAX;
+            // Recomputed from every QP; a QP publishing a deadline meanwhile lowers
+            // it again itself (`publish_deadline`), so none is lost.
+            self.next_deadline.store(u64::MAX, Ordering::SeqCst);
             let mut due = Vec::new();
             for c in qps.values() {
-                let d = c.deadline.load(Ordering::Acquire);
+                let d = c.deadline.load(Ordering::SeqCst);
                 if d <= now.0 {
                     due.push(c.clone());
                 } else {
-                    later = later.min(d);
+                    self.next_deadline.fetch_min(d, Ordering::SeqCst);
                 }
             }
-            self.next_deadline.fetch_min(later, Ordering::AcqRel);
             due
         };
         for cell in due {
@@ -353,10 +387,10 @@ impl Device {
             };
             sent += 1;
             if out.capacity() == 0 {
-                out.reserve(BATCH);
+                out.reserve(GATHER);
             }
             out.push((t.dst, t.payload));
-            if out.len() >= BATCH {
+            if out.len() >= GATHER {
                 self.send(&mut out, now);
                 for (_, frame) in out.drain(..) {
                     slot.qp.recycle(frame);
@@ -387,7 +421,16 @@ impl Device {
             // Come back for the rest (the timer pass flushes it).
             deadline = deadline.min(resume.max(now.0));
         }
-        self.set_deadline(cell, deadline);
+        self.publish_deadline(cell, deadline);
+    }
+
+    /// Publishes a QP's next timer (ns since the epoch, `u64::MAX`: none) for the
+    /// timer pass ([`Self::timers`]).
+    pub(super) fn publish_deadline(&self, cell: &QpCell, deadline: u64) {
+        cell.deadline.store(deadline, Ordering::SeqCst);
+        if deadline != u64::MAX {
+            self.next_deadline.fetch_min(deadline, Ordering::SeqCst);
+        }
     }
 
     /// Sends frames, through the fault injector and capture when configured. `out`
@@ -397,7 +440,7 @@ impl Device {
             return;
         }
         if !self.has_extras.load(Ordering::Acquire) {
-            let n = sys::send_batch(self.sock.as_raw_fd(), out);
+            let n = self.transmit(out, None);
             self.counters
                 .tx_packets
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -441,7 +484,9 @@ impl Device {
         if out.is_empty() {
             return;
         }
-        let n = sys::send_batch(self.sock.as_raw_fd(), out);
+        let mut ids = Vec::new();
+        let want_ids = pcap.is_some();
+        let n = self.transmit(out, want_ids.then_some(&mut ids));
         self.counters
             .tx_packets
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -453,8 +498,11 @@ impl Device {
             );
             let mut w = c.lock();
             let mut ok = true;
-            for (dst, payload) in out.iter().take(n) {
-                let info = FrameInfo::rxe(self.ip, *dst.ip(), ROCE_UDP_PORT);
+            for ((dst, payload), &ip_id) in out.iter().zip(&ids) {
+                let info = FrameInfo {
+                    ip_id,
+                    ..FrameInfo::rxe(self.ip, *dst.ip(), ROCE_UDP_PORT)
+                };
                 let written = build_frame(&info, payload).map(|f| w.write_frame(wall, &f));
                 if !matches!(written, Ok(Ok(()))) {
                     ok = false;
@@ -469,4 +517,114 @@ impl Device {
             }
         }
     }
+
+    /// Hands frames to the kernel; returns how many it took. Where the device may
+    /// ([`DeviceConfig::gso`], and the kernel has it), runs of frames to one peer of
+    /// one length leave as one UDP segmentation offload send each
+    /// ([`sys::gso_groups`]): the kernel numbers the IP IDs of the datagrams of a GSO
+    /// send from this unconnected DF socket 0, 1, 2, ... (one ID-0 datagram otherwise),
+    /// and the ICRC covers the ID, so each frame's ICRC (built for ID 0) is first
+    /// moved to the ID it will carry ([`IpIdDelta`]). A kernel that refuses the offload
+    /// on this path turns it off for the device; the frames are then sent one by one
+    /// with their ICRCs moved back. With `ids`, the ID each frame was sent with (in
+    /// `out`'s order, for the capture).
+    pub(super) fn transmit(
+        &self,
+        out: &mut [(SocketAddrV4, Vec<u8>)],
+        ids: Option<&mut Vec<u16>>,
+    ) -> usize {
+        let fd = self.sock.as_raw_fd();
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        if out.len() > 1 && self.gso.load(Ordering::Relaxed) {
+            sys::gso_groups(out, &mut groups);
+        }
+        if groups.len() == out.len() || groups.is_empty() {
+            if let Some(ids) = ids {
+                ids.clear();
+                ids.resize(out.len(), 0);
+            }
+            return sys::send_batch(fd, out);
+        }
+        for &(start, count) in groups.iter().filter(|g| g.1 > 1) {
+            set_gso_ids(&mut out[start..start + count], true);
+        }
+        let r = sys::send_groups(fd, out, &groups);
+        let sent_gso = groups[..r.groups].iter().filter(|g| g.1 > 1).count();
+        self.counters
+            .gso_sends
+            .fetch_add(sent_gso as u64, Ordering::Relaxed);
+        let mut n = r.frames;
+        // Where the frames from `from` on went out one by one (ID 0).
+        let mut from = out.len();
+        if r.gso_refused {
+            self.gso.store(false, Ordering::Relaxed);
+            warn!(
+                ip = %self.ip,
+                "softroce: the kernel refused UDP segmentation offload on this path; \
+                 sending packets one by one from now on"
+            );
+            from = groups[r.groups].0;
+            for &(start, count) in groups[r.groups..].iter().filter(|g| g.1 > 1) {
+                set_gso_ids(&mut out[start..start + count], false);
+            }
+            n += sys::send_batch(fd, &out[from..]);
+        }
+        if let Some(ids) = ids {
+            ids.clear();
+            for &(start, count) in &groups {
+                for i in 0..count {
+                    let gso = count > 1 && start < from;
+                    ids.push(if gso { i as u16 } else { 0 });
+                }
+            }
+        }
+        n
+    }
+}
+
+/// How stale [`Device::progress`] lets the time of the application's last progress
+/// get before it writes it again: this fraction of the backstop interval (31 µs of
+/// the default 1 ms).
+const APP_PROGRESS_GRAIN: u64 = 32;
+
+/// Largest frame another process passes on (a packet of path MTU 4096 and its
+/// headers, with room to spare; a longer one is refused as malformed).
+const FORWARDED_MAX: usize = 4096 + 256;
+
+/// Frames a QP's output is gathered into before it is handed to the kernel: a pacing
+/// turn (64 packets) in at most a few GSO sends.
+const GATHER: usize = 64;
+
+/// Moves the ICRCs of one GSO group's frames from ID 0 to the IDs the segments will
+/// carry (`to_gso`), or back.
+fn set_gso_ids(frames: &mut [(SocketAddrV4, Vec<u8>)], to_gso: bool) {
+    thread_local! {
+        /// The columns of the last few packet lengths (a stream has two or three).
+        static DELTAS: std::cell::RefCell<Vec<IpIdDelta>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+    DELTAS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        for (i, (_, f)) in frames.iter_mut().enumerate().skip(1) {
+            let len = f.len();
+            let d = match cache.iter().position(|d| d.roce_len() == len) {
+                Some(k) => cache[k],
+                None => {
+                    let d = IpIdDelta::new(len);
+                    if cache.len() >= 8 {
+                        cache.remove(0);
+                    }
+                    cache.push(d);
+                    d
+                }
+            };
+            let id = i as u16;
+            if to_gso {
+                d.apply(f, 0, id);
+            } else {
+                d.apply(f, id, 0);
+            }
+        }
+    });
 }

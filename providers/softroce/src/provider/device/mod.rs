@@ -38,13 +38,13 @@ use fabric_core::{
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
-use super::sys::{self, RecvBatch, BATCH};
+use super::sys::{self, RecvBatch};
 use crate::fault::{FaultConfig, FaultInjector};
 use crate::pcap::{PcapWriter, LINKTYPE_RAW};
 use crate::rc::{self, QueuePair, RecvWr, RtrAttr, RtsAttr, SendWr, Time, WcOpcode, WcStatus};
 use crate::wire::ext::NakCode;
 use crate::wire::frame::{build_frame, FrameInfo, ROCE_UDP_PORT};
-use crate::wire::{IcrcContext, IpIdWindow};
+use crate::wire::{IcrcContext, IpIdDelta, IpIdWindow};
 use fabric_core::wait::{EventFd, WaitQueue};
 
 mod backstop;
@@ -86,6 +86,11 @@ pub struct DeviceStats {
     /// Datagrams with a valid ICRC for a connected QP that did not come from that
     /// QP's peer (another address, or another source port than the peer's).
     pub wrong_source: u64,
+    /// UDP segmentation offload sends (of several packets each) handed to the kernel.
+    pub gso_sends: u64,
+    /// Packets that arrived inside GRO super-datagrams (several packets of one
+    /// sender that the kernel kept together).
+    pub gro_packets: u64,
     /// Frames the fault injector dropped, duplicated, reordered, corrupted.
     pub faults: crate::fault::FaultStats,
 }
@@ -232,6 +237,8 @@ struct Counters {
     forwarded_in: AtomicU64,
     forward_refused: AtomicU64,
     wrong_source: AtomicU64,
+    gso_sends: AtomicU64,
+    gro_packets: AtomicU64,
 }
 
 /// A RoCEv2 device: the UDP socket of one IPv4 address.
@@ -255,10 +262,15 @@ pub struct Device {
     extras: Mutex<TxExtras>,
     /// Whether `extras` must be consulted on every send.
     has_extras: AtomicBool,
+    /// The kernel has UDP segmentation offload (`UDP_SEGMENT`).
+    gso_kernel: bool,
+    /// Runs of packets leave as GSO sends ([`DeviceConfig::gso`], `gso_kernel`, and
+    /// no refusal by the kernel so far).
+    gso: AtomicBool,
     /// Due time of the earliest delayed frame (`u64::MAX`: none).
     delayed_deadline: AtomicU64,
     /// No QP timer is due before this (ns since `epoch`; `u64::MAX`: none). Lowered
-    /// with every QP deadline set ([`Device::set_deadline`]), recomputed by the
+    /// with every QP deadline set ([`Device::publish_deadline`]), recomputed by the
     /// timer pass when it falls due: a progress call or a sleep with only idle QPs
     /// reads this one word instead of every QP's deadline (issue 11, item 8).
     next_deadline: AtomicU64,
@@ -413,8 +425,11 @@ impl Device {
         })?;
         let share = share::Share::open(ip)
             .map_err(|e| Error::from(e).context(format!("softroce: sharing the device on {ip}")))?;
+        let gso_kernel = sys::gso_supported(sock.as_raw_fd());
         let dev = Arc::new(Device {
             ip,
+            gso_kernel,
+            gso: AtomicBool::new(false),
             sock,
             share,
             efd: EventFd::new()?,
@@ -476,6 +491,10 @@ impl Device {
             config.backstop.unwrap_or(DEFAULT_BACKSTOP).as_nanos() as u64,
             Ordering::Relaxed,
         );
+        self.gso.store(
+            self.gso_kernel && config.gso.unwrap_or(true),
+            Ordering::Relaxed,
+        );
         let mut x = self.extras.lock();
         x.faults = config.faults.map(|(f, seed)| FaultInjector::new(f, seed));
         x.pcap = pcap;
@@ -497,6 +516,8 @@ impl Device {
             forwarded_in: c.forwarded_in.load(Ordering::Relaxed),
             forward_refused: c.forward_refused.load(Ordering::Relaxed),
             wrong_source: c.wrong_source.load(Ordering::Relaxed),
+            gso_sends: c.gso_sends.load(Ordering::Relaxed),
+            gro_packets: c.gro_packets.load(Ordering::Relaxed),
             faults: self
                 .extras
                 .lock()
@@ -532,12 +553,6 @@ impl Device {
             return None;
         }
         Some(Duration::from_nanos(d.saturating_sub(self.now().0)))
-    }
-
-    /// Publishes a QP's next timer (`u64::MAX`: none).
-    fn set_deadline(&self, cell: &QpCell, deadline: u64) {
-        cell.deadline.store(deadline, Ordering::Release);
-        self.next_deadline.fetch_min(deadline, Ordering::AcqRel);
     }
 
     /// Marks a sleeper (so posts wake it to recompute its timeout).
