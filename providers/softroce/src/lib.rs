@@ -224,13 +224,15 @@
 #![warn(missing_docs)]
 
 pub mod fault;
+pub mod ibcm;
 pub mod pcap;
 mod provider;
 pub mod rc;
 pub mod wire;
 
 pub use provider::device::{
-    configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, DeviceConfig,
+    configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, CmProtocol,
+    DeviceConfig,
     DeviceStats, Pace, DEFAULT_BACKSTOP,
 };
 pub use provider::rawqp::{

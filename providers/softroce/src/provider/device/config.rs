@@ -23,6 +23,20 @@ pub struct DeviceConfig {
     pub backstop: Option<Duration>,
     /// Output pacing (`None`: [`Pace::default`], turns of 64 packets, no gap).
     pub pace: Option<Pace>,
+    /// How endpoints connecting from this device's address reach their peer
+    /// (`None`: [`CmProtocol::Tcp`]; `SOFTROCE_CM=tcp|ib`). Listeners answer both.
+    pub cm: Option<CmProtocol>,
+}
+
+/// The connection manager a connecting endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CmProtocol {
+    /// The `ibv_rc_pingpong`-style exchange over TCP (the default).
+    #[default]
+    Tcp,
+    /// IB CM MADs over QP1 with rdma_cm's header (what librdmacm and kernel rdma_cm
+    /// peers speak; see the crate docs, "Connection management").
+    Ib,
 }
 
 /// How a device paces each QP's output: a QP sends at most `burst` packets in a row,
@@ -56,7 +70,8 @@ impl DeviceConfig {
     /// of `drop=P`, `dup=P`, `reorder=P`, `corrupt=P` (probabilities 0..1), `seed=N`,
     /// `delay_us=N`, `jitter_us=N`, `reorder_us=N` (extra delay of a reordered frame,
     /// default 200); `SOFTROCE_PCAP` a file path; `SOFTROCE_RETRY_CNT` the transport
-    /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off).
+    /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off);
+    /// `SOFTROCE_CM` the connection manager of connecting endpoints (`tcp`, `ib`).
     pub fn from_env() -> Result<Self, String> {
         let mut c = DeviceConfig::default();
         if let Ok(s) = std::env::var("SOFTROCE_FAULTS") {
@@ -80,6 +95,14 @@ impl DeviceConfig {
             if !p.trim().is_empty() {
                 c.pace = Some(parse_pace(&p)?);
             }
+        }
+        if let Ok(m) = std::env::var("SOFTROCE_CM") {
+            c.cm = match m.trim().to_ascii_lowercase().as_str() {
+                "" => None,
+                "tcp" => Some(CmProtocol::Tcp),
+                "ib" | "rdmacm" | "rdma_cm" => Some(CmProtocol::Ib),
+                _ => return Err(format!("SOFTROCE_CM={m}: one of tcp, ib")),
+            };
         }
         if let Ok(r) = std::env::var("SOFTROCE_RETRY_CNT") {
             if !r.trim().is_empty() {

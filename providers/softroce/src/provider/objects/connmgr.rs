@@ -1,12 +1,368 @@
 //! The connection manager: listeners, half-open connections, the per-endpoint
-//! exchange (REQ, REP or REJ, RTU, DISCONNECT over TCP) and the endpoint's CM calls
-//! (connect, accept, shutdown).
+//! exchange (REQ, REP or REJ, RTU, DISCONNECT over TCP, or IB CM over QP1) and the
+//! endpoint's CM calls (connect, accept, shutdown).
+//!
+//! IB CM ([`crate::ibcm`]): every listener on a specific address is also the rdma_cm
+//! service `RDMA_PS_TCP` of its port on its device's QP1 ([`IbListen`]); an endpoint
+//! connects over IB CM when its device's configuration says so
+//! ([`device::CmProtocol::Ib`], `SOFTROCE_CM=ib`). The device's CM agent delivers
+//! events to the listener and the endpoints ([`ibcm::CmOwner`]).
 
 use super::datapath::{not_connected, qp_error, recv_segment};
 use super::*;
+use crate::ibcm::engine::{AcceptParams, CmEvent, ConnectParams};
+use crate::ibcm::wire::{self as ibw, CmaHdr};
+use crate::ibcm::CmOwner;
+
+/// A listener's IB CM side: requests for `RDMA_PS_TCP` `port` on its device.
+pub(super) struct IbListen {
+    pub(super) fid: Fid,
+    pub(super) port: u16,
+    pub(super) info: Info,
+    pub(super) eq: Arc<EqQueue>,
+    pub(super) agent: Arc<Agent>,
+}
+
+impl IbListen {
+    pub(super) fn listen(self: &Arc<Self>) -> Result<()> {
+        let sid = ibw::service_id(self.port);
+        if !self.agent.call(|e, _| e.listen(sid, self.fid.0)) {
+            return Err(Error::new(
+                ErrorKind::AddressInUse,
+                format!(
+                    "softroce: rdma_cm service port {} on {} has another listener",
+                    self.port,
+                    self.agent.device().ip()
+                ),
+            ));
+        }
+        let me: Weak<dyn CmOwner> = Arc::downgrade(self) as Weak<dyn CmOwner>;
+        self.agent.register(self.fid.0, me);
+        Ok(())
+    }
+
+    pub(super) fn close(&self) {
+        let sid = ibw::service_id(self.port);
+        self.agent
+            .call(|e, now| e.unlisten(sid, self.fid.0, now));
+        self.agent.unregister(self.fid.0);
+    }
+}
+
+impl CmOwner for IbListen {
+    fn ib_event(&self, agent: &Arc<Agent>, ev: CmEvent) {
+        let CmEvent::Request {
+            conn, peer, req, ..
+        } = ev
+        else {
+            return;
+        };
+        let hdr = match CmaHdr::decode(&req.private_data) {
+            Ok(h) => h,
+            Err(why) => {
+                debug!(%peer, "softroce IB CM: a request without rdma_cm's header: {why}");
+                agent.call(|e, now| {
+                    let _ = e.reject(conn, ibw::rej::CONSUMER_DEFINED, &[], now);
+                });
+                return;
+            }
+        };
+        // The path's addresses are the GIDs (RoCEv2: IPv4-mapped); the datagram's
+        // source is the same address for every RoCE peer.
+        let peer_ip = ibw::ipv4_of_gid(&req.primary_local_gid).unwrap_or(peer);
+        let mtu = ibw::mtu_bytes(req.path_mtu).unwrap_or(1024);
+        let data = req.private_data[ibw::CMA_HDR_LEN..].to_vec();
+        let mut info = self.info.clone();
+        info.dest_addr = Some(Address::Inet(SocketAddr::new(
+            peer_ip.into(),
+            hdr.src_port,
+        )));
+        info.src_addr = Some(Address::Inet(SocketAddr::new(
+            agent.device().ip().into(),
+            self.port,
+        )));
+        let msg = CmMsg {
+            kind: Kind::Request,
+            qpn: req.local_qpn,
+            psn: req.starting_psn,
+            ip: peer_ip,
+            mtu: mtu as u16,
+            data: data.clone(),
+        };
+        let link = IbLink {
+            agent: agent.clone(),
+            conn,
+            // What the requester offered: this side answers READs of at most its
+            // initiator depth and issues at most its responder resources.
+            rd: (req.initiator_depth, req.responder_resources),
+        };
+        debug!(%peer_ip, port = hdr.src_port, "softroce: IB CM connection request");
+        let info = prov::ConnToken::attach(info, PendingRequest::Ib(link, msg));
+        self.eq.push(Event::ConnRequest(Box::new(ConnRequest {
+            info,
+            data,
+            listener: self.fid,
+        })));
+    }
+}
+
+/// An endpoint's connection over IB CM: the device's agent, the communication ID,
+/// and the peer's offer (initiator depth, responder resources) for a request.
+#[derive(Clone)]
+pub(super) struct IbLink {
+    agent: Arc<Agent>,
+    conn: u32,
+    rd: (u8, u8),
+}
+
+impl IbLink {
+    /// Rejects a request with the consumer-defined reason (28) and `data`.
+    pub(super) fn reject(&self, data: &[u8]) -> Result<()> {
+        self.agent
+            .call(|e, now| e.reject(self.conn, ibw::rej::CONSUMER_DEFINED, data, now))
+            .map_err(ib_error)
+    }
+}
+
+fn ib_error(e: crate::ibcm::engine::CmError) -> Error {
+    use crate::ibcm::engine::CmError as C;
+    match e {
+        C::TooLong { .. } => Error::invalid(e.to_string()),
+        C::NoConnection => Error::new(ErrorKind::NotConnected, e.to_string()),
+        C::WrongState | C::Full => Error::new(ErrorKind::Other, e.to_string()),
+    }
+}
+
+/// The local address a connection to `dest` leaves from: the endpoint's source
+/// address, else (loopback) [`device::loopback_source`]'s choice, else the route's.
+fn source_for(src: Option<SocketAddr>, dest: Ipv4Addr) -> Result<Ipv4Addr> {
+    if let Some(ip) = src
+        .filter(|s| !s.ip().is_unspecified())
+        .map(ipv4_of)
+        .transpose()?
+    {
+        return Ok(ip);
+    }
+    if dest.is_loopback() {
+        return Ok(device::loopback_source(dest).unwrap_or(Ipv4Addr::LOCALHOST));
+    }
+    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect((dest, crate::wire::ROCE_UDP_PORT))?;
+    ipv4_of(s.local_addr()?)
+}
+
+impl EpInner {
+    /// Opens an endpoint from an IB CM request (its QP on the request's device).
+    pub(super) fn open_accepting_ib(
+        self: &Arc<Self>,
+        info: &Info,
+        link: IbLink,
+        req: CmMsg,
+    ) -> Result<()> {
+        let dev = link.agent.device().clone();
+        self.shared.add_device(&dev);
+        self.shared.add_agent(&link.agent);
+        let qpn = dev.create_qp(self.table.clone(), self.rep.clone())?;
+        let _ = self.qp.set((dev, qpn));
+        let me: Weak<dyn CmOwner> = Arc::downgrade(self) as Weak<dyn CmOwner>;
+        link.agent.register(self.fid.0, me);
+        let mut cm = self.cm.lock();
+        cm.local = info.src_addr.as_ref().and_then(Address::as_inet);
+        cm.peer = info.dest_addr.as_ref().and_then(Address::as_inet);
+        cm.phase = Phase::Accepting;
+        cm.request = Some(req);
+        cm.ib = Some(link);
+        Ok(())
+    }
+
+    fn ib_connect(
+        self: &Arc<Self>,
+        cm: &mut EpCm,
+        src: Ipv4Addr,
+        sa: SocketAddr,
+        data: &[u8],
+    ) -> Result<()> {
+        if data.len() > ibw::REQ_USER_DATA {
+            return Err(Error::invalid(format!(
+                "connect: {} bytes of connection data; over IB CM (rdma_cm's REQ) at most {}",
+                data.len(),
+                ibw::REQ_USER_DATA
+            )));
+        }
+        let dest = ipv4_of(sa)?;
+        let dev = Device::get(src)?;
+        let agent = Agent::of(&dev);
+        self.shared.add_agent(&agent);
+        self.create_qp(cm, dev)?;
+        let (_, qpn) = self.qp.get().ok_or_else(|| not_connected("no QP"))?;
+        // rdma_cm's source port: an ephemeral one (nothing binds it; it names the
+        // connection in the peer's address).
+        let src_port = 32768 + (rand::random::<u16>() % 28000);
+        let mut pd = CmaHdr {
+            src_port,
+            src,
+            dst: dest,
+        }
+        .encode()
+        .to_vec();
+        pd.extend_from_slice(data);
+        let me: Weak<dyn CmOwner> = Arc::downgrade(self) as Weak<dyn CmOwner>;
+        agent.register(self.fid.0, me);
+        let params = ConnectParams {
+            owner: self.fid.0,
+            peer: dest,
+            service_id: ibw::service_id(sa.port()),
+            qpn: *qpn,
+            psn: cm.psn,
+            mtu: self.mtu().bytes(),
+            responder_resources: device::QP_RD_ATOMIC,
+            initiator_depth: device::QP_RD_ATOMIC,
+            private_data: pd,
+        };
+        let conn = agent
+            .call(|e, now| e.connect(params, now))
+            .map_err(ib_error)?;
+        cm.ib = Some(IbLink {
+            agent,
+            conn,
+            rd: (device::QP_RD_ATOMIC, device::QP_RD_ATOMIC),
+        });
+        cm.local = Some(SocketAddr::new(src.into(), src_port));
+        cm.peer = Some(sa);
+        cm.phase = Phase::AwaitReply;
+        debug!(fid = %self.fid, %sa, "softroce: IB CM connection request sent");
+        Ok(())
+    }
+
+    fn ib_accept(&self, cm: &mut EpCm, link: IbLink, data: &[u8]) -> Result<()> {
+        if data.len() > ibw::REP_PDATA {
+            return Err(Error::invalid(format!(
+                "accept: {} bytes of connection data; over IB CM (REP) at most {}",
+                data.len(),
+                ibw::REP_PDATA
+            )));
+        }
+        let req = cm
+            .request
+            .take()
+            .ok_or_else(|| Error::invalid("accept: no request"))?;
+        self.establish_from(cm.psn, &req, None)?;
+        let (_, qpn) = self.qp.get().ok_or_else(|| not_connected("no QP"))?;
+        let params = AcceptParams {
+            owner: self.fid.0,
+            qpn: *qpn,
+            psn: cm.psn,
+            responder_resources: link.rd.0.min(device::QP_RD_ATOMIC),
+            initiator_depth: link.rd.1.min(device::QP_RD_ATOMIC),
+            private_data: data.to_vec(),
+        };
+        if let Err(e) = link.agent.call(|e, now| e.accept(link.conn, params, now)) {
+            cm.ib = None;
+            self.teardown(cm, false);
+            return Err(ib_error(e).context("accept"));
+        }
+        cm.phase = Phase::AwaitRtu;
+        Ok(())
+    }
+}
+
+impl CmOwner for EpInner {
+    fn ib_event(&self, _agent: &Arc<Agent>, ev: CmEvent) {
+        let mut cm = self.cm.lock();
+        let conn = match &ev {
+            CmEvent::Established { conn, .. }
+            | CmEvent::Ready { conn, .. }
+            | CmEvent::Rejected { conn, .. }
+            | CmEvent::Disconnected { conn, .. } => *conn,
+            CmEvent::Request { .. } => return,
+        };
+        if cm.ib.as_ref().is_none_or(|l| l.conn != conn) {
+            return;
+        }
+        match (cm.phase, ev) {
+            (Phase::AwaitReply, CmEvent::Established { rep, .. }) => {
+                let peer = cm.peer.and_then(|p| ipv4_of(p).ok());
+                let r = peer
+                    .ok_or_else(|| not_connected("no peer address"))
+                    .and_then(|ip| {
+                        let msg = CmMsg {
+                            kind: Kind::Accept,
+                            qpn: rep.local_qpn,
+                            psn: rep.starting_psn,
+                            ip,
+                            mtu: self.mtu().bytes() as u16,
+                            data: Vec::new(),
+                        };
+                        self.establish_from(cm.psn, &msg, None)
+                    });
+                match r {
+                    Ok(()) => {
+                        cm.phase = Phase::Connected;
+                        debug!(fid = %self.fid, "softroce: connected (IB CM)");
+                        self.event(Event::Connected {
+                            fid: self.fid,
+                            data: rep.private_data,
+                        });
+                    }
+                    Err(e) => {
+                        self.event(Event::Error {
+                            fid: self.fid,
+                            error: e.context("establishing the connection"),
+                            data: Vec::new(),
+                        });
+                        self.teardown(&mut cm, false);
+                    }
+                }
+            }
+            (Phase::AwaitRtu, CmEvent::Ready { .. }) => {
+                cm.phase = Phase::Connected;
+                debug!(fid = %self.fid, "softroce: connected (accepted, IB CM)");
+                self.event(Event::Connected {
+                    fid: self.fid,
+                    data: Vec::new(),
+                });
+            }
+            (Phase::AwaitReply, CmEvent::Rejected { reason, data, .. }) => {
+                cm.ib = None;
+                let why = match reason {
+                    ibw::rej::CONSUMER_DEFINED => "the peer rejected the connection".to_string(),
+                    ibw::rej::INVALID_SERVICE_ID => {
+                        "nobody listens on that port (IB CM: invalid service ID)".to_string()
+                    }
+                    ibw::rej::TIMEOUT => "no answer from the peer (IB CM timeout)".to_string(),
+                    r => format!("the peer rejected the connection (IB CM reason {r})"),
+                };
+                self.event(Event::Error {
+                    fid: self.fid,
+                    error: Error::new(ErrorKind::ConnectionRefused, why),
+                    data,
+                });
+                self.teardown(&mut cm, false);
+            }
+            (Phase::AwaitRtu | Phase::Connected, CmEvent::Disconnected { data, .. }) => {
+                cm.ib = None;
+                if let Some((dev, _)) = self.qp.get() {
+                    dev.progress(true);
+                }
+                self.end(&mut cm, cm::peer_reason(data.first().copied()), false);
+            }
+            (Phase::Accepting, CmEvent::Disconnected { .. }) => {
+                cm.ib = None;
+            }
+            (phase, ev) => {
+                debug!(fid = %self.fid, ?phase, ?ev, "softroce: IB CM event ignored");
+            }
+        }
+    }
+}
 
 impl Shared {
     pub(super) fn cm_progress(&self) {
+        // IB CM first, with no lock held: its events take the owners' locks.
+        let agents = self.agents.lock().clone();
+        for a in &agents {
+            a.progress();
+        }
         let mut cm = self.cm.lock();
         let CmState {
             listeners,
@@ -105,7 +461,7 @@ impl Shared {
                     info.dest_addr = h.sock.peer_addr().ok().map(Address::Inet);
                     info.src_addr = h.sock.local_addr().ok().map(Address::Inet);
                     let data = msg.data.clone();
-                    let info = prov::ConnToken::attach(info, (h.sock, msg));
+                    let info = prov::ConnToken::attach(info, PendingRequest::Tcp(h.sock, msg));
                     l.eq.push(Event::ConnRequest(Box::new(ConnRequest {
                         info,
                         data,
@@ -138,6 +494,13 @@ impl EpInner {
     /// (outstanding work completes `Canceled`) and, with `remove`, frees the QP.
     pub(super) fn teardown(&self, cm: &mut EpCm, remove: bool) {
         cm.phase = Phase::Closed;
+        if let Some(link) = cm.ib.take() {
+            // Established: DREQ; being set up: REJ. Gone already: nothing.
+            link.agent.call(|e, now| {
+                let _ = e.disconnect(link.conn, &[], now);
+            });
+            link.agent.unregister(self.fid.0);
+        }
         // First what the QP still has to send (ACKs held for an answer that will not
         // come): on the peer's side they then arrive before the CM socket's closure,
         // so a message this side received completes there as sent, not canceled.
@@ -301,16 +664,28 @@ impl EpInner {
 
     /// Moves the QP to RTS towards the peer described by `msg`.
     pub(super) fn establish(&self, sq_psn: u32, msg: &CmMsg) -> Result<()> {
+        // A fabric peer is a softroce device: it sends from port 4791.
+        self.establish_from(sq_psn, msg, Some(crate::wire::frame::ROCE_UDP_PORT))
+    }
+
+    /// Moves the QP to RTS towards the peer described by `msg`, which sends from UDP
+    /// port `peer_port` (`None`: the port its first packet comes from; kernel rxe
+    /// sends from a port of its choosing per QP).
+    pub(super) fn establish_from(
+        &self,
+        sq_psn: u32,
+        msg: &CmMsg,
+        peer_port: Option<u16>,
+    ) -> Result<()> {
         let (dev, qpn) = self.qp.get().ok_or_else(|| not_connected("no QP"))?;
         let theirs = Mtu::from_bytes(u32::from(msg.mtu)).unwrap_or(Mtu::Mtu1024);
         let mtu = self.mtu().min(theirs);
         let rtr = dev.rtr(mtu, msg.qpn, msg.psn, msg.ip);
-        // A fabric peer is a softroce device: it sends from port 4791.
         dev.connect_qp(
             *qpn,
             rtr,
             device::rts(sq_psn, self.shared.config.timeout),
-            Some(crate::wire::frame::ROCE_UDP_PORT),
+            peer_port,
         )
     }
 
@@ -340,6 +715,14 @@ impl EpInner {
         }
         let was = cm.phase;
         if tell_peer && matches!(was, Phase::AwaitRtu | Phase::Connected) {
+            if let Some(link) = cm.ib.take() {
+                // The reason rides in the DREQ's private data (rdma_cm peers ignore it).
+                let code = [cm::reason_code(reason)];
+                link.agent.call(|e, now| {
+                    let _ = e.disconnect(link.conn, &code, now);
+                });
+                link.agent.unregister(self.fid.0);
+            }
             if let (Some(s), Some((dev, qpn))) = (cm.sock.as_mut(), self.qp.get()) {
                 let bye = CmMsg {
                     kind: Kind::Disconnect,
@@ -386,6 +769,10 @@ impl CmOps for SrEndpoint {
                 "connect: the endpoint is {:?}, not idle",
                 cm.phase
             )));
+        }
+        let src_ip = source_for(ep.src, ipv4_of(sa)?)?;
+        if device::cm_protocol(src_ip) == device::CmProtocol::Ib {
+            return ep.ib_connect(&mut cm, src_ip, sa, data);
         }
         let src = ep.src.filter(|s| !s.ip().is_unspecified()).or_else(|| {
             let dest = ipv4_of(sa).ok()?;
@@ -443,6 +830,9 @@ impl CmOps for SrEndpoint {
                 "accept: the endpoint is {:?}, not a pending request",
                 cm.phase
             )));
+        }
+        if let Some(link) = cm.ib.clone() {
+            return ep.ib_accept(&mut cm, link, data);
         }
         let req = cm
             .request
