@@ -76,8 +76,11 @@ impl Default for Options {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Outcome {
+    /// The softroce device's counters and its IB CM's, read at the end (softroce
+    /// only), as one line of text.
+    pub device: Option<String>,
     /// Pings completed.
     pub pings: usize,
     /// Pings whose data was checked and matched.
@@ -188,6 +191,32 @@ fn wait_for(p: &mut Ping<'_>, context: u64) -> ToolResult<Waited> {
     }
 }
 
+/// The counters of the softroce device `side` uses and of its IB CM, as one line
+/// (`bad_packets 0 wrong_source 0 ...`).
+fn device_line(side: &Side) -> Option<String> {
+    let ip = match side.ep.local_addr()?.as_inet()?.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return None,
+    };
+    let d = fabric_softroce::device_stats(ip)?;
+    let cm = fabric_softroce::ibcm::ibcm_stats(ip)
+        .map(|c| {
+            format!(
+                " ibcm_received {} ibcm_sent {} ibcm_malformed {} ibcm_unmatched {} ibcm_retransmits {}",
+                c.engine.received,
+                c.engine.sent,
+                c.engine.malformed,
+                c.engine.unmatched,
+                c.engine.retransmits
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "softroce device {ip}: rx_packets {} tx_packets {} bad_packets {} wrong_source {} unknown_qp {}{cm}",
+        d.rx_packets, d.tx_packets, d.bad_packets, d.wrong_source, d.unknown_qp
+    ))
+}
+
 fn done(w: Waited, what: &str) -> ToolResult<Completion> {
     match w {
         Waited::Done(c) => Ok(c),
@@ -292,7 +321,10 @@ fn serve(side: &Side, o: &Options) -> ToolResult<Outcome> {
         let data = p.mr.to_vec(BUF_OFF, len).map_err(|e| e.to_string())?;
         if o.verbose {
             let end = data.iter().position(|&b| b == 0).unwrap_or(len);
-            println!("server ping data: {}", String::from_utf8_lossy(&data[..end]));
+            println!(
+                "server ping data: {}",
+                String::from_utf8_lossy(&data[..end])
+            );
         }
         if o.validate {
             if data != ping_data(out.pings, len) {
@@ -310,7 +342,9 @@ fn serve(side: &Side, o: &Options) -> ToolResult<Outcome> {
         let (addr, rkey, sink_len) = decode_info(&info);
         let n = data.iter().position(|&b| b == 0).map_or(len, |p| p + 1);
         if n > sink_len as usize {
-            return Err(format!("the client's sink of {sink_len} bytes is too small"));
+            return Err(format!(
+                "the client's sink of {sink_len} bytes is too small"
+            ));
         }
         side.ep
             .write(
@@ -340,6 +374,7 @@ fn serve(side: &Side, o: &Options) -> ToolResult<Outcome> {
         }
     }
     let _ = side.ep.shutdown();
+    out.device = device_line(side);
     Ok(out)
 }
 
@@ -405,6 +440,13 @@ fn ping(side: &Side, o: &Options) -> ToolResult<Outcome> {
         out.pings += 1;
     }
     side.ep.shutdown().map_err(|e| format!("disconnect: {e}"))?;
+    // The DREP, for the CM's counters (bounded: an answer or its timeout).
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        let _ = side.eq.read();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    out.device = device_line(side);
     Ok(out)
 }
 

@@ -76,6 +76,9 @@ fn main() {
     };
     match rping::run(a.server, &o) {
         Ok(out) => {
+            if let Some(d) = &out.device {
+                println!("{d}");
+            }
             println!(
                 "fabric-rping {}: {} pings of {} bytes, {} verified{}",
                 if a.server { "server" } else { "client" },

@@ -232,8 +232,7 @@ pub mod wire;
 
 pub use provider::device::{
     configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, CmProtocol,
-    DeviceConfig,
-    DeviceStats, Pace, DEFAULT_BACKSTOP,
+    DeviceConfig, DeviceStats, Pace, DEFAULT_BACKSTOP,
 };
 pub use provider::rawqp::{
     gid_ipv4, ipv4_gid, RawCompletion, RawQp, RAW_QP_MAX_RECV, RAW_QP_MAX_SEND,

@@ -12,9 +12,7 @@ use fabric_softroce::ibcm::engine::LOCAL_RESPONSE_TIMEOUT;
 use fabric_softroce::ibcm::wire::{self as ibw, CmMad, CmMessage, CmaHdr, Req};
 use fabric_softroce::ibcm::{ibcm_stats, AgentStats};
 use fabric_softroce::wire::IcrcContext;
-use fabric_softroce::{
-    configure_device, device_stats, free_loopback_ip, CmProtocol, DeviceConfig,
-};
+use fabric_softroce::{configure_device, device_stats, free_loopback_ip, CmProtocol, DeviceConfig};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -98,7 +96,9 @@ fn client(ip: Ipv4Addr, server_ip: Ipv4Addr, port: u16) -> Client {
     let domain = fabric.domain(&info).unwrap();
     let eq = fabric.eq(EqAttr::default()).unwrap();
     let cq = domain.cq(CqAttr::default()).unwrap();
-    let ep = domain.endpoint(&info, EndpointConfig::new(&cq, &eq)).unwrap();
+    let ep = domain
+        .endpoint(&info, EndpointConfig::new(&cq, &eq))
+        .unwrap();
     Client {
         _fabric: fabric,
         domain,
@@ -140,7 +140,11 @@ fn connect_accept_data_messages_and_disconnect_over_ib_cm() {
     assert_eq!(&req.data[..14], b"hello over QP1");
     assert!(req.data[14..].iter().all(|&b| b == 0));
     assert_eq!(
-        req.info.dest_addr.as_ref().and_then(Address::as_inet).map(|a| a.ip()),
+        req.info
+            .dest_addr
+            .as_ref()
+            .and_then(Address::as_inet)
+            .map(|a| a.ip()),
         Some(cip.into())
     );
     let sep = s
@@ -489,10 +493,14 @@ fn a_lost_rep_is_retransmitted_and_malformed_mads_are_dropped_and_counted() {
     assert_eq!(&r1.private_data[..3], b"yes");
     // A repeated REQ meanwhile is answered with the REP again (not a new connection).
     peer.send_mad(&raw_req(pip, sip, s.port, 0xC0FFEE));
-    let (dup, _) = peer.recv(&mut quiet, T).expect("the REP for the repeated REQ");
+    let (dup, _) = peer
+        .recv(&mut quiet, T)
+        .expect("the REP for the repeated REQ");
     assert_eq!(dup, rep1);
     // Unanswered, the REP comes again on its timer.
-    let (rep2, t2) = peer.recv(&mut quiet, Duration::from_secs(5)).expect("the REP again");
+    let (rep2, t2) = peer
+        .recv(&mut quiet, Duration::from_secs(5))
+        .expect("the REP again");
     assert_eq!(rep2, rep1);
     assert_eq!(stats(sip).connections, 1);
     let gap = t2 - t1;
@@ -537,7 +545,10 @@ fn a_lost_rep_is_retransmitted_and_malformed_mads_are_dropped_and_counted() {
                 local_comm_id,
                 remote_comm_id,
                 ..
-            } => assert_eq!((local_comm_id, remote_comm_id), (r1.local_comm_id, 0xC0FFEE)),
+            } => assert_eq!(
+                (local_comm_id, remote_comm_id),
+                (r1.local_comm_id, 0xC0FFEE)
+            ),
             other => panic!("{other:?}"),
         }
         peer.send_mad(&dreq.encode());

@@ -901,11 +901,14 @@ impl Engine {
                     self.stats.unexpected += 1;
                 }
             }
-            (State::ReqSent, CmMessage::Mra {
-                service_timeout,
-                message_mraed: 0,
-                ..
-            }) => {
+            (
+                State::ReqSent,
+                CmMessage::Mra {
+                    service_timeout,
+                    message_mraed: 0,
+                    ..
+                },
+            ) => {
                 // The peer needs longer: wait its service timeout plus ours, once more.
                 let wait = Duration::from_millis(
                     timeout_ms(service_timeout) + timeout_ms(REMOTE_RESPONSE_TIMEOUT),
@@ -915,11 +918,14 @@ impl Engine {
             (State::RepSent, CmMessage::Mra { .. }) => {
                 c.deadline = Some(now + c.interval * 4);
             }
-            (State::ReqSent | State::RepSent, CmMessage::Rej {
-                reason,
-                private_data,
-                ..
-            }) => {
+            (
+                State::ReqSent | State::RepSent,
+                CmMessage::Rej {
+                    reason,
+                    private_data,
+                    ..
+                },
+            ) => {
                 let state = c.state;
                 if let Some(c) = self.remove(id) {
                     let ev = if state == State::ReqSent {
@@ -948,9 +954,7 @@ impl Engine {
             }
             (
                 State::Established | State::RepSent | State::DreqSent,
-                CmMessage::Dreq {
-                    private_data, ..
-                },
+                CmMessage::Dreq { private_data, .. },
             ) => {
                 let state = c.state;
                 let drep = CmMad {

@@ -770,7 +770,7 @@ mod tests {
         m[c + 91] = 3; // rate 10 Gb/s
         m[c + 93] = 64; // hop limit
         m[c + 95] = 18 << 3; // ack timeout 18
-        // cma_hdr
+                             // cma_hdr
         m[c + 140] = 0;
         m[c + 141] = 0x40;
         m[c + 142..c + 144].copy_from_slice(&50000u16.to_be_bytes());
@@ -892,7 +892,10 @@ mod tests {
         }
         .encode();
         assert_eq!(&b[16..18], &[0, 0x12]);
-        assert_eq!(&b[24..32], &[0xAA, 0xBB, 0xCC, 0xDD, 0x11, 0x22, 0x33, 0x44]);
+        assert_eq!(
+            &b[24..32],
+            &[0xAA, 0xBB, 0xCC, 0xDD, 0x11, 0x22, 0x33, 0x44]
+        );
         assert_eq!(b[32], 0x40);
         assert_eq!(&b[34..36], &[0, 28]);
         assert_eq!(&b[108..110], b"no");

@@ -340,7 +340,10 @@ pub(crate) fn loopback_source(dest: Ipv4Addr) -> Option<Ipv4Addr> {
 /// configuration (set, or the environment's when the device was created), else the
 /// environment's (`SOFTROCE_CM`); TCP unless one says otherwise.
 pub(crate) fn cm_protocol(ip: Ipv4Addr) -> CmProtocol {
-    let set = registry().lock().get(&ip).and_then(|e| e.1.as_ref().map(|c| c.cm));
+    let set = registry()
+        .lock()
+        .get(&ip)
+        .and_then(|e| e.1.as_ref().map(|c| c.cm));
     match set {
         Some(cm) => cm.unwrap_or_default(),
         None => DeviceConfig::from_env()

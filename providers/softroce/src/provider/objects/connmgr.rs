@@ -43,8 +43,7 @@ impl IbListen {
 
     pub(super) fn close(&self) {
         let sid = ibw::service_id(self.port);
-        self.agent
-            .call(|e, now| e.unlisten(sid, self.fid.0, now));
+        self.agent.call(|e, now| e.unlisten(sid, self.fid.0, now));
         self.agent.unregister(self.fid.0);
     }
 }
@@ -73,10 +72,7 @@ impl CmOwner for IbListen {
         let mtu = ibw::mtu_bytes(req.path_mtu).unwrap_or(1024);
         let data = req.private_data[ibw::CMA_HDR_LEN..].to_vec();
         let mut info = self.info.clone();
-        info.dest_addr = Some(Address::Inet(SocketAddr::new(
-            peer_ip.into(),
-            hdr.src_port,
-        )));
+        info.dest_addr = Some(Address::Inet(SocketAddr::new(peer_ip.into(), hdr.src_port)));
         info.src_addr = Some(Address::Inet(SocketAddr::new(
             agent.device().ip().into(),
             self.port,

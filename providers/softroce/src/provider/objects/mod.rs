@@ -30,10 +30,10 @@ use tracing::{debug, warn};
 
 use super::cm::{self, CmMsg, Kind};
 use super::device::{self, CompQueue, Device, QpOwner, QpSlot, Reporting};
-use crate::ibcm::Agent;
 use super::memory::{self, OpMemory};
 use super::sys;
 use super::Config;
+use crate::ibcm::Agent;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
 use fabric_core::prov::KeyMap;
 use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
