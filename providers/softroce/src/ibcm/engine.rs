@@ -1000,3 +1000,195 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    fn params(owner: u64) -> ConnectParams {
+        ConnectParams {
+            owner,
+            peer: B,
+            service_id: service_id(7174),
+            qpn: 0x11,
+            psn: 0x100,
+            mtu: 1024,
+            responder_resources: 1,
+            initiator_depth: 1,
+            private_data: vec![1, 2, 3],
+        }
+    }
+
+    /// Moves every MAD `from` queued to `to` (dropping those `lose` says).
+    fn pump(from: &mut Engine, to: &mut Engine, now: Instant, lose: impl Fn(&CmMad) -> bool) {
+        while let Some((dst, mad)) = from.poll_transmit() {
+            assert_eq!(dst, to.ip());
+            if !lose(&mad) {
+                to.handle_mad(from.ip(), &mad.encode(), now);
+            }
+        }
+    }
+
+    #[test]
+    fn connect_lost_rep_retransmitted_then_disconnect() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (Engine::new(A), Engine::new(B));
+        assert!(b.listen(service_id(7174), 99));
+        let id = a.connect(params(5), t0).unwrap();
+        pump(&mut a, &mut b, t0, |_| false);
+        let Some(CmEvent::Request {
+            listener,
+            conn,
+            req,
+            ..
+        }) = b.poll_event()
+        else {
+            panic!("no request")
+        };
+        assert_eq!((listener, req.local_comm_id, req.local_qpn), (99, id, 0x11));
+        let acc = AcceptParams {
+            owner: 7,
+            qpn: 0x22,
+            psn: 0x200,
+            responder_resources: 1,
+            initiator_depth: 1,
+            private_data: b"ok".to_vec(),
+        };
+        b.accept(conn, acc, t0).unwrap();
+        // The REP is lost.
+        pump(&mut b, &mut a, t0, |m| m.msg.attr() == AttrId::Rep);
+        assert_eq!(a.poll_event(), None);
+        // B retransmits after the REQ's local_cm_response_timeout.
+        let due = b.poll_timeout().unwrap();
+        assert_eq!(
+            due - t0,
+            Duration::from_millis(timeout_ms(LOCAL_RESPONSE_TIMEOUT))
+        );
+        b.handle_timeout(due);
+        assert_eq!(b.stats().retransmits, 1);
+        pump(&mut b, &mut a, due, |_| false);
+        let Some(CmEvent::Established { owner, rep, .. }) = a.poll_event() else {
+            panic!("no REP")
+        };
+        assert_eq!(
+            (owner, rep.local_qpn, &rep.private_data[..2]),
+            (5, 0x22, &b"ok"[..])
+        );
+        pump(&mut a, &mut b, due, |_| false);
+        assert_eq!(b.poll_event(), Some(CmEvent::Ready { owner: 7, conn }));
+        // B disconnects with a reason byte; A answers and hears it.
+        b.disconnect(conn, &[3], due).unwrap();
+        pump(&mut b, &mut a, due, |_| false);
+        match a.poll_event() {
+            Some(CmEvent::Disconnected { owner: 5, data, .. }) => assert_eq!(data[0], 3),
+            other => panic!("{other:?}"),
+        }
+        pump(&mut a, &mut b, due, |_| false);
+        assert_eq!(a.sizes(), (0, 1));
+        assert_eq!(b.sizes(), (0, 1));
+        // Timewait ends.
+        a.handle_timeout(due + TIMEWAIT);
+        assert_eq!(a.sizes(), (0, 0));
+        assert_eq!(a.stats().unmatched + b.stats().unmatched, 0);
+    }
+
+    #[test]
+    fn unanswered_req_gives_up_after_its_retries_with_a_rej() {
+        let mut now = Instant::now();
+        let mut a = Engine::new(A);
+        let id = a.connect(params(5), now).unwrap();
+        let mut sent = 0;
+        while a.poll_transmit().is_some() {
+            sent += 1;
+        }
+        for _ in 0..100 {
+            let Some(t) = a.poll_timeout() else { break };
+            now = t;
+            a.handle_timeout(now);
+            while let Some((_, m)) = a.poll_transmit() {
+                sent += 1;
+                if let CmMessage::Rej { reason, .. } = m.msg {
+                    assert_eq!(reason, rej::TIMEOUT);
+                }
+            }
+        }
+        // The REQ, MAX_CM_RETRIES retransmissions, the REJ that withdraws it.
+        assert_eq!(sent, 1 + usize::from(MAX_CM_RETRIES) + 1);
+        assert_eq!(
+            a.poll_event(),
+            Some(CmEvent::Rejected {
+                owner: 5,
+                conn: id,
+                reason: rej::TIMEOUT,
+                data: vec![]
+            })
+        );
+        assert_eq!(a.sizes(), (0, 0));
+    }
+
+    #[test]
+    fn mra_extends_the_wait_and_timewait_is_bounded() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (Engine::new(A), Engine::new(B));
+        b.listen(service_id(7174), 1);
+        a.connect(params(5), t0).unwrap();
+        let (_, req) = a.poll_transmit().unwrap();
+        b.handle_mad(A, &req.encode(), t0);
+        // The same REQ again while B's owner has not decided: an MRA.
+        b.handle_mad(A, &req.encode(), t0);
+        let (_, mra) = b.poll_transmit().unwrap();
+        assert_eq!(mra.msg.attr(), AttrId::Mra);
+        a.handle_mad(B, &mra.encode(), t0);
+        let wait = a.poll_timeout().unwrap() - t0;
+        assert!(wait > Duration::from_secs(60), "{wait:?}");
+
+        // Timewait holds at most MAX_TIMEWAIT entries: the oldest goes first.
+        let mut e = Engine::new(A);
+        for i in 0..MAX_TIMEWAIT as u32 + 10 {
+            let c = Conn {
+                state: State::Established,
+                owner: 0,
+                listener: None,
+                peer: B,
+                remote_comm_id: i + 1,
+                remote_qpn: 0,
+                tid: 0,
+                last: None,
+                retries_left: 0,
+                interval: Duration::ZERO,
+                deadline: None,
+            };
+            e.enter_timewait(&c, i + 1, None, t0);
+        }
+        assert_eq!(e.sizes(), (0, MAX_TIMEWAIT));
+    }
+
+    #[test]
+    fn garbage_is_counted_never_a_panic() {
+        let now = Instant::now();
+        let mut b = Engine::new(B);
+        b.listen(service_id(1), 1);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for len in 0..600 {
+            let mut m = vec![0u8; len % 300];
+            for byte in m.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *byte = x as u8;
+            }
+            if m.len() >= 4 && len % 2 == 0 {
+                m[..4].copy_from_slice(&[1, 7, 2, 3]); // CM header, random rest
+            }
+            b.handle_mad(A, &m, now);
+            b.handle_packet(A, &m, now);
+        }
+        let s = b.stats();
+        assert_eq!(s.received, 1200);
+        assert!(s.malformed + s.unmatched + s.unexpected > 0);
+        assert!(b.sizes().0 <= MAX_CONNS);
+    }
+}

@@ -678,8 +678,8 @@ impl CmaHdr {
 }
 
 /// The UD packet (BTH + DETH + MAD + ICRC) that carries `mad` from QP1 of `src` to
-/// QP1 of `dst`; both sides' UDP port is 4791 as far as the ICRC is concerned (the
-/// ICRC does not cover UDP ports).
+/// QP1 of `dst`, sent from UDP port 4791 to port 4791 (the ICRC covers the UDP
+/// header but its checksum, so the ports must be those the datagram carries).
 pub fn build_gsi_packet(mad: &[u8; MAD_LEN], psn: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut repr = RoceRepr::new(BthRepr {
         opcode: Opcode::UD_SEND_ONLY,
