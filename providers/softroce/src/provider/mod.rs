@@ -1,7 +1,8 @@
 //! The softroce provider of the fabric API: reliable connected endpoints over the RC
 //! transport of [`crate::rc`], driven by a user-space device per IPv4 address
 //! ([`device`]), connected through an `ibv_rc_pingpong`-style exchange over TCP
-//! ([`cm`](self)).
+//! ([`cm`](self)) or through IB CM over QP1 ([`crate::ibcm`], the connection
+//! manager's `IbListen`/`IbLink` in `objects/connmgr.rs`).
 //!
 //! Mapping of the API onto RC: send is SEND (with immediate for remote CQ data);
 //! write is RDMA WRITE (WRITE with immediate for CQ data: the target consumes a posted
