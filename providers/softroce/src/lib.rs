@@ -158,8 +158,11 @@
 //! answered with the REP again (with an MRA while the application has not decided);
 //! a DREQ like the REQ. Limits: connection data is at most 56 bytes in a REQ (92 less
 //! rdma_cm's header; more fails `connect` with `InvalidArgument`), 196 in a REP, 148
-//! in a REJ; it arrives zero-padded to those sizes (IB CM has no length field, as
-//! rdma_cm applications see it too). Bounded: 128 undecided requests per listener
+//! in a REJ. IB CM has no length field: an rdma_cm peer's data arrives zero-padded to
+//! those sizes (as rdma_cm applications see it too); softroce writes a 3-byte trailer
+//! (length, `S`, `R`) at the end of the padding, so that between softroce peers data
+//! of up to 53 (REQ), 193 (REP), 145 (REJ) bytes arrives with its exact length (with
+//! `SOFTROCE_CM=ib` the offered `cm_data_size` is 53). Bounded: 128 undecided requests per listener
 //! (more get a REJ "no resources"), each decided within 10 s (else a REJ timeout),
 //! 4096 connections and 1024 timewait entries per device, 1024 MADs waiting for the
 //! CM. A malformed MAD (short, another class or version, an attribute the CM does

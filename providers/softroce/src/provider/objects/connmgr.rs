@@ -70,7 +70,7 @@ impl CmOwner for IbListen {
         // source is the same address for every RoCE peer.
         let peer_ip = ibw::ipv4_of_gid(&req.primary_local_gid).unwrap_or(peer);
         let mtu = ibw::mtu_bytes(req.path_mtu).unwrap_or(1024);
-        let data = req.private_data[ibw::CMA_HDR_LEN..].to_vec();
+        let data = without_len(&req.private_data[ibw::CMA_HDR_LEN..]);
         let mut info = self.info.clone();
         info.dest_addr = Some(Address::Inet(SocketAddr::new(peer_ip.into(), hdr.src_port)));
         info.src_addr = Some(Address::Inet(SocketAddr::new(
@@ -114,11 +114,50 @@ pub(super) struct IbLink {
 impl IbLink {
     /// Rejects a request with the consumer-defined reason (28) and `data`.
     pub(super) fn reject(&self, data: &[u8]) -> Result<()> {
+        if data.len() > ibw::REJ_PDATA {
+            return Err(Error::invalid(format!(
+                "reject: {} bytes of data; a REJ carries at most {}",
+                data.len(),
+                ibw::REJ_PDATA
+            )));
+        }
+        let pd = with_len(data, ibw::REJ_PDATA);
         self.agent
-            .call(|e, now| e.reject(self.conn, ibw::rej::CONSUMER_DEFINED, data, now))
+            .call(|e, now| e.reject(self.conn, ibw::rej::CONSUMER_DEFINED, &pd, now))
             .map_err(ib_error)
     }
 }
+
+/// Connection data in an IB CM message's fixed-size private data: `data`, zeros, and
+/// a 3-byte trailer (length, `S`, `R`) in the last bytes of the `room`, so that a
+/// softroce peer gives the application exactly the bytes sent (IB CM has no length
+/// field); data too long for the trailer fills the room without one (and arrives
+/// zero-padded to it). An rdma_cm peer sees the trailer in the padding, which it does
+/// not read.
+pub(super) fn with_len(data: &[u8], room: usize) -> Vec<u8> {
+    let mut v = data.to_vec();
+    if data.len() + LEN_TRAILER <= room && data.len() <= usize::from(u8::MAX) {
+        v.resize(room - LEN_TRAILER, 0);
+        v.extend_from_slice(&[data.len() as u8, b'S', b'R']);
+    }
+    v
+}
+
+/// The connection data of private data made by [`with_len`]: the exact bytes when it
+/// carries a valid trailer (the length fits and only zeros lie between the data and
+/// the trailer), else all of it (an rdma_cm peer's, zero-padded).
+pub(super) fn without_len(pd: &[u8]) -> Vec<u8> {
+    if let [head @ .., n, b'S', b'R'] = pd {
+        let n = usize::from(*n);
+        if n <= head.len() && head[n..].iter().all(|&b| b == 0) {
+            return head[..n].to_vec();
+        }
+    }
+    pd.to_vec()
+}
+
+/// Bytes of [`with_len`]'s trailer.
+pub(crate) const LEN_TRAILER: usize = 3;
 
 fn ib_error(e: crate::ibcm::engine::CmError) -> Error {
     use crate::ibcm::engine::CmError as C;
@@ -201,7 +240,7 @@ impl EpInner {
         }
         .encode()
         .to_vec();
-        pd.extend_from_slice(data);
+        pd.extend_from_slice(&with_len(data, ibw::REQ_USER_DATA));
         let me: Weak<dyn CmOwner> = Arc::downgrade(self) as Weak<dyn CmOwner>;
         agent.register(self.fid.0, me);
         let params = ConnectParams {
@@ -250,7 +289,7 @@ impl EpInner {
             psn: cm.psn,
             responder_resources: link.rd.0.min(device::QP_RD_ATOMIC),
             initiator_depth: link.rd.1.min(device::QP_RD_ATOMIC),
-            private_data: data.to_vec(),
+            private_data: with_len(data, ibw::REP_PDATA),
         };
         if let Err(e) = link.agent.call(|e, now| e.accept(link.conn, params, now)) {
             cm.ib = None;
@@ -297,7 +336,7 @@ impl CmOwner for EpInner {
                         debug!(fid = %self.fid, "softroce: connected (IB CM)");
                         self.event(Event::Connected {
                             fid: self.fid,
-                            data: rep.private_data,
+                            data: without_len(&rep.private_data),
                         });
                     }
                     Err(e) => {
@@ -331,7 +370,7 @@ impl CmOwner for EpInner {
                 self.event(Event::Error {
                     fid: self.fid,
                     error: Error::new(ErrorKind::ConnectionRefused, why),
-                    data,
+                    data: without_len(&data),
                 });
                 self.teardown(&mut cm, false);
             }
@@ -872,5 +911,33 @@ impl CmOps for SrEndpoint {
 
     fn peer_addr(&self) -> Option<Address> {
         self.inner.cm.lock().peer.map(Address::Inet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{with_len, without_len};
+
+    #[test]
+    fn connection_data_keeps_its_length_in_fixed_private_data() {
+        for n in [0usize, 1, 5, 53] {
+            let d: Vec<u8> = (1..=n as u8).collect();
+            let pd = with_len(&d, 56);
+            assert_eq!(pd.len(), 56);
+            assert_eq!(without_len(&pd), d);
+        }
+        // Data ending in zeros keeps them.
+        assert_eq!(without_len(&with_len(&[7, 0, 0], 56)), vec![7, 0, 0]);
+        // Too long for the trailer: the room as it is.
+        let d = vec![9u8; 55];
+        assert_eq!(with_len(&d, 56), d);
+        // An rdma_cm peer's zero-padded data passes unchanged.
+        let mut pd = vec![0u8; 56];
+        pd[..4].copy_from_slice(b"rdma");
+        assert_eq!(without_len(&pd), pd);
+        // A trailer whose gap is not zeros is not one.
+        let mut pd = with_len(b"ab", 56);
+        pd[10] = 1;
+        assert_eq!(without_len(&pd).len(), 56);
     }
 }

@@ -41,6 +41,8 @@ use fabric_core::wait::WaitQueue;
 
 mod connmgr;
 mod datapath;
+
+pub(crate) use connmgr::LEN_TRAILER;
 mod progress;
 
 type EqQueue = WaitQueue<Event>;
