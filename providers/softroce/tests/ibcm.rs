@@ -519,6 +519,27 @@ fn a_lost_rep_is_retransmitted_and_malformed_mads_are_dropped_and_counted() {
         Event::Connected { .. } => {}
         other => panic!("server: {other:?}"),
     }
+    // IB CM's starting PSNs are receive PSNs (as Linux's cm.c and kernel rxe use
+    // them): the server's first SEND carries the REQ's starting PSN (0x100), to the
+    // REQ's QPN.
+    let m = s.domain.alloc(64, Access::SEND).unwrap();
+    sep.send(m.iov(0, 8), 1).unwrap();
+    let deadline = Instant::now() + T;
+    let mut buf = [0u8; 2048];
+    let first = loop {
+        assert!(Instant::now() < deadline, "no SEND from the server");
+        let _ = s.cq.try_next();
+        if let Ok((n, _)) = peer.sock.recv_from(&mut buf) {
+            if buf[0] == 0x04 {
+                break buf[..n].to_vec();
+            }
+        }
+    };
+    assert_eq!(u32::from_be_bytes([0, first[5], first[6], first[7]]), 0x77);
+    assert_eq!(
+        u32::from_be_bytes([0, first[9], first[10], first[11]]),
+        0x100
+    );
     // The peer disconnects: DREQ, answered with a DREP carrying the IDs; the server
     // hears Shutdown(Peer). A repeated DREQ (the DREP lost) is answered again.
     let dreq = CmMad {

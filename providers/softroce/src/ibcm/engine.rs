@@ -694,43 +694,34 @@ impl Engine {
                 let local = msg.remote_comm_id();
                 let remote = msg.local_comm_id();
                 let Some(c) = self.conns.get_mut(&local) else {
-                    self.on_unmatched(src, local, remote, msg, now);
+                    self.on_unmatched(src, tid, local, remote, msg);
                     return;
                 };
                 if c.peer != src || (c.remote_comm_id != 0 && c.remote_comm_id != remote) {
                     self.stats.unmatched += 1;
                     return;
                 }
-                self.on_conn_msg(local, msg, now);
+                self.on_conn_msg(local, tid, msg, now);
             }
         }
     }
 
-    fn on_unmatched(
-        &mut self,
-        src: Ipv4Addr,
-        local: u32,
-        remote: u32,
-        msg: CmMessage,
-        now: Instant,
-    ) {
-        let _ = now;
+    fn on_unmatched(&mut self, src: Ipv4Addr, tid: u64, local: u32, remote: u32, msg: CmMessage) {
         let tw = self
             .timewait
             .iter()
             .find(|t| t.local_comm_id == local && t.peer == src && t.remote_comm_id == remote);
         match (msg, tw) {
-            (CmMessage::Dreq { .. }, Some(t)) => {
-                // Our DREP got lost: say it again.
+            (CmMessage::Dreq { .. }, Some(_)) => {
+                // Our DREP got lost: say it again (with the DREQ's transaction ID).
                 let drep = CmMad {
-                    tid: 0,
+                    tid,
                     msg: CmMessage::Drep {
                         local_comm_id: local,
                         remote_comm_id: remote,
                         private_data: Vec::new(),
                     },
                 };
-                let _ = t;
                 self.push_out(src, drep);
             }
             (CmMessage::Rep(_), Some(t)) => {
@@ -746,7 +737,7 @@ impl Engine {
                 // peer stops retrying.
                 self.stats.unmatched += 1;
                 let drep = CmMad {
-                    tid: 0,
+                    tid,
                     msg: CmMessage::Drep {
                         local_comm_id: local.max(1),
                         remote_comm_id: remote,
@@ -865,7 +856,7 @@ impl Engine {
         });
     }
 
-    fn on_conn_msg(&mut self, id: u32, msg: CmMessage, now: Instant) {
+    fn on_conn_msg(&mut self, id: u32, tid: u64, msg: CmMessage, now: Instant) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
@@ -957,8 +948,9 @@ impl Engine {
                 CmMessage::Dreq { private_data, .. },
             ) => {
                 let state = c.state;
+                // A DREP answers with the DREQ's transaction ID (as Linux's cm.c).
                 let drep = CmMad {
-                    tid: c.tid,
+                    tid,
                     msg: CmMessage::Drep {
                         local_comm_id: id,
                         remote_comm_id: c.remote_comm_id,

@@ -281,7 +281,14 @@ impl EpInner {
             .request
             .take()
             .ok_or_else(|| Error::invalid("accept: no request"))?;
-        self.establish_from(cm.psn, &req, None)?;
+        // IB CM's starting PSNs are receive PSNs (Linux's cm.c: the passive side's
+        // sq_psn is the REQ's starting PSN, its rq_psn the REP's): this side sends
+        // from the REQ's and receives from its own, which the REP advertises.
+        let ours = CmMsg {
+            psn: cm.psn,
+            ..req.clone()
+        };
+        self.establish_from(req.psn, &ours, None)?;
         let (_, qpn) = self.qp.get().ok_or_else(|| not_connected("no QP"))?;
         let params = AcceptParams {
             owner: self.fid.0,
@@ -320,15 +327,17 @@ impl CmOwner for EpInner {
                 let r = peer
                     .ok_or_else(|| not_connected("no peer address"))
                     .and_then(|ip| {
+                        // IB CM's starting PSNs are receive PSNs: this side sends
+                        // from the REP's, receives from its own (the REQ's).
                         let msg = CmMsg {
                             kind: Kind::Accept,
                             qpn: rep.local_qpn,
-                            psn: rep.starting_psn,
+                            psn: cm.psn,
                             ip,
                             mtu: self.mtu().bytes() as u16,
                             data: Vec::new(),
                         };
-                        self.establish_from(cm.psn, &msg, None)
+                        self.establish_from(rep.starting_psn, &msg, None)
                     });
                 match r {
                     Ok(()) => {
