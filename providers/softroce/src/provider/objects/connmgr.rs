@@ -69,7 +69,11 @@ impl CmOwner for IbListen {
         // The path's addresses are the GIDs (RoCEv2: IPv4-mapped); the datagram's
         // source is the same address for every RoCE peer.
         let peer_ip = ibw::ipv4_of_gid(&req.primary_local_gid).unwrap_or(peer);
-        let mtu = ibw::mtu_bytes(req.path_mtu).unwrap_or(1024);
+        // The REQ's path MTU, at most what the link towards the peer carries.
+        let mtu = ibw::mtu_bytes(req.path_mtu)
+            .and_then(Mtu::from_bytes)
+            .unwrap_or(Mtu::Mtu1024);
+        let mtu = link_path_mtu(peer_ip).map_or(mtu, |m| m.min(mtu));
         let data = without_len(&req.private_data[ibw::CMA_HDR_LEN..]);
         let mut info = self.info.clone();
         info.dest_addr = Some(Address::Inet(SocketAddr::new(peer_ip.into(), hdr.src_port)));
@@ -82,7 +86,7 @@ impl CmOwner for IbListen {
             qpn: req.local_qpn,
             psn: req.starting_psn,
             ip: peer_ip,
-            mtu: mtu as u16,
+            mtu: mtu.bytes() as u16,
             data: data.clone(),
         };
         let link = IbLink {
@@ -91,6 +95,7 @@ impl CmOwner for IbListen {
             // What the requester offered: this side answers READs of at most its
             // initiator depth and issues at most its responder resources.
             rd: (req.initiator_depth, req.responder_resources),
+            mtu,
         };
         debug!(%peer_ip, port = hdr.src_port, "softroce: IB CM connection request");
         let info = prov::ConnToken::attach(info, PendingRequest::Ib(link, msg));
@@ -109,6 +114,8 @@ pub(super) struct IbLink {
     agent: Arc<Agent>,
     conn: u32,
     rd: (u8, u8),
+    /// The path MTU of the connection (the REQ's).
+    mtu: Mtu,
 }
 
 impl IbLink {
@@ -168,6 +175,43 @@ fn ib_error(e: crate::ibcm::engine::CmError) -> Error {
     }
 }
 
+/// The largest path MTU (256..4096) whose packets fit the link towards `dest`: the
+/// route's MTU (`IP_MTU` of a UDP socket connected there) less the IPv4, UDP, BTH,
+/// RETH and ICRC headers. An IB CM peer (kernel rxe: its port's active MTU, 1024 on a
+/// 1500-byte link) learns it from the REQ, and packets larger than the link would
+/// not leave (DF). `None` when the route cannot be asked.
+fn link_path_mtu(dest: Ipv4Addr) -> Option<Mtu> {
+    use std::os::fd::AsRawFd;
+    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect((dest, crate::wire::ROCE_UDP_PORT)).ok()?;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, and an int-sized buffer with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || mtu <= 0 {
+        return None;
+    }
+    // IPv4 20 + UDP 8 + BTH 12 + RETH 16 + ICRC 4.
+    let room = (mtu as u32).saturating_sub(60);
+    [
+        Mtu::Mtu4096,
+        Mtu::Mtu2048,
+        Mtu::Mtu1024,
+        Mtu::Mtu512,
+        Mtu::Mtu256,
+    ]
+    .into_iter()
+    .find(|m| m.bytes() <= room)
+}
+
 /// The local address a connection to `dest` leaves from: the endpoint's source
 /// address, else (loopback) [`device::loopback_source`]'s choice, else the route's.
 fn source_for(src: Option<SocketAddr>, dest: Ipv4Addr) -> Result<Ipv4Addr> {
@@ -225,6 +269,8 @@ impl EpInner {
             )));
         }
         let dest = ipv4_of(sa)?;
+        // The path MTU this side asks for: its own, at most what the link carries.
+        let mtu = link_path_mtu(dest).map_or(self.mtu(), |m| m.min(self.mtu()));
         let dev = Device::get(src)?;
         let agent = Agent::of(&dev);
         self.shared.add_agent(&agent);
@@ -249,7 +295,7 @@ impl EpInner {
             service_id: ibw::service_id(sa.port()),
             qpn: *qpn,
             psn: cm.psn,
-            mtu: self.mtu().bytes(),
+            mtu: mtu.bytes(),
             responder_resources: device::QP_RD_ATOMIC,
             initiator_depth: device::QP_RD_ATOMIC,
             private_data: pd,
@@ -261,6 +307,7 @@ impl EpInner {
             agent,
             conn,
             rd: (device::QP_RD_ATOMIC, device::QP_RD_ATOMIC),
+            mtu,
         });
         cm.local = Some(SocketAddr::new(src.into(), src_port));
         cm.peer = Some(sa);
@@ -324,6 +371,7 @@ impl CmOwner for EpInner {
         match (cm.phase, ev) {
             (Phase::AwaitReply, CmEvent::Established { rep, .. }) => {
                 let peer = cm.peer.and_then(|p| ipv4_of(p).ok());
+                let mtu = cm.ib.as_ref().map_or(self.mtu(), |l| l.mtu);
                 let r = peer
                     .ok_or_else(|| not_connected("no peer address"))
                     .and_then(|ip| {
@@ -334,7 +382,7 @@ impl CmOwner for EpInner {
                             qpn: rep.local_qpn,
                             psn: cm.psn,
                             ip,
-                            mtu: self.mtu().bytes() as u16,
+                            mtu: mtu.bytes() as u16,
                             data: Vec::new(),
                         };
                         self.establish_from(rep.starting_psn, &msg, None)
