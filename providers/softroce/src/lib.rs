@@ -65,8 +65,10 @@
 //!   rdma_cm service `RDMA_PS_TCP` of its port on its device's QP1, so `rping -c`,
 //!   `rdma_client` and kernel rdma_cm users connect to it; an endpoint connects over
 //!   IB CM when its device says so ([`DeviceConfig::cm`] = [`CmProtocol::Ib`], or
-//!   `SOFTROCE_CM=ib` in the environment). The default stays the TCP exchange: IB CM
-//!   has the limits of its messages (below), and nothing but the interop needs it.
+//!   `SOFTROCE_CM=ib` in the environment). The default stays the TCP exchange: a
+//!   listener on 0.0.0.0 has no device and so no QP1 to answer a REQ on, and IB CM
+//!   has the limits of its messages (below). (`fabric-conformance -p softroce` passes
+//!   all 134 cases with `SOFTROCE_CM=ib` as without it.)
 //! - End of a connection: every end raises exactly one `Event::Shutdown { fid, reason }`
 //!   per endpoint, moves the QP to ERROR (outstanding work completes `Canceled`), and
 //!   from then on every post (send, recv, write, read, inject, the `*msg` forms) fails
@@ -145,7 +147,12 @@
 //! private data starts with rdma_cm's 36-byte header (version 0, IPv4, the source
 //! port, source and destination addresses); a listener is found by the service ID
 //! `0x0000000001060000 | port`. Mapping: connect = REQ (this side's QPN and PSN, path
-//! MTU, the GIDs `::ffff:a.b.c.d`, the header and the connection data); accept = REP;
+//! MTU, the GIDs `::ffff:a.b.c.d`, the header and the connection data); accept = REP.
+//! A REQ's or REP's starting PSN is the PSN its sender *receives* first (as Linux's
+//! cm.c uses them: the passive side sends from the REQ's, the active side from the
+//! REP's). The path MTU asked for (and accepted) is at most what the link towards the
+//! peer carries (`IP_MTU` of the route less 60 bytes of headers: 1024 on a 1500-byte
+//! Ethernet link, as kernel rxe's active MTU);
 //! the client answers with an RTU and is connected; the server is connected when the
 //! RTU arrives; reject = REJ with the consumer-defined reason 28 and the data; a REQ
 //! for a port nobody listens on gets a REJ "invalid service ID" (`ConnectionRefused`);
