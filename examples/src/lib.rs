@@ -19,6 +19,7 @@ pub mod rdmpp;
 pub mod reference;
 pub mod report;
 pub mod rmabw;
+pub mod rping;
 pub mod sizes;
 
 /// Makes a closed standard output end the tool quietly, as it ends `cat` or `ls`

@@ -62,6 +62,15 @@
 //!   DISCONNECT with its reason on it before closing it. A listener holds at most 128
 //!   accepted connections whose request has not arrived (one more closes the oldest),
 //!   each for at most 10 s, as tcp's (`fabric_core::prov::HalfOpen`).
+//! - Connection management over IB CM (what Linux's rdma_cm and librdmacm speak; see
+//!   "RDMA CM over QP1" below): every listener on a specific address is also the
+//!   rdma_cm service `RDMA_PS_TCP` of its port on its device's QP1, so `rping -c`,
+//!   `rdma_client` and kernel rdma_cm users connect to it; an endpoint connects over
+//!   IB CM when its device says so ([`DeviceConfig::cm`] = [`CmProtocol::Ib`], or
+//!   `SOFTROCE_CM=ib` in the environment). The default stays the TCP exchange: a
+//!   listener on 0.0.0.0 has no device and so no QP1 to answer a REQ on, and IB CM
+//!   has the limits of its messages (below). (`fabric-conformance -p softroce` passes
+//!   all 134 cases with `SOFTROCE_CM=ib` as without it.)
 //! - End of a connection: every end raises exactly one `Event::Shutdown { fid, reason }`
 //!   per endpoint, moves the QP to ERROR (outstanding work completes `Canceled`), and
 //!   from then on every post (send, recv, write, read, inject, the `*msg` forms) fails
@@ -136,6 +145,10 @@
 //! and counted as `forward_refused`), so another local user cannot inject a forged
 //! peer address through them; at most 255 processes per address and 65,536 QPs per
 //! process. [`DeviceStats`] counts `forwarded`, `forwarded_in` and `forward_refused`.
+//! Not shared yet: QP1. IB CM packets (below) are handled by the process the kernel
+//! hands them to, so with several processes on one address an rdma_cm listener is
+//! reachable only from peers whose flow lands in its process (softroce's own TCP
+//! exchange, the default, has no such limit: each listener has its own port).
 //! Tested by `tests/shared_device.rs`: four processes on one address, each with its
 //! own connection to a server, messages and RMA verified, packets passed between them.
 //!
@@ -165,6 +178,47 @@
 //!
 //! The sans-IO core's [`rc::QueuePair::handle_datagram`] does the same (per QP).
 //!
+//! ## RDMA CM over QP1
+//! [`ibcm`]: each device answers on QPN 1 (UD: BTH + DETH, Q_Key 0x80010000, P_Key
+//! 0xffff, sent from and to UDP 4791) with the IB communication manager's MADs
+//! (class 0x07, version 2, method SEND): REQ, REP, RTU, REJ, MRA, DREQ, DREP at the
+//! offsets of IBTA vol. 1 tables 106-113, as Linux's `ib_cm` lays them out. A REQ's
+//! private data starts with rdma_cm's 36-byte header (version 0, IPv4, the source
+//! port, source and destination addresses); a listener is found by the service ID
+//! `0x0000000001060000 | port`. Mapping: connect = REQ (this side's QPN and PSN, path
+//! MTU, the GIDs `::ffff:a.b.c.d`, the header and the connection data); accept = REP.
+//! A REQ's or REP's starting PSN is the PSN its sender *receives* first (as Linux's
+//! cm.c uses them: the passive side sends from the REQ's, the active side from the
+//! REP's). The path MTU asked for (and accepted) is at most what the link towards the
+//! peer carries (`IP_MTU` of the route less 60 bytes of headers: 1024 on a 1500-byte
+//! Ethernet link, as kernel rxe's active MTU);
+//! the client answers with an RTU and is connected; the server is connected when the
+//! RTU arrives; reject = REJ with the consumer-defined reason 28 and the data; a REQ
+//! for a port nobody listens on gets a REJ "invalid service ID" (`ConnectionRefused`);
+//! shutdown = DREQ (the reason's byte in its private data, which rdma_cm peers
+//! ignore), answered with a DREP; both sides then keep the connection in timewait for
+//! 1 s (a repeated DREQ is answered again). Timers as Linux's cm.c: a REQ is sent
+//! again every `remote_cm_response_timeout` (here 18: 1.07 s) up to
+//! `max_cm_retries` (15) times, then withdrawn with a REJ (timeout); a REP every
+//! `local_cm_response_timeout` of the REQ (ours: 16, 268 ms), a repeated REQ is
+//! answered with the REP again (with an MRA while the application has not decided);
+//! a DREQ like the REQ. Limits: connection data is at most 56 bytes in a REQ (92 less
+//! rdma_cm's header; more fails `connect` with `InvalidArgument`), 196 in a REP, 148
+//! in a REJ. IB CM has no length field: an rdma_cm peer's data arrives zero-padded to
+//! those sizes (as rdma_cm applications see it too); softroce writes a 3-byte trailer
+//! (length, `S`, `R`) at the end of the padding, so that between softroce peers data
+//! of up to 53 (REQ), 193 (REP), 145 (REJ) bytes arrives with its exact length (with
+//! `SOFTROCE_CM=ib` the offered `cm_data_size` is 53). Bounded: 128 undecided requests per listener
+//! (more get a REJ "no resources"), each decided within 10 s (else a REJ timeout),
+//! 4096 connections and 1024 timewait entries per device, 1024 MADs waiting for the
+//! CM. A malformed MAD (short, another class or version, an attribute the CM does
+//! not handle, unknown communication IDs) is dropped and counted
+//! ([`ibcm::ibcm_stats`]). A device without any IB CM user in the process (no
+//! listener on its address, no IB CM connection) counts QP1 packets as `unknown_qp`
+//! and answers nothing. The CM runs when the application drives the connection
+//! manager (event-queue reads, and every 256th completion-queue read); the device's
+//! backstop only receives the MADs for it.
+//!
 //! ## Out-of-band peers
 //! [`RawQp`] is an RC queue pair connected with the peer's QPN, PSN and address
 //! exchanged by the caller (as `ibv_rc_pingpong` and other verbs programs do), SEND
@@ -176,8 +230,9 @@
 //! Not rxe-compatible (deliberately): an oversized SEND is delivered truncated
 //! (`Truncated`, libfabric semantics) instead of failing both QPs; the retransmission
 //! timer backs off exponentially; packets leave from UDP port 4791 rather than rxe's
-//! per-QP source port; the fabric connection exchange extends pingpong's text, so a
-//! plain `ibv_rc_pingpong` peer is not a fabric endpoint's peer (it is a [`RawQp`]'s).
+//! per-QP source port; the fabric connection exchange over TCP extends pingpong's
+//! text, so a plain `ibv_rc_pingpong` peer is not a fabric endpoint's peer (it is a
+//! [`RawQp`]'s; rdma_cm peers are, over IB CM).
 //! On the wire the packets are rxe's.
 //!
 //! * [`wire`] – packet views and representations (BTH, extension headers, ICRC,
@@ -259,14 +314,15 @@
 #![warn(missing_docs)]
 
 pub mod fault;
+pub mod ibcm;
 pub mod pcap;
 mod provider;
 pub mod rc;
 pub mod wire;
 
 pub use provider::device::{
-    configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, DeviceConfig,
-    DeviceStats, Pace, DEFAULT_BACKSTOP,
+    configure_device, device_stats, free_loopback_ip, parse_faults, parse_pace, CmProtocol,
+    DeviceConfig, DeviceStats, Pace, DEFAULT_BACKSTOP,
 };
 pub use provider::rawqp::{
     gid_ipv4, ipv4_gid, RawCompletion, RawQp, RAW_QP_MAX_RECV, RAW_QP_MAX_SEND,

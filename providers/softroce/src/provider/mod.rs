@@ -1,7 +1,8 @@
 //! The softroce provider of the fabric API: reliable connected endpoints over the RC
 //! transport of [`crate::rc`], driven by a user-space device per IPv4 address
 //! ([`device`]), connected through an `ibv_rc_pingpong`-style exchange over TCP
-//! ([`cm`](self)).
+//! ([`cm`](self)) or through IB CM over QP1 ([`crate::ibcm`], the connection
+//! manager's `IbListen`/`IbLink` in `objects/connmgr.rs`).
 //!
 //! Mapping of the API onto RC: send is SEND (with immediate for remote CQ data);
 //! write is RDMA WRITE (WRITE with immediate for CQ data: the target consumes a posted
@@ -57,6 +58,9 @@ pub(crate) struct Config {
     pub(crate) mtu: Mtu,
     /// Base retransmission timeout.
     pub(crate) timeout: Duration,
+    /// Connecting endpoints use IB CM (`SOFTROCE_CM=ib`): the connection data limit
+    /// is a REQ's.
+    pub(crate) ib_cm: bool,
 }
 
 impl Config {
@@ -83,7 +87,18 @@ impl Config {
             // IB timeout code 9: 4.096 µs * 2^9 = 2.1 ms.
             _ => ib_timeout(9),
         };
-        Ok(Config { mtu, timeout })
+        // SOFTROCE_CM itself is checked where devices read it (DeviceConfig).
+        let ib_cm = std::env::var("SOFTROCE_CM").is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "ib" | "rdmacm" | "rdma_cm"
+            )
+        });
+        Ok(Config {
+            mtu,
+            timeout,
+            ib_cm,
+        })
     }
 }
 
@@ -117,8 +132,15 @@ impl Provider for SoftRoceProvider {
     }
 
     fn offers(&self) -> Vec<Info> {
-        let mtu = Config::from_env().map_or(Mtu::Mtu4096, |c| c.mtu);
-        let mut i = Info::new("softroce", CAPS, EpType::Msg, limits(mtu));
+        let c = Config::from_env().ok();
+        let mtu = c.map_or(Mtu::Mtu4096, |c| c.mtu);
+        let mut l = limits(mtu);
+        if c.is_some_and(|c| c.ib_cm) {
+            // A REQ's 56 bytes after rdma_cm's header, less the length trailer that
+            // keeps the data's exact length between softroce peers.
+            l.cm_data_size = crate::ibcm::wire::REQ_USER_DATA - objects::LEN_TRAILER;
+        }
+        let mut i = Info::new("softroce", CAPS, EpType::Msg, l);
         i.mr_mode = MrMode::PROV_KEY | MrMode::VIRT_ADDR;
         i.fabric_name = "RoCEv2".into();
         i.domain_name = "softroce".into();

@@ -28,6 +28,20 @@ pub struct DeviceConfig {
     /// splits them; each packet's ICRC is built for the IP ID its datagram gets);
     /// off, one datagram per `sendmmsg` entry. The wire is the same either way.
     pub gso: Option<bool>,
+    /// How endpoints connecting from this device's address reach their peer
+    /// (`None`: [`CmProtocol::Tcp`]; `SOFTROCE_CM=tcp|ib`). Listeners answer both.
+    pub cm: Option<CmProtocol>,
+}
+
+/// The connection manager a connecting endpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CmProtocol {
+    /// The `ibv_rc_pingpong`-style exchange over TCP (the default).
+    #[default]
+    Tcp,
+    /// IB CM MADs over QP1 with rdma_cm's header (what librdmacm and kernel rdma_cm
+    /// peers speak; see the crate docs, "Connection management").
+    Ib,
 }
 
 /// How a device paces each QP's output: a QP sends at most `burst` packets in a row,
@@ -63,6 +77,7 @@ impl DeviceConfig {
     /// default 200); `SOFTROCE_PCAP` a file path; `SOFTROCE_RETRY_CNT` the transport
     /// retry count; `SOFTROCE_BACKSTOP_US` the backstop interval in µs (0: off);
     /// `SOFTROCE_GSO` 0 or 1 (UDP segmentation offload off or on).
+    /// `SOFTROCE_CM` the connection manager of connecting endpoints (`tcp`, `ib`).
     pub fn from_env() -> Result<Self, String> {
         let mut c = DeviceConfig::default();
         if let Ok(s) = std::env::var("SOFTROCE_FAULTS") {
@@ -93,6 +108,14 @@ impl DeviceConfig {
                 "1" | "on" => Some(true),
                 "0" | "off" => Some(false),
                 _ => return Err(format!("SOFTROCE_GSO={g}: 1/on or 0/off")),
+            };
+        }
+        if let Ok(m) = std::env::var("SOFTROCE_CM") {
+            c.cm = match m.trim().to_ascii_lowercase().as_str() {
+                "" => None,
+                "tcp" => Some(CmProtocol::Tcp),
+                "ib" | "rdmacm" | "rdma_cm" => Some(CmProtocol::Ib),
+                _ => return Err(format!("SOFTROCE_CM={m}: one of tcp, ib")),
             };
         }
         if let Ok(r) = std::env::var("SOFTROCE_RETRY_CNT") {

@@ -243,6 +243,11 @@ impl Device {
                     }
                 };
                 let qpn = u32::from_be_bytes([0, bytes[5], bytes[6], bytes[7]]);
+                if qpn == crate::ibcm::wire::GSI_QPN {
+                    (slot_guard, last) = (None, None);
+                    self.gsi_receive(ip_ids, src, ip_id, bytes, now);
+                    continue;
+                }
                 if last.is_none_or(|(q, _)| q != qpn) {
                     slot_guard = None;
                     let Some(cell) = qps.get(&qpn) else {

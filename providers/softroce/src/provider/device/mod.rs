@@ -55,7 +55,7 @@ pub(crate) mod share;
 
 use backstop::backstop;
 pub use backstop::DEFAULT_BACKSTOP;
-pub use config::{parse_faults, parse_pace, DeviceConfig, Pace};
+pub use config::{parse_faults, parse_pace, CmProtocol, DeviceConfig, Pace};
 use qp::shutdown_reason;
 
 /// Batches received per progress call at most (bounds the time under the lock).
@@ -367,6 +367,23 @@ pub(crate) fn loopback_source(dest: Ipv4Addr) -> Option<Ipv4Addr> {
         return None;
     }
     free_loopback_ip().ok()
+}
+
+/// The connection manager endpoints connecting from `ip` use: its device's
+/// configuration (set, or the environment's when the device was created), else the
+/// environment's (`SOFTROCE_CM`); TCP unless one says otherwise.
+pub(crate) fn cm_protocol(ip: Ipv4Addr) -> CmProtocol {
+    let set = registry()
+        .lock()
+        .get(&ip)
+        .and_then(|e| e.1.as_ref().map(|c| c.cm));
+    match set {
+        Some(cm) => cm.unwrap_or_default(),
+        None => DeviceConfig::from_env()
+            .ok()
+            .and_then(|c| c.cm)
+            .unwrap_or_default(),
+    }
 }
 
 /// Counters of the device on `ip`, if one exists in this process.
@@ -719,6 +736,36 @@ impl Device {
             local: SocketAddrV4::new(self.ip, ROCE_UDP_PORT),
             remote: SocketAddrV4::new(peer, ROCE_UDP_PORT),
         }
+    }
+}
+
+impl Device {
+    /// A packet for QP1 (IB CM MADs) with a valid ICRC: judged by its IP ID as any
+    /// other, then handed to the device's IB CM (`unknown_qp` if it has none).
+    pub(super) fn gsi_receive(
+        &self,
+        ip_ids: &mut HashMap<Ipv4Addr, IpIdWindow>,
+        src: SocketAddrV4,
+        ip_id: u16,
+        bytes: &[u8],
+        now: Time,
+    ) {
+        if ip_ids.len() >= MAX_ID_PEERS && !ip_ids.contains_key(src.ip()) {
+            ip_ids.clear();
+        }
+        if !ip_ids.entry(*src.ip()).or_default().accept(ip_id, now.0) {
+            self.counters.bad_packets.fetch_add(1, Ordering::Relaxed);
+        } else if !crate::ibcm::deliver(self.ip, src, bytes) {
+            self.counters.unknown_qp.fetch_add(1, Ordering::Relaxed);
+        } else if self.sleepers.load(Ordering::Acquire) > 0 {
+            self.efd.signal();
+        }
+    }
+
+    /// Sends a QP1 packet (built by the IB CM) to `to`'s port 4791.
+    pub(crate) fn send_gsi(&self, to: Ipv4Addr, packet: Vec<u8>) {
+        let mut out = vec![(SocketAddrV4::new(to, ROCE_UDP_PORT), packet)];
+        self.send(&mut out, self.now());
     }
 }
 

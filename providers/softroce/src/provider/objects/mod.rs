@@ -33,6 +33,7 @@ use super::device::{self, CompQueue, Device, QpOwner, QpSlot, Reporting};
 use super::memory::{self, OpMemory};
 use super::sys;
 use super::Config;
+use crate::ibcm::Agent;
 use crate::rc::{self, FlushPlacement, LocalMemory, LocalSegment, Mtu, SendOp, SendWr};
 use fabric_core::prov::KeyMap;
 use fabric_core::prov::{self, KeyedMr, Progress as _, ProviderCq, ProviderEq};
@@ -40,6 +41,8 @@ use fabric_core::wait::{ReadySet, WaitQueue};
 
 mod connmgr;
 mod datapath;
+
+pub(crate) use connmgr::LEN_TRAILER;
 mod progress;
 
 type EqQueue = WaitQueue<Event>;
@@ -47,6 +50,8 @@ type EqQueue = WaitQueue<Event>;
 /// What a fabric shares with everything opened from it.
 pub(crate) struct Shared {
     devices: RwLock<Vec<Arc<Device>>>,
+    /// The IB CM agents of devices this fabric listens or connects on.
+    agents: Mutex<Vec<Arc<Agent>>>,
     cm: Mutex<CmState>,
     auto: AtomicBool,
     tick: AtomicU32,
@@ -102,6 +107,9 @@ struct CmListener {
     info: Info,
     eq: Arc<EqQueue>,
     listening: bool,
+    /// The same listener as an rdma_cm service over QP1 (a listener on a specific
+    /// address; one on 0.0.0.0 has no device).
+    ib: Option<Arc<connmgr::IbListen>>,
 }
 
 /// An accepted connection whose request is still arriving.
@@ -111,10 +119,16 @@ struct Incoming {
     listener: u64,
 }
 
-/// A connection request between the listener and the accepting endpoint: its socket
-/// and request, in the request's [`prov::ConnToken`].
-fn take_request(info: &Info) -> Result<(TcpStream, CmMsg)> {
-    prov::ConnToken::<(TcpStream, CmMsg)>::take(info, "softroce")
+/// A connection request between the listener and the accepting endpoint, in the
+/// request's [`prov::ConnToken`]: the TCP exchange's socket and request, or the IB CM
+/// connection and the request's facts.
+enum PendingRequest {
+    Tcp(TcpStream, CmMsg),
+    Ib(connmgr::IbLink, CmMsg),
+}
+
+fn take_request(info: &Info) -> Result<PendingRequest> {
+    prov::ConnToken::<PendingRequest>::take(info, "softroce")
 }
 
 fn write_all_nb(sock: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
@@ -158,6 +172,13 @@ impl Shared {
             v.push(d.clone());
         }
     }
+
+    fn add_agent(&self, a: &Arc<Agent>) {
+        let mut v = self.agents.lock();
+        if !v.iter().any(|x| Arc::ptr_eq(x, a)) {
+            v.push(a.clone());
+        }
+    }
 }
 
 /// The fabric.
@@ -169,6 +190,7 @@ impl SrFabric {
     pub(crate) fn open(info: &Info, config: Config) -> Result<SrFabric> {
         let shared = Arc::new(Shared {
             devices: RwLock::new(Vec::new()),
+            agents: Mutex::new(Vec::new()),
             cm: Mutex::new(CmState::new()?),
             auto: AtomicBool::new(false),
             tick: AtomicU32::new(0),
@@ -213,13 +235,28 @@ impl FabricOps for SrFabric {
         let addr = prov::listen_addr(info, "softroce")?;
         let ip = ipv4_of(addr)?;
         // Open the device now so a taken port 4791 is reported here, clearly.
-        if !ip.is_unspecified() {
+        let dev = if !ip.is_unspecified() {
             let dev = Device::get(ip)?;
             self.shared.add_device(&dev);
-        }
+            Some(dev)
+        } else {
+            None
+        };
         let sock = prov::bind_listener(addr)?;
         let fid = Fid::next();
+        let port = sock.local_addr()?.port();
         debug!(%fid, addr = %sock.local_addr()?, "softroce passive endpoint bound");
+        let ib = dev.map(|dev| {
+            let agent = Agent::of(&dev);
+            self.shared.add_agent(&agent);
+            Arc::new(connmgr::IbListen {
+                fid,
+                port,
+                info: info.clone(),
+                eq: eq.clone(),
+                agent,
+            })
+        });
         self.shared.cm.lock().listeners.insert(
             fid.0,
             CmListener {
@@ -227,6 +264,7 @@ impl FabricOps for SrFabric {
                 info: info.clone(),
                 eq,
                 listening: false,
+                ib,
             },
         );
         Ok(Arc::new(SrPep {
@@ -286,6 +324,7 @@ impl DomainOps for SrDomain {
                 local: None,
                 peer: None,
                 request: None,
+                ib: None,
             }),
             tx_size: info.limits.tx_size,
             rx_size: info.limits.rx_size,
@@ -295,7 +334,13 @@ impl DomainOps for SrDomain {
         let owner: Weak<dyn QpOwner> = Arc::downgrade(&inner) as Weak<dyn QpOwner>;
         let _ = inner.rep.owner.set(owner);
         if info.conn_handle().is_some() {
-            let (sock, req) = take_request(info)?;
+            let (sock, req) = match take_request(info)? {
+                PendingRequest::Tcp(sock, req) => (sock, req),
+                PendingRequest::Ib(link, req) => {
+                    inner.open_accepting_ib(info, link, req)?;
+                    return Ok(Arc::new(SrEndpoint { inner }));
+                }
+            };
             let local = sock.local_addr()?;
             let dev = Device::get(ipv4_of(local)?)?;
             self.shared.add_device(&dev);
@@ -342,6 +387,9 @@ impl PassiveEndpointOps for SrPep {
             .get_mut(&self.fid.0)
             .ok_or_else(|| Error::new(ErrorKind::Shutdown, "passive endpoint is closed"))?;
         l.listening = true;
+        if let Some(ib) = &l.ib {
+            ib.listen()?;
+        }
         Ok(())
     }
 
@@ -355,7 +403,10 @@ impl PassiveEndpointOps for SrPep {
     }
 
     fn reject(&self, request: &Info, data: &[u8]) -> Result<()> {
-        let (mut sock, req) = take_request(request)?;
+        let (mut sock, req) = match take_request(request)? {
+            PendingRequest::Tcp(sock, req) => (sock, req),
+            PendingRequest::Ib(link, _) => return link.reject(data),
+        };
         let ip = sock
             .local_addr()
             .ok()
@@ -377,7 +428,9 @@ impl PassiveEndpointOps for SrPep {
 
     fn close(&self) {
         let mut cm = self.shared.cm.lock();
-        cm.listeners.remove(&self.fid.0);
+        if let Some(ib) = cm.listeners.remove(&self.fid.0).and_then(|l| l.ib) {
+            ib.close();
+        }
         let fid = self.fid.0;
         cm.half_open.retain(|h| h.listener != fid);
     }
@@ -412,6 +465,8 @@ struct EpCm {
     local: Option<SocketAddr>,
     peer: Option<SocketAddr>,
     request: Option<CmMsg>,
+    /// The connection is managed over IB CM (QP1) rather than TCP.
+    ib: Option<connmgr::IbLink>,
 }
 
 /// An endpoint's state, shared with the connection manager.
