@@ -4,7 +4,7 @@
 //! answers, while another client of the same server device runs 8-byte ping-pongs.
 //!
 //! What the target must hold:
-//! - every ping-pong of the other connection completes, each within 2 s (before the
+//! - every ping-pong of the other connection completes, each within 5 s (before the
 //!   responder bounded its READ resources, the flood queued ~10 GB of responses and
 //!   the device's other connections failed with "retry count exceeded" for ~10 s);
 //! - the server's resident memory grows by less than 64 MiB (the responder keeps at most
@@ -30,7 +30,8 @@ use support::*;
 
 const FLOOD: usize = 10_000;
 const PINGS: usize = 200;
-const MAX_PING: Duration = Duration::from_secs(2);
+/// Generous for a loaded CI machine (measured worst: 75-375 ms at load 8-15).
+const MAX_PING: Duration = Duration::from_secs(5);
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
