@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use fabric::{Access, Completion, CompletionQueue};
+use fabric::{Access, Completion, CompletionQueue, MemoryRegion};
 use serde::Serialize;
 
 use crate::conn::{self, Side};
@@ -53,6 +53,113 @@ pub struct PpResult {
     /// `fi_pingpong` processes for the libfabric reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<crate::CpuCost>,
+}
+
+/// The bookkeeping of one size's round trips, shared by the MSG and RDM ping-pongs:
+/// warm-up, the timed part (wall clock less the untimed echo checks, CPU time), the
+/// per-round-trip samples, and the echo check of every round trip with `verify` (of
+/// the last one without). The echo lands at offset `at` of `mr`; `pattern` was sent.
+pub(crate) struct SizeRun<'a> {
+    mr: &'a MemoryRegion,
+    at: usize,
+    pattern: &'a [u8],
+    iters: usize,
+    warmup: usize,
+    verify: bool,
+    samples: Vec<f64>,
+    timed_start: Instant,
+    untimed: Duration,
+    cpu0: f64,
+}
+
+impl<'a> SizeRun<'a> {
+    pub(crate) fn new(
+        mr: &'a MemoryRegion,
+        at: usize,
+        pattern: &'a [u8],
+        iters: usize,
+        warmup: usize,
+        verify: bool,
+    ) -> Self {
+        SizeRun {
+            mr,
+            at,
+            pattern,
+            iters,
+            warmup,
+            verify,
+            samples: Vec::with_capacity(iters),
+            timed_start: Instant::now(),
+            untimed: Duration::ZERO,
+            cpu0: crate::cpu_seconds(false),
+        }
+    }
+
+    /// Round trips to run, warm-up included.
+    pub(crate) fn rounds(&self) -> usize {
+        self.warmup + self.iters
+    }
+
+    /// Before round trip `i`: the timed part starts at the first timed one; with
+    /// `verify` the echo buffer is cleared, so a lost or partial echo cannot pass on
+    /// the previous one's bytes.
+    pub(crate) fn begin(&mut self, i: usize) -> ToolResult<()> {
+        if i == self.warmup {
+            self.cpu0 = crate::cpu_seconds(false);
+            self.timed_start = Instant::now();
+            self.untimed = Duration::ZERO;
+        }
+        if self.verify {
+            let t = Instant::now();
+            self.mr
+                .fill(self.at, self.pattern.len(), 0x5A)
+                .map_err(ctx("clear"))?;
+            self.untimed += t.elapsed();
+        }
+        Ok(())
+    }
+
+    /// After round trip `i`, started at `t0`: records it and checks the echo.
+    pub(crate) fn end(&mut self, i: usize, t0: Instant) -> ToolResult<()> {
+        if i >= self.warmup {
+            self.samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        if self.verify || i + 1 == self.rounds() {
+            let t = Instant::now();
+            let size = self.pattern.len();
+            let echoed = self.mr.to_vec(self.at, size).map_err(ctx("read echo"))?;
+            if let Some(at) = echoed.iter().zip(self.pattern).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "size {size}, round trip {i}: the echo differs from what was sent \
+                     at byte {at}"
+                ));
+            }
+            self.untimed += t.elapsed();
+        }
+        Ok(())
+    }
+
+    /// The size's figures.
+    pub(crate) fn result(self) -> PpResult {
+        let (size, iters) = (self.pattern.len(), self.iters);
+        let cpu = crate::cpu_seconds(false) - self.cpu0;
+        let wall = self.timed_start.elapsed();
+        let elapsed = wall.saturating_sub(self.untimed).as_secs_f64() * 1e6;
+        let mean = elapsed / (2.0 * iters.max(1) as f64);
+        PpResult {
+            size,
+            iterations: iters,
+            lat_median_us: median(&self.samples) / 2.0,
+            lat_mean_us: mean,
+            mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
+            cpu: Some(crate::CpuCost::new(
+                cpu,
+                wall.as_secs_f64(),
+                (2 * size * iters) as f64,
+                (2 * iters) as f64,
+            )),
+        }
+    }
 }
 
 /// Waits for one successful completion.
@@ -171,23 +278,9 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
         let pattern: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
         mr.write_at(0, &pattern).map_err(ctx("fill"))?;
         mr.fill(max, size, 0).map_err(ctx("clear"))?;
-        let mut samples = Vec::with_capacity(iters);
-        let total_start = Instant::now();
-        let mut timed_start = total_start;
-        let mut untimed = Duration::ZERO;
-        let mut cpu0 = crate::cpu_seconds(false);
-        for i in 0..opts.warmup + iters {
-            if i == opts.warmup {
-                cpu0 = crate::cpu_seconds(false);
-                timed_start = Instant::now();
-                untimed = Duration::ZERO;
-            }
-            if opts.verify {
-                // A lost or partial echo must not pass on the previous one's bytes.
-                let t = Instant::now();
-                mr.fill(max, size, 0x5A).map_err(ctx("clear"))?;
-                untimed += t.elapsed();
-            }
+        let mut run = SizeRun::new(&mr, max, &pattern, iters, opts.warmup, opts.verify);
+        for i in 0..run.rounds() {
+            run.begin(i)?;
             side.ep
                 .recv(mr.iov(max, size), RECV_CTX)
                 .map_err(ctx("post receive"))?;
@@ -209,38 +302,9 @@ pub fn client(side: &Side, opts: &Options) -> ToolResult<Vec<PpResult>> {
                     other => return Err(format!("unexpected completion context {other}")),
                 }
             }
-            if i >= opts.warmup {
-                samples.push(t0.elapsed().as_secs_f64() * 1e6);
-            }
-            if opts.verify || i + 1 == opts.warmup + iters {
-                let t = Instant::now();
-                let echoed = mr.to_vec(max, size).map_err(ctx("read echo"))?;
-                if let Some(at) = echoed.iter().zip(&pattern).position(|(a, b)| a != b) {
-                    return Err(format!(
-                        "size {size}, round trip {i}: the echo differs from what was sent \
-                         at byte {at}"
-                    ));
-                }
-                untimed += t.elapsed();
-            }
+            run.end(i, t0)?;
         }
-        let cpu = crate::cpu_seconds(false) - cpu0;
-        let wall = timed_start.elapsed();
-        let elapsed = wall.saturating_sub(untimed).as_secs_f64() * 1e6;
-        let mean = elapsed / (2.0 * iters.max(1) as f64);
-        results.push(PpResult {
-            size,
-            iterations: iters,
-            lat_median_us: median(&samples) / 2.0,
-            lat_mean_us: mean,
-            mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
-            cpu: Some(crate::CpuCost::new(
-                cpu,
-                wall.as_secs_f64(),
-                (2 * size * iters) as f64,
-                (2 * iters) as f64,
-            )),
-        });
+        results.push(run.result());
     }
     Ok(results)
 }

@@ -16,9 +16,9 @@ use fabric::rdm::{
 use fabric::{Access, Address, Caps, Domain, EpType, Fabric, Hints, MemoryRegion};
 
 use crate::pingpong::{
-    decode_config, encode_config, plan, Options, PpResult, CONFIG_MAX, OP_TIMEOUT,
+    decode_config, encode_config, plan, Options, PpResult, SizeRun, CONFIG_MAX, OP_TIMEOUT,
 };
-use crate::{ctx, median, Mode, ToolResult};
+use crate::{ctx, Mode, ToolResult};
 
 const TAG: u64 = 0x7070;
 const CFG_TAG: u64 = 0xC0F1;
@@ -277,21 +277,9 @@ pub fn client(side: &RdmSide, server: &[u8], opts: &Options) -> ToolResult<Vec<P
         let pattern: Vec<u8> = (0..size).map(|i| (i * 13 + size) as u8).collect();
         mr.write_at(0, &pattern).map_err(ctx("fill"))?;
         mr.fill(max, size, 0).map_err(ctx("clear"))?;
-        let mut samples = Vec::with_capacity(iters);
-        let mut timed_start = Instant::now();
-        let mut untimed = Duration::ZERO;
-        let mut cpu0 = crate::cpu_seconds(false);
-        for i in 0..opts.warmup + iters {
-            if i == opts.warmup {
-                cpu0 = crate::cpu_seconds(false);
-                timed_start = Instant::now();
-                untimed = Duration::ZERO;
-            }
-            if opts.verify {
-                let t = Instant::now();
-                mr.fill(max, size, 0x5A).map_err(ctx("clear"))?;
-                untimed += t.elapsed();
-            }
+        let mut run = SizeRun::new(&mr, max, &pattern, iters, opts.warmup, opts.verify);
+        for i in 0..run.rounds() {
+            run.begin(i)?;
             side.post_recv(&mr, max, size, TAG, RECV_CTX)?;
             let t0 = Instant::now();
             side.post_send(&mr, 0, size, peer, TAG, SEND_CTX)?;
@@ -320,38 +308,9 @@ pub fn client(side: &RdmSide, server: &[u8], opts: &Options) -> ToolResult<Vec<P
                     other => return Err(format!("unexpected completion context {other}")),
                 }
             }
-            if i >= opts.warmup {
-                samples.push(t0.elapsed().as_secs_f64() * 1e6);
-            }
-            if opts.verify || i + 1 == opts.warmup + iters {
-                let t = Instant::now();
-                let echoed = mr.to_vec(max, size).map_err(ctx("read echo"))?;
-                if let Some(at) = echoed.iter().zip(&pattern).position(|(a, b)| a != b) {
-                    return Err(format!(
-                        "size {size}, round trip {i}: the echo differs from what was sent \
-                         at byte {at}"
-                    ));
-                }
-                untimed += t.elapsed();
-            }
+            run.end(i, t0)?;
         }
-        let cpu = crate::cpu_seconds(false) - cpu0;
-        let wall = timed_start.elapsed();
-        let elapsed = wall.saturating_sub(untimed).as_secs_f64() * 1e6;
-        let mean = elapsed / (2.0 * iters.max(1) as f64);
-        results.push(PpResult {
-            size,
-            iterations: iters,
-            lat_median_us: median(&samples) / 2.0,
-            lat_mean_us: mean,
-            mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
-            cpu: Some(crate::CpuCost::new(
-                cpu,
-                wall.as_secs_f64(),
-                (2 * size * iters) as f64,
-                (2 * iters) as f64,
-            )),
-        });
+        results.push(run.result());
     }
     mr.write_at(2 * max, b"done").map_err(ctx("done"))?;
     // "done", and the server's "bye" before leaving (see `server`). Every echo was

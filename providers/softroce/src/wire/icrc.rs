@@ -191,33 +191,41 @@ fn apply(m: &Matrix, mut v: u32) -> u32 {
     r
 }
 
-/// `powers()[k]`: running the register backwards over 2^k zero bytes.
-fn powers() -> &'static [Matrix; 17] {
-    static P: std::sync::OnceLock<[Matrix; 17]> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        let mut p = [[0u32; 32]; 17];
-        for (j, col) in p[0].iter_mut().enumerate() {
-            *col = unstep_zero(1 << j);
+/// The matrices of running the register over 2^k zero bytes, k = 0..17, one step
+/// being `step` (a zero byte, forwards or backwards).
+fn zero_powers(step: fn(u32) -> u32) -> [Matrix; 17] {
+    let mut p = [[0u32; 32]; 17];
+    for (j, col) in p[0].iter_mut().enumerate() {
+        *col = step(1 << j);
+    }
+    for k in 1..17 {
+        let prev = p[k - 1];
+        for (col, v) in p[k].iter_mut().zip(prev) {
+            *col = apply(&prev, v);
         }
-        for k in 1..17 {
-            let prev = p[k - 1];
-            for (col, v) in p[k].iter_mut().zip(prev) {
-                *col = apply(&prev, v);
-            }
-        }
-        p
-    })
+    }
+    p
 }
 
-/// Runs the linear CRC register backwards over `n` zero bytes (`n` < 2^17).
-fn unshift_zero_bytes(mut v: u32, n: usize) -> u32 {
-    let p = powers();
+/// Applies `p` (from [`zero_powers`]) for `n` zero bytes (`n` < 2^17).
+fn over_zero_bytes(p: &[Matrix; 17], mut v: u32, n: usize) -> u32 {
     for (k, m) in p.iter().enumerate() {
         if n >> k & 1 != 0 {
             v = apply(m, v);
         }
     }
     v
+}
+
+/// `powers()[k]`: running the register backwards over 2^k zero bytes.
+fn powers() -> &'static [Matrix; 17] {
+    static P: std::sync::OnceLock<[Matrix; 17]> = std::sync::OnceLock::new();
+    P.get_or_init(|| zero_powers(unstep_zero))
+}
+
+/// Runs the linear CRC register backwards over `n` zero bytes (`n` < 2^17).
+fn unshift_zero_bytes(v: u32, n: usize) -> u32 {
+    over_zero_bytes(powers(), v, n)
 }
 
 /// The 16-bit value whose two bytes (big-endian), fed to a zeroed register, leave
@@ -241,30 +249,12 @@ fn step_zero(s: u32) -> u32 {
 /// `forward_powers()[k]`: running the register forwards over 2^k zero bytes.
 fn forward_powers() -> &'static [Matrix; 17] {
     static P: std::sync::OnceLock<[Matrix; 17]> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        let mut p = [[0u32; 32]; 17];
-        for (j, col) in p[0].iter_mut().enumerate() {
-            *col = step_zero(1 << j);
-        }
-        for k in 1..17 {
-            let prev = p[k - 1];
-            for (col, v) in p[k].iter_mut().zip(prev) {
-                *col = apply(&prev, v);
-            }
-        }
-        p
-    })
+    P.get_or_init(|| zero_powers(step_zero))
 }
 
 /// Runs the linear CRC register forwards over `n` zero bytes (`n` < 2^17).
-fn shift_zero_bytes(mut v: u32, n: usize) -> u32 {
-    let p = forward_powers();
-    for (k, m) in p.iter().enumerate() {
-        if n >> k & 1 != 0 {
-            v = apply(m, v);
-        }
-    }
-    v
+fn shift_zero_bytes(v: u32, n: usize) -> u32 {
+    over_zero_bytes(forward_powers(), v, n)
 }
 
 /// How the ICRC of a packet of one length changes with its IP ID, for a sender that
