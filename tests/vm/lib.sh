@@ -73,3 +73,25 @@ devdax_up() {
   ndctl create-namespace -f -e namespace1.0 -m devdax -a 2M > /dev/null || return 1
   wait_for 10 test -c /dev/dax1.0
 }
+
+# Host-hook helpers of the interop steps (softroce-rcpp, softroce-rdmacm, softroce-verbs):
+# ctl LINE sends one control line to the step's hook on $HOST_IP:$CTL and prints the answer.
+ctl() { echo "$*" | timeout 20 nc -w 10 "$HOST_IP" "$CTL" 2>&1; }
+# rxe_counters WHEN prints rxe0's hw_counters on one line.
+rxe_counters() {
+  echo "rxe0 hw_counters ($1):"
+  for f in /sys/class/infiniband/rxe0/ports/1/hw_counters/*; do
+    printf ' %s=%s' "$(basename "$f")" "$(cat "$f")"
+  done
+  echo
+}
+# host_run_output waits (at most 300 s) for the hook's current run to end and sets
+# HOST_OUT to its output (ending "EXIT <status>"); prints it.
+host_run_output() {
+  local n=0
+  while [ $n -lt 150 ]; do
+    HOST_OUT=$(ctl result)
+    case $HOST_OUT in RUNNING*|"") sleep 2; n=$((n + 1));; *) break;; esac
+  done
+  echo "--- host (softroce) side:"; echo "$HOST_OUT"
+}

@@ -13,23 +13,11 @@ rxe_up || fail "rxe0 is not up"
 g=$(gid_index rxe0) || fail "rxe0 has no IPv4 GID"
 CTL=5001 PORT=18515
 
-ctl() { echo "$*" | timeout 20 nc -w 10 "$HOST_IP" $CTL 2>&1; }
-counters() {
-  echo "rxe0 hw_counters ($1):"
-  for f in /sys/class/infiniband/rxe0/ports/1/hw_counters/*; do
-    printf ' %s=%s' "$(basename "$f")" "$(cat "$f")"
-  done
-  echo
-}
 # host_result ITERS: waits (bounded) for the host run's end; prints its output; fails
 # unless it ended well, verified ITERS messages and counted no bad or off-path packet.
 host_result() {
-  local n=0 r
-  while [ $n -lt 150 ]; do
-    r=$(ctl result)
-    case $r in RUNNING*|"") sleep 2; n=$((n + 1));; *) break;; esac
-  done
-  echo "--- host (softroce) side:"; echo "$r"
+  local r
+  host_run_output; r=$HOST_OUT
   echo "$r" | grep -q '^EXIT 0$' || return 1
   echo "$r" | grep -q "verified $1 of $1 received" || { echo "(not every message verified)"; return 1; }
   echo "$r" | grep -q 'bad_packets 0 wrong_source 0 ' || { echo "(softroce dropped packets as bad or off-path)"; return 1; }
@@ -39,7 +27,7 @@ ok=0 bad=0 summary=""
 run() { # run ROLE-OF-HOST SIZE MTU ITERS
   local role=$1 size=$2 mtu=$3 iters=$4 c s r
   echo "=== host softroce $role, VM ibv_rc_pingpong, size $size, MTU $mtu, $iters iterations"
-  counters before
+  rxe_counters before
   if [ "$role" = server ]; then
     r=$(ctl server "$size" "$iters" "$mtu" $PORT)
     case $r in LISTENING*) ;; *) echo "host server did not start: $r"; bad=$((bad+1)); summary="$summary\n  FAIL host $role $size B MTU $mtu (no host server)"; return;; esac
@@ -58,7 +46,7 @@ run() { # run ROLE-OF-HOST SIZE MTU ITERS
   else
     bad=$((bad+1)); summary="$summary\n  FAIL host $role $size B MTU $mtu"
   fi
-  counters after
+  rxe_counters after
 }
 
 for size in 64 1024 4096 65536; do

@@ -14,24 +14,12 @@ rxe_up || fail "rxe0 is not up"
 command -v rping > /dev/null || fail "no rping (rdmacm-utils)"
 CTL=5002 PORT=7174
 
-ctl() { echo "$*" | timeout 20 nc -w 10 "$HOST_IP" $CTL 2>&1; }
-counters() {
-  echo "rxe0 hw_counters ($1):"
-  for f in /sys/class/infiniband/rxe0/ports/1/hw_counters/*; do
-    printf ' %s=%s' "$(basename "$f")" "$(cat "$f")"
-  done
-  echo
-}
 # host_result COUNT: waits (bounded) for the host run's end; prints its output; fails
 # unless it ended well, verified COUNT pings and counted no bad or off-path packet
 # and no malformed MAD.
 host_result() {
-  local n=0 r
-  while [ $n -lt 150 ]; do
-    r=$(ctl result)
-    case $r in RUNNING*|"") sleep 2; n=$((n + 1));; *) break;; esac
-  done
-  echo "--- host (softroce) side:"; echo "$r"
+  local r
+  host_run_output; r=$HOST_OUT
   echo "$r" | grep -q '^EXIT 0$' || return 1
   echo "$r" | grep -q "$1 pings of .* $1 verified" || { echo "(not every ping verified)"; return 1; }
   echo "$r" | grep -q 'bad_packets 0 wrong_source 0 ' || { echo "(softroce dropped packets as bad or off-path)"; return 1; }
@@ -42,7 +30,7 @@ ok=0 bad=0 summary=""
 run() { # run ROLE-OF-HOST SIZE COUNT
   local role=$1 size=$2 count=$3 c s r
   echo "=== host fabric-rping $role, VM rping, size $size, $count pings"
-  counters before
+  rxe_counters before
   if [ "$role" = server ]; then
     r=$(ctl server "$size" "$count" $PORT)
     case $r in LISTENING*) ;; *) echo "host server did not start: $r"; bad=$((bad+1)); summary="$summary\n  FAIL host $role $size B (no host server)"; return;; esac
@@ -62,7 +50,7 @@ run() { # run ROLE-OF-HOST SIZE COUNT
   else
     bad=$((bad+1)); summary="$summary\n  FAIL host $role $size B x $count"
   fi
-  counters after
+  rxe_counters after
 }
 
 for size in 64 4000 65000; do

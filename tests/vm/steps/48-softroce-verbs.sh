@@ -15,24 +15,12 @@ for b in fabric-pingpong fabric-rma-bw; do
 done
 CTL=5003
 
-ctl() { echo "$*" | timeout 20 nc -w 10 "$HOST_IP" $CTL 2>&1; }
-counters() {
-  echo "rxe0 hw_counters ($1):"
-  for f in /sys/class/infiniband/rxe0/ports/1/hw_counters/*; do
-    printf ' %s=%s' "$(basename "$f")" "$(cat "$f")"
-  done
-  echo
-}
 # host_result: waits (bounded) for the host run's end, prints its output, and fails
 # unless it ended well (its exit status covers every check of --verify) and its
 # capture checked clean.
 host_result() {
-  local n=0 r
-  while [ $n -lt 150 ]; do
-    r=$(ctl result)
-    case $r in RUNNING*|"") sleep 2; n=$((n + 1));; *) break;; esac
-  done
-  echo "--- host (softroce) side:"; echo "$r"
+  local r
+  host_run_output; r=$HOST_OUT
   echo "$r" | grep -q '^EXIT 0$'
 }
 
@@ -41,7 +29,7 @@ run() { # run ROLE-OF-HOST NAME TOOL PORT ARGS...
   local role=$1 name=$2 tool=$3 port=$4 c s r
   shift 4
   echo "=== $name: host $tool -p softroce as $role, VM $tool -p verbs"
-  counters before
+  rxe_counters before
   if [ "$role" = server ]; then
     r=$(ctl server "$tool" "$port" "$@")
     case $r in LISTENING*) ;; *) echo "host server did not start: $r"; bad=$((bad+1)); summary="$summary\n  FAIL $name, host $role (no host server)"; return;; esac
@@ -60,7 +48,7 @@ run() { # run ROLE-OF-HOST NAME TOOL PORT ARGS...
   else
     bad=$((bad+1)); summary="$summary\n  FAIL $name, host $role"
   fi
-  counters after
+  rxe_counters after
 }
 
 port=9400
