@@ -234,7 +234,9 @@ pub fn run_role<T>(
         Role::SelfTest(addr) => run_self(provider, addr, server, client).map(Some),
         Role::Client(dest) => {
             let side = connect(provider, dest, port, b"", Progress::Manual, CONNECT_TIMEOUT)?;
-            client(&side).map(Some)
+            let r = client(&side).map(Some);
+            report_device(&side);
+            r
         }
         Role::Server(addr) => {
             let l = listen(provider, addr, port, Progress::Manual)?;
@@ -243,8 +245,44 @@ pub fn run_role<T>(
                 l.port
             );
             let side = l.accept(b"", Duration::from_secs(3600))?;
-            server(&side).map(|()| None)
+            let r = server(&side).map(|()| None);
+            report_device(&side);
+            r
         }
+    }
+}
+
+/// The counters of the softroce device `side` uses and of its IB CM, as one line
+/// (`bad_packets 0 wrong_source 0 ...`).
+pub fn device_line(side: &Side) -> Option<String> {
+    let ip = match side.ep.local_addr()?.as_inet()?.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => return None,
+    };
+    let d = fabric_softroce::device_stats(ip)?;
+    let cm = fabric_softroce::ibcm::ibcm_stats(ip)
+        .map(|c| {
+            format!(
+                " ibcm_received {} ibcm_sent {} ibcm_malformed {} ibcm_unmatched {} ibcm_retransmits {}",
+                c.engine.received,
+                c.engine.sent,
+                c.engine.malformed,
+                c.engine.unmatched,
+                c.engine.retransmits
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "softroce device {ip}: rx_packets {} tx_packets {} bad_packets {} wrong_source {} unknown_qp {}{cm}",
+        d.rx_packets, d.tx_packets, d.bad_packets, d.wrong_source, d.unknown_qp
+    ))
+}
+
+/// Prints the softroce device's counters to stderr (nothing for other providers): a
+/// peer's packets that this end refused (bad ICRC, off-path) show there.
+fn report_device(side: &Side) {
+    if let Some(line) = device_line(side) {
+        eprintln!("{line}");
     }
 }
 

@@ -191,32 +191,6 @@ fn wait_for(p: &mut Ping<'_>, context: u64) -> ToolResult<Waited> {
     }
 }
 
-/// The counters of the softroce device `side` uses and of its IB CM, as one line
-/// (`bad_packets 0 wrong_source 0 ...`).
-fn device_line(side: &Side) -> Option<String> {
-    let ip = match side.ep.local_addr()?.as_inet()?.ip() {
-        std::net::IpAddr::V4(ip) => ip,
-        std::net::IpAddr::V6(_) => return None,
-    };
-    let d = fabric_softroce::device_stats(ip)?;
-    let cm = fabric_softroce::ibcm::ibcm_stats(ip)
-        .map(|c| {
-            format!(
-                " ibcm_received {} ibcm_sent {} ibcm_malformed {} ibcm_unmatched {} ibcm_retransmits {}",
-                c.engine.received,
-                c.engine.sent,
-                c.engine.malformed,
-                c.engine.unmatched,
-                c.engine.retransmits
-            )
-        })
-        .unwrap_or_default();
-    Some(format!(
-        "softroce device {ip}: rx_packets {} tx_packets {} bad_packets {} wrong_source {} unknown_qp {}{cm}",
-        d.rx_packets, d.tx_packets, d.bad_packets, d.wrong_source, d.unknown_qp
-    ))
-}
-
 fn done(w: Waited, what: &str) -> ToolResult<Completion> {
     match w {
         Waited::Done(c) => Ok(c),
@@ -374,7 +348,7 @@ fn serve(side: &Side, o: &Options) -> ToolResult<Outcome> {
         }
     }
     let _ = side.ep.shutdown();
-    out.device = device_line(side);
+    out.device = conn::device_line(side);
     Ok(out)
 }
 
@@ -446,7 +420,7 @@ fn ping(side: &Side, o: &Options) -> ToolResult<Outcome> {
         let _ = side.eq.read();
         std::thread::sleep(Duration::from_millis(1));
     }
-    out.device = device_line(side);
+    out.device = conn::device_line(side);
     Ok(out)
 }
 

@@ -5,7 +5,8 @@
 # send/recv ping-pong, RMA write and RMA read, every transfer's data checked on both
 # sides (--verify). Connections go through RDMA CM (the verbs provider's rdma_cm against
 # softroce's IB CM over QP1). The hook captures each run on the TAP and checks every
-# frame's ICRC with scapy; rxe's hw_counters are printed before and after each run.
+# frame's ICRC with scapy; our device must count no bad or off-path packet (the tools
+# print its counters); rxe's hw_counters are printed before and after each run.
 # vmtier-timeout: 900
 . /tier/lib.sh
 rxe_up || fail "rxe0 is not up"
@@ -16,12 +17,13 @@ done
 CTL=5003
 
 # host_result: waits (bounded) for the host run's end, prints its output, and fails
-# unless it ended well (its exit status covers every check of --verify) and its
-# capture checked clean.
+# unless it ended well (its exit status covers every check of --verify and the
+# capture's scapy check) and its softroce device counted no bad or off-path packet.
 host_result() {
   local r
   host_run_output; r=$HOST_OUT
-  echo "$r" | grep -q '^EXIT 0$'
+  echo "$r" | grep -q '^EXIT 0$' || return 1
+  echo "$r" | grep -q 'bad_packets 0 wrong_source 0 ' || { echo "(softroce dropped packets as bad or off-path)"; return 1; }
 }
 
 ok=0 bad=0 summary=""
