@@ -4,7 +4,7 @@
 //! MADs). Each test uses its own free loopback addresses; the client's device is
 //! configured with `cm: Some(CmProtocol::Ib)` (as `SOFTROCE_CM=ib` would).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use fabric_core::*;
@@ -13,6 +13,8 @@ use fabric_softroce::ibcm::wire::{self as ibw, CmMad, CmMessage, CmaHdr, Req};
 use fabric_softroce::ibcm::{ibcm_stats, AgentStats};
 use fabric_softroce::wire::IcrcContext;
 use fabric_softroce::{configure_device, device_stats, free_loopback_ip, CmProtocol, DeviceConfig};
+
+mod support;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -36,16 +38,7 @@ fn addrs() -> (Ipv4Addr, Ipv4Addr) {
     (s, c)
 }
 
-fn registry() -> Registry {
-    Registry::new().with(fabric_softroce::provider())
-}
-
-fn hints() -> Hints {
-    Hints::new()
-        .caps(Caps::MSG | Caps::RMA)
-        .ep_type(EpType::Msg)
-        .provider("softroce")
-}
+const CAPS: Caps = Caps::MSG.union(Caps::RMA);
 
 struct Server {
     fabric: Fabric,
@@ -57,22 +50,12 @@ struct Server {
 }
 
 fn server(ip: Ipv4Addr) -> Server {
-    let info = registry()
-        .getinfo(&hints().source(true).node(&ip.to_string()).service(0))
-        .expect("server getinfo")
-        .remove(0);
-    let fabric = Fabric::open(&info).unwrap();
-    let domain = fabric.domain(&info).unwrap();
-    let eq = fabric.eq(EqAttr::default()).unwrap();
-    let cq = domain.cq(CqAttr::default()).unwrap();
-    let pep = fabric.passive_endpoint(&info, &eq).unwrap();
-    pep.listen().unwrap();
-    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
+    let (side, pep, port) = support::server(ip, CAPS);
     Server {
-        fabric,
-        domain,
-        eq,
-        cq,
+        fabric: side.fabric,
+        domain: side.domain,
+        eq: side.eq,
+        cq: side.cq,
         pep,
         port,
     }
@@ -87,23 +70,13 @@ struct Client {
 }
 
 fn client(ip: Ipv4Addr, server_ip: Ipv4Addr, port: u16) -> Client {
-    let mut info = registry()
-        .getinfo(&hints().node(&server_ip.to_string()).service(port))
-        .expect("client getinfo")
-        .remove(0);
-    info.src_addr = Some(Address::Inet(SocketAddr::new(ip.into(), 0)));
-    let fabric = Fabric::open(&info).unwrap();
-    let domain = fabric.domain(&info).unwrap();
-    let eq = fabric.eq(EqAttr::default()).unwrap();
-    let cq = domain.cq(CqAttr::default()).unwrap();
-    let ep = domain
-        .endpoint(&info, EndpointConfig::new(&cq, &eq))
-        .unwrap();
+    let side = support::client(ip, &server_ip.to_string(), port, CAPS);
+    let ep = side.endpoint(&side.info);
     Client {
-        _fabric: fabric,
-        domain,
-        eq,
-        cq,
+        _fabric: side.fabric,
+        domain: side.domain,
+        eq: side.eq,
+        cq: side.cq,
         ep,
     }
 }
