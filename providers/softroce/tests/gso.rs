@@ -12,7 +12,7 @@
 //! tier's TAP against kernel rxe (step softroce-rcpp, every frame checked by scapy).
 //! On loopback the kernel hands the super-datagram to the receiving socket whole.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,19 +21,14 @@ use fabric_core::*;
 use fabric_softroce::wire::frame::Ipv4UdpFrame;
 use fabric_softroce::{configure_device, device_stats, free_loopback_ip, DeviceConfig};
 
+mod support;
+
 struct Side {
     _fabric: Fabric,
     domain: Domain,
     eq: EventQueue,
     cq: CompletionQueue,
     ep: Endpoint,
-}
-
-fn hints() -> Hints {
-    Hints::new()
-        .caps(Caps::MSG | Caps::RMA)
-        .ep_type(EpType::Msg)
-        .provider("softroce")
 }
 
 fn wait_event(mine: &EventQueue, other: &CompletionQueue) -> Event {
@@ -50,53 +45,31 @@ fn wait_event(mine: &EventQueue, other: &CompletionQueue) -> Event {
 
 /// A connected pair: server on `sip`, client on `cip`.
 fn pair(sip: Ipv4Addr, cip: Ipv4Addr) -> (Side, Side, PassiveEndpoint) {
-    let reg = Registry::new().with(fabric_softroce::provider());
-    let sinfo = reg
-        .getinfo(&hints().source(true).node(&sip.to_string()).service(0))
-        .expect("server getinfo")
-        .remove(0);
-    let sfab = Fabric::open(&sinfo).unwrap();
-    let sdom = sfab.domain(&sinfo).unwrap();
-    let seq = sfab.eq(EqAttr::default()).unwrap();
-    let scq = sdom.cq(CqAttr::default()).unwrap();
-    let pep = sfab.passive_endpoint(&sinfo, &seq).unwrap();
-    pep.listen().unwrap();
-    let port = pep.local_addr().unwrap().as_inet().unwrap().port();
-    let mut cinfo = reg
-        .getinfo(&hints().node(&sip.to_string()).service(port))
-        .expect("client getinfo")
-        .remove(0);
-    cinfo.src_addr = Some(Address::Inet(SocketAddr::new(cip.into(), 0)));
-    let cfab = Fabric::open(&cinfo).unwrap();
-    let cdom = cfab.domain(&cinfo).unwrap();
-    let ceq = cfab.eq(EqAttr::default()).unwrap();
-    let ccq = cdom.cq(CqAttr::default()).unwrap();
-    let cep = cdom
-        .endpoint(&cinfo, EndpointConfig::new(&ccq, &ceq))
-        .unwrap();
+    let caps = Caps::MSG | Caps::RMA;
+    let (s, pep, port) = support::server(sip, caps);
+    let c = support::client(cip, &sip.to_string(), port, caps);
+    let cep = c.endpoint(&c.info);
     cep.connect(b"").unwrap();
-    let req = match wait_event(&seq, &ccq) {
+    let req = match wait_event(&s.eq, &c.cq) {
         Event::ConnRequest(r) => r,
         other => panic!("server: {other:?}"),
     };
-    let sep = sdom
-        .endpoint(&req.info, EndpointConfig::new(&scq, &seq))
-        .unwrap();
+    let sep = s.endpoint(&req.info);
     sep.accept(b"").unwrap();
-    assert!(matches!(wait_event(&ceq, &scq), Event::Connected { .. }));
-    assert!(matches!(wait_event(&seq, &ccq), Event::Connected { .. }));
+    assert!(matches!(wait_event(&c.eq, &s.cq), Event::Connected { .. }));
+    assert!(matches!(wait_event(&s.eq, &c.cq), Event::Connected { .. }));
     let server = Side {
-        _fabric: sfab,
-        domain: sdom,
-        eq: seq,
-        cq: scq,
+        _fabric: s.fabric,
+        domain: s.domain,
+        eq: s.eq,
+        cq: s.cq,
         ep: sep,
     };
     let client = Side {
-        _fabric: cfab,
-        domain: cdom,
-        eq: ceq,
-        cq: ccq,
+        _fabric: c.fabric,
+        domain: c.domain,
+        eq: c.eq,
+        cq: c.cq,
         ep: cep,
     };
     (server, client, pep)
