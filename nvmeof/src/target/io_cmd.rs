@@ -125,7 +125,7 @@ fn range(cmd: &Cmd<'_>, ns: &Namespace) -> Result<(u64, usize), CmdError> {
 
 fn dsm(cmd: &mut Cmd<'_>, ns: &Arc<Namespace>) -> Result<(), CmdError> {
     let d = DsmCommand::from_sqe(&cmd.sqe);
-    let raw = cmd.xfer.fetch(d.range_count() * DsmRange::LEN)?;
+    let raw = cmd.xfer.fetch_prefix(d.range_count() * DsmRange::LEN)?;
     let mut ranges = Vec::with_capacity(d.range_count());
     for chunk in raw.chunks_exact(DsmRange::LEN) {
         let r = DsmRange::parse(chunk)?;

@@ -201,14 +201,36 @@ impl Xfer<'_> {
     /// Data from the host, `len` bytes (in-capsule or by RMA read).
     pub(crate) fn fetch(&mut self, len: usize) -> Result<Vec<u8>, CmdError> {
         self.expect(len)?;
+        self.read_host(len)
+    }
+
+    /// The first `len` bytes of the host's data, where the SGL may describe more (as
+    /// Linux nvmet's `nvmet_check_data_len_lte` allows): Linux hosts send a Dataset
+    /// Management range list in a buffer of 256 ranges (4 KiB) whatever NR says.
+    pub(crate) fn fetch_prefix(&mut self, len: usize) -> Result<Vec<u8>, CmdError> {
+        self.check_type()?;
+        if self.len() < len {
+            return Err(CmdError::at(StatusCode::DataSglLengthInvalid, DPTR + 8));
+        }
+        if self.len() > MAX_TRANSFER {
+            return Err(StatusCode::InvalidField.into());
+        }
+        self.read_host(len)
+    }
+
+    fn read_host(&mut self, len: usize) -> Result<Vec<u8>, CmdError> {
         match self.sgl {
             SglRepr::InCapsule { offset, length } => {
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
                 if start > self.inline.len() {
                     return Err(CmdError::at(StatusCode::SglOffsetInvalid, DPTR));
                 }
+                // The whole described range must have arrived, even if less is used.
+                if start.saturating_add(length as usize) > self.inline.len() {
+                    return Err(CmdError::at(StatusCode::DataSglLengthInvalid, DPTR + 8));
+                }
                 self.inline
-                    .get(start..start.saturating_add(length as usize))
+                    .get(start..start.saturating_add(len))
                     .map(<[u8]>::to_vec)
                     .ok_or(CmdError::at(StatusCode::DataSglLengthInvalid, DPTR + 8))
             }

@@ -39,7 +39,8 @@ finish() {
   if dmesg | tail -n +$((dbase + 1)) | grep -E 'WARNING:|BUG:|Oops|Call Trace|general protection'; then
     summary="$summary\n  FAIL kernel warning in dmesg"; bad=$((bad+1))
   fi
-  echo "--- our target's log (hook):"; ctl log | tail -n 200
+  echo "--- our target's log (hook):"; ctl log > $W/tlog; tail -n 200 $W/tlog
+  if grep -E 'panicked|ERROR' $W/tlog; then summary="$summary\n  FAIL errors in our target's log"; bad=$((bad+1)); fi
   ctl quit
   printf "nvme-kernel-host summary: %d failed$summary\n" $bad
   [ $bad = 0 ]
@@ -148,8 +149,10 @@ discard_ok() { # DEV
 }
 check "blkdiscard $D1" discard_ok $D1
 check "blkdiscard $D2" discard_ok $D2
-check "nvme flush ns 1" nvme flush /dev/$C -n 1
-check "nvme flush ns 2" nvme flush /dev/$C -n 2
+# (through the namespace's block device: the kernel refuses I/O commands on the
+# controller's character device when it has more than one namespace)
+check "nvme flush ns 1" nvme flush /dev/$D1 -n 1
+check "nvme flush ns 2" nvme flush /dev/$D2 -n 2
 check "nvme verify $D1 (blocks 0..7)" nvme verify /dev/$D1 -n 1 -s 0 -c 7
 check "nvme verify $D2 (blocks 0..7)" nvme verify /dev/$D2 -n 2 -s 0 -c 7
 # copy DEV NSID: copies blocks 0..7 (written above with the pattern's first 512 B at 0
