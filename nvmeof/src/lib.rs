@@ -21,7 +21,11 @@
 //!   changed namespaces, discovery), Asynchronous Event Request (held, never
 //!   completed). I/O: Read, Write (FUA), Flush (one or all namespaces), Write Zeroes
 //!   (DEAC), Dataset Management (deallocate punches holes in files), Verify, Compare,
-//!   Copy (format 0).
+//!   Copy (format 0). The Linux kernel's nvme-rdma host (nvme-cli) uses it over RDMA
+//!   CM: softroce answers the kernel's IB CM requests on QP1 (the VM tier's step
+//!   `nvme-kernel-host`; `tests/linux_host.rs` pins the capsules Linux builds
+//!   differently from this crate's host). Responses never carry a remote invalidate:
+//!   Linux hosts invalidate their keys themselves then.
 //! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
 //!   number of queues, I/O queues), keep-alive, reconnect after a lost association,
 //!   and a block API: synchronous, batched, or asynchronous
