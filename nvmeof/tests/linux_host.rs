@@ -24,12 +24,12 @@ fn linux_dsm_capsule(slba: u64, nlb: u32, nr_0based: u8) -> Vec<u8> {
     c[0] = 0x09; // opcode: Dataset Management
     c[1] = 0x40; // PSDT 01b: SGL for data (NVME_CMD_SGL_METABUF)
     c[4..8].copy_from_slice(&1u32.to_le_bytes()); // NSID 1
-    // DPTR (bytes 24..40): data block, offset subtype; address = offset 0, length 4096
+                                                  // DPTR (bytes 24..40): data block, offset subtype; address = offset 0, length 4096
     c[32..36].copy_from_slice(&4096u32.to_le_bytes());
     c[39] = 0x01;
     c[40] = nr_0based; // CDW10: NR (0's based)
     c[44] = 0x04; // CDW11: AD (deallocate)
-    // Range 0: context attributes 0, NLB, SLBA
+                  // Range 0: context attributes 0, NLB, SLBA
     c[64 + 4..64 + 8].copy_from_slice(&nlb.to_le_bytes());
     c[64 + 8..64 + 16].copy_from_slice(&slba.to_le_bytes());
     c
@@ -45,12 +45,20 @@ fn linux_dsm_with_a_4k_range_buffer(provider: &str) {
     let cqe = io_raw(&ctrl, &linux_dsm_capsule(4, 8, 0));
     assert!(cqe.status.is_success(), "{cqe:?}");
     let back = s.target.read_namespace(SUBNQN, 1, 0, 16 * 512).unwrap();
-    assert_eq!(back[..4 * 512], data[..4 * 512], "blocks before the range kept");
+    assert_eq!(
+        back[..4 * 512],
+        data[..4 * 512],
+        "blocks before the range kept"
+    );
     assert!(
         back[4 * 512..12 * 512].iter().all(|&b| b == 0),
         "deallocated blocks read as zeroes (DLFEAT 001b)"
     );
-    assert_eq!(back[12 * 512..], data[12 * 512..], "blocks after the range kept");
+    assert_eq!(
+        back[12 * 512..],
+        data[12 * 512..],
+        "blocks after the range kept"
+    );
 
     // 256 ranges (NR 255) fill the 4 KiB exactly: the zeroed ranges 1..255 (NLB 0)
     // deallocate nothing.
