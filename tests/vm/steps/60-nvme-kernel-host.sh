@@ -120,6 +120,11 @@ rw() {
   dd if=$W/w of=/dev/$1 bs=$2 seek=$3 count=1 oflag=direct conv=notrunc 2>/dev/null || { echo "write $1 $2@$3 failed"; return 1; }
   dd if=/dev/$1 of=$W/r bs=$2 skip=$3 count=1 iflag=direct 2>/dev/null || { echo "read $1 $2@$3 failed"; return 1; }
   cmp $W/w $W/r || { echo "data differ: $1 $2 B at block $3 of $2 B"; return 1; }
+  # The file namespace: the bytes in the target's file itself, read by the hook.
+  if [ "$1" = "$D1" ]; then
+    local h; h=$(ctl sha $(( $2 * $3 )) $2)
+    [ "$h" = "$(sha256sum $W/w | cut -d' ' -f1)" ] || { echo "target file at byte $(( $2 * $3 )): sha256 $h, not what was written"; return 1; }
+  fi
 }
 io_ok() { # io_ok DEV BLOCKS
   local d=$1 last4k=$(( $2 / 8 - 1 )) f
@@ -127,6 +132,8 @@ io_ok() { # io_ok DEV BLOCKS
     rw $d $f || return 1
   done
   echo "$d: 9 writes of 512 B .. 1 MiB at several offsets (first and last blocks included) read back equal"
+  [ $d = $D1 ] && echo "$d: and each found at its offset in the target's file (sha256 by the hook)"
+  return 0
 }
 check "O_DIRECT write/read/compare $D1" io_ok $D1 $NS1_BLOCKS
 check "O_DIRECT write/read/compare $D2" io_ok $D2 $NS2_BLOCKS
@@ -142,6 +149,10 @@ discard_ok() { # DEV
     dd if=/dev/$d of=$W/r bs=262144 skip=16 count=1 iflag=direct 2>/dev/null || return 1
     head -c 262144 /dev/zero > $W/z
     cmp $W/r $W/z || { echo "$d: discarded range does not read as zeroes"; return 1; }
+    if [ $d = $D1 ]; then
+      [ "$(ctl sha $((16 * 262144)) 262144)" = "$(sha256sum $W/z | cut -d' ' -f1)" ] || { echo "$d: the target's file is not zero there"; return 1; }
+      echo "$d: zero in the target's file too"
+    fi
     echo "$d: 256 KiB discarded, read back as zeroes (dlfeat 1)"
   else
     echo "$d: 256 KiB discarded (dlfeat does not promise zeroes)"
@@ -214,7 +225,11 @@ ka_ok() {
   t0=$(cut -d. -f1 /proc/uptime)
   wait_for 90 grep -qx live /sys/class/nvme/$c/state || { echo "not live again: $(cat /sys/class/nvme/$c/state)"; return 1; }
   echo "live again $(( $(cut -d. -f1 /proc/uptime) - t0 )) s after SIGCONT"
-  dmesg | tail -n +$((dbase + 1)) | grep -iE 'keep alive|timeout|reconnect|resetting|error recovery' | tail -n 12
+  dmesg | tail -n +$((dbase + 1)) | grep -iE 'keep alive|keep_alive|timeout|reconnect|resetting|error recovery' | tail -n 12 > $W/ka
+  cat $W/ka
+  # 6.1 reports the expired Keep Alive as an admin (QID 0) command timeout
+  grep -qE 'QID 0 timeout|keep.alive' $W/ka || { echo "no keep-alive timeout in dmesg"; return 1; }
+  grep -q 'Successfully reconnected' $W/ka || { echo "no reconnect in dmesg"; return 1; }
   rw $d 65536 7 && rw $(ns_dev $SUBNQN 1) 4096 200 || return 1
   nvme disconnect -n $SUBNQN
 }
