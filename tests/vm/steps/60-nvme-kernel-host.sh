@@ -14,7 +14,7 @@
 # read latency over our target beside the kernel's nvmet (in this VM, a file of the
 # same size, over rxe0 to itself). Any kernel WARNING/BUG/Oops fails the step; the
 # target's log is printed at the end (and saved beside the host log by the hook).
-# vmtier-timeout: 1200
+# vmtier-timeout: 600
 . /tier/lib.sh
 CTL=5004 PORT=4420
 SUBNQN=nqn.2024-01.io.fabric:vm-kernel-host
