@@ -265,6 +265,21 @@ struct CopyArgs {
     blocks: String,
 }
 
+#[derive(Args)]
+struct HoldArgs {
+    #[command(flatten)]
+    conn: ConnLong,
+    /// Seconds to stay connected and idle.
+    #[arg(long = "seconds", default_value = "12", value_parser = num64)]
+    seconds: u64,
+    /// Keep-alive timeout asked for in Connect (KATO), ms.
+    #[arg(short = 'k', long = "keep-alive-tmo", default_value = "5000", value_parser = num32)]
+    kato: u32,
+    /// Send no Keep Alive commands: a target that enforces KATO ends the association.
+    #[arg(long = "no-keep-alive")]
+    no_keep_alive: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Discovery log of the target's discovery controller.
@@ -306,6 +321,10 @@ enum Command {
     Compare(RwArgs),
     /// Copy ranges to a destination (simple copy).
     Copy(CopyArgs),
+    /// Keep-alive check: connect with KATO, stay idle (Keep Alive commands sent every
+    /// KATO / 2 unless --no-keep-alive), then see whether the controller still
+    /// answers; exits 0 only if it does.
+    Hold(HoldArgs),
 }
 
 fn num64(s: &str) -> Result<u64, String> {
@@ -1170,6 +1189,49 @@ fn copy(a: CopyArgs) -> Res<()> {
     Ok(())
 }
 
+fn hold(a: HoldArgs) -> Res<()> {
+    let c: Conn = a.conn.into();
+    let nqn = c.subnqn()?;
+    let mut cfg = c.host_config(!a.no_keep_alive);
+    cfg.kato_ms = a.kato;
+    let ctrl = Controller::connect(&c.target(), &nqn, &cfg)
+        .map_err(|e| format!("connect to {nqn} at {}: {e}", c.where_()))?;
+    // The target's view of KATO (Get Features, Keep Alive Timer).
+    let kato = ctrl.get_features(FeatureId::KeepAliveTimer).map_err(err);
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let after = ctrl.get_features(FeatureId::NumberOfQueues);
+    let alive = after.is_ok();
+    let error = after.err().map(|e| e.to_string());
+    let _ = ctrl.disconnect();
+    let kato = kato?;
+    if c.output == Format::Json {
+        println!(
+            "{}",
+            pretty(&json!({
+                "kato_ms": kato,
+                "held_s": a.seconds,
+                "keep_alive": !a.no_keep_alive,
+                "alive_after": alive,
+                "error": error,
+            }))
+        );
+    } else {
+        println!(
+            "hold: KATO {kato} ms, idle {} s, keep-alive {}: controller {}",
+            a.seconds,
+            if a.no_keep_alive { "off" } else { "on" },
+            match &error {
+                None => "still answers".to_string(),
+                Some(e) => format!("gone ({e})"),
+            }
+        );
+    }
+    match error {
+        None => Ok(()),
+        Some(e) => Err(format!("controller gone after {} s idle: {e}", a.seconds)),
+    }
+}
+
 fn run(cli: Cli) -> Res<()> {
     match cli.cmd {
         Command::Discover(c) => discover(&c),
@@ -1188,6 +1250,7 @@ fn run(cli: Cli) -> Res<()> {
         Command::Verify(a) => range_cmd(a, "verify"),
         Command::Dsm(a) => dsm(a),
         Command::Copy(a) => copy(a),
+        Command::Hold(a) => hold(a),
     }
 }
 

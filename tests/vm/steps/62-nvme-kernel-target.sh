@@ -7,6 +7,9 @@
 # flush, write-zeroes, verify and compare (status reported). Then this step checks the
 # file itself where our host wrote (the kernel's view of our writes), that the pattern
 # is still intact, and dmesg since the step began: any kernel WARNING/BUG/Oops fails it.
+# The hook also holds a controller idle past KATO with and without Keep Alive commands
+# (the kernel must keep and end the association), and runs nvmeof-perf (random 4 KiB
+# reads, two I/O queues at depth 32) against it.
 # vmtier-timeout: 900
 . /tier/lib.sh
 rxe_up || fail "rxe0 is not up"
@@ -32,8 +35,12 @@ teardown() {
 # target's Write Zeroes is fallocate(ZERO_RANGE), which tmpfs lacks. Sparse, with a
 # known pattern in four places (first 4 KiB, 64 KiB at 68 KiB, 1 MiB in the middle,
 # the last MiB), each region's MD5 kept.
-if dax_mount; then
+MOUNTED=0
+if grep -q ' /mnt/pmem ' /proc/mounts; then
   IMG=/mnt/pmem/nvmet-ns.img BUFFERED=0
+elif modprobe nfit && modprobe nd_pmem && wait_for 20 test -b /dev/pmem0 &&
+     mkfs.ext4 -F -q -b 4096 /dev/pmem0 && mkdir -p /mnt/pmem && mount -t ext4 /dev/pmem0 /mnt/pmem; then
+  IMG=/mnt/pmem/nvmet-ns.img BUFFERED=0 MOUNTED=1
 else
   echo "(no ext4 on NVDIMM 0: the file goes on tmpfs, where the kernel cannot write zeroes)"
   IMG=/tmp/nvmet-ns.img BUFFERED=1
@@ -109,9 +116,15 @@ cat /tmp/nvmet-dmesg.txt
 if grep -qE 'WARNING|BUG|Oops|Call Trace|general protection' /tmp/nvmet-dmesg.txt; then
   echo "FAIL: kernel warning in dmesg"; bad=1
 fi
+if grep -q 'failed with status' /tmp/nvmet-dmesg.txt; then
+  echo "FAIL: nvmet-rdma saw a failed work request"; bad=1
+fi
+grep -q 'keep-alive timer (5 seconds) expired' /tmp/nvmet-dmesg.txt ||
+  { echo "FAIL: the kernel never expired the keep-alive of the controller held without Keep Alive"; bad=1; }
 grep -q "nvmet: creating nvm controller .* for NQN $HOSTNQN" /tmp/nvmet-dmesg.txt ||
   { echo "FAIL: the kernel never created an NVM controller for $HOSTNQN"; bad=1; }
 teardown
 rm -f $IMG
+[ $MOUNTED = 1 ] && umount /mnt/pmem
 [ $bad = 0 ] || fail "nvme-kernel-target"
 echo "nvme-kernel-target: PASS"
