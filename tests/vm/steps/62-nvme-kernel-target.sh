@@ -71,6 +71,7 @@ wait_for 10 sh -c "dmesg | grep -q 'nvmet_rdma: enabling port 1'" ||
   echo "(no 'enabling port 1' in dmesg yet)"
 echo "nvmet: $NQN on rdma $VM_IP:4420, allowed host $HOSTNQN"
 
+rxe_counters before
 r=$(ctl run "$NQN" $SIZE "$REGIONS")
 case $r in STARTED*) ;; *) teardown; fail "host hook did not start: $r";; esac
 n=0 out=""
@@ -79,6 +80,7 @@ while [ $n -lt 300 ]; do # at most 600 s
   case $out in RUNNING*|"") sleep 2; n=$((n + 1));; *) break;; esac
 done
 echo "--- host side (our nvmeof over softroce):"; echo "$out"
+rxe_counters after
 bad=0
 echo "$out" | grep -q '^EXIT 0$' || { echo "FAIL: the host side's checks failed or it never ended"; bad=1; }
 
