@@ -442,12 +442,22 @@ fn hold_keeps_the_controller_only_with_keep_alive() {
     let ip = random_loopback().to_string();
     let t = TargetProc::start(Command::new(TARGET).env("NVMEOF_TARGET_TRADDR", &ip));
     let args = ["--seconds", "3", "-k", "1000", "-o", "json"];
-    let kept = json(&t.nvmeof("hold", "--trsvcid", &args), "hold with keep-alive");
+    let kept = json(
+        &t.nvmeof("hold", "--trsvcid", &args),
+        "hold with keep-alive",
+    );
     assert_eq!(kept["kato_ms"], 1000, "the target's KATO: {kept}");
     assert_eq!(kept["alive_after"], true, "{kept}");
     assert_eq!(kept["keep_alive"], true, "{kept}");
-    let dropped = t.nvmeof("hold", "--trsvcid", &[&args[..], &["--no-keep-alive"]].concat());
-    assert!(!dropped.status.success(), "no keep-alive, yet the controller answered");
+    let dropped = t.nvmeof(
+        "hold",
+        "--trsvcid",
+        &[&args[..], &["--no-keep-alive"]].concat(),
+    );
+    assert!(
+        !dropped.status.success(),
+        "no keep-alive, yet the controller answered"
+    );
     let err = String::from_utf8_lossy(&dropped.stderr);
     assert!(err.contains("controller gone after 3 s idle"), "{err}");
     let v: Value = serde_json::from_slice(&dropped.stdout).expect("JSON even when gone");

@@ -557,7 +557,9 @@ mod tests {
     #[test]
     fn connect_data_goes_by_keyed_sgl() {
         for (qid, sqsize, kato) in [(0u16, 31u16, 5000u32), (1, 127, 0)] {
-            let b = connect_command(qid, sqsize, kato).expect("connect").to_bytes();
+            let b = connect_command(qid, sqsize, kato)
+                .expect("connect")
+                .to_bytes();
             assert_eq!(b.len(), 64);
             assert_eq!(b[0], 0x7F, "Fabrics opcode");
             assert_eq!(b[1] & 0xC0, 0x40, "PSDT: SGL");
