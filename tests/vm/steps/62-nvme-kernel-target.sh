@@ -59,6 +59,7 @@ echo "namespace file $IMG, $SIZE bytes; known regions (offset:len:md5) $REGIONS"
 
 mkdir $S || fail "mkdir $S"
 echo 0 > $S/attr_allow_any_host
+echo fabric-vmtier-0001 > $S/attr_serial || fail "attr_serial"
 mkdir -p $H && ln -s $H $S/allowed_hosts/$HOSTNQN || fail "allowed host $HOSTNQN"
 mkdir $S/namespaces/1 || fail "namespace 1"
 # tmpfs has no O_DIRECT: there the file is served through the page cache
