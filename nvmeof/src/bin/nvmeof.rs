@@ -34,7 +34,11 @@ not fit keyed SGLs), -a traddr, -s trsvcid, -n subsystem NQN (when omitted, the 
 subsystem discovery lists), -w host-traddr (address to connect from; for softroce on
 loopback a random 127.x.y.z is chosen), -q hostnqn. Commands that take nvme-cli's -s
 (start block) and -n (namespace ID) spell these --trsvcid and --nqn.
-Environment: NVMEOF_LOG=warn|info|debug (default warn).";
+Environment: NVMEOF_LOG=warn|info|debug (default warn).
+Against the Linux kernel's target (nvmet-rdma, which listens through rdma_cm): set
+SOFTROCE_CM=ib (softroce connects through rdma_cm's IB CM exchange over QP1) and give
+-w, the local address on the target's network, e.g.
+  SOFTROCE_CM=ib nvmeof discover -t softroce -a 192.168.100.2 -s 4420 -w 192.168.100.1";
 
 #[derive(Parser)]
 #[command(
