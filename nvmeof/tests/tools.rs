@@ -463,4 +463,20 @@ fn hold_keeps_the_controller_only_with_keep_alive() {
     let v: Value = serde_json::from_slice(&dropped.stdout).expect("JSON even when gone");
     assert_eq!(v["alive_after"], false, "{v}");
     assert_eq!(v["keep_alive"], false, "{v}");
+    // --reconnect: the host library connects again and the new association answers.
+    let back = json(
+        &t.nvmeof(
+            "hold",
+            "--trsvcid",
+            &[&args[..], &["--no-keep-alive", "--reconnect"]].concat(),
+        ),
+        "hold, then reconnect",
+    );
+    assert_eq!(back["alive_after"], false, "{back}");
+    assert_eq!(back["reconnected"], true, "{back}");
+    assert!(back["error"].is_null(), "{back}");
+    assert_ne!(
+        back["cntlid_after"], back["cntlid"],
+        "a new association: {back}"
+    );
 }

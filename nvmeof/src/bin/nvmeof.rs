@@ -282,6 +282,10 @@ struct HoldArgs {
     /// Send no Keep Alive commands: a target that enforces KATO ends the association.
     #[arg(long = "no-keep-alive")]
     no_keep_alive: bool,
+    /// When the controller is gone: connect again (the host library's reconnect) and
+    /// check the new association answers; exits 0 if it does.
+    #[arg(long = "reconnect")]
+    reconnect: bool,
 }
 
 #[derive(Subcommand)]
@@ -1198,14 +1202,30 @@ fn hold(a: HoldArgs) -> Res<()> {
     let nqn = c.subnqn()?;
     let mut cfg = c.host_config(!a.no_keep_alive);
     cfg.kato_ms = a.kato;
-    let ctrl = Controller::connect(&c.target(), &nqn, &cfg)
+    let mut ctrl = Controller::connect(&c.target(), &nqn, &cfg)
         .map_err(|e| format!("connect to {nqn} at {}: {e}", c.where_()))?;
     // The target's view of KATO (Get Features, Keep Alive Timer).
     let kato = ctrl.get_features(FeatureId::KeepAliveTimer).map_err(err);
+    let cntlid = ctrl.cntlid();
     std::thread::sleep(Duration::from_secs(a.seconds));
     let after = ctrl.get_features(FeatureId::NumberOfQueues);
     let alive = after.is_ok();
-    let error = after.err().map(|e| e.to_string());
+    let mut error = after.err().map(|e| e.to_string());
+    // Reconnected: the new association answers Identify-backed I/O bring-up and a
+    // Get Features; None when not asked or not needed.
+    let mut reconnected = None;
+    if a.reconnect && error.is_some() {
+        let r = ctrl
+            .reconnect()
+            .and_then(|()| ctrl.get_features(FeatureId::NumberOfQueues));
+        reconnected = Some(r.is_ok());
+        if let Err(e) = r {
+            error = Some(format!("{}; reconnect: {e}", error.unwrap_or_default()));
+        } else {
+            error = None;
+        }
+    }
+    let new_cntlid = ctrl.cntlid();
     let _ = ctrl.disconnect();
     let kato = kato?;
     if c.output == Format::Json {
@@ -1216,6 +1236,9 @@ fn hold(a: HoldArgs) -> Res<()> {
                 "held_s": a.seconds,
                 "keep_alive": !a.no_keep_alive,
                 "alive_after": alive,
+                "reconnected": reconnected,
+                "cntlid": cntlid,
+                "cntlid_after": new_cntlid,
                 "error": error,
             }))
         );
@@ -1224,9 +1247,10 @@ fn hold(a: HoldArgs) -> Res<()> {
             "hold: KATO {kato} ms, idle {} s, keep-alive {}: controller {}",
             a.seconds,
             if a.no_keep_alive { "off" } else { "on" },
-            match &error {
-                None => "still answers".to_string(),
-                Some(e) => format!("gone ({e})"),
+            match (&error, reconnected) {
+                (None, Some(true)) => format!("gone, reconnected (controller {new_cntlid})"),
+                (None, _) => "still answers".to_string(),
+                (Some(e), _) => format!("gone ({e})"),
             }
         );
     }
