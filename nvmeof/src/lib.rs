@@ -26,7 +26,8 @@
 //!   `nvme-kernel-host`; `tests/linux_host.rs` pins the capsules Linux builds
 //!   differently from this crate's host). Responses never carry a remote invalidate:
 //!   Linux hosts invalidate their keys themselves then.
-//! * [`host`] – discovery, controller bring-up (Connect, CC.EN, CSTS.RDY, Identify,
+//! * [`host`] – discovery, controller bring-up (Connect, its data always by keyed SGL
+//!   as Linux nvmet-rdma's admin queue requires; CC.EN, CSTS.RDY, Identify,
 //!   number of queues, I/O queues), keep-alive, reconnect after a lost association,
 //!   and a block API: synchronous, batched, or asynchronous
 //!   ([`Controller::submit_async`](host::Controller::submit_async) returns a future;
@@ -54,6 +55,8 @@
 //! * `nvmeof` – a user-space host in the manner of nvme-cli: `discover`,
 //!   `connect-all`, `list`, `id-ctrl`, `id-ns`, `list-ns`, `get-log`, `get-feature`,
 //!   `read`, `write`, `flush`, `write-zeroes`, `dsm`, `verify`, `compare`, `copy`,
+//!   and `hold` (a keep-alive check: idle past KATO, with or without Keep Alive
+//!   commands, then whether the controller still answers),
 //!   with nvme-cli's option names (`-t -a -s -n`; `read`/`write` take `-s` start
 //!   block, `-c` 0's based block count, `-z` data size, `-d` data file) and `-o json`.
 //! * `nvmeof-perf` – in the manner of spdk_nvme_perf/fio: random or sequential

@@ -434,3 +434,45 @@ fn help_shows_a_working_example() {
         assert!(text.contains(want), "{bin} --help lacks {want:?}");
     }
 }
+
+#[test]
+fn hold_keeps_the_controller_only_with_keep_alive() {
+    // `nvmeof hold`: idle past KATO (1 s here) with Keep Alive commands every KATO / 2
+    // the controller still answers; without them the target ends the association.
+    let ip = random_loopback().to_string();
+    let t = TargetProc::start(Command::new(TARGET).env("NVMEOF_TARGET_TRADDR", &ip));
+    let args = ["--seconds", "3", "-k", "1000", "-o", "json"];
+    let kept = json(
+        &t.nvmeof("hold", "--trsvcid", &args),
+        "hold with keep-alive",
+    );
+    assert_eq!(kept["kato_ms"], 1000, "the target's KATO: {kept}");
+    assert_eq!(kept["alive_after"], true, "{kept}");
+    assert_eq!(kept["keep_alive"], true, "{kept}");
+    let dropped = t.nvmeof(
+        "hold",
+        "--trsvcid",
+        &[&args[..], &["--no-keep-alive"]].concat(),
+    );
+    assert!(
+        !dropped.status.success(),
+        "no keep-alive, yet the controller answered"
+    );
+    let err = String::from_utf8_lossy(&dropped.stderr);
+    assert!(err.contains("controller gone after 3 s idle"), "{err}");
+    let v: Value = serde_json::from_slice(&dropped.stdout).expect("JSON even when gone");
+    assert_eq!(v["alive_after"], false, "{v}");
+    assert_eq!(v["keep_alive"], false, "{v}");
+    // --reconnect: the host library connects again and the new association answers.
+    let back = json(
+        &t.nvmeof(
+            "hold",
+            "--trsvcid",
+            &[&args[..], &["--no-keep-alive", "--reconnect"]].concat(),
+        ),
+        "hold, then reconnect",
+    );
+    assert_eq!(back["alive_after"], false, "{back}");
+    assert_eq!(back["reconnected"], true, "{back}");
+    assert!(back["error"].is_null(), "{back}");
+}

@@ -34,7 +34,11 @@ not fit keyed SGLs), -a traddr, -s trsvcid, -n subsystem NQN (when omitted, the 
 subsystem discovery lists), -w host-traddr (address to connect from; for softroce on
 loopback a random 127.x.y.z is chosen), -q hostnqn. Commands that take nvme-cli's -s
 (start block) and -n (namespace ID) spell these --trsvcid and --nqn.
-Environment: NVMEOF_LOG=warn|info|debug (default warn).";
+Environment: NVMEOF_LOG=warn|info|debug (default warn).
+Against the Linux kernel's target (nvmet-rdma, which listens through rdma_cm): set
+SOFTROCE_CM=ib (softroce connects through rdma_cm's IB CM exchange over QP1) and give
+-w, the local address on the target's network, e.g.
+  SOFTROCE_CM=ib nvmeof discover -t softroce -a 192.168.100.2 -s 4420 -w 192.168.100.1";
 
 #[derive(Parser)]
 #[command(
@@ -265,6 +269,25 @@ struct CopyArgs {
     blocks: String,
 }
 
+#[derive(Args)]
+struct HoldArgs {
+    #[command(flatten)]
+    conn: ConnLong,
+    /// Seconds to stay connected and idle.
+    #[arg(long = "seconds", default_value = "12", value_parser = num64)]
+    seconds: u64,
+    /// Keep-alive timeout asked for in Connect (KATO), ms.
+    #[arg(short = 'k', long = "keep-alive-tmo", default_value = "5000", value_parser = num32)]
+    kato: u32,
+    /// Send no Keep Alive commands: a target that enforces KATO ends the association.
+    #[arg(long = "no-keep-alive")]
+    no_keep_alive: bool,
+    /// When the controller is gone: connect again (the host library's reconnect) and
+    /// check the new association answers; exits 0 if it does.
+    #[arg(long = "reconnect")]
+    reconnect: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Discovery log of the target's discovery controller.
@@ -306,6 +329,10 @@ enum Command {
     Compare(RwArgs),
     /// Copy ranges to a destination (simple copy).
     Copy(CopyArgs),
+    /// Keep-alive check: connect with KATO, stay idle (Keep Alive commands sent every
+    /// KATO / 2 unless --no-keep-alive), then see whether the controller still
+    /// answers; exits 0 only if it does.
+    Hold(HoldArgs),
 }
 
 fn num64(s: &str) -> Result<u64, String> {
@@ -1170,6 +1197,69 @@ fn copy(a: CopyArgs) -> Res<()> {
     Ok(())
 }
 
+fn hold(a: HoldArgs) -> Res<()> {
+    let c: Conn = a.conn.into();
+    let nqn = c.subnqn()?;
+    let mut cfg = c.host_config(!a.no_keep_alive);
+    cfg.kato_ms = a.kato;
+    let mut ctrl = Controller::connect(&c.target(), &nqn, &cfg)
+        .map_err(|e| format!("connect to {nqn} at {}: {e}", c.where_()))?;
+    // The target's view of KATO (Get Features, Keep Alive Timer).
+    let kato = ctrl.get_features(FeatureId::KeepAliveTimer).map_err(err);
+    let cntlid = ctrl.cntlid();
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let after = ctrl.get_features(FeatureId::NumberOfQueues);
+    let alive = after.is_ok();
+    let mut error = after.err().map(|e| e.to_string());
+    // Reconnected: the new association answers Identify-backed I/O bring-up and a
+    // Get Features; None when not asked or not needed.
+    let mut reconnected = None;
+    if a.reconnect && error.is_some() {
+        let r = ctrl
+            .reconnect()
+            .and_then(|()| ctrl.get_features(FeatureId::NumberOfQueues));
+        reconnected = Some(r.is_ok());
+        if let Err(e) = r {
+            error = Some(format!("{}; reconnect: {e}", error.unwrap_or_default()));
+        } else {
+            error = None;
+        }
+    }
+    let new_cntlid = ctrl.cntlid();
+    let _ = ctrl.disconnect();
+    let kato = kato?;
+    if c.output == Format::Json {
+        println!(
+            "{}",
+            pretty(&json!({
+                "kato_ms": kato,
+                "held_s": a.seconds,
+                "keep_alive": !a.no_keep_alive,
+                "alive_after": alive,
+                "reconnected": reconnected,
+                "cntlid": cntlid,
+                "cntlid_after": new_cntlid,
+                "error": error,
+            }))
+        );
+    } else {
+        println!(
+            "hold: KATO {kato} ms, idle {} s, keep-alive {}: controller {}",
+            a.seconds,
+            if a.no_keep_alive { "off" } else { "on" },
+            match (&error, reconnected) {
+                (None, Some(true)) => format!("gone, reconnected (controller {new_cntlid})"),
+                (None, _) => "still answers".to_string(),
+                (Some(e), _) => format!("gone ({e})"),
+            }
+        );
+    }
+    match error {
+        None => Ok(()),
+        Some(e) => Err(format!("controller gone after {} s idle: {e}", a.seconds)),
+    }
+}
+
 fn run(cli: Cli) -> Res<()> {
     match cli.cmd {
         Command::Discover(c) => discover(&c),
@@ -1188,6 +1278,7 @@ fn run(cli: Cli) -> Res<()> {
         Command::Verify(a) => range_cmd(a, "verify"),
         Command::Dsm(a) => dsm(a),
         Command::Copy(a) => copy(a),
+        Command::Hold(a) => hold(a),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::wire::log::{
 use crate::wire::opcodes::{AdminOpcode, FeatureId, NumberOfQueues};
 use crate::wire::properties::{Cap, Cc, Csts, CAP, CC, CSTS};
 use crate::wire::text::Nqn;
-use crate::wire::{CqeRepr, SglRepr, Sqe, SqeRepr, StatusContext};
+use crate::wire::{CqeRepr, KeyedSgl, SglRepr, Sqe, SqeRepr, StatusContext};
 
 /// Where a target listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,21 +125,34 @@ fn lock(q: &Mutex<HostQueue>) -> MutexGuard<'_, HostQueue> {
     q.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Sends a Fabrics Connect on `q` and returns the controller ID.
-fn fabrics_connect(q: &mut HostQueue, cfg: &HostConfig, subnqn: &str, cntlid: u16) -> Result<u16> {
+/// The Connect command of queue `qid` (`sqsize` 0's based, `kato` ms), its 1024
+/// bytes of Connect data described by a keyed SGL (address and key are filled in
+/// when the queue submits it).
+///
+/// Keyed, never in-capsule: Linux nvmet-rdma posts receive buffers of exactly one
+/// 64-byte SQE on the admin queue (in-capsule data only on I/O queues, up to IOCCSZ),
+/// and a 1088-byte capsule there overruns the receive (kernel rxe completes it with
+/// "local QP operation error" and the queue dies). The Linux host sends the admin
+/// queue's Connect data by keyed SGL, which every target must accept.
+pub(crate) fn connect_command(qid: u16, sqsize: u16, kato: u32) -> Result<SqeRepr> {
     let cmd = FabricsCommand::Connect(ConnectCommand {
         cid: 0,
-        sgl: SglRepr::InCapsule {
-            offset: 0,
-            length: ConnectData::LEN as u32,
-        },
-        qid: q.qid(),
-        sqsize: q.depth() - 1,
+        sgl: SglRepr::Keyed(KeyedSgl::new(0, ConnectData::LEN as u32, 0, false)?),
+        qid,
+        sqsize,
         cattr: 0,
-        kato: if q.qid() == 0 { cfg.kato_ms } else { 0 },
+        kato,
     });
-    let mut capsule = vec![0u8; 64 + ConnectData::LEN];
-    cmd.emit(&mut Sqe::new_checked(&mut capsule[..])?);
+    let mut sqe = [0u8; 64];
+    cmd.emit(&mut Sqe::new_checked(&mut sqe[..])?);
+    Ok(SqeRepr::parse(&Sqe::new_checked(&sqe[..])?)?)
+}
+
+/// Sends a Fabrics Connect on `q` and returns the controller ID.
+fn fabrics_connect(q: &mut HostQueue, cfg: &HostConfig, subnqn: &str, cntlid: u16) -> Result<u16> {
+    let kato = if q.qid() == 0 { cfg.kato_ms } else { 0 };
+    let sqe = connect_command(q.qid(), q.depth() - 1, kato)?;
+    let mut data = [0u8; ConnectData::LEN];
     let bad = |what: &str| Error::Config(format!("{what} is not a valid NQN"));
     ConnectData {
         hostid: cfg.hostid,
@@ -147,9 +160,8 @@ fn fabrics_connect(q: &mut HostQueue, cfg: &HostConfig, subnqn: &str, cntlid: u1
         subnqn: Nqn::new(subnqn).map_err(|_| bad(subnqn))?,
         hostnqn: Nqn::new(&cfg.hostnqn).map_err(|_| bad(&cfg.hostnqn))?,
     }
-    .emit(&mut capsule[64..])?;
-    let cqe = q.execute_raw(&capsule)?;
-    check(&cqe, StatusContext::Fabrics)?;
+    .emit(&mut data)?;
+    let (cqe, _) = q.execute_keyed(sqe, &data, StatusContext::Fabrics)?;
     Ok(ConnectResponse::from_dw0(cqe.dw0).cntlid)
 }
 
@@ -534,4 +546,30 @@ pub fn discover(addr: &TransportAddr, cfg: &HostConfig) -> Result<Vec<DiscoveryL
     let log = ctrl.discovery_log();
     let _ = ctrl.disconnect();
     Ok(log?.entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Connect capsule is a bare 64-byte SQE whose keyed SGL describes the 1024
+    /// bytes of Connect data (Linux nvmet-rdma's admin queue receives no more).
+    #[test]
+    fn connect_data_goes_by_keyed_sgl() {
+        for (qid, sqsize, kato) in [(0u16, 31u16, 5000u32), (1, 127, 0)] {
+            let b = connect_command(qid, sqsize, kato)
+                .expect("connect")
+                .to_bytes();
+            assert_eq!(b.len(), 64);
+            assert_eq!(b[0], 0x7F, "Fabrics opcode");
+            assert_eq!(b[1] & 0xC0, 0x40, "PSDT: SGL");
+            assert_eq!(b[4], 0x01, "FCTYPE Connect");
+            assert_eq!(&b[32..35], &[0x00, 0x04, 0x00], "keyed length 1024");
+            assert_eq!(b[39], 0x40, "keyed data block descriptor, address subtype");
+            assert_eq!(u16::from_le_bytes([b[40], b[41]]), 0, "RECFMT");
+            assert_eq!(u16::from_le_bytes([b[42], b[43]]), qid);
+            assert_eq!(u16::from_le_bytes([b[44], b[45]]), sqsize);
+            assert_eq!(u32::from_le_bytes([b[48], b[49], b[50], b[51]]), kato);
+        }
+    }
 }

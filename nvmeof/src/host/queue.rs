@@ -207,6 +207,20 @@ impl HostQueue {
         Ok(cid)
     }
 
+    /// [`execute`](Self::execute) with the data always behind a keyed SGL, never in
+    /// the capsule (a Connect: see [`connect_command`](super::connect_command)).
+    pub(crate) fn execute_keyed(
+        &mut self,
+        sqe: SqeRepr,
+        data: &[u8],
+        context: StatusContext,
+    ) -> Result<(CqeRepr, Vec<u8>)> {
+        let inline_max = std::mem::replace(&mut self.inline_max, 0);
+        let r = self.execute(sqe, Data::Out(data), context);
+        self.inline_max = inline_max;
+        r
+    }
+
     /// Sends a capsule exactly as given (after putting a free command ID in bytes
     /// 2-3) and waits for its response: for tests of malformed commands.
     pub fn execute_raw(&mut self, capsule: &[u8]) -> Result<CqeRepr> {
