@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use super::{AfterRx, AfterTx, Body, Conn, Sink, TxOp};
 use crate::mr;
-use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA};
+use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_NO_ACK};
 
 impl Conn {
     /// A WRITE header: checks every remote iovec, then streams the payload into the
@@ -35,6 +35,7 @@ impl Conn {
                         size,
                         data,
                         commit,
+                        no_ack: h.flags & FLAG_NO_ACK != 0,
                         ranges,
                     },
                 );
