@@ -257,11 +257,10 @@ impl TcpEndpoint {
                 ));
             }
             let op = op_builder(c);
-            c.queue(op, false);
-            if !more && !c.want_write {
-                if let Err(f) = c.flush() {
-                    c.fail(f);
-                }
+            if more {
+                c.queue(op, false);
+            } else if let Err(f) = c.send_or_queue(op) {
+                c.fail(f);
             }
             Ok(())
         })

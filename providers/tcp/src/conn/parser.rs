@@ -15,7 +15,7 @@ use super::{
 };
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
-use fabric_core::prov::{RemoteRange, ScatterList};
+use fabric_core::prov::ScatterList;
 
 /// What to do once a payload has been received.
 pub(super) enum AfterRx {
@@ -37,9 +37,8 @@ pub(super) enum AfterRx {
         commit: bool,
         /// The initiator asked for no ACK on success (`FLAG_NO_ACK`).
         no_ack: bool,
-        /// The checked target ranges; they also keep the memory alive while the
-        /// payload streams in.
-        ranges: Vec<RemoteRange>,
+        // The checked target ranges are the sink's (a remote scatter list), which
+        // keeps their memory alive while the payload streams in.
     },
     ReadResp(Pending),
     ConnResp {
@@ -371,13 +370,16 @@ impl Conn {
                 data,
                 commit,
                 no_ack,
-                ranges,
             } => {
                 if no_ack {
                     // Placed; the initiator completed it at transmit and wants no ACK
                     // (the header check rules out CQ data and COMMIT with it).
                 } else {
-                    self.finish_write(op_id, size, data, commit, &ranges)
+                    let ranges = match &inc.sink {
+                        Sink::Iov { list, .. } => list.remote_ranges().unwrap_or(&[]),
+                        _ => &[],
+                    };
+                    self.finish_write(op_id, size, data, commit, ranges)
                 }
             }
             AfterRx::ReadResp(p) => {

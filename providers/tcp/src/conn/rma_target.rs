@@ -26,7 +26,7 @@ impl Conn {
         };
         match mr::check(&self.rep.keys, h.iovs(), need) {
             Ok(ranges) => {
-                let sink = Sink::list(ScatterList::remote(ranges.clone()));
+                let sink = Sink::list(ScatterList::remote(ranges));
                 self.expect(
                     sink,
                     size,
@@ -36,7 +36,6 @@ impl Conn {
                         data,
                         commit,
                         no_ack: h.flags & FLAG_NO_ACK != 0,
-                        ranges,
                     },
                 );
             }
