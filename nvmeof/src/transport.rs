@@ -197,6 +197,8 @@ pub(crate) struct Link {
     /// provider's default, delivery, for comparison).
     write_transmit: bool,
     last_activity: Instant,
+    /// The completion batch of the last poll, kept for its allocation.
+    scratch: Vec<Completion>,
 }
 
 impl Link {
@@ -229,6 +231,7 @@ impl Link {
             more: std::env::var("NVMEOF_MORE").map_or(true, |v| v.trim() != "0"),
             write_transmit: std::env::var("NVMEOF_WRITE_DELIVERY").map_or(true, |v| v.trim() != "1"),
             last_activity: Instant::now(),
+            scratch: Vec::with_capacity(64),
         };
         for slot in 0..slots {
             link.post_recv(slot)?;
@@ -295,7 +298,9 @@ impl Link {
     /// budget when the queue was recently active, otherwise (or then) sleeps up to
     /// `slice`.
     fn poll(&mut self, slice: Duration) -> Result<()> {
-        let mut v = Vec::new();
+        // Reused between polls: a busy poll allocates nothing.
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
         let now = Instant::now();
         if slice.is_zero() {
             // One look, no waiting (a future's poll).
@@ -310,7 +315,8 @@ impl Link {
                     return Err(e.into());
                 }
             }
-            self.stash.extend(v);
+            self.stash.extend(v.drain(..));
+            self.scratch = v;
             self.check_events();
             return Ok(());
         }
@@ -322,7 +328,8 @@ impl Link {
                     Ok(0) => {}
                     Ok(_) => {
                         self.last_activity = Instant::now();
-                        self.stash.extend(v);
+                        self.stash.extend(v.drain(..));
+                        self.scratch = v;
                         return Ok(());
                     }
                     Err(e) => {
@@ -365,7 +372,8 @@ impl Link {
                     return Err(e.into());
                 }
             }
-            self.stash.extend(v);
+            self.stash.extend(v.drain(..));
+            self.scratch = v;
             self.check_events();
             return Ok(());
         }
@@ -382,7 +390,8 @@ impl Link {
         if !v.is_empty() {
             self.last_activity = Instant::now();
         }
-        self.stash.extend(v);
+        self.stash.extend(v.drain(..));
+        self.scratch = v;
         self.check_events();
         Ok(())
     }
