@@ -229,7 +229,8 @@ impl Link {
             inject_size,
             spin: spin_budget(),
             more: std::env::var("NVMEOF_MORE").map_or(true, |v| v.trim() != "0"),
-            write_transmit: std::env::var("NVMEOF_WRITE_DELIVERY").map_or(true, |v| v.trim() != "1"),
+            write_transmit: std::env::var("NVMEOF_WRITE_DELIVERY")
+                .map_or(true, |v| v.trim() != "1"),
             last_activity: Instant::now(),
             scratch: Vec::with_capacity(64),
         };

@@ -312,7 +312,12 @@ mod tests {
             fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
                 Ok(self.0.pop_into(out, max))
             }
-            fn sread(&self, _: &mut Vec<Completion>, _: usize, _: Option<Duration>) -> Result<usize> {
+            fn sread(
+                &self,
+                _: &mut Vec<Completion>,
+                _: usize,
+                _: Option<Duration>,
+            ) -> Result<usize> {
                 Ok(0)
             }
             fn register_waker(&self, _: &Waker) {}

@@ -34,7 +34,9 @@ enum Keep {
 
 /// Pieces held inline (no allocation per list): a receive or remote access of up to
 /// this many buffers, which is every operation of the common one- or two-buffer kind.
-const INLINE_PIECES: usize = 4;
+/// Kept small so a list stays a modest value inside the providers' enums (about 150
+/// bytes).
+const INLINE_PIECES: usize = 2;
 
 /// A scatter/gather list. Holding it holds the memory of every piece.
 pub struct ScatterList {
@@ -74,7 +76,7 @@ impl ScatterList {
             pieces,
             starts,
             total,
-            keep: keep,
+            keep,
         }
     }
 
@@ -352,7 +354,10 @@ mod tests {
         );
         let n = INLINE_PIECES * 2 + 1;
         let ranges = m
-            .verify_all((0..n).map(|i| (k, 60 - 6 * i as u64, 3)), Access::REMOTE_WRITE)
+            .verify_all(
+                (0..n).map(|i| (k, 60 - 6 * i as u64, 3)),
+                Access::REMOTE_WRITE,
+            )
             .unwrap();
         let l = ScatterList::remote(ranges);
         assert_eq!(l.len(), 3 * n);
@@ -361,7 +366,10 @@ mod tests {
         assert_eq!(l.to_vec(), data);
         let lent = l.remote_ranges().expect("a remote list lends its ranges");
         assert_eq!(lent.len(), n);
-        assert_eq!(lent.iter().map(|r| r.offset()).collect::<Vec<_>>()[..2], [60, 54]);
+        assert_eq!(
+            lent.iter().map(|r| r.offset()).collect::<Vec<_>>()[..2],
+            [60, 54]
+        );
         let mut whole = [0u8; 64];
         m.verify(k, 0, 64, Access::REMOTE_READ)
             .unwrap()

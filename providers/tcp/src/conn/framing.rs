@@ -204,7 +204,14 @@ impl Conn {
         self.iov_scratch = iov;
         let sent = match r {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => 0,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
             Err(e) => {
                 self.queue(op, false);
                 return Err(Fatal::io("send", e));

@@ -475,7 +475,10 @@ fn no_ack_write_is_placed_silently_and_refused_loudly() {
     h.flags = FLAG_NO_ACK;
     r.with(|c| c.feed(&frame(&h, &[1, 2, 3, 4]), 3)).unwrap();
     assert_eq!(&bytes_of(&mem)[8..12], &[1, 2, 3, 4], "placed");
-    assert!(r.with(|c| c.take_output()).is_empty(), "no ACK asked, none sent");
+    assert!(
+        r.with(|c| c.take_output()).is_empty(),
+        "no ACK asked, none sent"
+    );
     // A refused one is answered all the same, and ends the connection.
     let mut bad = write_hdr(2, key ^ 1, 0, 4);
     bad.flags = FLAG_NO_ACK;
@@ -484,7 +487,11 @@ fn no_ack_write_is_placed_silently_and_refused_loudly() {
     let got: Vec<_> = out.iter().map(|h| (h.op, h.op_id, h.status)).collect();
     assert_eq!(got, [(Op::Ack, 2, Status::BadKey)]);
     assert_eq!(r.with(|c| c.state), ConnState::Closing);
-    assert_eq!(&bytes_of(&mem)[..4], &[0; 4], "the refused write touched nothing");
+    assert_eq!(
+        &bytes_of(&mem)[..4],
+        &[0; 4],
+        "the refused write touched nothing"
+    );
 }
 
 #[test]
@@ -524,17 +531,16 @@ fn refusal_of_a_write_completed_at_transmit_ends_the_connection() {
         len: 8,
         key: 0x77,
     };
-    r.ep
-        .writemsg(
-            &RmaMsg {
-                iov: &[src.iov(0, 8)],
-                rma_iov: &[remote],
-                context: 1,
-                data: 0,
-            },
-            OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE,
-        )
-        .unwrap();
+    r.ep.writemsg(
+        &RmaMsg {
+            iov: &[src.iov(0, 8)],
+            rma_iov: &[remote],
+            context: 1,
+            data: 0,
+        },
+        OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE,
+    )
+    .unwrap();
     r.with(|c| queue_write(c, 2, 200));
     let sent = headers(&r.with(|c| c.take_output()));
     assert_eq!(sent.len(), 2);
