@@ -73,6 +73,38 @@ fn main() -> Result<(), String> {
     let (mut b, _) = ls.accept().map_err(io("accept"))?;
     a.set_nodelay(true).map_err(io("nodelay"))?;
     b.set_nonblocking(true).map_err(io("nonblocking"))?;
+    // TCP_PATH_RAW_EPOLL=1 gives the raw pair what the provider's sockets have: the
+    // receiving socket in an epoll set (as every connection of the provider is, for
+    // sleeping waits), both ends TCP_NODELAY, and the provider's send buffer size. It
+    // separates the kernel's cost of that set-up from the provider's own work.
+    let _epoll = if std::env::var("TCP_PATH_RAW_EPOLL").is_ok_and(|v| v == "1") {
+        use std::os::fd::AsRawFd;
+        b.set_nodelay(true).map_err(io("nodelay"))?;
+        let sndbuf: libc::c_int = 4 << 20;
+        // SAFETY: plain system calls on descriptors this function owns; ev and
+        // sndbuf are live locals the kernel only reads.
+        unsafe {
+            libc::setsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&sndbuf as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if ep < 0 {
+                return Err("epoll_create1 failed".into());
+            }
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+                u64: 1,
+            };
+            libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, b.as_raw_fd(), &mut ev);
+            Some(std::os::fd::FromRawFd::from_raw_fd(ep)).map(|fd: std::os::fd::OwnedFd| fd)
+        }
+    } else {
+        None
+    };
 
     let warm = 1000;
     let (mut fab_ns, mut raw_ns) = (Vec::with_capacity(n), Vec::with_capacity(n));

@@ -110,6 +110,16 @@ impl CompletionQueue {
     pub(crate) fn dispatch(&self) -> &Dispatch {
         &self.dispatch
     }
+    /// The next completion without blocking and without allocating, through the
+    /// dispatcher when operation futures use the queue.
+    fn read_one_routed(&self) -> Result<Option<Completion>> {
+        if !self.dispatch.active() {
+            return self.ops.read_one();
+        }
+        let mut v = Vec::with_capacity(1);
+        self.dispatch.read(&*self.ops, &mut v, 1)?;
+        Ok(v.pop())
+    }
     /// Reads without blocking, through the dispatcher when operation futures use the
     /// queue.
     fn read_routed(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
@@ -168,9 +178,7 @@ impl CompletionQueue {
 
     /// The next completion, without blocking.
     pub fn try_next(&self) -> Result<Option<Completion>> {
-        let mut v = Vec::new();
-        self.read_routed(&mut v, 1)?;
-        Ok(v.pop())
+        self.read_one_routed()
     }
 
     /// Waits (sleeping) for the next completion; `ErrorKind::TimedOut` after `timeout`.
@@ -197,13 +205,10 @@ impl CompletionQueue {
     /// `timeout`. The lowest-latency way to wait.
     pub fn poll_wait(&self, timeout: Duration) -> Result<Completion> {
         let deadline = Instant::now() + timeout;
-        let mut v = Vec::with_capacity(1);
         let mut spins = 0u32;
         loop {
-            if self.read_routed(&mut v, 1)? > 0 {
-                if let Some(c) = v.pop() {
-                    return Ok(c);
-                }
+            if let Some(c) = self.read_one_routed()? {
+                return Ok(c);
             }
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && Instant::now() >= deadline {

@@ -104,6 +104,13 @@ pub trait MrOps: Send + Sync {
 pub trait CqOps: Send + Sync {
     /// Moves up to `max` completions into `out` without blocking; returns how many.
     fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize>;
+    /// The next completion without blocking: `read` of one, without an output
+    /// vector (a busy poll's read allocates nothing). The default goes through `read`.
+    fn read_one(&self) -> Result<Option<Completion>> {
+        let mut v = Vec::with_capacity(1);
+        self.read(&mut v, 1)?;
+        Ok(v.pop())
+    }
     /// Like `read`, but waits (sleeping, not spinning) up to `timeout` (`None`: forever)
     /// for at least one. Returns 0 on timeout.
     fn sread(

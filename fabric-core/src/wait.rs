@@ -226,12 +226,19 @@ impl<T> WaitQueue<T> {
         n
     }
 
-    /// Takes the next item.
+    /// Takes the next item (allocating nothing).
     pub fn pop(&self) -> Option<T> {
-        // Allocates nothing: an empty Vec has no buffer until an item is pushed.
-        let mut v = Vec::new();
-        self.pop_into(&mut v, 1);
-        v.pop()
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut g = self.inner.lock();
+        let item = g.items.pop_front();
+        self.len.store(g.items.len(), Ordering::Release);
+        if g.items.is_empty() && g.signaled {
+            g.signaled = false;
+            self.efd.drain();
+        }
+        item
     }
 
     /// Number of queued items.
@@ -384,6 +391,24 @@ mod tests {
         q.push(3);
         assert!(!q.begin_sleep());
         assert_eq!(q.pop(), Some(3));
+    }
+
+    #[test]
+    fn pop_takes_in_order_and_drains_the_signal_when_empty() {
+        let q = WaitQueue::new().unwrap();
+        assert!(q.pop().is_none());
+        assert!(q.begin_sleep());
+        q.push(1);
+        q.push(2);
+        assert!(is_readable(q.efd()), "signalled for the sleeper");
+        q.end_sleep();
+        assert_eq!(q.pop(), Some(1));
+        assert!(is_readable(q.efd()), "still an item: still signalled");
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop(), Some(2));
+        assert!(!is_readable(q.efd()), "emptied: the eventfd is drained");
+        assert!(q.is_empty());
+        assert!(q.pop().is_none());
     }
 
     #[test]

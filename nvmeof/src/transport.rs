@@ -29,6 +29,14 @@
 //!   with [`OpFlags::FENCE`](fabric::OpFlags::FENCE), which asks exactly that of a
 //!   provider that would not order it anyway. If the write fails, the connection ends
 //!   (a refused remote access ends it at both ends) before the response is delivered.
+//! * The write is posted at [`OpFlags::TRANSMIT_COMPLETE`](fabric::OpFlags::TRANSMIT_COMPLETE):
+//!   its completion is the target's business (its buffer may be reused), not a
+//!   promise to the host, which sees the data before the response that follows it.
+//!   On tcp that completion comes when the write is handed to the socket and the host
+//!   sends no acknowledgement for it (one `sendmsg` less on the host per Read, and no
+//!   second wake-up of the target for the ACK); softroce and verbs complete it at the
+//!   RC ACK, as before. `NVMEOF_WRITE_DELIVERY=1` posts it at the provider's default
+//!   (delivery) level instead, for comparison.
 //! * Batching: the RMA write is posted with [`OpFlags::MORE`](fabric::OpFlags::MORE)
 //!   (libfabric's `FI_MORE`), and so is a response when the next capsule is already
 //!   in the completion queue: tcp then hands data and response (and, at depth,
@@ -185,7 +193,12 @@ pub(crate) struct Link {
     inject_size: usize,
     spin: Duration,
     more: bool,
+    /// A Read's RMA write at transmit level (`NVMEOF_WRITE_DELIVERY=1`: the
+    /// provider's default, delivery, for comparison).
+    write_transmit: bool,
     last_activity: Instant,
+    /// The completion batch of the last poll, kept for its allocation.
+    scratch: Vec<Completion>,
 }
 
 impl Link {
@@ -216,7 +229,10 @@ impl Link {
             inject_size,
             spin: spin_budget(),
             more: std::env::var("NVMEOF_MORE").map_or(true, |v| v.trim() != "0"),
+            write_transmit: std::env::var("NVMEOF_WRITE_DELIVERY")
+                .map_or(true, |v| v.trim() != "1"),
             last_activity: Instant::now(),
+            scratch: Vec::with_capacity(64),
         };
         for slot in 0..slots {
             link.post_recv(slot)?;
@@ -283,7 +299,9 @@ impl Link {
     /// budget when the queue was recently active, otherwise (or then) sleeps up to
     /// `slice`.
     fn poll(&mut self, slice: Duration) -> Result<()> {
-        let mut v = Vec::new();
+        // Reused between polls: a busy poll allocates nothing.
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
         let now = Instant::now();
         if slice.is_zero() {
             // One look, no waiting (a future's poll).
@@ -298,7 +316,8 @@ impl Link {
                     return Err(e.into());
                 }
             }
-            self.stash.extend(v);
+            self.stash.extend(v.drain(..));
+            self.scratch = v;
             self.check_events();
             return Ok(());
         }
@@ -310,7 +329,8 @@ impl Link {
                     Ok(0) => {}
                     Ok(_) => {
                         self.last_activity = Instant::now();
-                        self.stash.extend(v);
+                        self.stash.extend(v.drain(..));
+                        self.scratch = v;
                         return Ok(());
                     }
                     Err(e) => {
@@ -353,7 +373,8 @@ impl Link {
                     return Err(e.into());
                 }
             }
-            self.stash.extend(v);
+            self.stash.extend(v.drain(..));
+            self.scratch = v;
             self.check_events();
             return Ok(());
         }
@@ -370,7 +391,8 @@ impl Link {
         if !v.is_empty() {
             self.last_activity = Instant::now();
         }
-        self.stash.extend(v);
+        self.stash.extend(v.drain(..));
+        self.scratch = v;
         self.check_events();
         Ok(())
     }
@@ -549,11 +571,17 @@ impl Link {
     ) -> Result<u64> {
         let ctx = self.op_context();
         let iov = [local.iov(0, remote.len)];
-        let flags = if self.more {
-            OpFlags::COMPLETION | OpFlags::MORE
-        } else {
-            OpFlags::COMPLETION
-        };
+        // Transmit level: the target needs the completion only to reuse its buffer,
+        // and the host learns of the data from the response behind it on the same
+        // connection, so no delivery acknowledgement is asked of the host (tcp then
+        // sends none; softroce and verbs complete an RC write at its ACK anyway).
+        let mut flags = OpFlags::COMPLETION;
+        if self.write_transmit {
+            flags |= OpFlags::TRANSMIT_COMPLETE;
+        }
+        if self.more {
+            flags |= OpFlags::MORE;
+        }
         self.ep.writemsg(
             &RmaMsg {
                 iov: &iov,

@@ -141,6 +141,10 @@ impl<P: Progress> CqOps for ProviderCq<P> {
         self.progress.poll();
         Ok(self.queue.pop_into(out, max))
     }
+    fn read_one(&self) -> Result<Option<Completion>> {
+        self.progress.poll();
+        Ok(self.queue.pop())
+    }
     fn sread(
         &self,
         out: &mut Vec<Completion>,
@@ -287,6 +291,45 @@ mod tests {
         let t = Instant::now();
         assert!(q.sread(Some(Duration::from_millis(20))).unwrap().is_none());
         assert!(t.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn read_one_progresses_and_takes_in_order_like_read() {
+        let f = fake();
+        let cq = ProviderCq::new(f.cq.clone(), f.clone());
+        assert!(cq.read_one().unwrap().is_none());
+        assert_eq!(f.polls.load(Ordering::Relaxed), 1, "one progress per read");
+        f.cq.push(Completion::ok(1, CompFlags::SEND, 0));
+        f.cq.push(Completion::ok(2, CompFlags::RECV, 5));
+        assert_eq!(cq.read_one().unwrap().map(|c| c.context), Some(1));
+        let c = cq.read_one().unwrap().expect("the second");
+        assert_eq!((c.context, c.len), (2, 5));
+        assert!(cq.read_one().unwrap().is_none());
+        assert_eq!(f.polls.load(Ordering::Relaxed), 4);
+        // The trait's default (a provider that implements only `read`) agrees.
+        struct OnlyRead(Arc<WaitQueue<Completion>>);
+        impl CqOps for OnlyRead {
+            fn read(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+                Ok(self.0.pop_into(out, max))
+            }
+            fn sread(
+                &self,
+                _: &mut Vec<Completion>,
+                _: usize,
+                _: Option<Duration>,
+            ) -> Result<usize> {
+                Ok(0)
+            }
+            fn register_waker(&self, _: &Waker) {}
+            fn as_any(&self) -> &dyn Any {
+                self
+            }
+        }
+        let q = Arc::new(WaitQueue::new().unwrap());
+        let o = OnlyRead(q.clone());
+        q.push(Completion::ok(9, CompFlags::SEND, 0));
+        assert_eq!(o.read_one().unwrap().map(|c| c.context), Some(9));
+        assert!(o.read_one().unwrap().is_none());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::memory::{MemoryBacking, Segment};
 use crate::prov::key_map::RemoteRange;
 
@@ -22,23 +24,30 @@ struct Piece {
     uncached: Option<(Arc<dyn MemoryBacking>, usize)>,
 }
 
-/// What holds the pieces' memory alive (never read: it is kept for its drop).
+/// What holds the pieces' memory alive (kept for its drop; the remote ranges are also
+/// lent out by [`ScatterList::remote_ranges`]).
 #[allow(dead_code)]
 enum Keep {
     Local(Vec<Segment>),
     Remote(Vec<RemoteRange>),
 }
 
+/// Pieces held inline (no allocation per list): a receive or remote access of up to
+/// this many buffers, which is every operation of the common one- or two-buffer kind.
+/// Kept small so a list stays a modest value inside the providers' enums (about 150
+/// bytes).
+const INLINE_PIECES: usize = 2;
+
 /// A scatter/gather list. Holding it holds the memory of every piece.
 pub struct ScatterList {
-    pieces: Vec<Piece>,
+    pieces: SmallVec<[Piece; INLINE_PIECES]>,
     /// Offset of each piece in the concatenation.
-    starts: Vec<usize>,
+    starts: SmallVec<[usize; INLINE_PIECES]>,
     total: usize,
-    _keep: Keep,
+    keep: Keep,
 }
 
-// SAFETY: the raw pointers point into memory owned by `_keep` (Segments / RemoteRanges,
+// SAFETY: the raw pointers point into memory owned by `keep` (Segments / RemoteRanges,
 // which are Send + Sync and keep MemoryBacking: Send + Sync alive); the list itself
 // has no interior mutability.
 unsafe impl Send for ScatterList {}
@@ -56,8 +65,8 @@ impl std::fmt::Debug for ScatterList {
 }
 
 impl ScatterList {
-    fn build(pieces: Vec<Piece>, keep: Keep) -> Self {
-        let mut starts = Vec::with_capacity(pieces.len());
+    fn build(pieces: SmallVec<[Piece; INLINE_PIECES]>, keep: Keep) -> Self {
+        let mut starts = SmallVec::with_capacity(pieces.len());
         let mut total = 0usize;
         for p in &pieces {
             starts.push(total);
@@ -67,7 +76,7 @@ impl ScatterList {
             pieces,
             starts,
             total,
-            _keep: keep,
+            keep,
         }
     }
 
@@ -100,6 +109,15 @@ impl ScatterList {
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.total
+    }
+
+    /// The target ranges of a list made by [`remote`](Self::remote) (`None` for a
+    /// local one), e.g. to persist them once the payload has landed.
+    pub fn remote_ranges(&self) -> Option<&[RemoteRange]> {
+        match &self.keep {
+            Keep::Remote(r) => Some(r),
+            Keep::Local(_) => None,
+        }
     }
 
     /// Whether the list is empty.
@@ -322,5 +340,49 @@ mod tests {
         assert!(l.copy_out(4, &mut b));
         assert_eq!(&b, &[0, b'!']);
         assert_eq!(l.cursor_at(usize::MAX).remaining(), 0);
+    }
+
+    #[test]
+    fn lists_past_the_inline_pieces_and_the_ranges_they_lend() {
+        // More pieces than are held inline (they move to the heap): the same
+        // copies, in order, and a remote list lends its verified ranges.
+        let m = KeyMap::new(8, AddrMode::Offset);
+        let (k, _) = m.insert(
+            Arc::new(crate::HeapMemory::new(64).unwrap()),
+            Access::REMOTE,
+            MrFlags::empty(),
+        );
+        let n = INLINE_PIECES * 2 + 1;
+        let ranges = m
+            .verify_all(
+                (0..n).map(|i| (k, 60 - 6 * i as u64, 3)),
+                Access::REMOTE_WRITE,
+            )
+            .unwrap();
+        let l = ScatterList::remote(ranges);
+        assert_eq!(l.len(), 3 * n);
+        let data: Vec<u8> = (1..=3 * n as u8).collect();
+        assert!(l.copy_in(0, &data));
+        assert_eq!(l.to_vec(), data);
+        let lent = l.remote_ranges().expect("a remote list lends its ranges");
+        assert_eq!(lent.len(), n);
+        assert_eq!(
+            lent.iter().map(|r| r.offset()).collect::<Vec<_>>()[..2],
+            [60, 54]
+        );
+        let mut whole = [0u8; 64];
+        m.verify(k, 0, 64, Access::REMOTE_READ)
+            .unwrap()
+            .read(0, &mut whole)
+            .unwrap();
+        // Piece i (bytes 3i+1..=3i+3) went to offset 60 - 6i.
+        for i in 0..n {
+            let at = 60 - 6 * i;
+            assert_eq!(&whole[at..at + 3], &data[3 * i..3 * i + 3], "piece {i}");
+        }
+        // A local list lends none.
+        let local = ScatterList::local(Vec::new());
+        assert!(local.remote_ranges().is_none());
+        assert!(local.is_empty());
     }
 }

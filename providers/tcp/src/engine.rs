@@ -13,6 +13,7 @@
 //! the epoll descriptor.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, RawFd};
@@ -83,9 +84,33 @@ pub(crate) fn take_request(info: &Info) -> fabric_core::Result<TcpStream> {
     prov::ConnToken::<TcpStream>::take(info, "tcp")
 }
 
+/// Hashes the engine's tokens (fids: unique, process-local, never chosen by a peer)
+/// with one multiplication instead of SipHash: the connection table is looked up on
+/// every post.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits, which the table uses, depend on every bit.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by engine tokens.
+pub(crate) type TokenMap<V> = HashMap<u64, V, BuildHasherDefault<TokenHasher>>;
+
 pub(crate) struct EngineState {
-    pub(crate) conns: HashMap<u64, Conn>,
-    listeners: HashMap<u64, Listener>,
+    pub(crate) conns: TokenMap<Conn>,
+    listeners: TokenMap<Listener>,
     half_open: prov::HalfOpen<Incoming>,
     events: Vec<EpollEvent>,
     tick: u32,
@@ -109,8 +134,8 @@ impl Engine {
     pub(crate) fn with_limits(limits: ListenLimits) -> io::Result<Arc<Engine>> {
         Ok(Arc::new(Engine {
             state: Mutex::new(EngineState {
-                conns: HashMap::new(),
-                listeners: HashMap::new(),
+                conns: TokenMap::default(),
+                listeners: TokenMap::default(),
                 half_open: prov::HalfOpen::new(limits.half_open_max, limits.half_open_age),
                 events: Vec::with_capacity(64),
                 tick: 0,

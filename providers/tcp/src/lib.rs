@@ -27,8 +27,14 @@
 //!   holds an RC write-with-immediate.
 //!
 //! - Completion levels: sends complete when handed to the socket (transmit), or on the
-//!   target's ACK after placement with `DELIVERY_COMPLETE`; writes always complete on
-//!   the target's ACK (delivery: placed and visible, not necessarily durable); reads
+//!   target's ACK after placement with `DELIVERY_COMPLETE`; writes complete on the
+//!   target's ACK (delivery: placed and visible, not necessarily durable) unless they
+//!   name `TRANSMIT_COMPLETE` or `INJECT_COMPLETE` as their level and carry no CQ
+//!   data: those complete when handed to the socket and the target sends no ACK for
+//!   them (libfabric's tcp provider acknowledges delivery and commit only). A refused
+//!   transmit-level write has completed already; the refusal still ends the
+//!   connection at both ends (`Shutdown { reason: AccessError }`), and what was posted
+//!   after it completes `Canceled`, as after any refusal. Reads complete
 //!   when the response has landed. Writes with `COMMIT_COMPLETE` complete when the data
 //!   is durable at the target (see "Persistent memory" below).
 //! - Receives match in FIFO order; a message that finds no receive is buffered (up to

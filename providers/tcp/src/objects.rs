@@ -22,7 +22,7 @@ use crate::conn::{
 use crate::engine::{connect_failed, take_request, Engine};
 use crate::mr;
 use crate::sys;
-use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY};
+use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_DELIVERY, FLAG_NO_ACK};
 use fabric_core::prov::KeyMap;
 use fabric_core::wait::WaitQueue;
 
@@ -257,11 +257,10 @@ impl TcpEndpoint {
                 ));
             }
             let op = op_builder(c);
-            c.queue(op, false);
-            if !more && !c.want_write {
-                if let Err(f) = c.flush() {
-                    c.fail(f);
-                }
+            if more {
+                c.queue(op, false);
+            } else if let Err(f) = c.send_or_queue(op) {
+                c.fail(f);
             }
             Ok(())
         })
@@ -410,6 +409,19 @@ impl MsgOps for TcpEndpoint {
     }
 }
 
+/// Whether a write completes at transmit level, without an ACK from the target: it
+/// names `TRANSMIT_COMPLETE` or `INJECT_COMPLETE` as its level (no stronger one), and
+/// carries no CQ data (whose completion means a receive matched it). Writes posted
+/// without a level, and injected writes, keep delivery completion.
+pub(crate) fn transmit_level_write(req: &RmaRequest) -> bool {
+    req.data.is_none()
+        && !req.flags.contains(OpFlags::INJECT)
+        && matches!(
+            req.flags.completion_level(),
+            Some(fabric_core::CompletionLevel::Transmit | fabric_core::CompletionLevel::Inject)
+        )
+}
+
 impl RmaOps for TcpEndpoint {
     fn post_write(&self, req: RmaRequest) -> Result<()> {
         self.post_tx(req.flags.contains(OpFlags::MORE), |c| {
@@ -424,6 +436,18 @@ impl RmaOps for TcpEndpoint {
             let commit = req.flags.contains(OpFlags::COMMIT_COMPLETE);
             if commit {
                 h.flags |= FLAG_COMMIT;
+            }
+            if transmit_level_write(&req) {
+                // Completes once handed to the socket, and the target sends no ACK
+                // (libfabric's tcp provider acknowledges delivery and commit only).
+                h.flags |= FLAG_NO_ACK;
+                let then = AfterTx::Complete {
+                    context: req.context,
+                    flags: CompFlags::RMA | CompFlags::WRITE,
+                    len,
+                    completion: req.completion,
+                };
+                return TxOp::new(&h, body_of(req.payload), then);
             }
             let then = AfterTx::Await(Pending {
                 op_id,

@@ -181,13 +181,17 @@ pub unsafe fn sendv(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
         // A small message (a header and a short payload): one copy into a stack
         // buffer and a plain send(2), which spares the kernel importing the msghdr and
         // iovec array (measured: the cheaper call on the 8-byte ping-pong's path).
-        let mut buf = [0u8; SMALL_SEND];
+        // Not zeroed first: only the `at` bytes copied in are ever read.
+        let mut buf = std::mem::MaybeUninit::<[u8; SMALL_SEND]>::uninit();
+        let base = buf.as_mut_ptr().cast::<u8>();
         let mut at = 0;
         for v in iov {
             // SAFETY: the caller guarantees each iovec is readable for iov_len bytes;
-            // the total fits the buffer.
-            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            buf[at..at + v.iov_len].copy_from_slice(src);
+            // at + iov_len <= total <= SMALL_SEND, so the copy stays inside buf, a
+            // distinct stack allocation.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, base.add(at), v.iov_len)
+            };
             at += v.iov_len;
         }
         // SAFETY: buf is valid for reads of `at` bytes.

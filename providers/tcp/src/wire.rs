@@ -25,7 +25,10 @@
 //! - `MSG`: a message; flag `CQ_DATA` carries `data`, flag `DELIVERY` asks for an `ACK`
 //!   once the message has been placed in a posted receive.
 //! - `WRITE`: `size` payload bytes for the remote iovecs (their lengths sum to `size`);
-//!   always answered by an `ACK` carrying a [`Status`]. Flag `CQ_DATA`: the target
+//!   answered by an `ACK` carrying a [`Status`] unless flag `NO_ACK` is set (a write
+//!   posted at transmit level: the initiator completed it when it handed it to its
+//!   socket, as libfabric's tcp provider acknowledges only delivery and commit; a
+//!   refusal is still answered, and ends the connection). Flag `CQ_DATA`: the target
 //!   consumes a posted receive to report `data`, and sends the `ACK` only once it has
 //!   (a write whose data finds no receive waits for one). Flag `COMMIT` (a write posted with
 //!   `COMMIT_COMPLETE`): every remote iovec must lie in a region registered `PMEM`,
@@ -67,7 +70,10 @@ pub const FLAG_CQ_DATA: u16 = 1 << 0;
 pub const FLAG_DELIVERY: u16 = 1 << 1;
 /// Header flag: commit (persist) the written ranges before the ACK (WRITE only).
 pub const FLAG_COMMIT: u16 = 1 << 2;
-const KNOWN_FLAGS: u16 = FLAG_CQ_DATA | FLAG_DELIVERY | FLAG_COMMIT;
+/// Header flag: the initiator wants no `ACK` for this write when it succeeds (WRITE
+/// only, never with `CQ_DATA` or `COMMIT`, whose ACKs carry their meaning).
+pub const FLAG_NO_ACK: u16 = 1 << 3;
+const KNOWN_FLAGS: u16 = FLAG_CQ_DATA | FLAG_DELIVERY | FLAG_COMMIT | FLAG_NO_ACK;
 
 /// Operation codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +344,13 @@ impl Header {
         }
         if self.flags & FLAG_COMMIT != 0 && op != Op::Write {
             return Err(perr(format!("{op:?} with the commit flag")));
+        }
+        if self.flags & FLAG_NO_ACK != 0
+            && (op != Op::Write || self.flags & (FLAG_CQ_DATA | FLAG_COMMIT) != 0)
+        {
+            return Err(perr(format!(
+                "{op:?} with the no-ack flag (a write without CQ data or commit only)"
+            )));
         }
         if self.size > MAX_MSG_SIZE {
             return Err(perr(format!(

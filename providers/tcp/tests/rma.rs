@@ -348,3 +348,80 @@ fn uncached_region_receives_writes() {
     assert!(target.to_vec(size - 1000, 1000).unwrap() == want[..1000]);
     assert!(target.to_vec(0, size - 1000).unwrap() == want[1000..]);
 }
+
+/// A write posted at transmit level: it completes once handed to the socket (the
+/// target sends no ACK for it), lands before a message posted after it, and a refused
+/// one still ends the connection at both ends with AccessError, leaving the target's
+/// memory untouched.
+#[test]
+fn transmit_level_write_lands_in_order_and_refusal_still_ends_the_connection() {
+    let p = pair();
+    let size = 256 << 10;
+    let target = p.server.domain.alloc(size, Access::REMOTE).unwrap();
+    let rbuf = p.server.domain.alloc(8, Access::LOCAL).unwrap();
+    let src = p.client.domain.alloc(size, Access::LOCAL).unwrap();
+    for round in 0..20u8 {
+        src.write_at(0, &pattern(size, round)).unwrap();
+        p.server.ep.recv(rbuf.full(), 50).unwrap();
+        let msg = RmaMsg {
+            iov: &[src.full()],
+            rma_iov: &[target.remote().full()],
+            context: 1,
+            data: 0,
+        };
+        p.client
+            .ep
+            .writemsg(&msg, OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE)
+            .unwrap();
+        p.client.ep.send(src.iov(0, 8), 2).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let c = next(&p.client.cq);
+            ok(&c);
+            got.push((c.context, c.flags));
+        }
+        assert_eq!(
+            got,
+            [
+                (1, CompFlags::RMA | CompFlags::WRITE),
+                (2, CompFlags::MSG | CompFlags::SEND)
+            ]
+        );
+        // When the message arrives, the write before it has landed.
+        let c = next(&p.server.cq);
+        ok(&c);
+        assert_eq!(c.context, 50);
+        assert!(target.to_vec(0, size).unwrap() == pattern(size, round));
+    }
+    // Refused (wrong key): the write completed when sent; the refusal ends the
+    // connection at both ends, and a later receive is flushed.
+    target.fill(0, size, 0x5a).unwrap();
+    p.server.ep.recv(rbuf.full(), 77).unwrap();
+    let mut bad = target.remote();
+    bad.key ^= 1;
+    let msg = RmaMsg {
+        iov: &[src.iov(0, 64)],
+        rma_iov: &[bad.iov(0, 64)],
+        context: 9,
+        data: 0,
+    };
+    p.client
+        .ep
+        .writemsg(&msg, OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE)
+        .unwrap();
+    let c = next(&p.client.cq);
+    assert_eq!(c.context, 9);
+    ok(&c);
+    for side in [&p.client, &p.server] {
+        match side.eq.wait(T).unwrap() {
+            Event::Shutdown { reason, .. } => assert_eq!(reason, ShutdownReason::AccessError),
+            other => panic!("expected Shutdown, got {other:?}"),
+        }
+    }
+    let c = next(&p.server.cq);
+    assert_eq!(c.context, 77);
+    assert_eq!(c.status.unwrap_err().kind, CqErrorKind::Canceled);
+    assert_eq!(target.to_vec(0, size).unwrap(), vec![0x5a; size]);
+    let e = p.client.ep.send(src.iov(0, 4), 10).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotConnected);
+}

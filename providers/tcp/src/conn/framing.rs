@@ -169,6 +169,65 @@ impl Conn {
         }
     }
 
+    /// Sends `op` now when nothing is queued ahead of it (the common case of a post):
+    /// straight from the operation to the socket, and what it needs once sent is done
+    /// at once, without a trip through the transmit queue. What the socket does not
+    /// take is queued as usual (the part sent counted), and flushed later.
+    pub(crate) fn send_or_queue(&mut self, op: TxOp) -> Result<(), Fatal> {
+        let Some(sock) = &self.sock else {
+            self.queue(op, false);
+            return Ok(());
+        };
+        if self.want_write {
+            // Waiting for the socket to take more: the queue goes first.
+            self.queue(op, false);
+            return Ok(());
+        }
+        if !self.txq.is_empty() || self.state != ConnState::Connected {
+            self.queue(op, false);
+            return self.flush();
+        }
+        let fd = sock.as_raw_fd();
+        let mut iov = std::mem::take(&mut self.iov_scratch);
+        iov.clear();
+        let bytes = op.iovecs(0, &mut iov, TX_IOV_MAX);
+        // SAFETY: the iovecs point into `op` (its header array, its owned bytes, or the
+        // registered memory its Segments keep alive), which lives and is unchanged
+        // for the call.
+        let r = if bytes == op.len {
+            unsafe { sys::sendv(fd, &iov) }
+        } else {
+            // More pieces than one call takes: the queue sends it in turns.
+            Ok(0)
+        };
+        iov.clear();
+        self.iov_scratch = iov;
+        let sent = match r {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
+            }
+            Err(e) => {
+                self.queue(op, false);
+                return Err(Fatal::io("send", e));
+            }
+        };
+        if sent == op.len {
+            self.on_sent(op);
+            return Ok(());
+        }
+        // The queue was empty, so this operation is its front: `tx_done` is its part
+        // already on the wire.
+        self.queue(op, false);
+        self.tx_done = sent;
+        self.flush()
+    }
+
     /// Writes as much of the transmit queue as the socket takes.
     pub(crate) fn flush(&mut self) -> Result<(), Fatal> {
         let Some(sock) = &self.sock else {

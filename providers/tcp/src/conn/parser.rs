@@ -15,7 +15,7 @@ use super::{
 };
 use crate::sys;
 use crate::wire::{Header, Op, Status, BASE_HDR_SIZE, MAX_HDR_SIZE};
-use fabric_core::prov::{RemoteRange, ScatterList};
+use fabric_core::prov::ScatterList;
 
 /// What to do once a payload has been received.
 pub(super) enum AfterRx {
@@ -35,9 +35,10 @@ pub(super) enum AfterRx {
         data: Option<u64>,
         /// A COMMIT write: persist `ranges` before the ACK.
         commit: bool,
-        /// The checked target ranges; they also keep the memory alive while the
-        /// payload streams in.
-        ranges: Vec<RemoteRange>,
+        /// The initiator asked for no ACK on success (`FLAG_NO_ACK`).
+        no_ack: bool,
+        // The checked target ranges are the sink's (a remote scatter list), which
+        // keeps their memory alive while the payload streams in.
     },
     ReadResp(Pending),
     ConnResp {
@@ -246,6 +247,22 @@ impl Conn {
                 self.expect(sink, size, AfterRx::ReadResp(p));
             }
             (ConnState::Connected, Op::Ack) => {
+                if h.status.is_access_refusal() && self.completed_at_transmit(h.op_id) {
+                    // The peer refused a write that completed when it was sent
+                    // (transmit level, no ACK asked): nothing is left to complete
+                    // in error, but the refusal ends the connection all the same.
+                    let err = CqError::new(
+                        CqErrorKind::RemoteAccess,
+                        h.status as i32,
+                        format!(
+                            "target refused write {} (posted at transmit level, already \
+                             completed): {}",
+                            h.op_id,
+                            h.status.describe()
+                        ),
+                    );
+                    return Err(Fatal::AccessRefused(err));
+                }
                 let p = self.take_ack_target(h.op_id)?;
                 let c = if h.status == Status::Ok {
                     if !p.completion {
@@ -291,6 +308,16 @@ impl Conn {
                 op: Op::ReadResp,
                 op_id,
             }))
+    }
+
+    /// Whether `op_id` was sent and is waiting for no answer: a write posted at
+    /// transmit level (ids are issued in order; every other operation up to the last
+    /// one issued that is not in flight has had its answer).
+    fn completed_at_transmit(&self, op_id: u64) -> bool {
+        op_id != 0
+            && op_id < self.next_op_id
+            && !self.inflight.iter().any(|p| p.op_id == op_id)
+            && !self.txq.iter().any(|t| t.op_id == op_id)
     }
 
     pub(super) fn take_ack_target(&mut self, op_id: u64) -> Result<Pending, Fatal> {
@@ -342,8 +369,19 @@ impl Conn {
                 size,
                 data,
                 commit,
-                ranges,
-            } => self.finish_write(op_id, size, data, commit, &ranges),
+                no_ack,
+            } => {
+                if no_ack {
+                    // Placed; the initiator completed it at transmit and wants no ACK
+                    // (the header check rules out CQ data and COMMIT with it).
+                } else {
+                    let ranges = match &inc.sink {
+                        Sink::Iov { list, .. } => list.remote_ranges().unwrap_or(&[]),
+                        _ => &[],
+                    };
+                    self.finish_write(op_id, size, data, commit, ranges)
+                }
+            }
             AfterRx::ReadResp(p) => {
                 if p.completion {
                     self.rep

@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use super::{AfterRx, AfterTx, Body, Conn, Sink, TxOp};
 use crate::mr;
-use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA};
+use crate::wire::{Header, Op, Status, FLAG_COMMIT, FLAG_CQ_DATA, FLAG_NO_ACK};
 
 impl Conn {
     /// A WRITE header: checks every remote iovec, then streams the payload into the
@@ -26,7 +26,7 @@ impl Conn {
         };
         match mr::check(&self.rep.keys, h.iovs(), need) {
             Ok(ranges) => {
-                let sink = Sink::list(ScatterList::remote(ranges.clone()));
+                let sink = Sink::list(ScatterList::remote(ranges));
                 self.expect(
                     sink,
                     size,
@@ -35,7 +35,7 @@ impl Conn {
                         size,
                         data,
                         commit,
-                        ranges,
+                        no_ack: h.flags & FLAG_NO_ACK != 0,
                     },
                 );
             }

@@ -14,7 +14,9 @@ use fabric_core::{
 use super::{AfterTx, Body, Conn, ConnState, Fatal, PendKind, Pending, TxOp};
 use crate::engine::Engine;
 use crate::objects::{TcpDomain, TcpFabric};
-use crate::wire::{Header, Op, Status, WireIov, FLAG_CQ_DATA, FLAG_DELIVERY, MAX_HDR_SIZE};
+use crate::wire::{
+    Header, Op, Status, WireIov, FLAG_CQ_DATA, FLAG_DELIVERY, FLAG_NO_ACK, MAX_HDR_SIZE,
+};
 use fabric_core::prov::KeyMap;
 
 impl Conn {
@@ -406,4 +408,166 @@ fn local_shutdown_then_posts_fail_with_shutdown() {
     );
     r.with(|c| c.shutdown());
     assert!(r.event().is_none(), "one Shutdown");
+}
+
+#[test]
+fn transmit_level_write_asks_for_no_ack_and_completes_when_sent() {
+    use fabric_core::{OpFlags, RmaMsg};
+    let r = rig();
+    let src = r.recv_buf(16);
+    src.write_at(0, b"0123456789abcdef").unwrap();
+    let remote = fabric_core::RemoteIov {
+        addr: 0,
+        len: 8,
+        key: 0x77,
+    };
+    let post = |flags: OpFlags, context: u64, data: u64| {
+        r.ep.writemsg(
+            &RmaMsg {
+                iov: &[src.iov(0, 8)],
+                rma_iov: &[remote],
+                context,
+                data,
+            },
+            flags,
+        )
+        .unwrap()
+    };
+    post(OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE, 1, 0);
+    post(OpFlags::COMPLETION | OpFlags::INJECT_COMPLETE, 2, 0);
+    // Stronger levels, no level, and CQ data keep the ACK.
+    post(
+        OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE | OpFlags::DELIVERY_COMPLETE,
+        3,
+        0,
+    );
+    post(OpFlags::COMPLETION, 4, 0);
+    post(
+        OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE | OpFlags::REMOTE_CQ_DATA,
+        5,
+        9,
+    );
+    // No socket: nothing has been handed to the wire, so nothing has completed.
+    assert!(r.completions().is_empty());
+    let out = headers(&r.with(|c| c.take_output()));
+    let no_ack: Vec<bool> = out.iter().map(|h| h.flags & FLAG_NO_ACK != 0).collect();
+    assert_eq!(no_ack, [true, true, false, false, false]);
+    // Handed to the socket: the transmit-level writes complete, the others wait.
+    let c = r.completions();
+    let got: Vec<_> = c.iter().map(|c| (c.context, c.is_ok(), c.flags)).collect();
+    let w = CompFlags::RMA | CompFlags::WRITE;
+    assert_eq!(got, [(1, true, w), (2, true, w)]);
+    // The ACKs of the others complete them.
+    let mut acks = Vec::new();
+    for id in [out[2].op_id, out[3].op_id, out[4].op_id] {
+        acks.extend(frame(&Header::new(Op::Ack, id, 0), &[]));
+    }
+    r.with(|c| c.feed(&acks, 64)).unwrap();
+    let ctx: Vec<u64> = r.completions().iter().map(|c| c.context).collect();
+    assert_eq!(ctx, [3, 4, 5]);
+}
+
+#[test]
+fn no_ack_write_is_placed_silently_and_refused_loudly() {
+    let r = rig();
+    let (key, mem) = r.region(64, 0);
+    let mut h = write_hdr(1, key, 8, 4);
+    h.flags = FLAG_NO_ACK;
+    r.with(|c| c.feed(&frame(&h, &[1, 2, 3, 4]), 3)).unwrap();
+    assert_eq!(&bytes_of(&mem)[8..12], &[1, 2, 3, 4], "placed");
+    assert!(
+        r.with(|c| c.take_output()).is_empty(),
+        "no ACK asked, none sent"
+    );
+    // A refused one is answered all the same, and ends the connection.
+    let mut bad = write_hdr(2, key ^ 1, 0, 4);
+    bad.flags = FLAG_NO_ACK;
+    r.with(|c| c.feed(&frame(&bad, &[5; 4]), 64)).unwrap();
+    let out = headers(&r.with(|c| c.take_output()));
+    let got: Vec<_> = out.iter().map(|h| (h.op, h.op_id, h.status)).collect();
+    assert_eq!(got, [(Op::Ack, 2, Status::BadKey)]);
+    assert_eq!(r.with(|c| c.state), ConnState::Closing);
+    assert_eq!(
+        &bytes_of(&mem)[..4],
+        &[0; 4],
+        "the refused write touched nothing"
+    );
+}
+
+#[test]
+fn no_ack_flag_only_on_plain_writes() {
+    // With CQ data or COMMIT (whose ACKs mean something), or on another op: a
+    // protocol error, before anything is placed.
+    for (op, flags) in [
+        (Op::Write, FLAG_NO_ACK | FLAG_CQ_DATA),
+        (Op::Write, FLAG_NO_ACK | crate::wire::FLAG_COMMIT),
+        (Op::Msg, FLAG_NO_ACK),
+    ] {
+        let r = rig();
+        let (key, mem) = r.region(16, 0);
+        let mut h = if op == Op::Write {
+            write_hdr(1, key, 0, 4)
+        } else {
+            Header::new(Op::Msg, 1, 4)
+        };
+        h.flags = flags;
+        let mut b = vec![0u8; MAX_HDR_SIZE];
+        let n = h.emit(&mut b);
+        b.truncate(n);
+        b.extend_from_slice(&[3; 4]);
+        let f = r.with(|c| c.feed(&b, 64)).unwrap_err();
+        assert!(f.is_protocol(), "{op:?} {flags:#x}: {f:?}");
+        assert_eq!(bytes_of(&mem), vec![0; 16]);
+    }
+}
+
+#[test]
+fn refusal_of_a_write_completed_at_transmit_ends_the_connection() {
+    use fabric_core::{OpFlags, RmaMsg};
+    let r = rig();
+    let src = r.recv_buf(8);
+    let remote = fabric_core::RemoteIov {
+        addr: 0,
+        len: 8,
+        key: 0x77,
+    };
+    r.ep.writemsg(
+        &RmaMsg {
+            iov: &[src.iov(0, 8)],
+            rma_iov: &[remote],
+            context: 1,
+            data: 0,
+        },
+        OpFlags::COMPLETION | OpFlags::TRANSMIT_COMPLETE,
+    )
+    .unwrap();
+    r.with(|c| queue_write(c, 2, 200));
+    let sent = headers(&r.with(|c| c.take_output()));
+    assert_eq!(sent.len(), 2);
+    let c = r.completions();
+    assert_eq!((c.len(), c[0].context, c[0].is_ok()), (1, 1, true));
+    let mut nak = Header::new(Op::Ack, sent[0].op_id, 0);
+    nak.status = Status::BadKey;
+    let f = r.with(|c| c.feed(&frame(&nak, &[]), 64)).unwrap_err();
+    assert!(matches!(f, Fatal::AccessRefused(_)), "{f:?}");
+    r.with(|c| c.fail(f));
+    let c = r.completions();
+    let kinds: Vec<_> = c
+        .iter()
+        .map(|c| (c.context, c.status.as_ref().unwrap_err().kind))
+        .collect();
+    assert_eq!(kinds, [(200, CqErrorKind::Canceled)]);
+    assert!(matches!(
+        r.event(),
+        Some(Event::Shutdown {
+            reason: ShutdownReason::AccessError,
+            ..
+        })
+    ));
+    // A refusal naming an operation never sent is still a protocol error.
+    let r = rig();
+    let mut nak = Header::new(Op::Ack, 50, 0);
+    nak.status = Status::BadKey;
+    let f = r.with(|c| c.feed(&frame(&nak, &[]), 64)).unwrap_err();
+    assert!(f.is_protocol(), "{f:?}");
 }
