@@ -112,6 +112,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod cq;
 pub mod dispatch;
 pub mod domain;
@@ -128,6 +129,7 @@ pub mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use atomic::{AtomicForm, AtomicMsg, AtomicOp, AtomicRequest, Datatype};
 pub use cq::{AsyncCompletions, Completion, CompletionQueue, CqAttr};
 pub use dispatch::{OpFuture, DISPATCH_CONTEXT_BIT};
 pub use domain::{Domain, Fabric};

@@ -93,7 +93,7 @@ use fabric_core::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::atomic::{apply, atomic_valid, AtomicForm, AtomicOp, Datatype};
+use crate::atomic::{atomic_valid, execute, AtomicForm, AtomicOp, Datatype};
 use crate::av::{decode_name, encode_name, AddressVector, FiAddr};
 use crate::cntr::{CntrEvents, Counter};
 use crate::wire::{
@@ -253,6 +253,21 @@ enum CState {
     Closed,
 }
 
+enum RmaKind {
+    Write { mr: MemoryRegion, offset: usize },
+    Read { mr: MemoryRegion, offset: usize },
+    /// An atomic the MSG endpoint executes natively (see [`crate::atomic`]).
+    Atomic {
+        op: AtomicOp,
+        dt: Datatype,
+        form: AtomicForm,
+        /// Host order (the native path runs on little-endian hosts only).
+        operand: Vec<u8>,
+        compare: Vec<u8>,
+        result: Option<(MemoryRegion, usize)>,
+    },
+}
+
 /// A completion to generate when an operation finishes.
 #[derive(Debug, Clone, Copy)]
 struct Done {
@@ -271,11 +286,10 @@ struct Out {
     rma: Option<Rma>,
 }
 
-/// An application RMA write or read on a peer, posted on the connection as is.
+/// An application RMA write or read, or a native atomic, on a peer, posted on the
+/// connection's MSG endpoint as is.
 struct Rma {
-    write: bool,
-    mr: MemoryRegion,
-    offset: usize,
+    kind: RmaKind,
     remote: RemoteIov,
     /// Remote CQ data (`writedata_to`): announced by a `WriteData` message once the
     /// write has completed.
@@ -405,9 +419,6 @@ struct Inner {
     cm_busy: AtomicBool,
 }
 
-/// Serializes atomics executed by every RDM endpoint of this process, so atomics on
-/// one region from any initiators through any endpoint are atomic to each other.
-static ATOMIC_LOCK: Mutex<()> = Mutex::new(());
 
 // Context of an operation on an underlying endpoint: kind (8 bits), connection (24),
 // slot or request (32).
@@ -1168,6 +1179,31 @@ impl RdmEndpoint {
         let mut st = inner.st.lock();
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, "atomic")?;
+        if native_fits(&st.conns[&c].ep, op, dt, form, count, remote.addr) {
+            enqueue(
+                inner,
+                &mut st,
+                c,
+                Out {
+                    hdr: Header::new(Op::Credit),
+                    payload: Vec::new(),
+                    done: Some(done),
+                    rma: Some(Rma {
+                        kind: RmaKind::Atomic {
+                            op,
+                            dt,
+                            form,
+                            operand: operand.to_vec(),
+                            compare: compare.to_vec(),
+                            result: result.map(|r| (r.mr.clone(), r.offset)),
+                        },
+                        remote,
+                        data: None,
+                    }),
+                },
+            );
+            return Ok(());
+        }
         let rid = st_next_rid(&mut st.next_rid);
         hdr.rid = rid;
         st.atomics.insert(
@@ -1273,9 +1309,17 @@ impl RdmEndpoint {
                     },
                 }),
                 rma: Some(Rma {
-                    write,
-                    mr: iov.mr.clone(),
-                    offset: iov.offset,
+                    kind: if write {
+                        RmaKind::Write {
+                            mr: iov.mr.clone(),
+                            offset: iov.offset,
+                        }
+                    } else {
+                        RmaKind::Read {
+                            mr: iov.mr.clone(),
+                            offset: iov.offset,
+                        }
+                    },
                     remote,
                     data,
                 }),
@@ -1607,6 +1651,7 @@ fn st_next_rid(next: &mut u64) -> u64 {
 
 fn flush(inner: &Inner, st: &mut State, c: u32) {
     let mut broken = None;
+    let mut refused: Vec<(Done, String)> = Vec::new();
     {
         let st = &mut *st;
         let Some(conn) = st.conns.get_mut(&c) else {
@@ -1621,17 +1666,56 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
             if let Some(rma) = out.rma.take() {
                 let done = out.done.expect("RMA operations complete");
                 let key = st_next_rid(&mut st.next_rid);
-                let local = rma.mr.iov(rma.offset, rma.remote.len);
                 let c_ctx = ctx(K_RMA, c, key as u32);
-                let r = if rma.write {
-                    conn.ep.write(local, rma.remote, c_ctx)
-                } else {
-                    conn.ep.read(local, rma.remote, c_ctx)
+                let r = match &rma.kind {
+                    RmaKind::Write { mr, offset } => {
+                        conn.ep.write(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                    }
+                    RmaKind::Read { mr, offset } => {
+                        conn.ep.read(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                    }
+                    RmaKind::Atomic {
+                        op,
+                        dt,
+                        form,
+                        operand,
+                        compare,
+                        result,
+                    } => {
+                        let msg = fabric_core::AtomicMsg {
+                            op: *op,
+                            datatype: *dt,
+                            operand,
+                            compare,
+                            result: result.as_ref().map(|(mr, off)| mr.iov(*off, operand.len())),
+                            remote: rma.remote,
+                            context: c_ctx,
+                        };
+                        match form {
+                            AtomicForm::Plain => conn.ep.atomicmsg(&msg, OpFlags::COMPLETION),
+                            AtomicForm::Fetch => {
+                                conn.ep.fetch_atomicmsg(&msg, OpFlags::COMPLETION)
+                            }
+                            AtomicForm::Compare => {
+                                conn.ep.compare_atomicmsg(&msg, OpFlags::COMPLETION)
+                            }
+                        }
+                    }
                 };
                 match r {
                     Ok(()) => {
                         conn.waiting += 1;
                         st.rma_ops.insert(key as u32 as u64, (c, done, rma.data));
+                        continue;
+                    }
+                    Err(e)
+                        if matches!(rma.kind, RmaKind::Atomic { .. })
+                            && e.kind() != ErrorKind::WouldBlock
+                            && e.kind() != ErrorKind::NotConnected =>
+                    {
+                        // The MSG endpoint refused this atomic at the call (its own
+                        // checks): that operation fails, the connection stays.
+                        refused.push((done, e.to_string()));
                         continue;
                     }
                     Err(e) => {
@@ -1675,6 +1759,9 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
                 }
             }
         }
+    }
+    for (done, why) in refused {
+        st.finish(done, Err(cq_err(CqErrorKind::RemoteInvalid, why)));
     }
     if let Some(e) = broken {
         tracing::debug!("rdm: send on connection {c} failed: {e}");
@@ -2058,6 +2145,33 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     flush(inner, st, c);
 }
 
+/// Whether the connection's MSG endpoint executes this atomic natively (see
+/// [`crate::atomic`]): on little-endian hosts, where the layer's little-endian
+/// operands are the host order native providers take.
+fn native_fits(
+    ep: &fabric_core::Endpoint,
+    op: AtomicOp,
+    dt: Datatype,
+    form: AtomicForm,
+    count: usize,
+    remote_addr: u64,
+) -> bool {
+    if !cfg!(target_endian = "little") {
+        return false;
+    }
+    // Native providers need natural alignment (RC atomics: 8 bytes); the emulated
+    // path takes any address (and answers a bad one with RemoteAccess).
+    if !remote_addr.is_multiple_of(dt.size() as u64) {
+        return false;
+    }
+    let max = match form {
+        AtomicForm::Plain => ep.atomicvalid(op, dt),
+        AtomicForm::Fetch => ep.fetch_atomicvalid(op, dt),
+        AtomicForm::Compare => ep.compare_atomicvalid(op, dt),
+    };
+    max.is_some_and(|m| count <= m)
+}
+
 /// Checks a rendezvous request's ranges: 1 to [`IOV_LIMIT`] of them, adding up to the
 /// message's length.
 fn check_rts(rx: &MemoryRegion, off: usize, h: &Header) -> Result<()> {
@@ -2137,31 +2251,11 @@ fn execute_atomic(st: &State, hdr: &Header, payload: Vec<u8>) -> (u16, Vec<u8>) 
     if !mr.access().contains(need) {
         return (ST_ACCESS, Vec::new());
     }
-    let _serial = ATOMIC_LOCK.lock();
-    let Ok(mut target) = mr.to_vec(off, n) else {
-        return (ST_FAILED, Vec::new());
-    };
     let (operand, compare) = payload.split_at(n);
-    let mut old = Vec::with_capacity(n);
-    let s = dt.size();
-    for i in 0..count {
-        let r = i * s..(i + 1) * s;
-        let cmp = if compare.is_empty() {
-            &operand[r.clone()]
-        } else {
-            &compare[r.clone()]
-        };
-        old.extend(apply(
-            op,
-            dt,
-            &mut target[r.clone()],
-            &operand[r.clone()],
-            cmp,
-        ));
-    }
-    if modifies && mr.write_at(off, &target).is_err() {
-        return (ST_FAILED, Vec::new());
-    }
+    // SAFETY: off..off+n is inside the region (checked above), which `st` keeps
+    // registered and alive; peers reach it only through atomic instructions (this
+    // path, a provider's native atomics) or RMA, as on any NIC.
+    let old = unsafe { execute(op, dt, mr.as_ptr().add(off), operand, compare) };
     (
         ST_OK,
         if form == AtomicForm::Plain {
