@@ -469,12 +469,7 @@ impl Endpoint {
                         r.len
                     )));
                 }
-                let mut s = segments(
-                    std::slice::from_ref(r),
-                    self.domain(),
-                    Access::READ,
-                    what,
-                )?;
+                let mut s = segments(std::slice::from_ref(r), self.domain(), Access::READ, what)?;
                 s.pop()
             }
         };
@@ -661,19 +656,49 @@ mod tests {
     #[test]
     fn arithmetic_per_type() {
         let mut t = 5u64.to_ne_bytes();
-        let old = run(AtomicOp::Sum, Datatype::U64, &mut t, &3u64.to_ne_bytes(), &[]);
+        let old = run(
+            AtomicOp::Sum,
+            Datatype::U64,
+            &mut t,
+            &3u64.to_ne_bytes(),
+            &[],
+        );
         assert_eq!(old, 5u64.to_ne_bytes());
         assert_eq!(u64::from_ne_bytes(t), 8);
         let mut t = (-4i32).to_ne_bytes();
-        run(AtomicOp::Min, Datatype::I32, &mut t, &(-9i32).to_ne_bytes(), &[]);
+        run(
+            AtomicOp::Min,
+            Datatype::I32,
+            &mut t,
+            &(-9i32).to_ne_bytes(),
+            &[],
+        );
         assert_eq!(i32::from_ne_bytes(t), -9);
         let mut t = 7u32.to_ne_bytes();
-        run(AtomicOp::Cswap, Datatype::U32, &mut t, &1u32.to_ne_bytes(), &6u32.to_ne_bytes());
+        run(
+            AtomicOp::Cswap,
+            Datatype::U32,
+            &mut t,
+            &1u32.to_ne_bytes(),
+            &6u32.to_ne_bytes(),
+        );
         assert_eq!(u32::from_ne_bytes(t), 7);
-        run(AtomicOp::Cswap, Datatype::U32, &mut t, &1u32.to_ne_bytes(), &7u32.to_ne_bytes());
+        run(
+            AtomicOp::Cswap,
+            Datatype::U32,
+            &mut t,
+            &1u32.to_ne_bytes(),
+            &7u32.to_ne_bytes(),
+        );
         assert_eq!(u32::from_ne_bytes(t), 1);
         let mut t = 1.5f64.to_ne_bytes();
-        run(AtomicOp::Sum, Datatype::F64, &mut t, &2.25f64.to_ne_bytes(), &[]);
+        run(
+            AtomicOp::Sum,
+            Datatype::F64,
+            &mut t,
+            &2.25f64.to_ne_bytes(),
+            &[],
+        );
         assert_eq!(f64::from_ne_bytes(t), 3.75);
         let mut t = [1u32.to_ne_bytes(), 2u32.to_ne_bytes()].concat();
         let o = [4u32.to_ne_bytes(), 8u32.to_ne_bytes()].concat();
@@ -703,7 +728,15 @@ mod tests {
                     for i in 0..10_000u64 {
                         let p = w.as_ptr() as *mut u8;
                         if i % 2 == 0 {
-                            unsafe { execute_cpu(p, AtomicOp::Sum, Datatype::U64, &1u64.to_ne_bytes(), &[]) };
+                            unsafe {
+                                execute_cpu(
+                                    p,
+                                    AtomicOp::Sum,
+                                    Datatype::U64,
+                                    &1u64.to_ne_bytes(),
+                                    &[],
+                                )
+                            };
                         } else {
                             // The other path: a plain CPU atomic on the same word.
                             w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -70,7 +70,9 @@ pub(crate) unsafe fn execute(
         if cfg!(target_endian = "little") {
             b.to_vec()
         } else {
-            b.chunks_exact(s).flat_map(|e| e.iter().rev().copied()).collect()
+            b.chunks_exact(s)
+                .flat_map(|e| e.iter().rev().copied())
+                .collect()
         }
     };
     let (o, c) = (swap(operand), swap(compare));

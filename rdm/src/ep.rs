@@ -28,6 +28,10 @@
 //! `WriteData` message with the 64-bit data: the target's `RemoteWrite` completion
 //! therefore always follows the data, whatever the provider's ordering.
 //!
+//! Atomics go natively on the MSG endpoint where its provider executes them (posted
+//! like an RMA, completed by the provider's completion), else as an atomic
+//! request/response pair executed by the target's layer ([`crate::atomic`]).
+//!
 //! # Progress
 //! A progress thread per endpoint reads the underlying event and completion queues.
 //! An application thread in [`RdmEndpoint::wait`], [`RdmEndpoint::read`] or
@@ -254,8 +258,14 @@ enum CState {
 }
 
 enum RmaKind {
-    Write { mr: MemoryRegion, offset: usize },
-    Read { mr: MemoryRegion, offset: usize },
+    Write {
+        mr: MemoryRegion,
+        offset: usize,
+    },
+    Read {
+        mr: MemoryRegion,
+        offset: usize,
+    },
     /// An atomic the MSG endpoint executes natively (see [`crate::atomic`]).
     Atomic {
         op: AtomicOp,
@@ -418,7 +428,6 @@ struct Inner {
     /// Some connection forms or closes ([`refresh_cm_busy`]).
     cm_busy: AtomicBool,
 }
-
 
 // Context of an operation on an underlying endpoint: kind (8 bits), connection (24),
 // slot or request (32).
@@ -1028,7 +1037,9 @@ impl RdmEndpoint {
     // ---- atomics ----
 
     /// A non-fetching atomic: applies `op` with `operand` (`count` elements of `dt`,
-    /// little-endian, copied at the call) to the peer's range (`fi_atomic`).
+    /// little-endian, copied at the call) to the peer's range (`fi_atomic`). Posted
+    /// natively on the connection's MSG endpoint when its provider executes it, else
+    /// executed by the target's layer (see [`crate::atomic`]).
     pub fn atomic(
         &self,
         op: AtomicOp,
@@ -1223,7 +1234,8 @@ impl RdmEndpoint {
     /// Writes a local range into a peer's region (`fi_write` to an `fi_addr_t`),
     /// over the connection to `dest`. As for any RMA in this library, a refused remote
     /// access ends the connection: the write completes `RemoteAccess`, and other
-    /// operations then in flight to that peer complete in error.
+    /// operations then in flight to that peer complete in error; operations posted
+    /// after that completion was read go over a new connection.
     pub fn write_to(
         &self,
         iov: LocalIov<'_>,
@@ -1669,10 +1681,12 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
                 let c_ctx = ctx(K_RMA, c, key as u32);
                 let r = match &rma.kind {
                     RmaKind::Write { mr, offset } => {
-                        conn.ep.write(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                        conn.ep
+                            .write(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
                     }
                     RmaKind::Read { mr, offset } => {
-                        conn.ep.read(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                        conn.ep
+                            .read(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
                     }
                     RmaKind::Atomic {
                         op,
@@ -1693,9 +1707,7 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
                         };
                         match form {
                             AtomicForm::Plain => conn.ep.atomicmsg(&msg, OpFlags::COMPLETION),
-                            AtomicForm::Fetch => {
-                                conn.ep.fetch_atomicmsg(&msg, OpFlags::COMPLETION)
-                            }
+                            AtomicForm::Fetch => conn.ep.fetch_atomicmsg(&msg, OpFlags::COMPLETION),
                             AtomicForm::Compare => {
                                 conn.ep.compare_atomicmsg(&msg, OpFlags::COMPLETION)
                             }
@@ -2535,7 +2547,26 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
                             },
                         );
                     }
-                    (_, status) => st.finish(done, status),
+                    (_, status) => {
+                        if let Err(e) = &status {
+                            if matches!(
+                                e.kind,
+                                CqErrorKind::RemoteAccess | CqErrorKind::RemoteInvalid
+                            ) {
+                                // A refused remote access (RMA, native atomic) ends the
+                                // MSG connection ("one set of semantics"): retire it now,
+                                // so what the application posts after seeing this
+                                // completion goes over a fresh connection.
+                                close_conn(
+                                    inner,
+                                    st,
+                                    cn,
+                                    "a refused remote access ended the connection",
+                                );
+                            }
+                        }
+                        st.finish(done, status)
+                    }
                 }
             }
         }

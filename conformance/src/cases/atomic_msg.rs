@@ -157,7 +157,11 @@ fn msg_valid(ctx: &Ctx) -> CaseResult {
                             op,
                             datatype: dt,
                             operand: &zeros,
-                            compare: if form == AtomicForm::Compare { &zeros } else { &[] },
+                            compare: if form == AtomicForm::Compare {
+                                &zeros
+                            } else {
+                                &[]
+                            },
                             result: (form != AtomicForm::Plain).then(|| l.iov(0, n)),
                             remote: t.remote().iov(0, n),
                             context: 1,
@@ -175,8 +179,15 @@ fn msg_valid(ctx: &Ctx) -> CaseResult {
             }
         }
     }
-    ensure!(offered > 0, "the provider answers ATOMIC but no combination is valid");
-    p.expect_no_completion(Who::Client, Duration::from_millis(50), "after refused calls")
+    ensure!(
+        offered > 0,
+        "the provider answers ATOMIC but no combination is valid"
+    );
+    p.expect_no_completion(
+        Who::Client,
+        Duration::from_millis(50),
+        "after refused calls",
+    )
 }
 
 fn msg_every_native(ctx: &Ctx) -> CaseResult {
@@ -225,7 +236,11 @@ fn msg_every_native(ctx: &Ctx) -> CaseResult {
                         op,
                         datatype: dt,
                         operand: &ops,
-                        compare: if form == AtomicForm::Compare { &cmps } else { &[] },
+                        compare: if form == AtomicForm::Compare {
+                            &cmps
+                        } else {
+                            &[]
+                        },
                         result: (form != AtomicForm::Plain).then(|| res.iov(off, n)),
                         remote: remote.iov(off as u64, n),
                         context: ctxv,
@@ -251,15 +266,31 @@ fn msg_every_native(ctx: &Ctx) -> CaseResult {
                         let r = k * s..(k + 1) * s;
                         let old = dec(&init[r.clone()]);
                         let want = model(op, dt, old, dec(&ops[r.clone()]), dec(&cmps[r.clone()]));
-                        ensure_eq!(dec(&now[r.clone()]), want, "{what}: element {k}: target after");
+                        ensure_eq!(
+                            dec(&now[r.clone()]),
+                            want,
+                            "{what}: element {k}: target after"
+                        );
                         if form == AtomicForm::Plain {
-                            ensure_eq!(got[r.clone()].to_vec(), vec![0xEE; s], "{what}: result buffer of a non-fetching atomic touched");
+                            ensure_eq!(
+                                got[r.clone()].to_vec(),
+                                vec![0xEE; s],
+                                "{what}: result buffer of a non-fetching atomic touched"
+                            );
                         } else {
-                            ensure_eq!(dec(&got[r.clone()]), old, "{what}: element {k}: fetched old value");
+                            ensure_eq!(
+                                dec(&got[r.clone()]),
+                                old,
+                                "{what}: element {k}: fetched old value"
+                            );
                         }
                     }
                     // Nothing around the range changed.
-                    ensure_eq!(t.to_vec(off - 8, 8).ctx("read")?, vec![0; 8], "{what}: bytes before the range");
+                    ensure_eq!(
+                        t.to_vec(off - 8, 8).ctx("read")?,
+                        vec![0; 8],
+                        "{what}: bytes before the range"
+                    );
                     checked += 1;
                 }
             }
@@ -284,15 +315,21 @@ fn star(ctx: &Ctx, n: usize) -> Result<Star, CaseError> {
     let mut accepted = Vec::new();
     for i in 0..n {
         let c = ctx.connect(NEEDS, None, &l.addr, &[])?;
-        let req = wait_conn_request(&l.node, &[&c.node], t).map_err(|e| e.context(format!("client {i}")))?;
+        let req = wait_conn_request(&l.node, &[&c.node], t)
+            .map_err(|e| e.context(format!("client {i}")))?;
         let ep = l
             .node
             .domain
-            .endpoint(&req.info, fabric::EndpointConfig::new(&l.node.cq, &l.node.eq))
+            .endpoint(
+                &req.info,
+                fabric::EndpointConfig::new(&l.node.cq, &l.node.eq),
+            )
             .ctx("open server endpoint")?;
         ep.accept(&[]).ctx("accept")?;
-        wait_connected(&c.node, &c.ep, &[&l.node], t).map_err(|e| e.context(format!("client {i}")))?;
-        wait_connected(&l.node, &ep, &[&c.node], t).map_err(|e| e.context(format!("server for {i}")))?;
+        wait_connected(&c.node, &c.ep, &[&l.node], t)
+            .map_err(|e| e.context(format!("client {i}")))?;
+        wait_connected(&l.node, &ep, &[&c.node], t)
+            .map_err(|e| e.context(format!("server for {i}")))?;
         accepted.push(ep);
         clients.push((c.node, c.ep));
     }
@@ -375,8 +412,15 @@ fn msg_four_initiators(ctx: &Ctx) -> CaseResult {
         while done < per {
             while posted < per && posted - done < 16 {
                 let slot = (posted % 16) as usize * 8;
-                ep.fetch_atomic(AtomicOp::Sum, Datatype::U64, one.iov(0, 8), res.iov(slot, 8), remote, posted)
-                    .ctx("fetch_atomic")?;
+                ep.fetch_atomic(
+                    AtomicOp::Sum,
+                    Datatype::U64,
+                    one.iov(0, 8),
+                    res.iov(slot, 8),
+                    remote,
+                    posted,
+                )
+                .ctx("fetch_atomic")?;
                 posted += 1;
             }
             let c = node.wait_completion(&[], t)?;
@@ -418,7 +462,10 @@ fn msg_cswap_contention(ctx: &Ctx) -> CaseResult {
         let (mut won, mut tries) = (0u64, 0u64);
         while won < per {
             tries += 1;
-            ensure!(tries < 200_000, "initiator {i}: {tries} tries for {won} swaps");
+            ensure!(
+                tries < 200_000,
+                "initiator {i}: {tries} tries for {won} swaps"
+            );
             let msg = AtomicMsg {
                 op: AtomicOp::Cswap,
                 datatype: Datatype::U64,
@@ -428,7 +475,8 @@ fn msg_cswap_contention(ctx: &Ctx) -> CaseResult {
                 remote,
                 context: tries,
             };
-            ep.compare_atomicmsg(&msg, OpFlags::COMPLETION).ctx("compare_atomic")?;
+            ep.compare_atomicmsg(&msg, OpFlags::COMPLETION)
+                .ctx("compare_atomic")?;
             let c = node.wait_completion(&[], t)?;
             c.status
                 .map_err(|e| CaseError::fail(format!("compare-swap: {e}")))?;
@@ -476,38 +524,135 @@ fn msg_refused_at_call(ctx: &Ctx) -> CaseResult {
     };
     let longer = vec![1u8; n + 1];
     let tries: Vec<(&str, fabric::Result<()>)> = vec![
-        ("remote length differs", ep.fetch_atomicmsg(&AtomicMsg { remote: t.remote().iov(0, n * 2), ..good }, OpFlags::COMPLETION)),
-        ("operand not whole elements", ep.fetch_atomicmsg(&AtomicMsg { operand: &longer, remote: t.remote().iov(0, n + 1), ..good }, OpFlags::COMPLETION)),
-        ("empty operand", ep.fetch_atomicmsg(&AtomicMsg { operand: &[], remote: t.remote().iov(0, 0), ..good }, OpFlags::COMPLETION)),
-        ("no result buffer", ep.fetch_atomicmsg(&AtomicMsg { result: None, ..good }, OpFlags::COMPLETION)),
-        ("result length differs", ep.fetch_atomicmsg(&AtomicMsg { result: Some(res.iov(0, n * 2)), ..good }, OpFlags::COMPLETION)),
-        ("compare values on a fetch", ep.fetch_atomicmsg(&AtomicMsg { compare: &operand, ..good }, OpFlags::COMPLETION)),
-        ("INJECT with a fetch", ep.fetch_atomicmsg(&good, OpFlags::INJECT)),
-        ("result region without READ", ep.fetch_atomicmsg(&AtomicMsg { result: Some(no_read.iov(0, n)), ..good }, OpFlags::COMPLETION)),
-        ("result buffer on a non-fetching atomic", ep.atomicmsg(&good, OpFlags::COMPLETION)),
-        ("REMOTE_CQ_DATA", ep.fetch_atomicmsg(&good, OpFlags::COMPLETION | OpFlags::REMOTE_CQ_DATA)),
+        (
+            "remote length differs",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    remote: t.remote().iov(0, n * 2),
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "operand not whole elements",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    operand: &longer,
+                    remote: t.remote().iov(0, n + 1),
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "empty operand",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    operand: &[],
+                    remote: t.remote().iov(0, 0),
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "no result buffer",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    result: None,
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "result length differs",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    result: Some(res.iov(0, n * 2)),
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "compare values on a fetch",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    compare: &operand,
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "INJECT with a fetch",
+            ep.fetch_atomicmsg(&good, OpFlags::INJECT),
+        ),
+        (
+            "result region without READ",
+            ep.fetch_atomicmsg(
+                &AtomicMsg {
+                    result: Some(no_read.iov(0, n)),
+                    ..good
+                },
+                OpFlags::COMPLETION,
+            ),
+        ),
+        (
+            "result buffer on a non-fetching atomic",
+            ep.atomicmsg(&good, OpFlags::COMPLETION),
+        ),
+        (
+            "REMOTE_CQ_DATA",
+            ep.fetch_atomicmsg(&good, OpFlags::COMPLETION | OpFlags::REMOTE_CQ_DATA),
+        ),
     ];
     for (what, r) in tries {
         match r {
-            Err(e) if matches!(e.kind(), ErrorKind::InvalidArgument | ErrorKind::AccessDenied | ErrorKind::NotSupported) => {}
-            other => return Err(CaseError::fail(format!("{what}: accepted or wrong error: {other:?}"))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::InvalidArgument | ErrorKind::AccessDenied | ErrorKind::NotSupported
+                ) => {}
+            other => {
+                return Err(CaseError::fail(format!(
+                    "{what}: accepted or wrong error: {other:?}"
+                )))
+            }
         }
     }
-    p.expect_no_completion(Who::Client, Duration::from_millis(50), "after refused calls")?;
-    ensure_eq!(t.to_vec(0, 64).ctx("read")?, vec![0x3C; 64], "target untouched");
+    p.expect_no_completion(
+        Who::Client,
+        Duration::from_millis(50),
+        "after refused calls",
+    )?;
+    ensure_eq!(
+        t.to_vec(0, 64).ctx("read")?,
+        vec![0x3C; 64],
+        "target untouched"
+    );
     // The pair still works.
-    ep.fetch_atomicmsg(&good, OpFlags::COMPLETION).ctx("a good call")?;
+    ep.fetch_atomicmsg(&good, OpFlags::COMPLETION)
+        .ctx("a good call")?;
     p.wait_ok(Who::Client)?;
     Ok(())
 }
 
 fn msg_access_errors(ctx: &Ctx) -> CaseResult {
     let probe = ctx.pair(NEEDS)?;
-    let Some((op, dt)) = [(AtomicOp::Sum, Datatype::U64), (AtomicOp::Sum, Datatype::I64)]
-        .into_iter()
-        .chain(AtomicOp::ALL.into_iter().flat_map(|o| Datatype::ALL.into_iter().map(move |d| (o, d))))
-        .find(|(o, d)| probe.client.ep.fetch_atomicvalid(*o, *d).is_some())
-    else {
+    let Some((op, dt)) = [
+        (AtomicOp::Sum, Datatype::U64),
+        (AtomicOp::Sum, Datatype::I64),
+    ]
+    .into_iter()
+    .chain(
+        AtomicOp::ALL
+            .into_iter()
+            .flat_map(|o| Datatype::ALL.into_iter().map(move |d| (o, d))),
+    )
+    .find(|(o, d)| probe.client.ep.fetch_atomicvalid(*o, *d).is_some()) else {
         return Err(CaseError::skip("no native fetching atomic"));
     };
     drop(probe);
@@ -576,13 +721,21 @@ fn msg_access_errors(ctx: &Ctx) -> CaseResult {
             // A provider may refuse alignment as an invalid request or as an access
             // error; either way the connection ends.
             match &c.status {
-                Err(e) if matches!(e.kind, CqErrorKind::RemoteInvalid | CqErrorKind::RemoteAccess) => {}
+                Err(e)
+                    if matches!(
+                        e.kind,
+                        CqErrorKind::RemoteInvalid | CqErrorKind::RemoteAccess
+                    ) => {}
                 _ => expect_cq_error(&c, kind, what)?,
             }
         } else {
             expect_cq_error(&c, kind, what)?;
         }
-        ensure_eq!(t.to_vec(0, 64).ctx("read")?, vec![0x5A; 64], "{what}: target untouched");
+        ensure_eq!(
+            t.to_vec(0, 64).ctx("read")?,
+            vec![0x5A; 64],
+            "{what}: target untouched"
+        );
         expect_access_error_shutdown(&p, r.iov(0, 8)).map_err(|e| e.context(what))?;
     }
     Ok(())

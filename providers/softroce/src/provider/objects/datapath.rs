@@ -283,11 +283,11 @@ impl RmaOps for SrEndpoint {
 /// per call.
 pub(crate) fn native_atomic(op: AtomicOp, dt: Datatype, form: AtomicForm) -> Option<usize> {
     let word = matches!(dt, Datatype::U64 | Datatype::I64);
-    let ok = match (form, op) {
-        (AtomicForm::Plain | AtomicForm::Fetch, AtomicOp::Sum) => true,
-        (AtomicForm::Compare, AtomicOp::Cswap) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (form, op),
+        (AtomicForm::Plain | AtomicForm::Fetch, AtomicOp::Sum)
+            | (AtomicForm::Compare, AtomicOp::Cswap)
+    );
     (word && ok).then_some(1)
 }
 
@@ -329,7 +329,7 @@ impl AtomicOps for SrEndpoint {
                 req.operand.len()
             )));
         }
-        if req.remote.addr % 8 != 0 {
+        if !req.remote.addr.is_multiple_of(8) {
             // The RC core refuses to post it; verbs devices would send it and get the
             // target's NAK. Refused here, at the call: the connection is unaffected.
             return Err(Error::invalid(format!(
