@@ -314,7 +314,14 @@ struct Conn {
     src_gen: u64,
     state: CState,
     since: Instant,
+    /// When the connection was last seen in use: set by housekeeping when
+    /// `activity` moved since its previous look (so the data path reads no clock; an
+    /// idle connection is noticed at most one housekeeping interval late).
     last_used: Instant,
+    /// Messages sent or received (wrapping).
+    activity: u64,
+    /// `activity` at housekeeping's previous look.
+    seen_activity: u64,
     rx: MemoryRegion,
     tx: MemoryRegion,
     slot: usize,
@@ -384,6 +391,9 @@ struct AtomicTx {
 #[derive(Default)]
 struct State {
     conns: HashMap<u32, Conn>,
+    /// Receive buffers of delivered eager messages, given back to the provider at the
+    /// start of the next progress round ([`defer_repost`]).
+    reposts: Vec<(u32, u32)>,
     by_peer: HashMap<Vec<u8>, u32>,
     by_fid: HashMap<Fid, u32>,
     next_conn: u32,
@@ -420,13 +430,20 @@ struct Inner {
     /// Serializes progress rounds (reading and handling underlying completions); holds
     /// the round's completion buffer.
     progress: Mutex<Vec<Completion>>,
-    /// When an application thread last drove progress ([`stamp`]).
-    app_progress: AtomicU64,
+    /// Calls of application threads into read, wait or peek ([`touch`]): a counter, not
+    /// a time, so a busy poller reads no clock; the progress thread notes when it
+    /// changes.
+    app_calls: AtomicU64,
+    /// Progress rounds, so a busy poller reads the clock for the event-queue interval
+    /// only every [`EQ_CLOCK_EVERY`] rounds.
+    rounds: AtomicU64,
     epoch: Instant,
     /// When progress last read the event queue ([`stamp`]).
     last_eq: AtomicU64,
     /// Some connection forms or closes ([`refresh_cm_busy`]).
     cm_busy: AtomicBool,
+    /// `State::reposts` is not empty.
+    reposts_pending: AtomicBool,
 }
 
 // Context of an operation on an underlying endpoint: kind (8 bits), connection (24),
@@ -595,10 +612,12 @@ impl RdmEndpoint {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             progress: Mutex::new(Vec::with_capacity(64)),
-            app_progress: AtomicU64::new(0),
+            app_calls: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
             epoch: Instant::now(),
             last_eq: AtomicU64::new(0),
             cm_busy: AtomicBool::new(false),
+            reposts_pending: AtomicBool::new(false),
         });
         let i2 = inner.clone();
         let thread = std::thread::Builder::new()
@@ -1526,7 +1545,7 @@ fn send_now(
             conn.unannounced = 0;
             conn.credits -= 1;
             conn.tx_done[slot as usize] = done;
-            conn.last_used = Instant::now();
+            conn.activity = conn.activity.wrapping_add(1);
             true
         }
         Err(e) => {
@@ -1588,6 +1607,8 @@ fn new_conn(
             state,
             since: now,
             last_used: now,
+            activity: 0,
+            seen_activity: 0,
             rx,
             tx,
             slot,
@@ -1630,7 +1651,7 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
 fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
     if let Some(conn) = st.conns.get_mut(&c) {
         conn.backlog.push_back(out);
-        conn.last_used = Instant::now();
+        conn.activity = conn.activity.wrapping_add(1);
     }
     flush(inner, st, c);
 }
@@ -1839,6 +1860,30 @@ fn repost(inner: &Inner, st: &mut State, c: u32, slot: u32, counted: bool) {
     }
 }
 
+/// Gives an eager message's receive buffer back at the start of the next progress
+/// round instead of now: the provider call is then off the path between a message's
+/// arrival and the application seeing its completion (and answering). The peer's
+/// credit for it is announced then too.
+fn defer_repost(inner: &Inner, st: &mut State, c: u32, slot: u32) {
+    st.reposts.push((c, slot));
+    inner.reposts_pending.store(true, Ordering::Release);
+}
+
+/// Reposts what [`defer_repost`] put aside.
+fn flush_reposts(inner: &Inner) {
+    if !inner.reposts_pending.swap(false, Ordering::Acquire) {
+        return;
+    }
+    let mut st = inner.st.lock();
+    let mut pending = std::mem::take(&mut st.reposts);
+    for &(c, slot) in &pending {
+        repost(inner, &mut st, c, slot, true);
+    }
+    // Keep the allocation (repost never defers, so nothing was added meanwhile).
+    pending.clear();
+    st.reposts = pending;
+}
+
 /// Sends a data message that is not an application operation (finish, atomic
 /// response).
 fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
@@ -1895,7 +1940,7 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
                 },
                 CntrEvents::RECV,
             );
-            repost(inner, st, u.conn, u.slot, true);
+            defer_repost(inner, st, u.conn, u.slot);
         }
         Op::Rts => {
             let rid = u.hdr.rid;
@@ -2032,7 +2077,7 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     let Some(conn) = st.conns.get_mut(&c) else {
         return;
     };
-    conn.last_used = Instant::now();
+    conn.activity = conn.activity.wrapping_add(1);
     let off = slot_off(conn, slot);
     let peer = conn.peer.clone();
     let mut hb = [0u8; HDR];
@@ -2626,6 +2671,12 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
 /// Fails connections that take too long to form and closes idle ones.
 fn housekeeping(inner: &Inner, st: &mut State) {
     let now = Instant::now();
+    for c in st.conns.values_mut() {
+        if c.activity != c.seen_activity {
+            c.seen_activity = c.activity;
+            c.last_used = now;
+        }
+    }
     let mut late = Vec::new();
     let mut idle = Vec::new();
     let mut stale = Vec::new();
@@ -2826,18 +2877,23 @@ fn retry_blocked(inner: &Inner, st: &mut State) {
 /// the progress thread, or an application thread in [`RdmEndpoint::wait`] /
 /// [`RdmEndpoint::read`], which then skips the hand-off through the thread.
 fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) {
+    flush_reposts(inner);
     let mut any = false;
     // An event-queue read is the provider's full progress (connection manager, socket
     // polls): every round while a connection forms or closes, or when this round may
     // sleep; otherwise once per EQ_EVERY, so a busy poller pays for the cheap
     // completion-queue read only (a full progress call also sends the acknowledgements
     // a provider holds back for the application's answer, and waits for its locks).
-    let now = stamp(inner);
+    // The clock is read only every EQ_CLOCK_EVERY rounds of a busy poller (a clock
+    // read costs as much as the rest of an idle round on some virtual machines).
+    let round = inner.rounds.fetch_add(1, Ordering::Relaxed);
     let eq_due = !timeout.is_zero()
         || inner.cm_busy.load(Ordering::Relaxed)
-        || now.saturating_sub(inner.last_eq.load(Ordering::Relaxed)) >= EQ_EVERY.as_nanos() as u64;
+        || (round.is_multiple_of(EQ_CLOCK_EVERY)
+            && stamp(inner).saturating_sub(inner.last_eq.load(Ordering::Relaxed))
+                >= EQ_EVERY.as_nanos() as u64);
     if eq_due {
-        inner.last_eq.store(now, Ordering::Relaxed);
+        inner.last_eq.store(stamp(inner), Ordering::Relaxed);
     }
     for _ in 0..if eq_due { 64 } else { 0 } {
         match inner.eq.read() {
@@ -2906,6 +2962,9 @@ fn drain_completions(inner: &Inner, batch: &mut Vec<Completion>) {
 /// closes.
 const EQ_EVERY: Duration = Duration::from_micros(500);
 
+/// A busy poller's rounds look at the clock (for [`EQ_EVERY`]) once per this many.
+const EQ_CLOCK_EVERY: u64 = 16;
+
 /// Whether some connection waits for a connection-manager event (forming or closing):
 /// progress then reads the event queue every round.
 fn refresh_cm_busy(inner: &Inner, st: &State) {
@@ -2937,7 +2996,7 @@ const APP_RECENT: Duration = Duration::from_millis(50);
 /// the progress lock: one that finds the thread's round under way must still keep the
 /// thread away from the next one).
 fn touch(inner: &Inner) {
-    inner.app_progress.store(stamp(inner), Ordering::Relaxed);
+    inner.app_calls.fetch_add(1, Ordering::Relaxed);
 }
 
 fn progress_loop(inner: &Inner) {
@@ -2945,13 +3004,22 @@ fn progress_loop(inner: &Inner) {
     let house_every = inner.attr.idle_timeout.map_or(HOUSEKEEPING, |t| {
         (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING)
     });
+    // The application's call counter as last seen, and when it was last seen to move
+    // (so "the application was here" is known to within one of this thread's sleeps).
+    let mut seen_calls = inner.app_calls.load(Ordering::Relaxed);
+    let mut app_seen: Option<Instant> = None;
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
         // peeked within the last APP_ACTIVE), stay out of its way: a round of this
         // thread holds the progress lock while it sleeps on the queue, and a busy
         // poller that cannot take the lock would only see what this thread hands it
         // (the cost of a wake-up per message). Otherwise drive progress.
-        let since = stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed));
+        let calls = inner.app_calls.load(Ordering::Relaxed);
+        if calls != seen_calls {
+            seen_calls = calls;
+            app_seen = Some(Instant::now());
+        }
+        let since = app_seen.map_or(u64::MAX, |t| t.elapsed().as_nanos() as u64);
         let active = APP_ACTIVE.as_nanos() as u64;
         if since < active {
             // Look again when the window ends (a wake-up per window, not per message:
