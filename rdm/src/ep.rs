@@ -395,6 +395,12 @@ struct State {
     /// start of the next progress round ([`defer_repost`]).
     reposts: Vec<(u32, u32)>,
     by_peer: HashMap<Vec<u8>, u32>,
+    /// Bumped whenever `by_peer` changes (validates `route`).
+    peer_gen: u64,
+    /// The sends' shortcut from an address-vector index to its connection, as of
+    /// (AV generation, `peer_gen`): a send to a known peer skips the name lookup, its
+    /// copy and hashing.
+    route: Vec<(u64, u64, u32)>,
     by_fid: HashMap<Fid, u32>,
     next_conn: u32,
     posted_msg: VecDeque<Posted>,
@@ -815,9 +821,26 @@ impl RdmEndpoint {
             tag: tag.unwrap_or(0),
             cntr: CntrEvents::SEND,
         };
-        let peer = self.peer_of(dest, what)?;
+        let av_gen = inner.av.generation();
         let mut st = inner.st.lock();
-        let c = conn_for(inner, &mut st, &peer)?;
+        let i = dest.index() as usize;
+        let c = match st.route.get(i) {
+            Some(&(g, pg, c)) if g == av_gen && pg == st.peer_gen => c,
+            _ => {
+                drop(st);
+                let peer = self.peer_of(dest, what)?;
+                st = inner.st.lock();
+                let c = conn_for(inner, &mut st, &peer)?;
+                if i < ROUTE_MAX {
+                    if st.route.len() <= i {
+                        st.route.resize(i + 1, (u64::MAX, 0, 0));
+                    }
+                    let pg = st.peer_gen;
+                    st.route[i] = (av_gen, pg, c);
+                }
+                c
+            }
+        };
         room(inner, &st, c, what)?;
         let done = (!inject).then_some(done);
         if eager {
@@ -1644,6 +1667,7 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
         return Err(e.context("rdm: connect"));
     }
     st.by_peer.insert(peer.to_vec(), id);
+    st.peer_gen += 1;
     inner.cm_busy.store(true, Ordering::Relaxed);
     Ok(id)
 }
@@ -2338,6 +2362,7 @@ fn close_conn(inner: &Inner, st: &mut State, c: u32, why: &str) {
     st.by_fid.remove(&fid);
     if st.by_peer.get(&*peer) == Some(&c) {
         st.by_peer.remove(&*peer);
+        st.peer_gen += 1;
     }
     let lost = |d: &str| cq_err(CqErrorKind::ConnectionLost, format!("rdm: {d}"));
     for d in backlog.into_iter().filter_map(|o| o.done).chain(tx_done) {
@@ -2482,6 +2507,7 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
                     })
                 });
                 st.by_peer.insert(peer, id);
+                st.peer_gen += 1;
                 if let Some(old) = closing {
                     // Its queued operations move to the new connection.
                     agreed_close(inner, st, old);
@@ -2773,6 +2799,7 @@ fn agreed_close(inner: &Inner, st: &mut State, c: u32) {
     st.by_fid.remove(&fid);
     if st.by_peer.get(&*peer) == Some(&c) {
         st.by_peer.remove(&*peer);
+        st.peer_gen += 1;
     }
     st.closed_idle += 1;
     tracing::debug!("rdm: connection {c} closed by agreement");
@@ -2957,6 +2984,9 @@ fn drain_completions(inner: &Inner, batch: &mut Vec<Completion>) {
     }
     batch.clear();
 }
+
+/// Address-vector indices below this get a send shortcut (`State::route`).
+const ROUTE_MAX: usize = 1 << 16;
 
 /// A busy poller reads the event queue this often while no connection forms or
 /// closes.
