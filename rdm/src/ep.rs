@@ -38,8 +38,9 @@
 //! [`RdmEndpoint::tpeek`] runs the same progress round itself when no one else is (one
 //! at a time, in order), which saves the hand-off through the thread. The thread stays
 //! away for 2 ms after any such call (taken or not: a thread that finds a round under
-//! way still counts), so a busy poller is not left waiting behind the thread's
-//! sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
+//! way still counts; the calls are counted, not timed, and the thread notes when the
+//! count moves, so a busy poller reads no clock), so a busy poller is not left waiting
+//! behind the thread's sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
 //! event queue (the provider's full progress: connection manager, socket polls) is
 //! read every 500 µs, or every round while a connection forms or closes. While the
 //! application was active in the last 50 ms the thread's own rounds do not sleep on
@@ -52,6 +53,10 @@
 //! waits); over softroce 1.5 to 1.8 in normal rounds (from 7 to 25), with some rounds
 //! under heavy load at 0.5 to 1 ms (4 packets per round trip, so no retransmission;
 //! not caused by this layer's progress thread: it happens with the thread idle).
+//! Later cuts (no clock read per poll or per message, the eager receive buffer reposted
+//! after the completion is visible, sends routed by address-vector index) brought tcp's
+//! ratio to 1.00-1.12 against 1.17-1.25 for the tree before, run alternately
+//! (BENCHMARKS.md).
 //!
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
