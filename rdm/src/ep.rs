@@ -455,6 +455,8 @@ struct Inner {
     cm_busy: AtomicBool,
     /// `State::reposts` is not empty.
     reposts_pending: AtomicBool,
+    /// Peers' atomics executed by this layer ([`RdmEndpoint::atomics_executed`]).
+    atomics_executed: AtomicU64,
 }
 
 // Context of an operation on an underlying endpoint: kind (8 bits), connection (24),
@@ -629,6 +631,7 @@ impl RdmEndpoint {
             last_eq: AtomicU64::new(0),
             cm_busy: AtomicBool::new(false),
             reposts_pending: AtomicBool::new(false),
+            atomics_executed: AtomicU64::new(0),
         });
         let i2 = inner.clone();
         let thread = std::thread::Builder::new()
@@ -666,6 +669,13 @@ impl RdmEndpoint {
     /// module docs).
     pub fn idle_closes(&self) -> u64 {
         self.inner.st.lock().closed_idle
+    }
+
+    /// Peers' atomics this endpoint's layer has executed (the emulated path, see
+    /// [`crate::atomic`]); atomics a provider executed natively are not counted. A
+    /// diagnostic: tells which path a workload took.
+    pub fn atomics_executed(&self) -> u64 {
+        self.inner.atomics_executed.load(Ordering::Relaxed)
     }
 
     /// Counts completions of the classes in `events` on `cntr` (`fi_ep_bind` of a
@@ -2202,6 +2212,9 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
         }
         Op::AtomicReq => {
             let (st_code, fetched) = execute_atomic(st, &hdr, conn_payload(st, c, slot, &hdr));
+            if st_code == ST_OK {
+                inner.atomics_executed.fetch_add(1, Ordering::Relaxed);
+            }
             let mut h = Header::new(Op::AtomicResp);
             h.rid = hdr.rid;
             h.status = st_code;
