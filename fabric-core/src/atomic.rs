@@ -236,6 +236,15 @@ impl Endpoint {
             .filter(|n| *n > 0)
     }
 
+    /// Whether the provider's native atomics are atomic with respect to CPU atomic
+    /// instructions on the target word too (by the target's application, or by
+    /// software such as the RDM layer's emulated path), not only with respect to each
+    /// other ([`AtomicOps::cpu_coherent`]: softroce yes; verbs when the device says
+    /// `IBV_ATOMIC_GLOB`). `false` when the endpoint has no atomics.
+    pub fn atomic_cpu_coherent(&self) -> bool {
+        self.info.caps.contains(Caps::ATOMIC) && self.ops.atomic().is_some_and(|a| a.cpu_coherent())
+    }
+
     /// libfabric's `fi_atomicvalid`: the most elements one [`atomic`](Self::atomic)
     /// call may carry for `op` on `dt` as the provider executes it natively, or `None`
     /// when it does not.

@@ -232,6 +232,14 @@ pub trait AtomicOps: Send + Sync {
     /// result range were checked by the wrapper; the remote access is the target's to
     /// check.
     fn post_atomic(&self, req: crate::atomic::AtomicRequest) -> Result<()>;
+    /// Whether the target executes these atomics coherently with the target host's
+    /// CPU atomic instructions on the same word (verbs' `IBV_ATOMIC_GLOB`; softroce,
+    /// whose responder uses them). `false` (the default) means atomic only with
+    /// respect to the device's own atomics (`IBV_ATOMIC_HCA`), as kernel rxe and many
+    /// NICs are.
+    fn cpu_coherent(&self) -> bool {
+        false
+    }
 }
 
 /// A set of providers that getinfo searches.

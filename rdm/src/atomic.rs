@@ -7,7 +7,9 @@
 //! Two paths. **Native**: when the MSG endpoint of the connection to the target
 //! executes the (operation, datatype, form) natively for the call's element count
 //! (its `fetch_atomicvalid` & co.; softroce: u64/i64 fetch-add and compare-swap, one
-//! element), the layer posts it on that endpoint, as an RMA (the provider's target
+//! element) and coherently with CPU atomics (`Endpoint::atomic_cpu_coherent`:
+//! softroce yes, verbs only on `IBV_ATOMIC_GLOB` devices, not kernel rxe's `HCA`),
+//! the layer posts it on that endpoint, as an RMA (the provider's target
 //! executes it; no software at the target's layer). **Emulated**: everything else is
 //! a request message that the target's layer executes on a region bound with
 //! `bind_mr`, one element at a time with the CPU's atomic instructions

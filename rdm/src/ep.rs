@@ -2258,6 +2258,12 @@ fn native_fits(
     if !cfg!(target_endian = "little") {
         return false;
     }
+    // The two paths must be atomic with respect to each other on one word: only a
+    // provider whose atomics are coherent with CPU atomics (softroce; verbs devices
+    // with IBV_ATOMIC_GLOB) may take some while the layer emulates others.
+    if !ep.atomic_cpu_coherent() {
+        return false;
+    }
     // Native providers need natural alignment (RC atomics: 8 bytes); the emulated
     // path takes any address (and answers a bad one with RemoteAccess).
     if !remote_addr.is_multiple_of(dt.size() as u64) {

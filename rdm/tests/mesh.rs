@@ -281,7 +281,8 @@ fn mesh_child() {
         }
         let v = u64::from_le_bytes(counter.to_vec(0, 8).unwrap().try_into().unwrap());
         // Which path the fetch-adds took: softroce executes u64 fetch-add natively
-        // (RC FETCH_ADD; the layer at rank 0 executes none), tcp through the layer.
+        // (RC FETCH_ADD, coherent with CPU atomics; the layer at rank 0 executes
+        // none), tcp through the layer.
         let emulated = ep.atomics_executed();
         println!("MESH-COUNTER {v} (executed by rank 0's layer: {emulated})");
         assert_eq!(v, ADDS * N as u64);

@@ -25,7 +25,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "vector_and_valid", NEEDS, "several elements in one call; atomic_valid refuses bitwise floats and wrong forms, and so does the call", vector_and_valid),
         case(G, "four_initiators", NEEDS, "4 initiators x 1,000 fetch-adds on one u64: the final value is exact, no old value fetched twice", four_initiators),
         case(G, "access_refused", NEEDS, "bounds, a wrong key and a region without REMOTE_WRITE: RemoteAccess, memory untouched", access_refused),
-        case(G, "native_path", NEEDS, "where the MSG provider executes u64 fetch-add natively (its fetch_atomicvalid), the layer uses it: a fetch-add into a region registered but not bound to the target's endpoint works (no target-side software); elsewhere it is refused RemoteAccess (the emulated path takes bound regions only)", native_path),
+        case(G, "native_path", NEEDS, "where the MSG provider executes u64 fetch-add natively (its fetch_atomicvalid) and coherently with CPU atomics (atomic_cpu_coherent), the layer uses it: a fetch-add into a region registered but not bound to the target's endpoint works (no target-side software); elsewhere it is refused RemoteAccess (the emulated path takes bound regions only)", native_path),
         case(G, "mixed_paths", NEEDS, "one u64 word updated by single-element fetch-adds (native where the provider has them) and by 2-element vector fetch-adds (always emulated) from 4 initiators at once: both words exact", mixed_paths),
     ]
 }
@@ -383,12 +383,9 @@ fn msg_native_fetch_add(ctx: &Ctx) -> Result<bool, CaseError> {
         return Ok(false);
     }
     let p = ctx.pair(caps)?;
-    let native = p
-        .side(Who::Client)
-        .ep
-        .fetch_atomicvalid(AtomicOp::Sum, Datatype::U64)
-        .is_some();
-    Ok(native)
+    let ep = &p.side(Who::Client).ep;
+    // The layer takes the native path only where it is coherent with CPU atomics.
+    Ok(ep.fetch_atomicvalid(AtomicOp::Sum, Datatype::U64).is_some() && ep.atomic_cpu_coherent())
 }
 
 fn native_path(ctx: &Ctx) -> CaseResult {

@@ -33,6 +33,7 @@ pub fn cases() -> Vec<Case> {
         case(G, "msg_four_initiators", NEEDS, "MSG endpoint: 4 initiators (threads, own connections) x 1,000 fetch-adds of u64 on one word, 16 in flight each: final value exact, no old value fetched twice", msg_four_initiators),
         case(G, "msg_cswap_contention", NEEDS, "MSG endpoint: 4 initiators each add 200 to one u64 through compare-and-swap loops: exactly 800 swaps succeed and the final value is 800", msg_cswap_contention),
         case(G, "msg_refused_at_call", NEEDS, "MSG endpoint: length mismatches, a missing or surplus result buffer, compare values outside compare_atomic, INJECT with a fetch, a result region without READ access: refused at the call, nothing posted", msg_refused_at_call),
+        case(G, "msg_cpu_coherent", NEEDS, "MSG endpoint whose atomics say atomic_cpu_coherent: 2 initiators x 1,000 native fetch-adds on one u64 while a thread at the target adds 1 to the same word 2,000 times with a CPU atomic: the final value is exact (skipped where the provider does not claim it)", msg_cpu_coherent),
         case(G, "msg_access_errors", NEEDS, "MSG endpoint: out of bounds, wrong key, a region without REMOTE_WRITE: each an error completion RemoteAccess on a fresh pair, target untouched, the connection ended at both ends (Shutdown AccessError), later posts fail with NotConnected; a misaligned address either refused at the call (InvalidArgument, the connection then still works) or the same as the others with RemoteInvalid/RemoteAccess", msg_access_errors),
     ]
 }
@@ -494,6 +495,81 @@ fn msg_cswap_contention(ctx: &Ctx) -> CaseResult {
     })?;
     ensure_eq!(wins.iter().sum::<u64>(), 4 * per, "successful swaps");
     ensure_eq!(read_u64(&target, 16)?, 4 * per, "final value");
+    Ok(())
+}
+
+fn msg_cpu_coherent(ctx: &Ctx) -> CaseResult {
+    {
+        let p = ctx.pair(NEEDS)?;
+        let ep = &p.client.ep;
+        if ep.fetch_atomicvalid(AtomicOp::Sum, Datatype::U64).is_none() {
+            return Err(CaseError::skip("no native u64 fetch-add"));
+        }
+        if !ep.atomic_cpu_coherent() {
+            return Err(CaseError::skip(
+                "the provider's atomics are not coherent with CPU atomics (atomic_cpu_coherent)",
+            ));
+        }
+    }
+    let per = 1000u64;
+    let s = star(ctx, 2)?;
+    let target = s
+        .server
+        .domain
+        .alloc(64, Access::REMOTE | Access::LOCAL)
+        .ctx("target")?;
+    let remote = target.remote().iov(24, 8);
+    // SAFETY: offset 24 of a live page-aligned region is an aligned u64; everyone
+    // touches it through atomic instructions only while the case runs.
+    let word = unsafe { &*(target.as_ptr().add(24) as *const std::sync::atomic::AtomicU64) };
+    let t = ctx.timeout();
+    let (r, cpu) = std::thread::scope(|sc| {
+        let cpu = sc.spawn(|| {
+            let mut n = 0u64;
+            while n < 2 * per {
+                word.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                n += 1;
+                if n.is_multiple_of(64) {
+                    std::thread::yield_now();
+                }
+            }
+            n
+        });
+        let r = run_clients(s, |_, node, ep| {
+            let res = node.domain.alloc(8 * 16, Access::LOCAL).ctx("result")?;
+            let one = node.domain.alloc(8, Access::LOCAL).ctx("operand")?;
+            one.write_at(0, &1u64.to_ne_bytes()).ctx("operand")?;
+            let (mut posted, mut completed) = (0u64, 0u64);
+            while completed < per {
+                while posted < per && posted - completed < 16 {
+                    let slot = (posted % 16) as usize * 8;
+                    ep.fetch_atomic(
+                        AtomicOp::Sum,
+                        Datatype::U64,
+                        one.iov(0, 8),
+                        res.iov(slot, 8),
+                        remote,
+                        posted,
+                    )
+                    .ctx("fetch_atomic")?;
+                    posted += 1;
+                }
+                let c = node.wait_completion(&[], t)?;
+                c.status
+                    .map_err(|e| CaseError::fail(format!("fetch-add {}: {e}", c.context)))?;
+                completed += 1;
+            }
+            Ok(())
+        });
+        (r, cpu.join().unwrap_or(0))
+    });
+    r?;
+    ensure_eq!(cpu, 2 * per, "CPU adds");
+    ensure_eq!(
+        read_u64(&target, 24)?,
+        4 * per,
+        "final value (2,000 native + 2,000 CPU adds)"
+    );
     Ok(())
 }
 

@@ -62,7 +62,10 @@
 //!   `IBV_WR_ATOMIC_CMP_AND_SWP`, one element per call (the set softroce offers);
 //!   the old value lands in the result range (a non-fetching one's in the domain's
 //!   scratch buffer); a misaligned remote address is refused at the call. Regions with
-//!   both remote rights are registered `REMOTE_ATOMIC`.
+//!   both remote rights are registered `REMOTE_ATOMIC`. `atomic_cpu_coherent` is true
+//!   only on `IBV_ATOMIC_GLOB` devices (kernel rxe says `IBV_ATOMIC_HCA`: its responder
+//!   serializes atomics under its own lock), so the RDM layer keeps emulating atomics
+//!   over rxe (its two paths must be atomic with respect to each other).
 //! - Memory registration: `ibv_reg_mr` with LOCAL_WRITE for receive/read destinations
 //!   and REMOTE_WRITE regions, REMOTE_READ/REMOTE_WRITE as asked (REMOTE_ATOMIC with
 //!   both); PMEM and UNCACHED are

@@ -314,6 +314,7 @@ impl FabricOps for VFabric {
                 name: info.domain_name.clone(),
                 max_rd_atom: dev.max_rd_atom,
                 atomics: dev.atomics,
+                atomics_glob: dev.atomics_glob,
                 max_cqe,
                 raw_commit: crate::raw_commit_declared(),
                 fabric: self.shared.clone(),
@@ -397,6 +398,8 @@ pub(crate) struct DomainShared {
     max_rd_atom: u8,
     /// The device executes RC atomics.
     atomics: bool,
+    /// ... coherently with CPU atomics (`IBV_ATOMIC_GLOB`; rxe says `HCA`).
+    atomics_glob: bool,
     max_cqe: u32,
     raw_commit: bool,
     fabric: Arc<Shared>,
@@ -1662,6 +1665,10 @@ impl fabric_core::provider::AtomicOps for VEp {
             return None;
         }
         native_atomic(op, dt, form)
+    }
+
+    fn cpu_coherent(&self) -> bool {
+        self.inner.domain.atomics_glob
     }
 
     fn post_atomic(&self, req: fabric_core::AtomicRequest) -> Result<()> {

@@ -112,6 +112,8 @@ pub(crate) struct Device {
     pub(crate) max_rd_atom: u8,
     /// The device executes RC atomics (`atomic_cap` is not `IBV_ATOMIC_NONE`).
     pub(crate) atomics: bool,
+    /// ... coherently with the host's CPU atomics (`IBV_ATOMIC_GLOB`).
+    pub(crate) atomics_glob: bool,
 }
 
 /// `IB_UVERBS_DEVICE_FLUSH_PERSISTENT` (kernel uapi `ib_user_verbs.h`, Linux 6.2+).
@@ -189,6 +191,7 @@ pub(crate) fn query(ctx: Ctx) -> io::Result<Device> {
             .min(orig.max_qp_init_rd_atom)
             .clamp(0, 255) as u8,
         atomics: orig.atomic_cap != ibv_atomic_cap::IBV_ATOMIC_NONE,
+        atomics_glob: orig.atomic_cap == ibv_atomic_cap::IBV_ATOMIC_GLOB,
     })
 }
 

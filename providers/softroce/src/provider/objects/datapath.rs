@@ -319,6 +319,11 @@ impl AtomicOps for SrEndpoint {
         native_atomic(op, dt, form)
     }
 
+    fn cpu_coherent(&self) -> bool {
+        // The responder applies them with a CPU compare-exchange on the memory.
+        true
+    }
+
     fn post_atomic(&self, req: AtomicRequest) -> Result<()> {
         if native_atomic(req.op, req.datatype, req.form).is_none() || req.operand.len() != 8 {
             return Err(Error::unsupported(format!(
