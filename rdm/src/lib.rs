@@ -40,7 +40,9 @@
 //! ## Atomics: native where the provider has them
 //! An atomic whose (operation, datatype, form, element count) the connection's MSG
 //! endpoint executes natively (its `fetch_atomicvalid` & co.; softroce: u64/i64
-//! fetch-add and compare-swap of one element at an 8-byte aligned address) is posted
+//! fetch-add and compare-swap of one element at an 8-byte aligned address), on a
+//! provider whose atomics are coherent with CPU atomics (`atomic_cpu_coherent`:
+//! softroce; not verbs over kernel rxe, whose atomics are device-local), is posted
 //! on that endpoint: the target's provider executes it and no software of the target's
 //! layer runs (it need not be bound with `bind_mr`, and, as any refused remote access
 //! on a MSG connection, a refused one ends that connection; the next operation to the
