@@ -55,8 +55,8 @@
 //! not caused by this layer's progress thread: it happens with the thread idle).
 //! Later cuts (no clock read per poll or per message, the eager receive buffer reposted
 //! after the completion is visible, sends routed by address-vector index) brought tcp's
-//! ratio to 1.00-1.12 against 1.17-1.25 for the tree before, run alternately
-//! (BENCHMARKS.md).
+//! ratio to a median of 1.13 (1.00-1.16 over five runs) against 1.21 (1.17-1.25) for
+//! the tree before, run alternately (BENCHMARKS.md).
 //!
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
