@@ -1,5 +1,6 @@
 //! Endpoints: passive (listening) and active (connected, reliable), and the data
-//! operations: send/recv, inject, remote CQ data, RMA write/read and the `*msg` forms.
+//! operations: send/recv, inject, remote CQ data, RMA write/read and the `*msg` forms
+//! (atomics are in [`atomic`](crate::atomic)).
 //!
 //! Every operation is checked here before the provider sees it: local ranges inside
 //! their regions, local access rights (SEND for send sources, RECV for receive
@@ -158,11 +159,11 @@ pub struct RmaMsg<'a> {
 
 /// A connected, reliable endpoint. Dropping it closes the connection.
 pub struct Endpoint {
-    ops: Arc<dyn EndpointOps>,
-    info: Info,
+    pub(crate) ops: Arc<dyn EndpointOps>,
+    pub(crate) info: Info,
     domain: Domain,
     selective: bool,
-    tx_cq: CompletionQueue,
+    pub(crate) tx_cq: CompletionQueue,
     rx_cq: CompletionQueue,
     _eq: EventQueue,
 }
@@ -182,7 +183,7 @@ impl Drop for Endpoint {
     }
 }
 
-fn segments(
+pub(crate) fn segments(
     iov: &[LocalIov<'_>],
     domain: &Domain,
     need: Access,
@@ -327,7 +328,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn check_caps(&self, caps: Caps, what: &str) -> Result<()> {
+    pub(crate) fn check_caps(&self, caps: Caps, what: &str) -> Result<()> {
         if !self.info.caps.contains(caps) {
             return Err(Error::unsupported(format!(
                 "{what} needs capability {} that the endpoint's info lacks",
@@ -374,7 +375,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn wants_completion(&self, flags: OpFlags) -> bool {
+    pub(crate) fn wants_completion(&self, flags: OpFlags) -> bool {
         !flags.contains(OpFlags::INJECT) && (!self.selective || flags.contains(OpFlags::COMPLETION))
     }
 

@@ -13,7 +13,8 @@ bitflags! {
         const RMA = 1 << 1;
         /// Tagged messages (reserved for a later provider feature).
         const TAGGED = 1 << 2;
-        /// Remote atomics (reserved for a later provider feature).
+        /// Remote atomics: the RDM layer's, or a provider's native ones on MSG
+        /// endpoints ([`atomic`](crate::atomic)).
         const ATOMIC = 1 << 3;
         /// Initiate RMA reads.
         const READ = 1 << 8;
@@ -184,5 +185,7 @@ bitflags! {
         const REMOTE_CQ_DATA = 1 << 7;
         /// The completion was generated at COMMIT level.
         const COMMIT = 1 << 8;
+        /// An atomic operation (with `READ` for the fetching forms, else `WRITE`).
+        const ATOMIC = 1 << 9;
     }
 }

@@ -6,7 +6,8 @@
 //! it did not match; from an answer you open a [`Fabric`], a [`Domain`], completion and
 //! event queues, memory regions and endpoints, and move data with send/recv, inject,
 //! remote CQ data, RMA write/read and the `*msg` forms with completion-level flags up
-//! to [`OpFlags::COMMIT_COMPLETE`] (durable at the target).
+//! to [`OpFlags::COMMIT_COMPLETE`] (durable at the target), and remote atomics where the
+//! provider has them ([`atomic`]).
 //!
 //! Providers implement the traits in [`provider`]; applications normally use the
 //! `fabric` facade crate, which registers every enabled provider.
@@ -74,8 +75,15 @@
 //! has, with accessors to [`provider::CmOps`] for connection management,
 //! [`provider::MsgOps`] and [`provider::RmaOps`] for the data path), so an RDM
 //! endpoint simply has no `CmOps`, and tagged and atomic classes arrive as further
-//! accessors that default to `None`, which existing providers need not touch. The
-//! softroce transport core already implements compare-and-swap and fetch-and-add.
+//! accessors that default to `None`, which existing providers need not touch.
+//!
+//! The atomic class exists: [`provider::AtomicOps`] (accessor
+//! [`provider::EndpointOps::atomic`]) gives connected endpoints `fi_atomic`-style
+//! [`Endpoint::atomic`], [`Endpoint::fetch_atomic`], [`Endpoint::compare_atomic`]
+//! with `atomicvalid` queries answering what the provider executes natively, for
+//! providers that answer [`Caps::ATOMIC`] (softroce: u64/i64 fetch-add and
+//! compare-swap on the RC opcodes). See [`atomic`]; the RDM layer shares its
+//! [`AtomicOp`] / [`Datatype`] and uses a provider's native atomics where they fit.
 //!
 //! ## Example
 //! A client that connects and writes into the server's region (the server sent its
@@ -112,6 +120,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod cq;
 pub mod dispatch;
 pub mod domain;
@@ -128,6 +137,7 @@ pub mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use atomic::{AtomicForm, AtomicMsg, AtomicOp, AtomicRequest, Datatype};
 pub use cq::{AsyncCompletions, Completion, CompletionQueue, CqAttr};
 pub use dispatch::{OpFuture, DISPATCH_CONTEXT_BIT};
 pub use domain::{Domain, Fabric};

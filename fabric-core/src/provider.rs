@@ -188,6 +188,10 @@ pub trait EndpointOps: Send + Sync {
     fn rma(&self) -> Option<&dyn RmaOps> {
         None
     }
+    /// Atomic operations (`fi_ops_atomic`); see [`crate::atomic`].
+    fn atomic(&self) -> Option<&dyn AtomicOps> {
+        None
+    }
 }
 
 /// Connection management of a connected endpoint (libfabric `fi_ops_cm`).
@@ -216,6 +220,33 @@ pub trait RmaOps: Send + Sync {
     fn post_write(&self, req: RmaRequest) -> Result<()>;
     /// Posts an RMA read.
     fn post_read(&self, req: RmaRequest) -> Result<()>;
+}
+
+/// Atomic operations (libfabric `fi_ops_atomic`) of a connected endpoint whose
+/// provider answers [`Caps::ATOMIC`](crate::Caps::ATOMIC).
+pub trait AtomicOps: Send + Sync {
+    /// The most elements one call of `form` may carry for `op` on `dt` as the provider
+    /// executes it natively, or `None` when it does not (the wrapper has already
+    /// refused combinations no provider supports, see
+    /// [`AtomicForm::allows`](crate::atomic::AtomicForm::allows)).
+    fn valid(
+        &self,
+        op: crate::atomic::AtomicOp,
+        dt: crate::atomic::Datatype,
+        form: crate::atomic::AtomicForm,
+    ) -> Option<usize>;
+    /// Posts a validated atomic: lengths, form, count (within `valid`) and the local
+    /// result range were checked by the wrapper; the remote access is the target's to
+    /// check.
+    fn post_atomic(&self, req: crate::atomic::AtomicRequest) -> Result<()>;
+    /// Whether the target executes these atomics coherently with the target host's
+    /// CPU atomic instructions on the same word (verbs' `IBV_ATOMIC_GLOB`; softroce,
+    /// whose responder uses them). `false` (the default) means atomic only with
+    /// respect to the device's own atomics (`IBV_ATOMIC_HCA`), as kernel rxe and many
+    /// NICs are.
+    fn cpu_coherent(&self) -> bool {
+        false
+    }
 }
 
 /// A set of providers that getinfo searches.

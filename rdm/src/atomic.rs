@@ -1,103 +1,34 @@
 //! Atomic operations (libfabric `fi_atomic`): the operations and datatypes the layer
 //! executes, the `atomicvalid` query, and the arithmetic the target applies.
 //!
-//! Operands travel little-endian; the target applies the operation to its memory in
-//! the host's byte order, one element at a time, under the endpoint's lock, so atomics
-//! from any number of initiators to one target are atomic with respect to each other
-//! (not to the target's own CPU stores, as for any emulated atomic).
+//! The operation and datatype enums are fabric-core's ([`fabric_core::atomic`]), shared
+//! with the MSG endpoints' atomic class.
+//!
+//! Two paths. **Native**: when the MSG endpoint of the connection to the target
+//! executes the (operation, datatype, form) natively for the call's element count
+//! (its `fetch_atomicvalid` & co.; softroce: u64/i64 fetch-add and compare-swap, one
+//! element) and coherently with CPU atomics (`Endpoint::atomic_cpu_coherent`:
+//! softroce yes, verbs only on `IBV_ATOMIC_GLOB` devices, not kernel rxe's `HCA`),
+//! the layer posts it on that endpoint, as an RMA (the provider's target
+//! executes it; no software at the target's layer). **Emulated**: everything else is
+//! a request message that the target's layer executes on a region bound with
+//! `bind_mr`, one element at a time with the CPU's atomic instructions
+//! ([`fabric_core::atomic::execute_cpu`]: a compare-exchange loop per naturally
+//! aligned element).
+//!
+//! Atomicity across the two paths on one target word holds because both end in CPU
+//! atomic instructions on that word: softroce's responder applies RC atomics with a
+//! compare-exchange on the registered memory, and the emulated path does the same, so
+//! a native fetch-add and an emulated one on the same u64 never lose an update.
+//! Native RC atomics need an 8-byte aligned address; an emulated element that is not
+//! naturally aligned is updated under a process-wide lock (atomic with respect to
+//! other emulated updates only; no native path can touch it).
+//!
+//! Operands and results of the layer's calls are little-endian (the native path is
+//! used on little-endian hosts only, where that is the host order native providers
+//! use).
 
-/// An atomic operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum AtomicOp {
-    /// `t = min(t, o)`.
-    Min,
-    /// `t = max(t, o)`.
-    Max,
-    /// `t = t + o` (wrapping for integers); with a fetch, fetch-and-add.
-    Sum,
-    /// `t = t | o`.
-    Bor,
-    /// `t = t & o`.
-    Band,
-    /// `t = t ^ o`.
-    Bxor,
-    /// Reads `t` (fetching forms only).
-    Read,
-    /// `t = o`; with a fetch, swap.
-    Write,
-    /// `if t == c { t = o }` (compare forms only), fetching the old `t`.
-    Cswap,
-}
-
-/// An element type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Datatype {
-    /// `u32`.
-    U32,
-    /// `u64`.
-    U64,
-    /// `i32`.
-    I32,
-    /// `i64`.
-    I64,
-    /// `f32`.
-    F32,
-    /// `f64`.
-    F64,
-}
-
-impl Datatype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Datatype::U32 | Datatype::I32 | Datatype::F32 => 4,
-            Datatype::U64 | Datatype::I64 | Datatype::F64 => 8,
-        }
-    }
-
-    pub(crate) fn code(self) -> u8 {
-        self as u8
-    }
-
-    pub(crate) fn from_code(c: u8) -> Option<Datatype> {
-        [
-            Datatype::U32,
-            Datatype::U64,
-            Datatype::I32,
-            Datatype::I64,
-            Datatype::F32,
-            Datatype::F64,
-        ]
-        .into_iter()
-        .find(|d| d.code() == c)
-    }
-}
-
-impl AtomicOp {
-    pub(crate) fn code(self) -> u8 {
-        self as u8
-    }
-
-    pub(crate) fn from_code(c: u8) -> Option<AtomicOp> {
-        use AtomicOp::*;
-        [Min, Max, Sum, Bor, Band, Bxor, Read, Write, Cswap]
-            .into_iter()
-            .find(|o| o.code() == c)
-    }
-}
-
-/// Which form of atomic call an operation is used with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AtomicForm {
-    /// `atomic` (no result).
-    Plain,
-    /// `fetch_atomic` (the old value comes back).
-    Fetch,
-    /// `compare_atomic`.
-    Compare,
-}
+pub use fabric_core::atomic::{AtomicForm, AtomicOp, Datatype};
 
 /// Most elements in one atomic call (operands and results travel in one message).
 pub const MAX_ATOMIC_COUNT: usize = 256;
@@ -118,69 +49,38 @@ pub fn atomic_valid(op: AtomicOp, dt: Datatype, form: AtomicForm) -> Option<usiz
     ok.then_some(MAX_ATOMIC_COUNT)
 }
 
-macro_rules! apply_int {
-    ($t:ty, $op:expr, $tgt:expr, $o:expr, $c:expr) => {{
-        let n = std::mem::size_of::<$t>();
-        let t = <$t>::from_ne_bytes($tgt[..n].try_into().expect("element size"));
-        let o = <$t>::from_le_bytes($o[..n].try_into().expect("element size"));
-        let c = <$t>::from_le_bytes($c[..n].try_into().expect("element size"));
-        let new = match $op {
-            AtomicOp::Min => t.min(o),
-            AtomicOp::Max => t.max(o),
-            AtomicOp::Sum => t.wrapping_add(o),
-            AtomicOp::Bor => t | o,
-            AtomicOp::Band => t & o,
-            AtomicOp::Bxor => t ^ o,
-            AtomicOp::Read => t,
-            AtomicOp::Write => o,
-            AtomicOp::Cswap => {
-                if t == c {
-                    o
-                } else {
-                    t
-                }
-            }
-        };
-        $tgt[..n].copy_from_slice(&new.to_ne_bytes());
-        t.to_le_bytes().to_vec()
-    }};
-}
-
-macro_rules! apply_float {
-    ($t:ty, $op:expr, $tgt:expr, $o:expr) => {{
-        let n = std::mem::size_of::<$t>();
-        let t = <$t>::from_ne_bytes($tgt[..n].try_into().expect("element size"));
-        let o = <$t>::from_le_bytes($o[..n].try_into().expect("element size"));
-        let new = match $op {
-            AtomicOp::Min => t.min(o),
-            AtomicOp::Max => t.max(o),
-            AtomicOp::Sum => t + o,
-            AtomicOp::Write => o,
-            _ => t,
-        };
-        $tgt[..n].copy_from_slice(&new.to_ne_bytes());
-        t.to_le_bytes().to_vec()
-    }};
-}
-
-/// Applies `op` to one element: `target` in host order (updated in place), `operand`
-/// and `compare` little-endian; returns the old value, little-endian. The caller has
-/// checked the combination with [`atomic_valid`] and the slice lengths.
-pub(crate) fn apply(
+/// Applies `op` to `count` elements at `target` (inside a live registered region),
+/// with the operands little-endian as they travel; returns the old values,
+/// little-endian. Each element is updated with the CPU's atomic instructions
+/// ([`fabric_core::atomic::execute_cpu`]). The caller has checked the combination
+/// with [`atomic_valid`] and the lengths.
+///
+/// # Safety
+/// `target` must be valid for `operand.len()` bytes inside a live registered region,
+/// accessed concurrently only through atomic instructions or this function.
+pub(crate) unsafe fn execute(
     op: AtomicOp,
     dt: Datatype,
-    target: &mut [u8],
+    target: *mut u8,
     operand: &[u8],
     compare: &[u8],
 ) -> Vec<u8> {
-    match dt {
-        Datatype::U32 => apply_int!(u32, op, target, operand, compare),
-        Datatype::U64 => apply_int!(u64, op, target, operand, compare),
-        Datatype::I32 => apply_int!(i32, op, target, operand, compare),
-        Datatype::I64 => apply_int!(i64, op, target, operand, compare),
-        Datatype::F32 => apply_float!(f32, op, target, operand),
-        Datatype::F64 => apply_float!(f64, op, target, operand),
-    }
+    let s = dt.size();
+    let swap = |b: &[u8]| -> Vec<u8> {
+        // Little-endian to host order and back are the same byte swap (none on
+        // little-endian hosts).
+        if cfg!(target_endian = "little") {
+            b.to_vec()
+        } else {
+            b.chunks_exact(s)
+                .flat_map(|e| e.iter().rev().copied())
+                .collect()
+        }
+    };
+    let (o, c) = (swap(operand), swap(compare));
+    // SAFETY: the caller's contract.
+    let old = unsafe { fabric_core::atomic::execute_cpu(target, op, dt, &o, &c) };
+    swap(&old)
 }
 
 #[cfg(test)]
@@ -188,63 +88,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arithmetic_per_type() {
+    fn arithmetic_and_valid() {
         let mut t = 5u64.to_ne_bytes();
-        let old = apply(
-            AtomicOp::Sum,
-            Datatype::U64,
-            &mut t,
-            &3u64.to_le_bytes(),
-            &[0; 8],
-        );
+        let old = unsafe {
+            execute(
+                AtomicOp::Sum,
+                Datatype::U64,
+                t.as_mut_ptr(),
+                &3u64.to_le_bytes(),
+                &[],
+            )
+        };
         assert_eq!(old, 5u64.to_le_bytes());
         assert_eq!(u64::from_ne_bytes(t), 8);
-        let mut t = (-4i32).to_ne_bytes();
-        apply(
-            AtomicOp::Min,
-            Datatype::I32,
-            &mut t,
-            &(-9i32).to_le_bytes(),
-            &[0; 4],
-        );
-        assert_eq!(i32::from_ne_bytes(t), -9);
         let mut t = 7u32.to_ne_bytes();
-        apply(
-            AtomicOp::Cswap,
-            Datatype::U32,
-            &mut t,
-            &1u32.to_le_bytes(),
-            &6u32.to_le_bytes(),
-        );
-        assert_eq!(u32::from_ne_bytes(t), 7);
-        apply(
-            AtomicOp::Cswap,
-            Datatype::U32,
-            &mut t,
-            &1u32.to_le_bytes(),
-            &7u32.to_le_bytes(),
-        );
+        unsafe {
+            execute(
+                AtomicOp::Cswap,
+                Datatype::U32,
+                t.as_mut_ptr(),
+                &1u32.to_le_bytes(),
+                &7u32.to_le_bytes(),
+            )
+        };
         assert_eq!(u32::from_ne_bytes(t), 1);
-        let mut t = 1.5f64.to_ne_bytes();
-        apply(
-            AtomicOp::Sum,
-            Datatype::F64,
-            &mut t,
-            &2.25f64.to_le_bytes(),
-            &[0; 8],
-        );
-        assert_eq!(f64::from_ne_bytes(t), 3.75);
         assert!(atomic_valid(AtomicOp::Bxor, Datatype::F32, AtomicForm::Plain).is_none());
         assert!(atomic_valid(AtomicOp::Cswap, Datatype::U64, AtomicForm::Compare).is_some());
         assert!(atomic_valid(AtomicOp::Cswap, Datatype::U64, AtomicForm::Fetch).is_none());
         assert!(atomic_valid(AtomicOp::Read, Datatype::U64, AtomicForm::Plain).is_none());
-        for c in 0..20 {
-            if let Some(op) = AtomicOp::from_code(c) {
-                assert_eq!(op.code(), c);
-            }
-            if let Some(d) = Datatype::from_code(c) {
-                assert_eq!(d.code(), c);
-            }
-        }
     }
 }

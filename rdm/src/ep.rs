@@ -28,14 +28,19 @@
 //! `WriteData` message with the 64-bit data: the target's `RemoteWrite` completion
 //! therefore always follows the data, whatever the provider's ordering.
 //!
+//! Atomics go natively on the MSG endpoint where its provider executes them (posted
+//! like an RMA, completed by the provider's completion), else as an atomic
+//! request/response pair executed by the target's layer ([`crate::atomic`]).
+//!
 //! # Progress
 //! A progress thread per endpoint reads the underlying event and completion queues.
 //! An application thread in [`RdmEndpoint::wait`], [`RdmEndpoint::read`] or
 //! [`RdmEndpoint::tpeek`] runs the same progress round itself when no one else is (one
 //! at a time, in order), which saves the hand-off through the thread. The thread stays
 //! away for 2 ms after any such call (taken or not: a thread that finds a round under
-//! way still counts), so a busy poller is not left waiting behind the thread's
-//! sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
+//! way still counts; the calls are counted, not timed, and the thread notes when the
+//! count moves, so a busy poller reads no clock), so a busy poller is not left waiting
+//! behind the thread's sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
 //! event queue (the provider's full progress: connection manager, socket polls) is
 //! read every 500 µs, or every round while a connection forms or closes. While the
 //! application was active in the last 50 ms the thread's own rounds do not sleep on
@@ -48,6 +53,10 @@
 //! waits); over softroce 1.5 to 1.8 in normal rounds (from 7 to 25), with some rounds
 //! under heavy load at 0.5 to 1 ms (4 packets per round trip, so no retransmission;
 //! not caused by this layer's progress thread: it happens with the thread idle).
+//! Later cuts (no clock read per poll or per message, the eager receive buffer reposted
+//! after the completion is visible, sends routed by address-vector index) brought tcp's
+//! ratio to a median of 1.13 (1.00-1.16 over five runs) against 1.21 (1.17-1.25) for
+//! the tree before, run alternately (BENCHMARKS.md).
 //!
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
@@ -93,7 +102,7 @@ use fabric_core::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::atomic::{apply, atomic_valid, AtomicForm, AtomicOp, Datatype};
+use crate::atomic::{atomic_valid, execute, AtomicForm, AtomicOp, Datatype};
 use crate::av::{decode_name, encode_name, AddressVector, FiAddr};
 use crate::cntr::{CntrEvents, Counter};
 use crate::wire::{
@@ -253,6 +262,27 @@ enum CState {
     Closed,
 }
 
+enum RmaKind {
+    Write {
+        mr: MemoryRegion,
+        offset: usize,
+    },
+    Read {
+        mr: MemoryRegion,
+        offset: usize,
+    },
+    /// An atomic the MSG endpoint executes natively (see [`crate::atomic`]).
+    Atomic {
+        op: AtomicOp,
+        dt: Datatype,
+        form: AtomicForm,
+        /// Host order (the native path runs on little-endian hosts only).
+        operand: Vec<u8>,
+        compare: Vec<u8>,
+        result: Option<(MemoryRegion, usize)>,
+    },
+}
+
 /// A completion to generate when an operation finishes.
 #[derive(Debug, Clone, Copy)]
 struct Done {
@@ -271,11 +301,10 @@ struct Out {
     rma: Option<Rma>,
 }
 
-/// An application RMA write or read on a peer, posted on the connection as is.
+/// An application RMA write or read, or a native atomic, on a peer, posted on the
+/// connection's MSG endpoint as is.
 struct Rma {
-    write: bool,
-    mr: MemoryRegion,
-    offset: usize,
+    kind: RmaKind,
     remote: RemoteIov,
     /// Remote CQ data (`writedata_to`): announced by a `WriteData` message once the
     /// write has completed.
@@ -290,7 +319,14 @@ struct Conn {
     src_gen: u64,
     state: CState,
     since: Instant,
+    /// When the connection was last seen in use: set by housekeeping when
+    /// `activity` moved since its previous look (so the data path reads no clock; an
+    /// idle connection is noticed at most one housekeeping interval late).
     last_used: Instant,
+    /// Messages sent or received (wrapping).
+    activity: u64,
+    /// `activity` at housekeeping's previous look.
+    seen_activity: u64,
     rx: MemoryRegion,
     tx: MemoryRegion,
     slot: usize,
@@ -360,7 +396,16 @@ struct AtomicTx {
 #[derive(Default)]
 struct State {
     conns: HashMap<u32, Conn>,
+    /// Receive buffers of delivered eager messages, given back to the provider at the
+    /// start of the next progress round ([`defer_repost`]).
+    reposts: Vec<(u32, u32)>,
     by_peer: HashMap<Vec<u8>, u32>,
+    /// Bumped whenever `by_peer` changes (validates `route`).
+    peer_gen: u64,
+    /// The sends' shortcut from an address-vector index to its connection, as of
+    /// (AV generation, `peer_gen`): a send to a known peer skips the name lookup, its
+    /// copy and hashing.
+    route: Vec<(u64, u64, u32)>,
     by_fid: HashMap<Fid, u32>,
     next_conn: u32,
     posted_msg: VecDeque<Posted>,
@@ -396,18 +441,23 @@ struct Inner {
     /// Serializes progress rounds (reading and handling underlying completions); holds
     /// the round's completion buffer.
     progress: Mutex<Vec<Completion>>,
-    /// When an application thread last drove progress ([`stamp`]).
-    app_progress: AtomicU64,
+    /// Calls of application threads into read, wait or peek ([`touch`]): a counter, not
+    /// a time, so a busy poller reads no clock; the progress thread notes when it
+    /// changes.
+    app_calls: AtomicU64,
+    /// Progress rounds, so a busy poller reads the clock for the event-queue interval
+    /// only every [`EQ_CLOCK_EVERY`] rounds.
+    rounds: AtomicU64,
     epoch: Instant,
     /// When progress last read the event queue ([`stamp`]).
     last_eq: AtomicU64,
     /// Some connection forms or closes ([`refresh_cm_busy`]).
     cm_busy: AtomicBool,
+    /// `State::reposts` is not empty.
+    reposts_pending: AtomicBool,
+    /// Peers' atomics executed by this layer ([`RdmEndpoint::atomics_executed`]).
+    atomics_executed: AtomicU64,
 }
-
-/// Serializes atomics executed by every RDM endpoint of this process, so atomics on
-/// one region from any initiators through any endpoint are atomic to each other.
-static ATOMIC_LOCK: Mutex<()> = Mutex::new(());
 
 // Context of an operation on an underlying endpoint: kind (8 bits), connection (24),
 // slot or request (32).
@@ -575,10 +625,13 @@ impl RdmEndpoint {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             progress: Mutex::new(Vec::with_capacity(64)),
-            app_progress: AtomicU64::new(0),
+            app_calls: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
             epoch: Instant::now(),
             last_eq: AtomicU64::new(0),
             cm_busy: AtomicBool::new(false),
+            reposts_pending: AtomicBool::new(false),
+            atomics_executed: AtomicU64::new(0),
         });
         let i2 = inner.clone();
         let thread = std::thread::Builder::new()
@@ -616,6 +669,13 @@ impl RdmEndpoint {
     /// module docs).
     pub fn idle_closes(&self) -> u64 {
         self.inner.st.lock().closed_idle
+    }
+
+    /// Peers' atomics this endpoint's layer has executed (the emulated path, see
+    /// [`crate::atomic`]); atomics a provider executed natively are not counted. A
+    /// diagnostic: tells which path a workload took.
+    pub fn atomics_executed(&self) -> u64 {
+        self.inner.atomics_executed.load(Ordering::Relaxed)
     }
 
     /// Counts completions of the classes in `events` on `cntr` (`fi_ep_bind` of a
@@ -776,9 +836,26 @@ impl RdmEndpoint {
             tag: tag.unwrap_or(0),
             cntr: CntrEvents::SEND,
         };
-        let peer = self.peer_of(dest, what)?;
+        let av_gen = inner.av.generation();
         let mut st = inner.st.lock();
-        let c = conn_for(inner, &mut st, &peer)?;
+        let i = dest.index() as usize;
+        let c = match st.route.get(i) {
+            Some(&(g, pg, c)) if g == av_gen && pg == st.peer_gen => c,
+            _ => {
+                drop(st);
+                let peer = self.peer_of(dest, what)?;
+                st = inner.st.lock();
+                let c = conn_for(inner, &mut st, &peer)?;
+                if i < ROUTE_MAX {
+                    if st.route.len() <= i {
+                        st.route.resize(i + 1, (u64::MAX, 0, 0));
+                    }
+                    let pg = st.peer_gen;
+                    st.route[i] = (av_gen, pg, c);
+                }
+                c
+            }
+        };
         room(inner, &st, c, what)?;
         let done = (!inject).then_some(done);
         if eager {
@@ -1017,7 +1094,9 @@ impl RdmEndpoint {
     // ---- atomics ----
 
     /// A non-fetching atomic: applies `op` with `operand` (`count` elements of `dt`,
-    /// little-endian, copied at the call) to the peer's range (`fi_atomic`).
+    /// little-endian, copied at the call) to the peer's range (`fi_atomic`). Posted
+    /// natively on the connection's MSG endpoint when its provider executes it, else
+    /// executed by the target's layer (see [`crate::atomic`]).
     pub fn atomic(
         &self,
         op: AtomicOp,
@@ -1168,6 +1247,31 @@ impl RdmEndpoint {
         let mut st = inner.st.lock();
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, "atomic")?;
+        if native_fits(&st.conns[&c].ep, op, dt, form, count, remote.addr) {
+            enqueue(
+                inner,
+                &mut st,
+                c,
+                Out {
+                    hdr: Header::new(Op::Credit),
+                    payload: Vec::new(),
+                    done: Some(done),
+                    rma: Some(Rma {
+                        kind: RmaKind::Atomic {
+                            op,
+                            dt,
+                            form,
+                            operand: operand.to_vec(),
+                            compare: compare.to_vec(),
+                            result: result.map(|r| (r.mr.clone(), r.offset)),
+                        },
+                        remote,
+                        data: None,
+                    }),
+                },
+            );
+            return Ok(());
+        }
         let rid = st_next_rid(&mut st.next_rid);
         hdr.rid = rid;
         st.atomics.insert(
@@ -1187,7 +1291,8 @@ impl RdmEndpoint {
     /// Writes a local range into a peer's region (`fi_write` to an `fi_addr_t`),
     /// over the connection to `dest`. As for any RMA in this library, a refused remote
     /// access ends the connection: the write completes `RemoteAccess`, and other
-    /// operations then in flight to that peer complete in error.
+    /// operations then in flight to that peer complete in error; operations posted
+    /// after that completion was read go over a new connection.
     pub fn write_to(
         &self,
         iov: LocalIov<'_>,
@@ -1273,9 +1378,17 @@ impl RdmEndpoint {
                     },
                 }),
                 rma: Some(Rma {
-                    write,
-                    mr: iov.mr.clone(),
-                    offset: iov.offset,
+                    kind: if write {
+                        RmaKind::Write {
+                            mr: iov.mr.clone(),
+                            offset: iov.offset,
+                        }
+                    } else {
+                        RmaKind::Read {
+                            mr: iov.mr.clone(),
+                            offset: iov.offset,
+                        }
+                    },
                     remote,
                     data,
                 }),
@@ -1470,7 +1583,7 @@ fn send_now(
             conn.unannounced = 0;
             conn.credits -= 1;
             conn.tx_done[slot as usize] = done;
-            conn.last_used = Instant::now();
+            conn.activity = conn.activity.wrapping_add(1);
             true
         }
         Err(e) => {
@@ -1532,6 +1645,8 @@ fn new_conn(
             state,
             since: now,
             last_used: now,
+            activity: 0,
+            seen_activity: 0,
             rx,
             tx,
             slot,
@@ -1567,6 +1682,7 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
         return Err(e.context("rdm: connect"));
     }
     st.by_peer.insert(peer.to_vec(), id);
+    st.peer_gen += 1;
     inner.cm_busy.store(true, Ordering::Relaxed);
     Ok(id)
 }
@@ -1574,7 +1690,7 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
 fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
     if let Some(conn) = st.conns.get_mut(&c) {
         conn.backlog.push_back(out);
-        conn.last_used = Instant::now();
+        conn.activity = conn.activity.wrapping_add(1);
     }
     flush(inner, st, c);
 }
@@ -1607,6 +1723,7 @@ fn st_next_rid(next: &mut u64) -> u64 {
 
 fn flush(inner: &Inner, st: &mut State, c: u32) {
     let mut broken = None;
+    let mut refused: Vec<(Done, String)> = Vec::new();
     {
         let st = &mut *st;
         let Some(conn) = st.conns.get_mut(&c) else {
@@ -1621,17 +1738,56 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
             if let Some(rma) = out.rma.take() {
                 let done = out.done.expect("RMA operations complete");
                 let key = st_next_rid(&mut st.next_rid);
-                let local = rma.mr.iov(rma.offset, rma.remote.len);
                 let c_ctx = ctx(K_RMA, c, key as u32);
-                let r = if rma.write {
-                    conn.ep.write(local, rma.remote, c_ctx)
-                } else {
-                    conn.ep.read(local, rma.remote, c_ctx)
+                let r = match &rma.kind {
+                    RmaKind::Write { mr, offset } => {
+                        conn.ep
+                            .write(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                    }
+                    RmaKind::Read { mr, offset } => {
+                        conn.ep
+                            .read(mr.iov(*offset, rma.remote.len), rma.remote, c_ctx)
+                    }
+                    RmaKind::Atomic {
+                        op,
+                        dt,
+                        form,
+                        operand,
+                        compare,
+                        result,
+                    } => {
+                        let msg = fabric_core::AtomicMsg {
+                            op: *op,
+                            datatype: *dt,
+                            operand,
+                            compare,
+                            result: result.as_ref().map(|(mr, off)| mr.iov(*off, operand.len())),
+                            remote: rma.remote,
+                            context: c_ctx,
+                        };
+                        match form {
+                            AtomicForm::Plain => conn.ep.atomicmsg(&msg, OpFlags::COMPLETION),
+                            AtomicForm::Fetch => conn.ep.fetch_atomicmsg(&msg, OpFlags::COMPLETION),
+                            AtomicForm::Compare => {
+                                conn.ep.compare_atomicmsg(&msg, OpFlags::COMPLETION)
+                            }
+                        }
+                    }
                 };
                 match r {
                     Ok(()) => {
                         conn.waiting += 1;
                         st.rma_ops.insert(key as u32 as u64, (c, done, rma.data));
+                        continue;
+                    }
+                    Err(e)
+                        if matches!(rma.kind, RmaKind::Atomic { .. })
+                            && e.kind() != ErrorKind::WouldBlock
+                            && e.kind() != ErrorKind::NotConnected =>
+                    {
+                        // The MSG endpoint refused this atomic at the call (its own
+                        // checks): that operation fails, the connection stays.
+                        refused.push((done, e.to_string()));
                         continue;
                     }
                     Err(e) => {
@@ -1675,6 +1831,9 @@ fn flush(inner: &Inner, st: &mut State, c: u32) {
                 }
             }
         }
+    }
+    for (done, why) in refused {
+        st.finish(done, Err(cq_err(CqErrorKind::RemoteInvalid, why)));
     }
     if let Some(e) = broken {
         tracing::debug!("rdm: send on connection {c} failed: {e}");
@@ -1740,6 +1899,30 @@ fn repost(inner: &Inner, st: &mut State, c: u32, slot: u32, counted: bool) {
     }
 }
 
+/// Gives an eager message's receive buffer back at the start of the next progress
+/// round instead of now: the provider call is then off the path between a message's
+/// arrival and the application seeing its completion (and answering). The peer's
+/// credit for it is announced then too.
+fn defer_repost(inner: &Inner, st: &mut State, c: u32, slot: u32) {
+    st.reposts.push((c, slot));
+    inner.reposts_pending.store(true, Ordering::Release);
+}
+
+/// Reposts what [`defer_repost`] put aside.
+fn flush_reposts(inner: &Inner) {
+    if !inner.reposts_pending.swap(false, Ordering::Acquire) {
+        return;
+    }
+    let mut st = inner.st.lock();
+    let mut pending = std::mem::take(&mut st.reposts);
+    for &(c, slot) in &pending {
+        repost(inner, &mut st, c, slot, true);
+    }
+    // Keep the allocation (repost never defers, so nothing was added meanwhile).
+    pending.clear();
+    st.reposts = pending;
+}
+
 /// Sends a data message that is not an application operation (finish, atomic
 /// response).
 fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
@@ -1796,7 +1979,7 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
                 },
                 CntrEvents::RECV,
             );
-            repost(inner, st, u.conn, u.slot, true);
+            defer_repost(inner, st, u.conn, u.slot);
         }
         Op::Rts => {
             let rid = u.hdr.rid;
@@ -1933,7 +2116,7 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     let Some(conn) = st.conns.get_mut(&c) else {
         return;
     };
-    conn.last_used = Instant::now();
+    conn.activity = conn.activity.wrapping_add(1);
     let off = slot_off(conn, slot);
     let peer = conn.peer.clone();
     let mut hb = [0u8; HDR];
@@ -2029,6 +2212,9 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
         }
         Op::AtomicReq => {
             let (st_code, fetched) = execute_atomic(st, &hdr, conn_payload(st, c, slot, &hdr));
+            if st_code == ST_OK {
+                inner.atomics_executed.fetch_add(1, Ordering::Relaxed);
+            }
             let mut h = Header::new(Op::AtomicResp);
             h.rid = hdr.rid;
             h.status = st_code;
@@ -2056,6 +2242,39 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
         }
     }
     flush(inner, st, c);
+}
+
+/// Whether the connection's MSG endpoint executes this atomic natively (see
+/// [`crate::atomic`]): on little-endian hosts, where the layer's little-endian
+/// operands are the host order native providers take.
+fn native_fits(
+    ep: &fabric_core::Endpoint,
+    op: AtomicOp,
+    dt: Datatype,
+    form: AtomicForm,
+    count: usize,
+    remote_addr: u64,
+) -> bool {
+    if !cfg!(target_endian = "little") {
+        return false;
+    }
+    // The two paths must be atomic with respect to each other on one word: only a
+    // provider whose atomics are coherent with CPU atomics (softroce; verbs devices
+    // with IBV_ATOMIC_GLOB) may take some while the layer emulates others.
+    if !ep.atomic_cpu_coherent() {
+        return false;
+    }
+    // Native providers need natural alignment (RC atomics: 8 bytes); the emulated
+    // path takes any address (and answers a bad one with RemoteAccess).
+    if !remote_addr.is_multiple_of(dt.size() as u64) {
+        return false;
+    }
+    let max = match form {
+        AtomicForm::Plain => ep.atomicvalid(op, dt),
+        AtomicForm::Fetch => ep.fetch_atomicvalid(op, dt),
+        AtomicForm::Compare => ep.compare_atomicvalid(op, dt),
+    };
+    max.is_some_and(|m| count <= m)
 }
 
 /// Checks a rendezvous request's ranges: 1 to [`IOV_LIMIT`] of them, adding up to the
@@ -2137,31 +2356,11 @@ fn execute_atomic(st: &State, hdr: &Header, payload: Vec<u8>) -> (u16, Vec<u8>) 
     if !mr.access().contains(need) {
         return (ST_ACCESS, Vec::new());
     }
-    let _serial = ATOMIC_LOCK.lock();
-    let Ok(mut target) = mr.to_vec(off, n) else {
-        return (ST_FAILED, Vec::new());
-    };
     let (operand, compare) = payload.split_at(n);
-    let mut old = Vec::with_capacity(n);
-    let s = dt.size();
-    for i in 0..count {
-        let r = i * s..(i + 1) * s;
-        let cmp = if compare.is_empty() {
-            &operand[r.clone()]
-        } else {
-            &compare[r.clone()]
-        };
-        old.extend(apply(
-            op,
-            dt,
-            &mut target[r.clone()],
-            &operand[r.clone()],
-            cmp,
-        ));
-    }
-    if modifies && mr.write_at(off, &target).is_err() {
-        return (ST_FAILED, Vec::new());
-    }
+    // SAFETY: off..off+n is inside the region (checked above), which `st` keeps
+    // registered and alive; peers reach it only through atomic instructions (this
+    // path, a provider's native atomics) or RMA, as on any NIC.
+    let old = unsafe { execute(op, dt, mr.as_ptr().add(off), operand, compare) };
     (
         ST_OK,
         if form == AtomicForm::Plain {
@@ -2187,6 +2386,7 @@ fn close_conn(inner: &Inner, st: &mut State, c: u32, why: &str) {
     st.by_fid.remove(&fid);
     if st.by_peer.get(&*peer) == Some(&c) {
         st.by_peer.remove(&*peer);
+        st.peer_gen += 1;
     }
     let lost = |d: &str| cq_err(CqErrorKind::ConnectionLost, format!("rdm: {d}"));
     for d in backlog.into_iter().filter_map(|o| o.done).chain(tx_done) {
@@ -2331,6 +2531,7 @@ fn on_event(inner: &Inner, st: &mut State, ev: Event) {
                     })
                 });
                 st.by_peer.insert(peer, id);
+                st.peer_gen += 1;
                 if let Some(old) = closing {
                     // Its queued operations move to the new connection.
                     agreed_close(inner, st, old);
@@ -2441,7 +2642,26 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
                             },
                         );
                     }
-                    (_, status) => st.finish(done, status),
+                    (_, status) => {
+                        if let Err(e) = &status {
+                            if matches!(
+                                e.kind,
+                                CqErrorKind::RemoteAccess | CqErrorKind::RemoteInvalid
+                            ) {
+                                // A refused remote access (RMA, native atomic) ends the
+                                // MSG connection ("one set of semantics"): retire it now,
+                                // so what the application posts after seeing this
+                                // completion goes over a fresh connection.
+                                close_conn(
+                                    inner,
+                                    st,
+                                    cn,
+                                    "a refused remote access ended the connection",
+                                );
+                            }
+                        }
+                        st.finish(done, status)
+                    }
                 }
             }
         }
@@ -2501,6 +2721,12 @@ fn on_completion(inner: &Inner, st: &mut State, c: Completion) {
 /// Fails connections that take too long to form and closes idle ones.
 fn housekeeping(inner: &Inner, st: &mut State) {
     let now = Instant::now();
+    for c in st.conns.values_mut() {
+        if c.activity != c.seen_activity {
+            c.seen_activity = c.activity;
+            c.last_used = now;
+        }
+    }
     let mut late = Vec::new();
     let mut idle = Vec::new();
     let mut stale = Vec::new();
@@ -2597,6 +2823,7 @@ fn agreed_close(inner: &Inner, st: &mut State, c: u32) {
     st.by_fid.remove(&fid);
     if st.by_peer.get(&*peer) == Some(&c) {
         st.by_peer.remove(&*peer);
+        st.peer_gen += 1;
     }
     st.closed_idle += 1;
     tracing::debug!("rdm: connection {c} closed by agreement");
@@ -2701,18 +2928,23 @@ fn retry_blocked(inner: &Inner, st: &mut State) {
 /// the progress thread, or an application thread in [`RdmEndpoint::wait`] /
 /// [`RdmEndpoint::read`], which then skips the hand-off through the thread.
 fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) {
+    flush_reposts(inner);
     let mut any = false;
     // An event-queue read is the provider's full progress (connection manager, socket
     // polls): every round while a connection forms or closes, or when this round may
     // sleep; otherwise once per EQ_EVERY, so a busy poller pays for the cheap
     // completion-queue read only (a full progress call also sends the acknowledgements
     // a provider holds back for the application's answer, and waits for its locks).
-    let now = stamp(inner);
+    // The clock is read only every EQ_CLOCK_EVERY rounds of a busy poller (a clock
+    // read costs as much as the rest of an idle round on some virtual machines).
+    let round = inner.rounds.fetch_add(1, Ordering::Relaxed);
     let eq_due = !timeout.is_zero()
         || inner.cm_busy.load(Ordering::Relaxed)
-        || now.saturating_sub(inner.last_eq.load(Ordering::Relaxed)) >= EQ_EVERY.as_nanos() as u64;
+        || (round.is_multiple_of(EQ_CLOCK_EVERY)
+            && stamp(inner).saturating_sub(inner.last_eq.load(Ordering::Relaxed))
+                >= EQ_EVERY.as_nanos() as u64);
     if eq_due {
-        inner.last_eq.store(now, Ordering::Relaxed);
+        inner.last_eq.store(stamp(inner), Ordering::Relaxed);
     }
     for _ in 0..if eq_due { 64 } else { 0 } {
         match inner.eq.read() {
@@ -2777,9 +3009,15 @@ fn drain_completions(inner: &Inner, batch: &mut Vec<Completion>) {
     batch.clear();
 }
 
+/// Address-vector indices below this get a send shortcut (`State::route`).
+const ROUTE_MAX: usize = 1 << 16;
+
 /// A busy poller reads the event queue this often while no connection forms or
 /// closes.
 const EQ_EVERY: Duration = Duration::from_micros(500);
+
+/// A busy poller's rounds look at the clock (for [`EQ_EVERY`]) once per this many.
+const EQ_CLOCK_EVERY: u64 = 16;
 
 /// Whether some connection waits for a connection-manager event (forming or closing):
 /// progress then reads the event queue every round.
@@ -2812,7 +3050,7 @@ const APP_RECENT: Duration = Duration::from_millis(50);
 /// the progress lock: one that finds the thread's round under way must still keep the
 /// thread away from the next one).
 fn touch(inner: &Inner) {
-    inner.app_progress.store(stamp(inner), Ordering::Relaxed);
+    inner.app_calls.fetch_add(1, Ordering::Relaxed);
 }
 
 fn progress_loop(inner: &Inner) {
@@ -2820,13 +3058,22 @@ fn progress_loop(inner: &Inner) {
     let house_every = inner.attr.idle_timeout.map_or(HOUSEKEEPING, |t| {
         (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING)
     });
+    // The application's call counter as last seen, and when it was last seen to move
+    // (so "the application was here" is known to within one of this thread's sleeps).
+    let mut seen_calls = inner.app_calls.load(Ordering::Relaxed);
+    let mut app_seen: Option<Instant> = None;
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
         // peeked within the last APP_ACTIVE), stay out of its way: a round of this
         // thread holds the progress lock while it sleeps on the queue, and a busy
         // poller that cannot take the lock would only see what this thread hands it
         // (the cost of a wake-up per message). Otherwise drive progress.
-        let since = stamp(inner).saturating_sub(inner.app_progress.load(Ordering::Relaxed));
+        let calls = inner.app_calls.load(Ordering::Relaxed);
+        if calls != seen_calls {
+            seen_calls = calls;
+            app_seen = Some(Instant::now());
+        }
+        let since = app_seen.map_or(u64::MAX, |t| t.elapsed().as_nanos() as u64);
         let active = APP_ACTIVE.as_nanos() as u64;
         if since < active {
             // Look again when the window ends (a wake-up per window, not per message:

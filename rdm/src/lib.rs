@@ -21,8 +21,9 @@
 //!   (directed receive), tagged `tsend`/`tsenddata`/`tinject`/`trecv` with 64-bit tags
 //!   and ignore masks matched in posting order, [`tpeek`](RdmEndpoint::tpeek) with
 //!   peek, claim and discard, atomics (`atomic`, `fetch_atomic`, `compare_atomic`,
-//!   see [`atomic_valid`]) executed by the target's layer on regions bound with
-//!   [`bind_mr`](RdmEndpoint::bind_mr), and completions with the sender's address
+//!   see [`atomic_valid`]) executed natively by the provider where it can, else by the
+//!   target's layer on regions bound with [`bind_mr`](RdmEndpoint::bind_mr), and
+//!   completions with the sender's address
 //!   (`FI_SOURCE`); RMA `write_to`/`read_to` a peer's region. Each endpoint runs a
 //!   progress thread (waiting application threads drive progress themselves);
 //!   completions are read with [`RdmEndpoint::read`] / [`RdmEndpoint::wait`].
@@ -36,9 +37,18 @@
 //!   completion with the 64-bit data and the writer's address).
 //! - Idle connections close by a handshake (default after 60 s idle; see [`ep`]).
 //!
-//! ## Not yet
-//! Native atomics of a provider (softroce's CMP_SWAP/FETCH_ADD): every atomic is
-//! executed by the target's layer.
+//! ## Atomics: native where the provider has them
+//! An atomic whose (operation, datatype, form, element count) the connection's MSG
+//! endpoint executes natively (its `fetch_atomicvalid` & co.; softroce: u64/i64
+//! fetch-add and compare-swap of one element at an 8-byte aligned address), on a
+//! provider whose atomics are coherent with CPU atomics (`atomic_cpu_coherent`:
+//! softroce; not verbs over kernel rxe, whose atomics are device-local), is posted
+//! on that endpoint: the target's provider executes it and no software of the target's
+//! layer runs (it need not be bound with `bind_mr`, and, as any refused remote access
+//! on a MSG connection, a refused one ends that connection; the next operation to the
+//! peer opens a new one). The rest is emulated by the target's layer on bound regions.
+//! Both paths update target memory with CPU atomic instructions, so they are atomic
+//! with respect to each other on one word (see [`atomic`]).
 //!
 //! ## Example
 //! ```no_run

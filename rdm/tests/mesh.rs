@@ -280,8 +280,21 @@ fn mesh_child() {
             }
         }
         let v = u64::from_le_bytes(counter.to_vec(0, 8).unwrap().try_into().unwrap());
-        println!("MESH-COUNTER {v}");
+        // Which path the fetch-adds took: softroce executes u64 fetch-add natively
+        // (RC FETCH_ADD, coherent with CPU atomics; the layer at rank 0 executes
+        // none), tcp through the layer.
+        let emulated = ep.atomics_executed();
+        println!("MESH-COUNTER {v} (executed by rank 0's layer: {emulated})");
         assert_eq!(v, ADDS * N as u64);
+        let want = if provider == "softroce" {
+            0
+        } else {
+            ADDS * N as u64
+        };
+        assert_eq!(
+            emulated, want,
+            "{provider}: atomics executed by rank 0's layer"
+        );
         for (j, &peer) in to.iter().enumerate().skip(1) {
             ep.tsend(flag.iov(0, 8), peer, u64::MAX - 1, 6000 + j as u64)
                 .unwrap();

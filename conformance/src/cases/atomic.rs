@@ -12,6 +12,7 @@ use super::case;
 use super::rdm::{alloc, err, ok, world, NEEDS};
 use crate::case::{Case, CaseError, CaseResult, Check};
 use crate::ctx::Ctx;
+use crate::pair::Who;
 use crate::{ensure, ensure_eq};
 
 const G: &str = "atomic";
@@ -24,6 +25,8 @@ pub fn cases() -> Vec<Case> {
         case(G, "vector_and_valid", NEEDS, "several elements in one call; atomic_valid refuses bitwise floats and wrong forms, and so does the call", vector_and_valid),
         case(G, "four_initiators", NEEDS, "4 initiators x 1,000 fetch-adds on one u64: the final value is exact, no old value fetched twice", four_initiators),
         case(G, "access_refused", NEEDS, "bounds, a wrong key and a region without REMOTE_WRITE: RemoteAccess, memory untouched", access_refused),
+        case(G, "native_path", NEEDS, "where the MSG provider executes u64 fetch-add natively (its fetch_atomicvalid) and coherently with CPU atomics (atomic_cpu_coherent), the layer uses it: a fetch-add into a region registered but not bound to the target's endpoint works (no target-side software); elsewhere it is refused RemoteAccess (the emulated path takes bound regions only)", native_path),
+        case(G, "mixed_paths", NEEDS, "one u64 word updated by single-element fetch-adds (native where the provider has them) and by 2-element vector fetch-adds (always emulated) from 4 initiators at once: both words exact", mixed_paths),
     ]
 }
 
@@ -369,5 +372,134 @@ fn access_refused(ctx: &Ctx) -> CaseResult {
         vec![0; 8],
         "read-only region untouched"
     );
+    Ok(())
+}
+
+/// Whether the provider's MSG endpoints execute u64 fetch-add natively (then the layer
+/// uses them).
+fn msg_native_fetch_add(ctx: &Ctx) -> Result<bool, CaseError> {
+    let caps = fabric::Caps::MSG | fabric::Caps::RMA | fabric::Caps::ATOMIC;
+    if ctx.rejection(&ctx.hints(caps)).is_some() {
+        return Ok(false);
+    }
+    let p = ctx.pair(caps)?;
+    let ep = &p.side(Who::Client).ep;
+    // The layer takes the native path only where it is coherent with CPU atomics.
+    Ok(ep.fetch_atomicvalid(AtomicOp::Sum, Datatype::U64).is_some() && ep.atomic_cpu_coherent())
+}
+
+fn native_path(ctx: &Ctx) -> CaseResult {
+    let native = msg_native_fetch_add(ctx)?;
+    let w = world(ctx, 2, RdmAttr::default())?;
+    let (a, b) = (&w[0], &w[1]);
+    // Registered with remote rights, never bound to b's endpoint.
+    let target = alloc(&b.domain, 16, Access::LOCAL | Access::REMOTE)?;
+    target.write_at(8, &40u64.to_le_bytes()).ctx("init")?;
+    let res = alloc(&a.domain, 8, Access::LOCAL)?;
+    a.ep.fetch_atomic(
+        AtomicOp::Sum,
+        Datatype::U64,
+        &2u64.to_le_bytes(),
+        res.iov(0, 8),
+        a.to[1],
+        target.remote().iov(8, 8),
+        5,
+    )
+    .ctx("fetch_atomic")?;
+    let now = u64::from_le_bytes(
+        target
+            .to_vec(8, 8)
+            .ctx("read")?
+            .try_into()
+            .map_err(|_| CaseError::fail("8 bytes"))?,
+    );
+    if native {
+        let c = ok(ctx, &a.ep)?;
+        ensure_eq!(c.kind, OpKind::Atomic, "completion kind");
+        ensure_eq!(
+            res.to_vec(0, 8).ctx("read")?,
+            40u64.to_le_bytes().to_vec(),
+            "old value"
+        );
+        let now = u64::from_le_bytes(
+            target
+                .to_vec(8, 8)
+                .ctx("read")?
+                .try_into()
+                .map_err(|_| CaseError::fail("8 bytes"))?,
+        );
+        ensure_eq!(
+            now,
+            42,
+            "target after a native fetch-add into an unbound region"
+        );
+    } else {
+        err(
+            ctx,
+            &a.ep,
+            CqErrorKind::RemoteAccess,
+            "emulated fetch-add into an unbound region",
+        )?;
+        ensure_eq!(now, 40, "target untouched");
+    }
+    Ok(())
+}
+
+fn mixed_paths(ctx: &Ctx) -> CaseResult {
+    let per = 500u64;
+    let w = world(ctx, 5, RdmAttr::default())?;
+    let target = alloc(&w[0].domain, 16, Access::LOCAL | Access::REMOTE)?;
+    w[0].ep.bind_mr(&target).ctx("bind_mr")?;
+    let remote = target.remote();
+    let results: Vec<CaseResult> = std::thread::scope(|s| {
+        let hs: Vec<_> = w[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                s.spawn(move || -> CaseResult {
+                    // Initiators 0 and 1: one element (native where offered); 2 and 3:
+                    // two elements, always the layer's emulated path.
+                    let elems = if i < 2 { 1 } else { 2 };
+                    let n = 8 * elems;
+                    let operand: Vec<u8> = (0..elems).flat_map(|_| 1u64.to_le_bytes()).collect();
+                    let res = alloc(&x.domain, 16 * 16, Access::LOCAL)?;
+                    let (mut posted, mut done) = (0u64, 0u64);
+                    while done < per {
+                        while posted < per && posted - done < 16 {
+                            let slot = (posted % 16) as usize * 16;
+                            x.ep.fetch_atomic(
+                                AtomicOp::Sum,
+                                Datatype::U64,
+                                &operand,
+                                res.iov(slot, n),
+                                x.to[0],
+                                remote.iov(0, n),
+                                posted,
+                            )
+                            .ctx("fetch_atomic")?;
+                            posted += 1;
+                        }
+                        ok(ctx, &x.ep)?;
+                        done += 1;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CaseError::fail("an initiator panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let v = target.to_vec(0, 16).ctx("read")?;
+    let w0 = u64::from_le_bytes(v[..8].try_into().map_err(|_| CaseError::fail("8 bytes"))?);
+    let w1 = u64::from_le_bytes(v[8..].try_into().map_err(|_| CaseError::fail("8 bytes"))?);
+    ensure_eq!(w0, 4 * per, "word 0 (both paths)");
+    ensure_eq!(w1, 2 * per, "word 1 (emulated only)");
     Ok(())
 }

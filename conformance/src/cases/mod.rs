@@ -7,6 +7,7 @@ use crate::pair::Pair;
 use crate::payload::pattern;
 
 pub mod atomic;
+pub mod atomic_msg;
 pub mod av;
 pub mod cntr;
 pub mod cq;
@@ -37,6 +38,7 @@ pub fn all() -> Vec<Case> {
     v.extend(rdm::cases());
     v.extend(tagged::cases());
     v.extend(atomic::cases());
+    v.extend(atomic_msg::cases());
     v.extend(cntr::cases());
     v
 }

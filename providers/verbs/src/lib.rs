@@ -57,8 +57,18 @@
 //!   `IBV_SEND_INLINE`); write = one RDMA WRITE per remote iovec (the last WITH_IMM for
 //!   CQ data: the target consumes a receive); read = RDMA READ per remote iovec. One
 //!   completion per operation, after its last work request.
+//! - Atomics (`Caps::ATOMIC`, when the device's `atomic_cap` is not NONE): u64/i64
+//!   sum = `IBV_WR_ATOMIC_FETCH_AND_ADD`, compare-and-swap =
+//!   `IBV_WR_ATOMIC_CMP_AND_SWP`, one element per call (the set softroce offers);
+//!   the old value lands in the result range (a non-fetching one's in the domain's
+//!   scratch buffer); a misaligned remote address is refused at the call. Regions with
+//!   both remote rights are registered `REMOTE_ATOMIC`. `atomic_cpu_coherent` is true
+//!   only on `IBV_ATOMIC_GLOB` devices (kernel rxe says `IBV_ATOMIC_HCA`: its responder
+//!   serializes atomics under its own lock), so the RDM layer keeps emulating atomics
+//!   over rxe (its two paths must be atomic with respect to each other).
 //! - Memory registration: `ibv_reg_mr` with LOCAL_WRITE for receive/read destinations
-//!   and REMOTE_WRITE regions, REMOTE_READ/REMOTE_WRITE as asked; PMEM and UNCACHED are
+//!   and REMOTE_WRITE regions, REMOTE_READ/REMOTE_WRITE as asked (REMOTE_ATOMIC with
+//!   both); PMEM and UNCACHED are
 //!   carried by the region (a NIC's DMA writes cannot be made non-temporal from here:
 //!   with Intel DDIO they land in the last-level cache, which is why COMMIT needs the
 //!   platform statement below).

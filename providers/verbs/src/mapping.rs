@@ -14,12 +14,15 @@ pub const ACCESS_LOCAL_WRITE: u32 = 1;
 pub const ACCESS_REMOTE_WRITE: u32 = 2;
 /// `IBV_ACCESS_REMOTE_READ`.
 pub const ACCESS_REMOTE_READ: u32 = 4;
+/// `IBV_ACCESS_REMOTE_ATOMIC`.
+pub const ACCESS_REMOTE_ATOMIC: u32 = 8;
 
 /// The `ibv_reg_mr` access flags for a registration.
 ///
 /// - `LOCAL_WRITE` whenever the NIC writes the region for this side: a receive or read
 ///   destination (`RECV`, `READ`) and, as verbs requires, any `REMOTE_WRITE` region.
-/// - `REMOTE_READ`/`REMOTE_WRITE` as asked.
+/// - `REMOTE_READ`/`REMOTE_WRITE` as asked, and `REMOTE_ATOMIC` when both are (an RC
+///   atomic reads and writes the target, as softroce checks it).
 /// - A `PMEM` region that peers may write also gets `REMOTE_READ` when `raw_commit`
 ///   (COMMIT by read-after-write is in use): the 8-byte read that follows the writes
 ///   reads the written range, as librpma's flush does (so such a region is readable by
@@ -37,6 +40,9 @@ pub fn ibv_access(access: Access, flags: MrFlags, raw_commit: bool) -> u32 {
     }
     if access.contains(Access::REMOTE_READ) {
         a |= ACCESS_REMOTE_READ;
+    }
+    if access.contains(Access::REMOTE) {
+        a |= ACCESS_REMOTE_ATOMIC;
     }
     a
 }
@@ -273,6 +279,10 @@ mod tests {
         assert_eq!(
             ibv_access(Access::REMOTE_READ, MrFlags::empty(), true),
             ACCESS_REMOTE_READ
+        );
+        assert_eq!(
+            ibv_access(Access::REMOTE, MrFlags::empty(), true),
+            ACCESS_LOCAL_WRITE | ACCESS_REMOTE_WRITE | ACCESS_REMOTE_READ | ACCESS_REMOTE_ATOMIC
         );
         // A PMEM target of read-after-write commits is readable by the 8-byte read.
         assert_eq!(

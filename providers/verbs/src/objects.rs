@@ -313,6 +313,8 @@ impl FabricOps for VFabric {
                 ctx,
                 name: info.domain_name.clone(),
                 max_rd_atom: dev.max_rd_atom,
+                atomics: dev.atomics,
+                atomics_glob: dev.atomics_glob,
                 max_cqe,
                 raw_commit: crate::raw_commit_declared(),
                 fabric: self.shared.clone(),
@@ -394,6 +396,10 @@ pub(crate) struct DomainShared {
     ctx: Ctx,
     name: String,
     max_rd_atom: u8,
+    /// The device executes RC atomics.
+    atomics: bool,
+    /// ... coherently with CPU atomics (`IBV_ATOMIC_GLOB`; rxe says `HCA`).
+    atomics_glob: bool,
     max_cqe: u32,
     raw_commit: bool,
     fabric: Arc<Shared>,
@@ -1617,5 +1623,153 @@ impl EndpointOps for VEp {
 
     fn rma(&self) -> Option<&dyn RmaOps> {
         Some(self)
+    }
+
+    fn atomic(&self) -> Option<&dyn fabric_core::provider::AtomicOps> {
+        Some(self)
+    }
+}
+
+/// The (operation, datatype, form) combinations verbs' RC atomics execute, one element
+/// per work request: u64/i64 sum (fetching or not) as `IBV_WR_ATOMIC_FETCH_AND_ADD`,
+/// compare-and-swap as `IBV_WR_ATOMIC_CMP_AND_SWP` (the set softroce offers).
+fn native_atomic(
+    op: fabric_core::AtomicOp,
+    dt: fabric_core::Datatype,
+    form: fabric_core::AtomicForm,
+) -> Option<usize> {
+    use fabric_core::{AtomicForm, AtomicOp, Datatype};
+    let word = matches!(dt, Datatype::U64 | Datatype::I64);
+    let ok = matches!(
+        (form, op),
+        (AtomicForm::Plain | AtomicForm::Fetch, AtomicOp::Sum)
+            | (AtomicForm::Compare, AtomicOp::Cswap)
+    );
+    (word && ok).then_some(1)
+}
+
+fn word(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[..8]);
+    u64::from_ne_bytes(w)
+}
+
+impl fabric_core::provider::AtomicOps for VEp {
+    fn valid(
+        &self,
+        op: fabric_core::AtomicOp,
+        dt: fabric_core::Datatype,
+        form: fabric_core::AtomicForm,
+    ) -> Option<usize> {
+        if !self.inner.domain.atomics {
+            return None;
+        }
+        native_atomic(op, dt, form)
+    }
+
+    fn cpu_coherent(&self) -> bool {
+        self.inner.domain.atomics_glob
+    }
+
+    fn post_atomic(&self, req: fabric_core::AtomicRequest) -> Result<()> {
+        if self.valid(req.op, req.datatype, req.form).is_none() || req.operand.len() != 8 {
+            return Err(Error::unsupported(format!(
+                "verbs: {:?} on {:?} ({:?}, {} bytes) is not an RC atomic",
+                req.op,
+                req.datatype,
+                req.form,
+                req.operand.len()
+            )));
+        }
+        if !req.remote.addr.is_multiple_of(8) {
+            // As softroce: refused at the call, the connection is unaffected (a device
+            // would send it and the target would NAK it, ending the connection).
+            return Err(Error::invalid(format!(
+                "verbs: the atomic's remote address {:#x} is not 8-byte aligned",
+                req.remote.addr
+            )));
+        }
+        let rkey = u32::try_from(req.remote.key).unwrap_or(0);
+        let ep = &self.inner;
+        let st = ep.st.lock();
+        let qp = ep.check_post(&st)?;
+        let fetch = req.result.is_some();
+        let (sge, segs) = match req.result {
+            Some(seg) => {
+                let s = sges(std::slice::from_ref(&seg))?.remove(0);
+                (s, vec![seg])
+            }
+            // A non-fetching atomic still gets the old value back: into the domain's
+            // scratch buffer (registered LOCAL_WRITE, at least 8 bytes).
+            None => (
+                Sge {
+                    addr: ep.domain._scratch.as_ptr() as u64,
+                    len: 8,
+                    lkey: ep.domain.scratch_mr.lkey(),
+                },
+                Vec::new(),
+            ),
+        };
+        let (opcode, compare_add, swap) = match req.op {
+            fabric_core::AtomicOp::Cswap => (
+                ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP,
+                word(&req.compare),
+                word(&req.operand),
+            ),
+            _ => (
+                ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD,
+                word(&req.operand),
+                0,
+            ),
+        };
+        let flags = CompFlags::ATOMIC
+            | if fetch {
+                CompFlags::READ
+            } else {
+                CompFlags::WRITE
+            };
+        ep.reserve_tx(1)?;
+        let wr_id = ep.track(PendingOp {
+            remaining: 1,
+            tx_slots: 1,
+            ..ep.send_op(
+                req.context,
+                flags,
+                if fetch { 8 } else { 0 },
+                req.completion,
+                segs,
+                None,
+            )
+        });
+        let mut sge = ibv_sge {
+            addr: sge.addr,
+            length: sge.len,
+            lkey: sge.lkey,
+        };
+        // SAFETY: ibv_send_wr is a plain C struct; all-zero is valid and every used
+        // field is set below.
+        let mut w: ibv_send_wr = unsafe { std::mem::zeroed() };
+        w.wr_id = wr_id;
+        w.opcode = opcode;
+        w.num_sge = 1;
+        w.sg_list = &mut sge;
+        w.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        w.wr.atomic = atomic_t {
+            remote_addr: req.remote.addr,
+            compare_add,
+            swap,
+            rkey,
+        };
+        let mut bad: *mut ibv_send_wr = ptr::null_mut();
+        // SAFETY: qp is live (the state lock is held); the work request and its SGE
+        // live until the call returns (the NIC copies them at post); the SGE is an
+        // 8-byte range of a registered region the pending operation holds (the result
+        // segment) or of the domain's scratch buffer.
+        let rc = unsafe { ibv_post_send(qp, &mut w, &mut bad) };
+        if rc != 0 {
+            ep.untrack(wr_id, 1);
+            return Err(Error::from(std::io::Error::from_raw_os_error(rc)).context("ibv_post_send"));
+        }
+        Ok(())
     }
 }

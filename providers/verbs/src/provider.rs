@@ -14,7 +14,8 @@ pub const CAPS: Caps = Caps::MSG
     .union(Caps::RECV)
     .union(Caps::REMOTE_READ)
     .union(Caps::REMOTE_WRITE)
-    .union(Caps::REMOTE_CQ_DATA);
+    .union(Caps::REMOTE_CQ_DATA)
+    .union(Caps::ATOMIC);
 
 /// The rejection when the host has no RDMA device.
 pub const NO_DEVICE: &str = "no RDMA device: load rdma_rxe (`modprobe rdma_rxe; rdma link add rxe0 type rxe netdev eth0`) or plug in a NIC";

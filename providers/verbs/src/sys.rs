@@ -110,6 +110,10 @@ pub(crate) struct Device {
     /// execute IB FLUSH (persistent placement) as a responder and requester.
     pub(crate) flush_persistent: bool,
     pub(crate) max_rd_atom: u8,
+    /// The device executes RC atomics (`atomic_cap` is not `IBV_ATOMIC_NONE`).
+    pub(crate) atomics: bool,
+    /// ... coherently with the host's CPU atomics (`IBV_ATOMIC_GLOB`).
+    pub(crate) atomics_glob: bool,
 }
 
 /// `IB_UVERBS_DEVICE_FLUSH_PERSISTENT` (kernel uapi `ib_user_verbs.h`, Linux 6.2+).
@@ -186,6 +190,8 @@ pub(crate) fn query(ctx: Ctx) -> io::Result<Device> {
             .max_qp_rd_atom
             .min(orig.max_qp_init_rd_atom)
             .clamp(0, 255) as u8,
+        atomics: orig.atomic_cap != ibv_atomic_cap::IBV_ATOMIC_NONE,
+        atomics_glob: orig.atomic_cap == ibv_atomic_cap::IBV_ATOMIC_GLOB,
     })
 }
 
@@ -627,6 +633,10 @@ mod tests {
         assert_eq!(
             ACCESS_REMOTE_READ,
             ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
+        );
+        assert_eq!(
+            ACCESS_REMOTE_ATOMIC,
+            ibv_access_flags::IBV_ACCESS_REMOTE_ATOMIC.0
         );
         assert_eq!(wc::REM_ACCESS_ERR, ibv_wc_status::IBV_WC_REM_ACCESS_ERR);
         assert_eq!(wc::REM_INV_REQ_ERR, ibv_wc_status::IBV_WC_REM_INV_REQ_ERR);

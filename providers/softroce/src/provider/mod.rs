@@ -46,7 +46,8 @@ pub const CAPS: Caps = Caps::MSG
     .union(Caps::REMOTE_READ)
     .union(Caps::REMOTE_WRITE)
     .union(Caps::REMOTE_CQ_DATA)
-    .union(Caps::RMA_PMEM);
+    .union(Caps::RMA_PMEM)
+    .union(Caps::ATOMIC);
 
 /// Largest message: the RC limit of 2^31 bytes per work request.
 pub const MAX_MSG_SIZE: usize = 1 << 31;

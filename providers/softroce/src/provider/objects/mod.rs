@@ -529,6 +529,10 @@ impl EndpointOps for SrEndpoint {
     fn rma(&self) -> Option<&dyn RmaOps> {
         Some(self)
     }
+
+    fn atomic(&self) -> Option<&dyn fabric_core::provider::AtomicOps> {
+        Some(self)
+    }
 }
 
 impl Drop for SrEndpoint {
