@@ -33,11 +33,12 @@
 //! and go-back-N resends a window's worth, not 128 PSNs, behind each loss. The
 //! retransmission timer follows the measured round trip (RFC 6298: smoothed round
 //! trip plus four deviations, sampled only from packets sent once, as Karn's rule
-//! says; a timeout's doubling is kept until the next sample), never below the
-//! configured `timeout` and at most [`MAX_RTO`]: a peer that answers later than the
-//! timeout (rxe under emulation: 64 KiB acknowledged after 5-25 ms) is not sent every
-//! window twice. A READ whose
-//! responses have a gap keeps what arrived and asks again for the missing packets
+//! says; the doubling of a timeout that a duplicate response shows was spurious is
+//! kept until the next sample), never below the configured `timeout` and at most
+//! [`MAX_RTO`]: a peer that answers later than the timeout (rxe in an emulated VM
+//! acknowledges 64 KiB writes after milliseconds) is not sent every window twice.
+//!
+//! A READ whose responses have a gap keeps what arrived and asks again for the missing packets
 //! only (a READ request for the gap's PSN, address and length). Retrying is
 //! time-based: a requester gives up (`RetryExceeded`) after
 //! `max(timeout * (2^(retry_cnt+1) - 1), MIN_GIVE_UP)` (2 s) without anything new from
