@@ -50,6 +50,8 @@ struct Cost {
     duplicates: u64,
     /// Times the requester cut its window.
     cuts: u64,
+    /// The requester's smoothed round trip at the end.
+    srtt: Option<Duration>,
 }
 
 impl Cost {
@@ -161,6 +163,7 @@ fn writes(link: Link, size: usize, n: usize, window: usize) -> Cost {
         lost,
         duplicates: qps[1].stats().duplicates,
         cuts: qps[0].window_cuts(),
+        srtt: qps[0].smoothed_rtt(),
     }
 }
 
@@ -212,6 +215,12 @@ fn slow_answers_cause_few_duplicates() {
             c.per_packet() < 1.25,
             "{:.2} request packets per packet of data ({c:?})",
             c.per_packet()
+        );
+        // The timer learnt the 6 ms round trip (plus the time a window takes to leave).
+        let srtt = c.srtt.expect("a round trip was measured");
+        assert!(
+            srtt >= Duration::from_millis(6) && srtt < Duration::from_millis(9),
+            "{c:?}"
         );
         assert!(
             c.duplicates * 10 < c.useful,
