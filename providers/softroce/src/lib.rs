@@ -37,7 +37,10 @@
 //! - Receive not ready: RC semantics. RNR NAK (timer 0.64 ms) and infinite RNR retry
 //!   (rnr_retry 7): a message sent before the receive is posted is delivered once it
 //!   is; a write with CQ data waits likewise. Retransmission: a 2.1 ms timeout
-//!   (`SOFTROCE_TIMEOUT_US`) that doubles on consecutive expiries; rxe's retry_cnt 7
+//!   (`SOFTROCE_TIMEOUT_US`), the floor of a timer that follows the measured round
+//!   trip (at most 250 ms) and doubles on consecutive expiries; a congestion window
+//!   inside rxe's 128 unacknowledged PSNs paces a peer that cannot keep up (see
+//!   [`rc`], "Pacing against a slow peer"); rxe's retry_cnt 7
 //!   (`SOFTROCE_RETRY_CNT`), which changes no packet. The retry policy is time-based:
 //!   the requester gives up with `RetryExceeded` (and `Shutdown { reason: Lost }`)
 //!   only after `max(timeout * (2^(retry_cnt+1) - 1), rc::MIN_GIVE_UP)` = 2 s by

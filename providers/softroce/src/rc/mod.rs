@@ -17,10 +17,28 @@
 //! their buffers are [`LocalSegment`]s of [`LocalMemory`]. Remote access from the peer
 //! goes through the [`RemoteMemoryTable`] given at creation.
 //!
-//! The requester segments messages by path MTU, sets AckReq on the last packet and
-//! every 64 packets, keeps at most 128 PSNs unacknowledged, retransmits go-back-N on
-//! timeout, sequence NAK or implicit NAK, and waits out RNR NAKs. A READ whose
-//! responses have a gap keeps what arrived and asks again for the missing packets
+//! The requester segments messages by path MTU, sets AckReq on the last packet, every
+//! 64 packets (every half window when the window is smaller) and on the packet that
+//! fills the window, keeps at most 128 PSNs unacknowledged, retransmits go-back-N on
+//! timeout, sequence NAK or implicit NAK, and waits out RNR NAKs.
+//!
+//! **Pacing against a slow peer.** Within those 128 PSNs a congestion window limits
+//! what is in flight ([`QueuePair::send_window`]): it starts at 128 (so a peer that
+//! keeps up sees exactly rxe's window), halves on a sequence NAK, an implicit NAK, a
+//! READ response gap or a duplicate response (the responder re-ACKs a packet it got
+//! twice), once per window of packets in flight, and drops to [`MIN_CWND`] on a
+//! retransmission timeout; clean ACKs grow it again (a packet per packet acknowledged
+//! up to half the window it had, then a packet per window). So a responder that loses
+//! what overruns its queue (kernel rxe in a slow VM) receives about what it can take,
+//! and go-back-N resends a window's worth, not 128 PSNs, behind each loss. The
+//! retransmission timer follows the measured round trip (RFC 6298: smoothed round
+//! trip plus four deviations, sampled only from packets sent once, as Karn's rule
+//! says; the doubling of a timeout that a duplicate response shows was spurious is
+//! kept until the next sample), never below the configured `timeout` and at most
+//! [`MAX_RTO`]: a peer that answers later than the timeout (rxe in an emulated VM
+//! acknowledges 64 KiB writes after milliseconds) is not sent every window twice.
+//!
+//! A READ whose responses have a gap keeps what arrived and asks again for the missing packets
 //! only (a READ request for the gap's PSN, address and length). Retrying is
 //! time-based: a requester gives up (`RetryExceeded`) after
 //! `max(timeout * (2^(retry_cnt+1) - 1), MIN_GIVE_UP)` (2 s) without anything new from
@@ -45,7 +63,7 @@ pub use memory::{
     RemoteNeed, RemoteRegion, RemoteRight, RemoteSpan, VecMemory,
 };
 pub use psn::{MAX_PKTS_PER_ACK, MAX_UNACKED_PSNS, PSN_MASK};
-pub use requester::MIN_GIVE_UP;
+pub use requester::{MAX_RTO, MIN_CWND, MIN_GIVE_UP};
 pub use types::{
     ib_timeout, Completion, FlushPlacement, Mtu, QpError, QpState, QpStats, RecvWr, RtrAttr,
     RtsAttr, SendOp, SendWr, Time, Transmit, WcOpcode, WcStatus,
@@ -218,6 +236,23 @@ impl QueuePair {
     /// Protocol counters.
     pub fn stats(&self) -> QpStats {
         self.stats
+    }
+
+    /// The requester's congestion window: how many PSNs it may have unacknowledged
+    /// now (between [`MIN_CWND`] and [`MAX_UNACKED_PSNS`]; see the module docs).
+    pub fn send_window(&self) -> u32 {
+        self.req.cwnd()
+    }
+
+    /// How many times the requester cut its window (a sequence NAK, an implicit NAK,
+    /// a READ response gap or a duplicate response, once per window; a timeout).
+    pub fn window_cuts(&self) -> u64 {
+        self.req.cwnd_cuts
+    }
+
+    /// The requester's smoothed round trip (sent to acknowledged), once measured.
+    pub fn smoothed_rtt(&self) -> Option<std::time::Duration> {
+        self.req.srtt()
     }
 
     /// Send work requests queued and not yet completed.

@@ -129,8 +129,52 @@ pub(super) struct Requester {
     /// Consecutive retransmission timeouts without progress: each doubles the next
     /// timer (up to 2^MAX_BACKOFF), so a short timeout recovers single losses fast
     /// while a stalled peer still has the give-up time (`Requester::give_up`) to answer.
+    /// Reset by progress, except after a timeout that proved spurious (see
+    /// `spurious`).
     backoff: u32,
+    /// A retransmission timeout happened and no round trip was measured since.
+    unsampled_timeout: bool,
+    /// The peer answered a resend with a duplicate response after such a timeout: the
+    /// timer is shorter than the round trip, and since resends give no sample (Karn),
+    /// the doubled timer is kept (up to 2^MAX_KEPT_BACKOFF) until a packet sent once
+    /// is acknowledged in time to measure it.
+    spurious: bool,
+    /// The backoff of the last timeout (at most MAX_KEPT_BACKOFF).
+    kept_backoff: u32,
+    /// Congestion window: most PSNs unacknowledged at once (at most
+    /// [`MAX_UNACKED_PSNS`], at least [`MIN_CWND`]).
+    cwnd: u32,
+    /// Slow-start threshold: below it the window grows by a packet per packet
+    /// acknowledged, above it by a packet per window.
+    ssthresh: u32,
+    /// Packets acknowledged toward the next packet of window (congestion avoidance).
+    cwnd_acked: u32,
+    /// `comp_psn` when the window last grew.
+    cwnd_mark: u32,
+    /// After a decrease, the PSN that ends its recovery: no further decrease until
+    /// everything sent before the loss is acknowledged (one decrease per window).
+    recover: Option<u32>,
+    /// First PSN never sent (packets before it that go out again are resends).
+    high_psn: u32,
+    /// A packet sent for the first time and when: its acknowledgement is a round-trip
+    /// sample (none is taken from resent packets, whose ACK is ambiguous).
+    rtt_probe: Option<(u32, Time)>,
+    /// Smoothed round trip and its mean deviation (RFC 6298), once measured.
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// Window decreases so far (losses, timeouts, duplicate responses).
+    pub(super) cwnd_cuts: u64,
 }
+
+/// Largest backoff exponent kept across progress after a spurious timeout (16 times
+/// the timeout: 32 ms with the provider's 2 ms).
+const MAX_KEPT_BACKOFF: u32 = 4;
+
+/// Smallest congestion window (packets).
+pub const MIN_CWND: u32 = 2;
+
+/// Longest retransmission timeout the measured round trip may ask for.
+pub const MAX_RTO: Duration = Duration::from_millis(250);
 
 /// Largest exponent of the retransmission timer backoff.
 const MAX_BACKOFF: u32 = 10;
@@ -159,6 +203,19 @@ impl Requester {
             noack_pkts: 0,
             rd_outstanding: 0,
             backoff: 0,
+            unsampled_timeout: false,
+            spurious: false,
+            kept_backoff: 0,
+            cwnd: MAX_UNACKED_PSNS as u32,
+            ssthresh: MAX_UNACKED_PSNS as u32,
+            cwnd_acked: 0,
+            cwnd_mark: 0,
+            recover: None,
+            high_psn: 0,
+            rtt_probe: None,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            cwnd_cuts: 0,
         }
     }
 
@@ -167,11 +224,111 @@ impl Requester {
         self.attr = Some(attr);
         self.next_psn = sq_psn;
         self.comp_psn = sq_psn;
+        self.cwnd_mark = sq_psn;
+        self.high_psn = sq_psn;
         self.rnr_left = attr.rnr_retry;
     }
 
-    fn timeout(&self) -> Duration {
+    /// The configured timeout: the least retransmission timeout.
+    fn attr_timeout(&self) -> Duration {
         self.attr.map_or(Duration::from_millis(100), |a| a.timeout)
+    }
+
+    /// The retransmission timeout: the configured one, or the measured round trip
+    /// plus four deviations (RFC 6298) where that is longer, at most [`MAX_RTO`].
+    fn timeout(&self) -> Duration {
+        let floor = self.attr_timeout();
+        match self.srtt {
+            Some(srtt) => (srtt + self.rttvar * 4).min(MAX_RTO).max(floor),
+            None => floor,
+        }
+    }
+
+    /// The timer of the next expiry: [`Self::timeout`] doubled per timeout since
+    /// the last round-trip sample.
+    fn rto(&self) -> Duration {
+        self.timeout() * (1u32 << self.backoff)
+    }
+
+    /// The congestion window (packets).
+    pub(super) fn cwnd(&self) -> u32 {
+        self.cwnd
+    }
+
+    /// The smoothed round trip, once one was measured.
+    pub(super) fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    fn rtt_sample(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let dev = s.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + dev) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+        self.backoff = 0;
+        self.unsampled_timeout = false;
+        self.spurious = false;
+        self.kept_backoff = 0;
+    }
+
+    /// A sign the peer or the path is overrun (a sequence NAK, an implicit NAK, a
+    /// READ response gap, a duplicate response; `timeout`: the retransmission timer):
+    /// the window halves (a timeout: drops to [`MIN_CWND`]), once per window of
+    /// packets in flight.
+    fn congestion(&mut self, timeout: bool) {
+        let in_recovery = self
+            .recover
+            .is_some_and(|r| psn::diff(self.comp_psn, r) < 0);
+        if in_recovery && !timeout {
+            return;
+        }
+        if !in_recovery {
+            self.ssthresh = (self.cwnd / 2).max(MIN_CWND);
+        }
+        self.cwnd = if timeout { MIN_CWND } else { self.ssthresh };
+        self.cwnd_acked = 0;
+        self.recover = Some(self.high_psn);
+        self.cwnd_cuts += 1;
+    }
+
+    /// New packets acknowledged: the window grows (slow start below `ssthresh`,
+    /// a packet per window above), and a round trip is measured if the probe is
+    /// covered.
+    fn grow(&mut self, now: Time) {
+        let acked = psn::diff(self.comp_psn, self.cwnd_mark).max(0) as u32;
+        self.cwnd_mark = self.comp_psn;
+        if let Some((p, sent)) = self.rtt_probe {
+            if psn::diff(self.comp_psn, p) > 0 {
+                self.rtt_probe = None;
+                self.rtt_sample(now - sent);
+            }
+        }
+        if let Some(r) = self.recover {
+            if psn::diff(self.comp_psn, r) < 0 {
+                return;
+            }
+            self.recover = None;
+        }
+        let max = MAX_UNACKED_PSNS as u32;
+        if self.cwnd < self.ssthresh {
+            self.cwnd = (self.cwnd + acked).min(self.ssthresh).min(max);
+        } else {
+            self.cwnd_acked += acked;
+            while self.cwnd_acked >= self.cwnd && self.cwnd < max {
+                self.cwnd_acked -= self.cwnd;
+                self.cwnd += 1;
+            }
+            if self.cwnd >= max {
+                self.cwnd_acked = 0;
+            }
+        }
     }
 
     /// How long the requester keeps retrying without hearing anything new from the
@@ -181,7 +338,7 @@ impl Requester {
     /// response gap cost no retry, only silence counts.
     fn give_up(&self) -> Duration {
         let n = u32::from(self.attr.map_or(7, |a| a.retry_cnt)).min(MAX_BACKOFF + 10);
-        self.timeout()
+        self.attr_timeout()
             .saturating_mul((1u32 << (n + 1)) - 1)
             .max(MIN_GIVE_UP)
     }
@@ -240,7 +397,7 @@ impl Requester {
                 );
                 if let Ok(b) = self.build(idx, k, Some(n), ctx) {
                     if self.retrans_deadline.is_none() {
-                        self.retrans_deadline = Some(now + self.timeout());
+                        self.retrans_deadline = Some(now + self.rto());
                     }
                     return Ok(Some(b));
                 }
@@ -263,7 +420,7 @@ impl Requester {
             }
             self.next_psn
         };
-        if psn::diff(p, self.comp_psn) >= MAX_UNACKED_PSNS {
+        if psn::diff(p, self.comp_psn) >= self.cwnd as i32 {
             return Ok(None);
         }
         if !started {
@@ -289,6 +446,13 @@ impl Requester {
                 return Err(self.fail_front(status));
             }
         };
+        let sent_psn = psn::add(self.sq[idx].first_psn, k);
+        if psn::diff(sent_psn, self.high_psn) >= 0 {
+            self.high_psn = psn::add(sent_psn, 1);
+            if self.rtt_probe.is_none() {
+                self.rtt_probe = Some((sent_psn, now));
+            }
+        }
         let w = &self.sq[idx];
         if matches!(w.kind, Kind::Send | Kind::Write) && k + 1 < w.npkts {
             self.send_pkt += 1;
@@ -298,7 +462,7 @@ impl Requester {
         }
         if self.retrans_deadline.is_none() {
             // Nothing was outstanding: the silence the give-up time measures starts now.
-            self.retrans_deadline = Some(now + self.timeout());
+            self.retrans_deadline = Some(now + self.rto());
             self.last_progress = now;
         }
         Ok(Some(bytes))
@@ -333,7 +497,12 @@ impl Requester {
             | SendOp::WriteWithImm { .. } => {
                 let off = k * mtu;
                 data = Some((off, mtu.min(w.len - off)));
-                let ack_req = seg.is_last() || self.noack_pkts + 1 >= MAX_PKTS_PER_ACK;
+                // AckReq twice per window (every 64 packets at the full window), and
+                // on the packet that fills the window, so a small window is not left
+                // waiting for the timer.
+                let every = (self.cwnd / 2).clamp(1, MAX_PKTS_PER_ACK);
+                let fills = psn::diff(p, self.comp_psn) + 1 >= self.cwnd as i32;
+                let ack_req = seg.is_last() || fills || self.noack_pkts + 1 >= every;
                 self.noack_pkts = if ack_req { 0 } else { self.noack_pkts + 1 };
                 let (opcode, imm, reth) = data_opcode(&w.wr.op, seg, w.len);
                 let mut r = RoceRepr::new(ctx.bth(opcode, p, ack_req));
@@ -423,6 +592,8 @@ impl Requester {
     /// Rewinds transmission to `p` (go-back-N).
     fn go_back(&mut self, p: u32) {
         self.noack_pkts = 0;
+        // Karn: what is sent again gives no round-trip sample.
+        self.rtt_probe = None;
         if let Some(i) = self.sq.iter().position(|w| w.contains(p)) {
             self.send_idx = i;
             self.send_pkt = psn::diff(p, self.sq[i].first_psn) as u32;
@@ -493,9 +664,11 @@ impl Requester {
         }
         self.last_progress = now;
         self.retry_from = None;
-        self.backoff = 0;
+        self.backoff = if self.spurious { self.kept_backoff } else { 0 };
+        // May measure a round trip, which ends a kept backoff.
+        self.grow(now);
         self.retrans_deadline = if self.outstanding() {
-            Some(now + self.timeout())
+            Some(now + self.rto())
         } else {
             None
         };
@@ -519,13 +692,16 @@ impl Requester {
             return Err(self.fail_front(WcStatus::RetryExceeded));
         }
         stats.retransmissions += 1;
+        self.congestion(force);
         self.rerequest = None;
         self.go_back(self.comp_psn);
         self.retry_from = Some(self.comp_psn);
         if force {
             self.backoff = (self.backoff + 1).min(MAX_BACKOFF);
+            self.unsampled_timeout = true;
+            self.kept_backoff = self.backoff.min(MAX_KEPT_BACKOFF);
         }
-        self.retrans_deadline = Some(now + self.timeout() * (1u32 << self.backoff));
+        self.retrans_deadline = Some(now + self.rto());
         Ok(())
     }
 
@@ -562,6 +738,22 @@ impl Requester {
     ) -> Result<bool, Fatal> {
         let p = repr.bth.psn;
         if !self.outstanding() || !self.in_flight(p) {
+            // An ACK of PSNs already acknowledged: the responder got a packet twice
+            // (it re-ACKs duplicates), so something was resent that had arrived.
+            if self.outstanding()
+                && repr.bth.opcode == Opcode::RC_ACKNOWLEDGE
+                && repr
+                    .aeth
+                    .is_some_and(|a| matches!(a.syndrome, Syndrome::Ack { .. }))
+                && psn::diff(p, self.comp_psn) < 0
+                && psn::diff(p, self.comp_psn) >= -(MAX_UNACKED_PSNS * 2)
+            {
+                self.congestion(false);
+                if self.unsampled_timeout {
+                    self.spurious = true;
+                    self.backoff = self.backoff.max(self.kept_backoff);
+                }
+            }
             return Ok(false);
         }
         let op = repr.bth.opcode;
@@ -772,6 +964,7 @@ impl Requester {
         let k = psn::diff(self.comp_psn, w.first_psn) as u32;
         let n = w.missing_run(k).max(1);
         stats.retransmissions += 1;
+        self.congestion(false);
         self.rerequest = Some((self.comp_psn, n));
         self.retry_from = Some(self.comp_psn);
         Ok(())

@@ -91,6 +91,7 @@ impl Device {
             }
         };
         let fd = self.sock.as_raw_fd();
+        let mut received = false;
         for _ in 0..MAX_ROUNDS {
             let n = match rx.rx.recv(fd) {
                 Ok(n) => n,
@@ -103,6 +104,7 @@ impl Device {
                 }
             };
             if n > 0 {
+                received = true;
                 now = self.now();
                 self.dispatch(&mut rx, now, n, hold_acks);
             }
@@ -110,7 +112,10 @@ impl Device {
                 break;
             }
         }
-        self.take_forwarded(&mut rx, hold_acks);
+        if wait_lock || received || now.0.saturating_sub(rx.share_at) >= SHARE_POLL_NS {
+            rx.share_at = now.0;
+            self.take_forwarded(&mut rx, hold_acks);
+        }
         self.timers(now);
         drop(rx);
     }

@@ -61,6 +61,13 @@ use qp::shutdown_reason;
 /// Batches received per progress call at most (bounds the time under the lock).
 const MAX_ROUNDS: usize = 16;
 
+/// How often a busy poller that received nothing reads the process-to-process socket
+/// (frames another process sharing the device passed on): that second system call on
+/// every poll was about a fifth of a busy-polled ping-pong's samples, and a passed
+/// frame is the rare path (the kernel sends a peer's frames to one socket). Blocking
+/// waits, the backstop and a poll that received anything read it every time.
+const SHARE_POLL_NS: u64 = 20_000;
+
 /// A completion queue's shared part.
 pub(crate) type CompQueue = WaitQueue<Completion>;
 
@@ -215,6 +222,9 @@ struct RxState {
     ip_ids: HashMap<Ipv4Addr, IpIdWindow>,
     /// Frames other processes passed to this one (a receive buffer, reused).
     fwd: Vec<(SocketAddrV4, Vec<u8>)>,
+    /// When a busy poller last read the process-to-process socket (see
+    /// [`SHARE_POLL_NS`]).
+    share_at: u64,
 }
 
 /// Fault injection and capture between the QPs and the socket; locked only while one
@@ -458,6 +468,7 @@ impl Device {
                 touched: Vec::with_capacity(8),
                 ip_ids: HashMap::new(),
                 fwd: Vec::new(),
+                share_at: 0,
             }),
             extras: Mutex::new(TxExtras {
                 faults: None,
