@@ -392,6 +392,43 @@ fn read_u64(mr: &fabric::MemoryRegion, off: usize) -> Result<u64, CaseError> {
     Ok(dec(&mr.to_vec(off, 8).ctx("read")?))
 }
 
+/// Posts `per` fetch-adds of 1 to `remote` from one initiator, at most 16 in flight,
+/// and returns the old values fetched, in completion order.
+fn fetch_add_ones(
+    node: &Node,
+    ep: &Endpoint,
+    remote: fabric::RemoteIov,
+    per: u64,
+    t: Duration,
+) -> Result<Vec<u64>, CaseError> {
+    let res = node.domain.alloc(8 * 16, Access::LOCAL).ctx("result")?;
+    let one = node.domain.alloc(8, Access::LOCAL).ctx("operand")?;
+    one.write_at(0, &1u64.to_ne_bytes()).ctx("operand")?;
+    let mut seen = Vec::new();
+    let (mut posted, mut done) = (0u64, 0u64);
+    while done < per {
+        while posted < per && posted - done < 16 {
+            let slot = (posted % 16) as usize * 8;
+            ep.fetch_atomic(
+                AtomicOp::Sum,
+                Datatype::U64,
+                one.iov(0, 8),
+                res.iov(slot, 8),
+                remote,
+                posted,
+            )
+            .ctx("fetch_atomic")?;
+            posted += 1;
+        }
+        let c = node.wait_completion(&[], t)?;
+        c.status
+            .map_err(|e| CaseError::fail(format!("fetch-add {}: {e}", c.context)))?;
+        seen.push(read_u64(&res, (c.context % 16) as usize * 8)?);
+        done += 1;
+    }
+    Ok(seen)
+}
+
 fn msg_four_initiators(ctx: &Ctx) -> CaseResult {
     need_u64(ctx, AtomicForm::Fetch, AtomicOp::Sum)?;
     let per = 1000u64;
@@ -404,34 +441,7 @@ fn msg_four_initiators(ctx: &Ctx) -> CaseResult {
     target.write_at(8, &7u64.to_ne_bytes()).ctx("init")?;
     let remote = target.remote().iov(8, 8);
     let t = ctx.timeout();
-    let (seen, _server) = run_clients(s, |_, node, ep| {
-        let res = node.domain.alloc(8 * 16, Access::LOCAL).ctx("result")?;
-        let one = node.domain.alloc(8, Access::LOCAL).ctx("operand")?;
-        one.write_at(0, &1u64.to_ne_bytes()).ctx("operand")?;
-        let mut seen = Vec::new();
-        let (mut posted, mut done) = (0u64, 0u64);
-        while done < per {
-            while posted < per && posted - done < 16 {
-                let slot = (posted % 16) as usize * 8;
-                ep.fetch_atomic(
-                    AtomicOp::Sum,
-                    Datatype::U64,
-                    one.iov(0, 8),
-                    res.iov(slot, 8),
-                    remote,
-                    posted,
-                )
-                .ctx("fetch_atomic")?;
-                posted += 1;
-            }
-            let c = node.wait_completion(&[], t)?;
-            c.status
-                .map_err(|e| CaseError::fail(format!("fetch-add {}: {e}", c.context)))?;
-            seen.push(read_u64(&res, (c.context % 16) as usize * 8)?);
-            done += 1;
-        }
-        Ok(seen)
-    })?;
+    let (seen, _server) = run_clients(s, |_, node, ep| fetch_add_ones(node, ep, remote, per, t))?;
     let mut all = HashSet::new();
     for v in seen.into_iter().flatten() {
         ensure!(all.insert(v), "old value {v} fetched twice");
@@ -536,30 +546,7 @@ fn msg_cpu_coherent(ctx: &Ctx) -> CaseResult {
             n
         });
         let r = run_clients(s, |_, node, ep| {
-            let res = node.domain.alloc(8 * 16, Access::LOCAL).ctx("result")?;
-            let one = node.domain.alloc(8, Access::LOCAL).ctx("operand")?;
-            one.write_at(0, &1u64.to_ne_bytes()).ctx("operand")?;
-            let (mut posted, mut completed) = (0u64, 0u64);
-            while completed < per {
-                while posted < per && posted - completed < 16 {
-                    let slot = (posted % 16) as usize * 8;
-                    ep.fetch_atomic(
-                        AtomicOp::Sum,
-                        Datatype::U64,
-                        one.iov(0, 8),
-                        res.iov(slot, 8),
-                        remote,
-                        posted,
-                    )
-                    .ctx("fetch_atomic")?;
-                    posted += 1;
-                }
-                let c = node.wait_completion(&[], t)?;
-                c.status
-                    .map_err(|e| CaseError::fail(format!("fetch-add {}: {e}", c.context)))?;
-                completed += 1;
-            }
-            Ok(())
+            fetch_add_ones(node, ep, remote, per, t).map(|_| ())
         });
         (r, cpu.join().unwrap_or(0))
     });
