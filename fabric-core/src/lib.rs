@@ -69,7 +69,8 @@
 //! counters live in the `fabric-rdm` crate, a layer over any provider's MSG endpoints
 //! through this API only (libfabric rxm's model): [`EpType::Rdm`], [`Caps::TAGGED`]
 //! and [`Caps::ATOMIC`] are answered there (as `"tcp;rxm"`), while the providers'
-//! own getinfo rejects them with a reason. A provider with native RDM, tagged or
+//! own getinfo rejects RDM and TAGGED with a reason (and answers ATOMIC only where it
+//! executes atomics natively on MSG endpoints, below). A provider with native RDM, tagged or
 //! atomic support can add them without a redesign: the provider's endpoint is split
 //! as libfabric's ops tables are ([`provider::EndpointOps`] for what every endpoint
 //! has, with accessors to [`provider::CmOps`] for connection management,
