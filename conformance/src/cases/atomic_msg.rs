@@ -344,6 +344,14 @@ fn star(ctx: &Ctx, n: usize) -> Result<Star, CaseError> {
 
 /// Runs `work` on each client in its own thread while this thread drives the server's
 /// queues (manual progress) until all are done.
+/// The 64-byte region on the star's server that the initiators' atomics target.
+fn server_target(s: &Star) -> Result<fabric::MemoryRegion, CaseError> {
+    s.server
+        .domain
+        .alloc(64, Access::REMOTE | Access::LOCAL)
+        .ctx("target")
+}
+
 fn run_clients<T: Send>(
     s: Star,
     work: impl Fn(usize, &Node, &Endpoint) -> Result<T, CaseError> + Sync,
@@ -433,11 +441,7 @@ fn msg_four_initiators(ctx: &Ctx) -> CaseResult {
     need_u64(ctx, AtomicForm::Fetch, AtomicOp::Sum)?;
     let per = 1000u64;
     let s = star(ctx, 4)?;
-    let target = s
-        .server
-        .domain
-        .alloc(64, Access::REMOTE | Access::LOCAL)
-        .ctx("target")?;
+    let target = server_target(&s)?;
     target.write_at(8, &7u64.to_ne_bytes()).ctx("init")?;
     let remote = target.remote().iov(8, 8);
     let t = ctx.timeout();
@@ -460,11 +464,7 @@ fn msg_cswap_contention(ctx: &Ctx) -> CaseResult {
     need_u64(ctx, AtomicForm::Compare, AtomicOp::Cswap)?;
     let per = 200u64;
     let s = star(ctx, 4)?;
-    let target = s
-        .server
-        .domain
-        .alloc(64, Access::REMOTE | Access::LOCAL)
-        .ctx("target")?;
+    let target = server_target(&s)?;
     let remote = target.remote().iov(16, 8);
     let t = ctx.timeout();
     let (wins, _server) = run_clients(s, |i, node, ep| {
@@ -523,11 +523,7 @@ fn msg_cpu_coherent(ctx: &Ctx) -> CaseResult {
     }
     let per = 1000u64;
     let s = star(ctx, 2)?;
-    let target = s
-        .server
-        .domain
-        .alloc(64, Access::REMOTE | Access::LOCAL)
-        .ctx("target")?;
+    let target = server_target(&s)?;
     let remote = target.remote().iov(24, 8);
     // SAFETY: offset 24 of a live page-aligned region is an aligned u64; everyone
     // touches it through atomic instructions only while the case runs.
