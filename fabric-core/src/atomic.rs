@@ -195,6 +195,32 @@ impl AtomicRequest {
     pub fn count(&self) -> usize {
         self.operand.len() / self.datatype.size()
     }
+
+    /// The checks of a provider that executes this as an RC atomic (InfiniBand
+    /// FETCH_ADD / CMP_SWAP: one 8-byte element at an 8-byte aligned remote address).
+    /// `native` says whether the provider executes (op, datatype, form) natively.
+    /// Errors name `provider`: not native or not one element is `Unsupported`; a
+    /// misaligned remote address is `InvalidArgument`, refused at the call so the
+    /// connection is unaffected (a device would send it and the target's NAK would
+    /// end the connection).
+    pub fn check_rc(&self, provider: &str, native: bool) -> Result<()> {
+        if !native || self.operand.len() != 8 {
+            return Err(Error::unsupported(format!(
+                "{provider}: {:?} on {:?} ({:?}, {} bytes) is not an RC atomic",
+                self.op,
+                self.datatype,
+                self.form,
+                self.operand.len()
+            )));
+        }
+        if !self.remote.addr.is_multiple_of(8) {
+            return Err(Error::invalid(format!(
+                "{provider}: the atomic's remote address {:#x} is not 8-byte aligned",
+                self.remote.addr
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// An atomic message for [`Endpoint::atomicmsg`], [`Endpoint::fetch_atomicmsg`] and

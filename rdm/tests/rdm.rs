@@ -460,26 +460,13 @@ fn atomics_every_op_and_type_with_access_checks() {
         b.ep.bind_mr(&target).unwrap();
         let remote = target.remote();
         let res = a.domain.alloc(64, Access::LOCAL).unwrap();
-        let types = [
-            Datatype::U32,
-            Datatype::U64,
-            Datatype::I32,
-            Datatype::I64,
-            Datatype::F32,
-            Datatype::F64,
-        ];
-        let ops = [
-            AtomicOp::Min,
-            AtomicOp::Max,
-            AtomicOp::Sum,
-            AtomicOp::Bor,
-            AtomicOp::Band,
-            AtomicOp::Bxor,
-            AtomicOp::Read,
-            AtomicOp::Write,
-        ];
+        // Every op but compare-swap (the compare form, checked elsewhere).
+        let ops: Vec<AtomicOp> = AtomicOp::ALL
+            .into_iter()
+            .filter(|&op| op != AtomicOp::Cswap)
+            .collect();
         let mut checked = 0;
-        for dt in types {
+        for dt in Datatype::ALL {
             let s = dt.size();
             let enc = |x: f64| -> Vec<u8> {
                 match dt {
@@ -492,7 +479,7 @@ fn atomics_every_op_and_type_with_access_checks() {
                     _ => unreachable!(),
                 }
             };
-            for op in ops {
+            for &op in &ops {
                 if atomic_valid(op, dt, AtomicForm::Fetch).is_none() {
                     continue;
                 }

@@ -30,14 +30,7 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
-const TYPES: [Datatype; 6] = [
-    Datatype::U32,
-    Datatype::U64,
-    Datatype::I32,
-    Datatype::I64,
-    Datatype::F32,
-    Datatype::F64,
-];
+const TYPES: [Datatype; 6] = Datatype::ALL;
 
 fn enc(dt: Datatype, x: f64) -> Vec<u8> {
     match dt {

@@ -1672,23 +1672,10 @@ impl fabric_core::provider::AtomicOps for VEp {
     }
 
     fn post_atomic(&self, req: fabric_core::AtomicRequest) -> Result<()> {
-        if self.valid(req.op, req.datatype, req.form).is_none() || req.operand.len() != 8 {
-            return Err(Error::unsupported(format!(
-                "verbs: {:?} on {:?} ({:?}, {} bytes) is not an RC atomic",
-                req.op,
-                req.datatype,
-                req.form,
-                req.operand.len()
-            )));
-        }
-        if !req.remote.addr.is_multiple_of(8) {
-            // As softroce: refused at the call, the connection is unaffected (a device
-            // would send it and the target would NAK it, ending the connection).
-            return Err(Error::invalid(format!(
-                "verbs: the atomic's remote address {:#x} is not 8-byte aligned",
-                req.remote.addr
-            )));
-        }
+        req.check_rc(
+            "verbs",
+            self.valid(req.op, req.datatype, req.form).is_some(),
+        )?;
         let rkey = u32::try_from(req.remote.key).unwrap_or(0);
         let ep = &self.inner;
         let st = ep.st.lock();

@@ -325,23 +325,11 @@ impl AtomicOps for SrEndpoint {
     }
 
     fn post_atomic(&self, req: AtomicRequest) -> Result<()> {
-        if native_atomic(req.op, req.datatype, req.form).is_none() || req.operand.len() != 8 {
-            return Err(Error::unsupported(format!(
-                "softroce: {:?} on {:?} ({:?}, {} bytes) is not an RC atomic",
-                req.op,
-                req.datatype,
-                req.form,
-                req.operand.len()
-            )));
-        }
-        if !req.remote.addr.is_multiple_of(8) {
-            // The RC core refuses to post it; verbs devices would send it and get the
-            // target's NAK. Refused here, at the call: the connection is unaffected.
-            return Err(Error::invalid(format!(
-                "softroce: the atomic's remote address {:#x} is not 8-byte aligned",
-                req.remote.addr
-            )));
-        }
+        // The RC core refuses to post a misaligned one: refused here, at the call.
+        req.check_rc(
+            "softroce",
+            native_atomic(req.op, req.datatype, req.form).is_some(),
+        )?;
         let ep = &self.inner;
         let (remote_va, key) = (req.remote.addr, rkey(req.remote.key));
         let op = match req.op {
