@@ -304,6 +304,23 @@ impl MemoryRegion {
         Ok(())
     }
 
+    /// Copies `len` bytes at `src_off` of `src` to `offset` of this region (the two
+    /// may be the same region; overlapping ranges copy as `memmove` does).
+    pub fn copy_from(
+        &self,
+        offset: usize,
+        src: &MemoryRegion,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        src.check_range(src_off, len)?;
+        // SAFETY: both ranges checked; both memories valid while the regions live;
+        // `copy` allows overlap.
+        unsafe { std::ptr::copy(src.as_ptr().add(src_off), self.as_ptr().add(offset), len) };
+        Ok(())
+    }
+
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<()> {
         self.check_range(offset, len)?;

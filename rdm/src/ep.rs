@@ -36,28 +36,37 @@
 //! A progress thread per endpoint reads the underlying event and completion queues.
 //! An application thread in [`RdmEndpoint::wait`], [`RdmEndpoint::read`] or
 //! [`RdmEndpoint::tpeek`] runs the same progress round itself when no one else is (one
-//! at a time, in order), which saves the hand-off through the thread. The thread stays
-//! away for 2 ms after any such call (taken or not: a thread that finds a round under
-//! way still counts; the calls are counted, not timed, and the thread notes when the
-//! count moves, so a busy poller reads no clock), so a busy poller is not left waiting
-//! behind the thread's sleeping rounds. A busy poller's round is a non-blocking completion-queue read; the
-//! event queue (the provider's full progress: connection manager, socket polls) is
-//! read every 500 µs, or every round while a connection forms or closes. While the
-//! application was active in the last 50 ms the thread's own rounds do not sleep on
-//! the queues (they would hold the progress lock). Measured with `examples/rdm-lat.rs`
-//! (busy-polled 8-byte ping-pong, RDM tagged against the MSG endpoint on the same
-//! provider, interleaved rounds, one-way medians; 2-core machine shared with other
-//! builds, load 8 to 16, so noisy): over tcp the RDM/MSG ratio was 1.02 to 1.10
-//! (median of 3 rounds, load 9-11) and 1.17 to 1.28 (medians of 5-7 rounds, load
-//! 8-16), down from 1.47 before this work (busy-polled; 1.1 to 1.5 with blocking
-//! waits); over softroce 1.5 to 1.8 in normal rounds (from 7 to 25), with some rounds
-//! under heavy load at 0.5 to 1 ms (4 packets per round trip, so no retransmission;
-//! not caused by this layer's progress thread: it happens with the thread idle).
-//! Later cuts (no clock read per poll or per message, the eager receive buffer reposted
-//! after the completion is visible, sends routed by address-vector index) brought tcp's
-//! ratio to a median of 1.13 (1.00-1.16 over five runs) against 1.21 (1.17-1.25) for
-//! the tree before, run alternately (BENCHMARKS.md).
+//! at a time, in order), which saves the hand-off through the thread; `read` collects
+//! what its own round completed under the same lock. The thread stays away while the
+//! application calls: it sleeps on a timer (a timerfd, `watchdog`) that the
+//! application's calls keep pushing ahead (a clock read every 16 calls, a rearm every
+//! half window), so a busy poller is never preempted by it; the timer fires, and the
+//! thread takes over, once no call has come for the window: a quarter of the idle
+//! timeout, between 2 and 8 ms (8 ms by default). The thread also wakes for
+//! housekeeping (idle and late connections, every 100 ms or half the idle timeout).
+//! A busy poller's round is a non-blocking completion-queue read (no lock when it
+//! finds nothing); the event queue (the provider's full progress: connection manager,
+//! socket polls) is read every 500 µs, or every round while a connection forms or
+//! closes. While the application was active in the last 50 ms the thread's own rounds
+//! do not sleep on the queues (they would hold the progress lock).
 //!
+//! Why a window of milliseconds and not less: on a virtual machine, a timer due before
+//! the next scheduler tick (4 ms at 250 Hz) is programmed into the CPU's timer, an exit
+//! to the hypervisor on the poller's core each time; a 2 ms window (rearmed every
+//! millisecond) gave an 8-byte ping-pong over tcp a p99 of 19-26 µs one-way against
+//! 12 µs with 8 ms, and the earlier design (the thread waking every 2 ms to look) 28-35
+//! µs (`examples/rdm-lat.rs` and `fabric-pingpong --self -e rdm`; BENCHMARKS.md).
+//!
+//! Measured over tcp (busy-polled 8-byte ping-pong, RDM tagged against the MSG
+//! endpoint, alternating runs on a 2-core virtual machine; BENCHMARKS.md): the
+//! RDM/MSG ratio of medians went 1.47 (first version) -> 1.21 -> 1.13 -> 1.08, the
+//! ratio of means (what fabric-compare reports) 1.25 -> 1.08, by cutting locked
+//! instructions and locks per message (the state lock once per received message, a
+//! lock-free "nothing to collect" answer, no clock read per poll, no allocation per
+//! receive, region-to-region copies, a plain hash for connection ids) and the thread's
+//! wake-ups. Over softroce the ratio is 1.5 to 1.8: its ping-pong is dominated by the
+//! provider's own progress.
+
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
 //! this endpoint's name; operations wait in a bounded per-peer backlog meanwhile.
@@ -90,7 +99,8 @@
 //! while dozens of closes happen.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,6 +115,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::atomic::{atomic_valid, execute, AtomicForm, AtomicOp, Datatype};
 use crate::av::{decode_name, encode_name, AddressVector, FiAddr};
 use crate::cntr::{CntrEvents, Counter};
+use crate::watchdog::Watchdog;
 use crate::wire::{
     Header, Op, F_DATA, F_TAGGED, HDR, ST_ACCESS, ST_FAILED, ST_INVALID, ST_OK, ST_TRUNCATED,
 };
@@ -351,8 +362,12 @@ struct Seg {
     len: usize,
 }
 
+/// A receive's ranges.
+type Segs = smallvec::SmallVec<[Seg; 2]>;
+
 struct Posted {
-    segs: Vec<Seg>,
+    /// Inline for up to two ranges (no allocation per posted receive).
+    segs: Segs,
     /// Bytes of all segments.
     len: usize,
     context: u64,
@@ -393,9 +408,29 @@ struct AtomicTx {
     done: Done,
 }
 
+/// Hashes the connection ids this endpoint assigns itself (dense small integers, not
+/// chosen by peers, so no flooding defence is needed): one multiplication instead of
+/// SipHash on every message's connection lookup.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct State {
-    conns: HashMap<u32, Conn>,
+    conns: HashMap<u32, Conn, BuildHasherDefault<IdHasher>>,
     /// Receive buffers of delivered eager messages, given back to the provider at the
     /// start of the next progress round ([`defer_repost`]).
     reposts: Vec<(u32, u32)>,
@@ -422,6 +457,8 @@ struct State {
     atomics: HashMap<u64, AtomicTx>,
     next_rid: u64,
     completions: VecDeque<RdmCompletion>,
+    /// `completions.len()`, readable without the lock (`Inner::ready` is the same).
+    ready: Arc<AtomicUsize>,
     atomic_mrs: HashMap<u64, MemoryRegion>,
     cntrs: Vec<(Counter, CntrEvents)>,
 }
@@ -445,14 +482,20 @@ struct Inner {
     /// a time, so a busy poller reads no clock; the progress thread notes when it
     /// changes.
     app_calls: AtomicU64,
-    /// Progress rounds, so a busy poller reads the clock for the event-queue interval
-    /// only every [`EQ_CLOCK_EVERY`] rounds.
-    rounds: AtomicU64,
+    /// How long the progress thread stays away after an application call
+    /// ([`app_active`]).
+    app_active: Duration,
+    /// The timer the progress thread sleeps on while the application polls, which the
+    /// application keeps postponing ([`touch`]).
+    watchdog: Watchdog,
     epoch: Instant,
     /// When progress last read the event queue ([`stamp`]).
     last_eq: AtomicU64,
     /// Some connection forms or closes ([`refresh_cm_busy`]).
     cm_busy: AtomicBool,
+    /// How many completions wait in `State::completions` (kept by the holder of the
+    /// state lock), so a poller with nothing to collect takes no lock.
+    ready: Arc<AtomicUsize>,
     /// `State::reposts` is not empty.
     reposts_pending: AtomicBool,
     /// Peers' atomics executed by this layer ([`RdmEndpoint::atomics_executed`]).
@@ -539,6 +582,7 @@ impl State {
             }
         }
         self.completions.push_back(c);
+        self.ready.store(self.completions.len(), Ordering::Release);
     }
 
     fn finish(&mut self, d: Done, status: std::result::Result<(), CqError>) {
@@ -575,6 +619,7 @@ impl std::fmt::Debug for RdmEndpoint {
 impl Drop for RdmEndpoint {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
+        self.inner.watchdog.fire(stamp(&self.inner));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -612,6 +657,8 @@ impl RdmEndpoint {
         let pep = fabric.passive_endpoint(&msg, &eq)?;
         pep.listen()?;
         let name = encode_name(&pep.local_addr()?)?;
+        let st = State::default();
+        let ready = st.ready.clone();
         let inner = Arc::new(Inner {
             domain: domain.clone(),
             info: msg,
@@ -621,12 +668,14 @@ impl RdmEndpoint {
             name,
             av: av.clone(),
             attr,
-            st: Mutex::new(State::default()),
+            st: Mutex::new(st),
+            ready,
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             progress: Mutex::new(Vec::with_capacity(64)),
             app_calls: AtomicU64::new(0),
-            rounds: AtomicU64::new(0),
+            app_active: app_active(attr.idle_timeout),
+            watchdog: Watchdog::new(),
             epoch: Instant::now(),
             last_eq: AtomicU64::new(0),
             cm_busy: AtomicBool::new(false),
@@ -1015,9 +1064,9 @@ impl RdmEndpoint {
         // polling with peek sees messages arrive without another thread's help. A
         // message still on the wire is not found (None, libfabric's FI_ENOMSG): peek
         // again.
-        touch(inner);
+        let now = touch(inner);
         if let Some(mut batch) = inner.progress.try_lock() {
-            progress_once(inner, &mut batch, Duration::ZERO);
+            progress_once(inner, &mut batch, Duration::ZERO, now);
         }
         let mut st = inner.st.lock();
         let Some(i) = st
@@ -1401,13 +1450,22 @@ impl RdmEndpoint {
 
     /// Moves up to `max` completions into `out` without blocking; returns how many.
     pub fn read(&self, out: &mut Vec<RdmCompletion>, max: usize) -> usize {
-        touch(&self.inner);
-        if let Some(mut batch) = self.inner.progress.try_lock() {
-            progress_once(&self.inner, &mut batch, Duration::ZERO);
+        let inner = &*self.inner;
+        let now = touch(inner);
+        if let Some(mut batch) = inner.progress.try_lock() {
+            let n = progress_take(inner, &mut batch, Duration::ZERO, now, Some((out, max)));
+            if n > 0 {
+                return n;
+            }
         }
-        let mut st = self.inner.st.lock();
+        // Nothing to hand out (the usual answer to a busy poller): no lock taken.
+        if inner.ready.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let mut st = inner.st.lock();
         let n = max.min(st.completions.len());
         out.extend(st.completions.drain(..n));
+        inner.ready.store(st.completions.len(), Ordering::Release);
         n
     }
 
@@ -1418,10 +1476,11 @@ impl RdmEndpoint {
         let deadline = Instant::now() + timeout;
         loop {
             let now = Instant::now();
-            touch(inner);
+            let stamp_now = touch(inner);
             {
                 let mut st = inner.st.lock();
                 if let Some(c) = st.completions.pop_front() {
+                    inner.ready.store(st.completions.len(), Ordering::Release);
                     return Ok(c);
                 }
                 if now >= deadline {
@@ -1442,7 +1501,7 @@ impl RdmEndpoint {
             // Drive progress here: no hand-off through the progress thread.
             if let Some(mut batch) = inner.progress.try_lock() {
                 let slice = (deadline - now).min(Duration::from_millis(1));
-                progress_once(inner, &mut batch, slice);
+                progress_once(inner, &mut batch, slice, stamp_now);
             }
         }
     }
@@ -1463,7 +1522,7 @@ pub const IOV_LIMIT: usize = 8;
 const RNDV_ENTRY: usize = 24;
 
 /// Checks a receive's ranges and takes hold of them.
-fn recv_segs(inner: &Inner, iov: &[LocalIov<'_>], what: &str) -> Result<Vec<Seg>> {
+fn recv_segs(inner: &Inner, iov: &[LocalIov<'_>], what: &str) -> Result<Segs> {
     let limit = IOV_LIMIT.min(inner.info.limits.iov_limit.max(1));
     if iov.is_empty() || iov.len() > limit {
         return Err(Error::invalid(format!(
@@ -1481,25 +1540,6 @@ fn recv_segs(inner: &Inner, iov: &[LocalIov<'_>], what: &str) -> Result<Vec<Seg>
             })
         })
         .collect()
-}
-
-/// Copies `len` bytes from one region to another through a stack buffer.
-fn copy_mr(
-    src: &MemoryRegion,
-    src_off: usize,
-    dst: &MemoryRegion,
-    dst_off: usize,
-    len: usize,
-) -> Result<()> {
-    let mut buf = [0u8; 2048];
-    let mut at = 0;
-    while at < len {
-        let k = (len - at).min(buf.len());
-        src.read_at(src_off + at, &mut buf[..k])?;
-        dst.write_at(dst_off + at, &buf[..k])?;
-        at += k;
-    }
-    Ok(())
 }
 
 /// The bytes of a send's ranges, for a message that must wait in the backlog.
@@ -1522,7 +1562,7 @@ fn scatter(src: &MemoryRegion, src_off: usize, segs: &[Seg], n: usize) -> Result
             break;
         }
         let k = s.len.min(left);
-        copy_mr(src, at, &s.mr, s.offset, k)?;
+        s.mr.copy_from(s.offset, src, at, k)?;
         at += k;
         left -= k;
     }
@@ -1573,7 +1613,7 @@ fn send_now(
         if r.is_err() {
             break;
         }
-        r = copy_mr(v.mr, v.offset, &conn.tx, at, v.len);
+        r = conn.tx.copy_from(at, v.mr, v.offset, v.len);
         at += v.len;
         len += v.len;
     }
@@ -1910,7 +1950,10 @@ fn defer_repost(inner: &Inner, st: &mut State, c: u32, slot: u32) {
 
 /// Reposts what [`defer_repost`] put aside.
 fn flush_reposts(inner: &Inner) {
-    if !inner.reposts_pending.swap(false, Ordering::Acquire) {
+    // A load first: the usual answer is no, and a swap is a locked instruction.
+    if !inner.reposts_pending.load(Ordering::Relaxed)
+        || !inner.reposts_pending.swap(false, Ordering::Acquire)
+    {
         return;
     }
     let mut st = inner.st.lock();
@@ -2927,7 +2970,21 @@ fn retry_blocked(inner: &Inner, st: &mut State) {
 /// (waiting up to `timeout` for the first). Whoever holds `inner.progress` may run it:
 /// the progress thread, or an application thread in [`RdmEndpoint::wait`] /
 /// [`RdmEndpoint::read`], which then skips the hand-off through the thread.
-fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) {
+fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration, now: Option<u64>) {
+    progress_take(inner, batch, timeout, now, None);
+}
+
+/// [`progress_once`], and when the round handled something and `take` is given, up to
+/// `take.1` completions moved into `take.0` under the same lock (a busy poller's
+/// [`RdmEndpoint::read`] then takes the state lock once per message, not twice).
+/// Returns how many were taken.
+fn progress_take(
+    inner: &Inner,
+    batch: &mut Vec<Completion>,
+    timeout: Duration,
+    now: Option<u64>,
+    take: Option<(&mut Vec<RdmCompletion>, usize)>,
+) -> usize {
     flush_reposts(inner);
     let mut any = false;
     // An event-queue read is the provider's full progress (connection manager, socket
@@ -2935,16 +2992,18 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
     // sleep; otherwise once per EQ_EVERY, so a busy poller pays for the cheap
     // completion-queue read only (a full progress call also sends the acknowledgements
     // a provider holds back for the application's answer, and waits for its locks).
-    // The clock is read only every EQ_CLOCK_EVERY rounds of a busy poller (a clock
-    // read costs as much as the rest of an idle round on some virtual machines).
-    let round = inner.rounds.fetch_add(1, Ordering::Relaxed);
+    // `now` is the clock if the caller read it: a busy poller reads it once per
+    // Watchdog::CHECK_EVERY calls ([`touch`]; a clock read costs as much as the rest
+    // of an idle round on some virtual machines).
     let eq_due = !timeout.is_zero()
         || inner.cm_busy.load(Ordering::Relaxed)
-        || (round.is_multiple_of(EQ_CLOCK_EVERY)
-            && stamp(inner).saturating_sub(inner.last_eq.load(Ordering::Relaxed))
-                >= EQ_EVERY.as_nanos() as u64);
+        || now.is_some_and(|t| {
+            t.saturating_sub(inner.last_eq.load(Ordering::Relaxed)) >= EQ_EVERY.as_nanos() as u64
+        });
     if eq_due {
-        inner.last_eq.store(stamp(inner), Ordering::Relaxed);
+        inner
+            .last_eq
+            .store(now.unwrap_or_else(|| stamp(inner)), Ordering::Relaxed);
     }
     for _ in 0..if eq_due { 64 } else { 0 } {
         match inner.eq.read() {
@@ -2978,18 +3037,25 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration) 
         tracing::warn!("rdm: completion queue: {e}");
         std::thread::sleep(Duration::from_millis(1));
     }
+    let mut taken = 0;
     if !batch.is_empty() || any {
         let mut st = inner.st.lock();
         for c in batch.drain(..) {
             on_completion(inner, &mut st, c);
         }
         retry_blocked(inner, &mut st);
+        if let Some((out, max)) = take {
+            taken = max.min(st.completions.len());
+            out.extend(st.completions.drain(..taken));
+            inner.ready.store(st.completions.len(), Ordering::Release);
+        }
         let wake = !st.completions.is_empty();
         drop(st);
         if wake {
             inner.cv.notify_all();
         }
     }
+    taken
 }
 
 /// Handles every completion the queue holds now (bounded: 64 reads of 64).
@@ -3016,9 +3082,6 @@ const ROUTE_MAX: usize = 1 << 16;
 /// closes.
 const EQ_EVERY: Duration = Duration::from_micros(500);
 
-/// A busy poller's rounds look at the clock (for [`EQ_EVERY`]) once per this many.
-const EQ_CLOCK_EVERY: u64 = 16;
-
 /// Whether some connection waits for a connection-manager event (forming or closing):
 /// progress then reads the event queue every round.
 fn refresh_cm_busy(inner: &Inner, st: &State) {
@@ -3039,8 +3102,22 @@ fn stamp(inner: &Inner) -> u64 {
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
 /// How long after an application thread's last read, wait or peek the progress thread
-/// leaves progress to the application.
-const APP_ACTIVE: Duration = Duration::from_millis(2);
+/// leaves progress to the application ([`app_active`]): a quarter of the idle timeout,
+/// within these bounds.
+const APP_ACTIVE_MIN: Duration = Duration::from_millis(2);
+const APP_ACTIVE_MAX: Duration = Duration::from_millis(8);
+
+/// The window for an idle timeout: long enough that the application keeps the
+/// thread's timer ahead rarely (every half window; a timer due before the next
+/// scheduler tick, 4 ms on a 250 Hz kernel, makes the kernel reprogram the CPU's timer
+/// each time, which on a virtual machine is an exit to the hypervisor on the poller's
+/// core), short enough that the idle-close handshake still runs between an
+/// intermittent poller's calls.
+fn app_active(idle_timeout: Option<Duration>) -> Duration {
+    idle_timeout.map_or(APP_ACTIVE_MAX, |t| {
+        (t / 4).clamp(APP_ACTIVE_MIN, APP_ACTIVE_MAX)
+    })
+}
 
 /// After this long without an application thread in read, wait or peek, the progress
 /// thread's rounds may sleep on the queues (holding the progress lock while they do).
@@ -3048,9 +3125,23 @@ const APP_RECENT: Duration = Duration::from_millis(50);
 
 /// Notes that an application thread is polling or waiting now (whether or not it gets
 /// the progress lock: one that finds the thread's round under way must still keep the
-/// thread away from the next one).
-fn touch(inner: &Inner) {
-    inner.app_calls.fetch_add(1, Ordering::Relaxed);
+/// thread away from the next one). Every [`Watchdog::CHECK_EVERY`] calls it reads the
+/// clock and keeps the progress thread's timer ahead, so the thread sleeps for as long
+/// as the application polls.
+/// Returns the clock when this call read it (for [`progress_once`]'s event-queue
+/// interval).
+fn touch(inner: &Inner) -> Option<u64> {
+    // Not an atomic increment (a locked instruction per poll): two application
+    // threads racing may count one call, which still says "the application is here".
+    let n = inner.app_calls.load(Ordering::Relaxed).wrapping_add(1);
+    inner.app_calls.store(n, Ordering::Relaxed);
+    if n.is_multiple_of(Watchdog::CHECK_EVERY) {
+        let now = stamp(inner);
+        inner.watchdog.postpone(now, inner.app_active);
+        Some(now)
+    } else {
+        None
+    }
 }
 
 fn progress_loop(inner: &Inner) {
@@ -3058,38 +3149,51 @@ fn progress_loop(inner: &Inner) {
     let house_every = inner.attr.idle_timeout.map_or(HOUSEKEEPING, |t| {
         (t / 2).clamp(Duration::from_millis(1), HOUSEKEEPING)
     });
-    // The application's call counter as last seen, and when it was last seen to move
-    // (so "the application was here" is known to within one of this thread's sleeps).
+    // The application's call counter as last seen, and when the application was last
+    // known to be here ([`stamp`]; None: not yet).
     let mut seen_calls = inner.app_calls.load(Ordering::Relaxed);
-    let mut app_seen: Option<Instant> = None;
+    let mut app_seen: Option<u64> = None;
+    let active = inner.app_active.as_nanos() as u64;
     while !inner.stop.load(Ordering::Acquire) {
         // While the application drives progress itself (a thread read, waited or
-        // peeked within the last APP_ACTIVE), stay out of its way: a round of this
+        // peeked within the last app_active), stay out of its way: a round of this
         // thread holds the progress lock while it sleeps on the queue, and a busy
         // poller that cannot take the lock would only see what this thread hands it
         // (the cost of a wake-up per message). Otherwise drive progress.
+        let now = stamp(inner);
         let calls = inner.app_calls.load(Ordering::Relaxed);
-        if calls != seen_calls {
+        let moved = calls.wrapping_sub(seen_calls);
+        if moved > 0 {
             seen_calls = calls;
-            app_seen = Some(Instant::now());
+            // Calls that read the clock say when they were made (at most
+            // CHECK_EVERY - 1 calls since); after fewer calls, assume now.
+            app_seen = Some(if moved >= Watchdog::CHECK_EVERY {
+                inner.watchdog.app_last()
+            } else {
+                now
+            });
         }
-        let since = app_seen.map_or(u64::MAX, |t| t.elapsed().as_nanos() as u64);
-        let active = APP_ACTIVE.as_nanos() as u64;
+        let since = app_seen.map_or(u64::MAX, |t| now.saturating_sub(t));
         if since < active {
-            // Look again when the window ends (a wake-up per window, not per message:
-            // on a small machine each wake-up can preempt a busy poller).
-            let left = Duration::from_nanos(active - since).max(Duration::from_micros(100));
-            std::thread::sleep(left.min(house_every));
+            // Sleep until the application has been away for app_active: on the timer
+            // the application keeps postponing while it polls, so a busy poller is
+            // never preempted by this thread (on a small machine each wake-up can
+            // take a poller's core). Housekeeping still runs every house_every.
+            let until = app_seen.unwrap_or(now) + active;
+            inner.watchdog.arm_at_least(now, until);
+            let left =
+                Duration::from_millis(1).max(house_every.saturating_sub(last_house.elapsed()));
+            inner.watchdog.wait(now, left);
         } else if since < APP_RECENT.as_nanos() as u64 {
             // The application was here lately and may be back any moment (on a loaded
             // machine a busy poller is off its core for milliseconds): rounds that do
             // not sleep holding the progress lock, short sleeps between them.
             if let Some(mut batch) = inner.progress.try_lock() {
-                progress_once(inner, &mut batch, Duration::ZERO);
+                progress_once(inner, &mut batch, Duration::ZERO, Some(now));
             }
             std::thread::sleep(Duration::from_micros(100));
         } else if let Some(mut batch) = inner.progress.try_lock() {
-            progress_once(inner, &mut batch, Duration::from_millis(1));
+            progress_once(inner, &mut batch, Duration::from_millis(1), Some(now));
         } else {
             std::thread::sleep(Duration::from_micros(200));
         }

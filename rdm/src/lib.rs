@@ -81,6 +81,7 @@ pub mod atomic;
 pub mod av;
 pub mod cntr;
 pub mod ep;
+mod watchdog;
 mod wire;
 
 pub use atomic::{atomic_valid, AtomicForm, AtomicOp, Datatype, MAX_ATOMIC_COUNT};

@@ -268,25 +268,44 @@ fn run(a: &Args) -> Result<(), String> {
     };
     let mut series = Vec::new();
     let load_before = loadavg();
+    // Beside tcp's MSG row: the ratio the RDM layer costs. Its runs alternate with the
+    // MSG row's, so both rows see the same machine (on a small, shared machine the
+    // latency floor moves by tens of percent between minutes).
+    let mut rdm_series = rdm.then(|| {
+        Series::new(
+            RDM_LABEL,
+            Kind::Rdm,
+            "busy-poll, manual progress + the layer's thread",
+            Some("tcp"),
+        )
+    });
+    let mut rdm_runs = Vec::new();
 
     for p in &providers {
         let (lim, _) = limit_of(p);
         let mut s = Series::new(p, Kind::Provider, "busy-poll, manual progress", Some(lim));
         let mut runs = Vec::new();
+        let opts = pingpong::Options {
+            sizes: sizes.clone(),
+            iterations: iter_override,
+            warmup,
+            mode: Mode::Poll,
+            // Measured as fi_pingpong measures (it checks nothing by default);
+            // fabric-pingpong --self is where the data is checked.
+            verify: false,
+        };
         for r in 0..repeat {
             prog.say(&format!("{p}: ping-pong run {}/{repeat}", r + 1));
-            let opts = pingpong::Options {
-                sizes: sizes.clone(),
-                iterations: iter_override,
-                warmup,
-                mode: Mode::Poll,
-                // Measured as fi_pingpong measures (it checks nothing by default);
-                // fabric-pingpong --self is where the data is checked.
-                verify: false,
-            };
             match pingpong::run_self(p, &a.addr, &opts) {
                 Ok(v) => runs.push(v),
                 Err(e) => s.errors.push(format!("ping-pong: {e}")),
+            }
+            if let (Some(rs), "tcp") = (rdm_series.as_mut(), p.as_str()) {
+                prog.say(&format!("{RDM_LABEL}: ping-pong run {}/{repeat}", r + 1));
+                match rdmpp::run_self("tcp", &a.addr, true, &opts) {
+                    Ok(v) => rdm_runs.push(v),
+                    Err(e) => rs.errors.push(format!("RDM ping-pong: {e}")),
+                }
             }
         }
         s.add_runs(&runs);
@@ -319,30 +338,8 @@ fn run(a: &Args) -> Result<(), String> {
         series.push(s);
     }
 
-    if rdm {
-        // Beside the MSG endpoints' row: the ratio the RDM layer costs.
-        let mut s = Series::new(
-            RDM_LABEL,
-            Kind::Rdm,
-            "busy-poll, manual progress + the layer's thread",
-            Some("tcp"),
-        );
-        let mut runs = Vec::new();
-        for r in 0..repeat {
-            prog.say(&format!("{RDM_LABEL}: ping-pong run {}/{repeat}", r + 1));
-            let opts = pingpong::Options {
-                sizes: sizes.clone(),
-                iterations: iter_override,
-                warmup,
-                mode: Mode::Poll,
-                verify: false,
-            };
-            match rdmpp::run_self("tcp", &a.addr, true, &opts) {
-                Ok(v) => runs.push(v),
-                Err(e) => s.errors.push(format!("RDM ping-pong: {e}")),
-            }
-        }
-        s.add_runs(&runs);
+    if let Some(mut s) = rdm_series {
+        s.add_runs(&rdm_runs);
         series.push(s);
     }
 

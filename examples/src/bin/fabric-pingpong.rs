@@ -20,7 +20,7 @@ struct Args {
     /// Sizes: comma list (8,4k,1M) or 'all' (powers of two to 1 MiB).
     #[arg(short = 'S', long, default_value = "all")]
     sizes: String,
-    /// Iterations per size (default: by size, 200 to 10,000).
+    /// Iterations per size (default: by size, 200 to 50,000).
     #[arg(short = 'I', long)]
     iterations: Option<usize>,
     /// Untimed warm-up iterations per size.
