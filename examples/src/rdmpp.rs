@@ -131,22 +131,7 @@ impl RdmSide {
     fn next_any(&self, mode: Mode) -> ToolResult<RdmCompletion> {
         match mode {
             Mode::Sleep => self.ep.wait(OP_TIMEOUT).map_err(ctx("waiting")),
-            Mode::Poll => {
-                let deadline = Instant::now() + OP_TIMEOUT;
-                let mut v = Vec::with_capacity(1);
-                let mut spins = 0u32;
-                loop {
-                    if self.ep.read(&mut v, 1) > 0 {
-                        if let Some(c) = v.pop() {
-                            return Ok(c);
-                        }
-                    }
-                    spins = spins.wrapping_add(1);
-                    if spins.is_multiple_of(1024) && Instant::now() >= deadline {
-                        return Err(format!("no completion within {OP_TIMEOUT:?}"));
-                    }
-                }
-            }
+            Mode::Poll => self.ep.poll_wait(OP_TIMEOUT).map_err(ctx("polling")),
         }
     }
 

@@ -1072,7 +1072,7 @@ impl RdmEndpoint {
         let Some(i) = st
             .unexp_tag
             .iter()
-            .position(|u| matches_spec(src.as_deref(), true, tag, ignore, u))
+            .position(|u| matches_spec(src.as_deref(), true, tag, ignore, &u.peer, u.hdr.tag))
         else {
             return Ok(None);
         };
@@ -1450,10 +1450,52 @@ impl RdmEndpoint {
 
     /// Moves up to `max` completions into `out` without blocking; returns how many.
     pub fn read(&self, out: &mut Vec<RdmCompletion>, max: usize) -> usize {
+        self.collect(&mut |q: &mut VecDeque<RdmCompletion>| {
+            let n = max.min(q.len());
+            out.extend(q.drain(..n));
+            n
+        })
+    }
+
+    /// The next completion if there is one, without blocking (no allocation: the
+    /// busy poller's call, as [`CompletionQueue::read_one`] is for MSG endpoints).
+    pub fn read_one(&self) -> Option<RdmCompletion> {
+        let mut one = None;
+        self.collect(&mut |q: &mut VecDeque<RdmCompletion>| {
+            one = q.pop_front();
+            usize::from(one.is_some())
+        });
+        one
+    }
+
+    /// Busy-polls [`read_one`](Self::read_one) for up to `timeout` (the clock read
+    /// every 1,024 empty polls); [`ErrorKind::TimedOut`] if nothing comes.
+    pub fn poll_wait(&self, timeout: Duration) -> Result<RdmCompletion> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if let Some(c) = self.read_one() {
+                return Ok(c);
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("rdm: no completion within {timeout:?}"),
+                ));
+            }
+        }
+    }
+
+    /// A non-blocking progress round (if no one else runs one), then `take` applied to
+    /// the completions under the state lock (the round's own lock when it completed
+    /// something; no lock at all when there is nothing to take). Returns what `take`
+    /// says it took.
+    fn collect(&self, take: &mut Take<'_>) -> usize {
         let inner = &*self.inner;
         let now = touch(inner);
         if let Some(mut batch) = inner.progress.try_lock() {
-            let n = progress_take(inner, &mut batch, Duration::ZERO, now, Some((out, max)));
+            let n = progress_take(inner, &mut batch, Duration::ZERO, now, Some(&mut *take));
             if n > 0 {
                 return n;
             }
@@ -1463,8 +1505,7 @@ impl RdmEndpoint {
             return 0;
         }
         let mut st = inner.st.lock();
-        let n = max.min(st.completions.len());
-        out.extend(st.completions.drain(..n));
+        let n = take(&mut st.completions);
         inner.ready.store(st.completions.len(), Ordering::Release);
         n
     }
@@ -1508,11 +1549,27 @@ impl RdmEndpoint {
 }
 
 fn matches(p: &Posted, u: &Unexpected) -> bool {
-    matches_spec(p.src.as_deref(), p.tagged, p.tag, p.ignore, u)
+    matches_spec(
+        p.src.as_deref(),
+        p.tagged,
+        p.tag,
+        p.ignore,
+        &u.peer,
+        u.hdr.tag,
+    )
 }
 
-fn matches_spec(src: Option<&[u8]>, tagged: bool, tag: u64, ignore: u64, u: &Unexpected) -> bool {
-    src.is_none_or(|s| s == &*u.peer) && (!tagged || (u.hdr.tag & !ignore) == (tag & !ignore))
+/// Whether a message from `peer` with tag `msg_tag` matches a receive for `src` (any
+/// if None) and, if `tagged`, `tag` under `ignore`.
+fn matches_spec(
+    src: Option<&[u8]>,
+    tagged: bool,
+    tag: u64,
+    ignore: u64,
+    peer: &[u8],
+    msg_tag: u64,
+) -> bool {
+    src.is_none_or(|s| s == peer) && (!tagged || (msg_tag & !ignore) == (tag & !ignore))
 }
 
 /// Most ranges of one send or receive (`sendv_to`, `tsendv`, `recvv`, `trecvv`).
@@ -1982,6 +2039,54 @@ fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
     );
 }
 
+/// Copies an eager message (connection `c`, receive buffer `slot`) into a matched
+/// receive and completes it; `src` is the sender's handle when the caller has it.
+fn eager_into(
+    inner: &Inner,
+    st: &mut State,
+    p: Posted,
+    c: u32,
+    slot: u32,
+    hdr: &Header,
+    src: Option<Option<FiAddr>>,
+) {
+    let src = match src {
+        Some(s) => s,
+        None => src_of(inner, st, c, &[]),
+    };
+    let Some(conn) = st.conns.get(&c) else {
+        return;
+    };
+    let msg_len = hdr.len as usize;
+    let n = msg_len.min(p.len);
+    let off = slot_off(conn, slot) + HDR;
+    let status = match scatter(&conn.rx, off, &p.segs, n) {
+        Err(e) => Err(cq_err(CqErrorKind::LocalProtection, e.to_string())),
+        Ok(()) if msg_len > p.len => Err(cq_err(
+            CqErrorKind::Truncated,
+            format!("a message of {msg_len} bytes into a buffer of {}", p.len),
+        )),
+        Ok(()) => Ok(()),
+    };
+    st.complete(
+        RdmCompletion {
+            context: p.context,
+            kind: if p.tagged {
+                OpKind::TaggedRecv
+            } else {
+                OpKind::Recv
+            },
+            len: n,
+            tag: hdr.tag,
+            data: (hdr.flags & F_DATA != 0).then_some(hdr.data),
+            src,
+            status,
+        },
+        CntrEvents::RECV,
+    );
+    defer_repost(inner, st, c, slot);
+}
+
 /// Hands an unexpected (or just arrived) message to a matched receive.
 fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
     let key = st_next_rid(&mut st.next_rid);
@@ -2000,30 +2105,7 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
     let n = msg_len.min(p.len);
     let truncated = msg_len > p.len;
     match u.hdr.op {
-        Op::Eager => {
-            let off = slot_off(conn, u.slot) + HDR;
-            let status = match scatter(&conn.rx, off, &p.segs, n) {
-                Err(e) => Err(cq_err(CqErrorKind::LocalProtection, e.to_string())),
-                Ok(()) if truncated => Err(cq_err(
-                    CqErrorKind::Truncated,
-                    format!("a message of {msg_len} bytes into a buffer of {}", p.len),
-                )),
-                Ok(()) => Ok(()),
-            };
-            st.complete(
-                RdmCompletion {
-                    context: p.context,
-                    kind,
-                    len: n,
-                    tag: u.hdr.tag,
-                    data,
-                    src,
-                    status,
-                },
-                CntrEvents::RECV,
-            );
-            defer_repost(inner, st, u.conn, u.slot);
-        }
+        Op::Eager => eager_into(inner, st, p, u.conn, u.slot, &u.hdr, Some(src)),
         Op::Rts => {
             let rid = u.hdr.rid;
             let started = if n == 0 {
@@ -2161,7 +2243,6 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
     };
     conn.activity = conn.activity.wrapping_add(1);
     let off = slot_off(conn, slot);
-    let peer = conn.peer.clone();
     let mut hb = [0u8; HDR];
     let parsed = conn
         .rx
@@ -2200,7 +2281,7 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
             return;
         }
         Op::WriteData => {
-            let src = src_of(inner, st, c, &peer);
+            let src = src_of(inner, st, c, &[]);
             st.complete(
                 RdmCompletion {
                     context: 0,
@@ -2216,24 +2297,57 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
             repost(inner, st, c, slot, true);
         }
         Op::Eager | Op::Rts => {
-            let u = Unexpected {
-                conn: c,
-                slot,
-                hdr,
-                peer,
+            // Matched with the connection's name borrowed: an expected eager message
+            // (the usual case) takes no reference on it.
+            let tagged = hdr.flags & F_TAGGED != 0;
+            let Some(conn) = st.conns.get(&c) else {
+                return;
             };
-            let q = if hdr.flags & F_TAGGED != 0 {
+            let q = if tagged {
                 &mut st.posted_tag
             } else {
                 &mut st.posted_msg
             };
-            if let Some(i) = q.iter().position(|p| matches(p, &u)) {
-                let p = q.remove(i).expect("index from position");
+            let found = q
+                .iter()
+                .position(|p| {
+                    matches_spec(
+                        p.src.as_deref(),
+                        p.tagged,
+                        p.tag,
+                        p.ignore,
+                        &conn.peer,
+                        hdr.tag,
+                    )
+                })
+                .and_then(|i| q.remove(i));
+            let found = match found {
+                Some(p) if hdr.op == Op::Eager => {
+                    eager_into(inner, st, p, c, slot, &hdr, None);
+                    flush(inner, st, c);
+                    return;
+                }
+                other => other,
+            };
+            let peer = conn.peer.clone();
+            if let Some(p) = found {
+                let u = Unexpected {
+                    conn: c,
+                    slot,
+                    hdr,
+                    peer,
+                };
                 if let Some(conn) = st.conns.get_mut(&c) {
                     conn.held += 1;
                 }
                 deliver(inner, st, p, u);
             } else {
+                let u = Unexpected {
+                    conn: c,
+                    slot,
+                    hdr,
+                    peer,
+                };
                 if let Some(conn) = st.conns.get_mut(&c) {
                     conn.held += 1;
                 }
@@ -2974,16 +3088,20 @@ fn progress_once(inner: &Inner, batch: &mut Vec<Completion>, timeout: Duration, 
     progress_take(inner, batch, timeout, now, None);
 }
 
-/// [`progress_once`], and when the round handled something and `take` is given, up to
-/// `take.1` completions moved into `take.0` under the same lock (a busy poller's
+/// What a reader does with the completions under the state lock: takes some, says how
+/// many.
+type Take<'a> = dyn FnMut(&mut VecDeque<RdmCompletion>) -> usize + 'a;
+
+/// [`progress_once`], and when the round handled something and `take` is given,
+/// `take` applied to the completions under the same lock (a busy poller's
 /// [`RdmEndpoint::read`] then takes the state lock once per message, not twice).
-/// Returns how many were taken.
+/// Returns what `take` took.
 fn progress_take(
     inner: &Inner,
     batch: &mut Vec<Completion>,
     timeout: Duration,
     now: Option<u64>,
-    take: Option<(&mut Vec<RdmCompletion>, usize)>,
+    take: Option<&mut Take<'_>>,
 ) -> usize {
     flush_reposts(inner);
     let mut any = false;
@@ -3044,9 +3162,8 @@ fn progress_take(
             on_completion(inner, &mut st, c);
         }
         retry_blocked(inner, &mut st);
-        if let Some((out, max)) = take {
-            taken = max.min(st.completions.len());
-            out.extend(st.completions.drain(..taken));
+        if let Some(take) = take {
+            taken = take(&mut st.completions);
             inner.ready.store(st.completions.len(), Ordering::Release);
         }
         let wake = !st.completions.is_empty();

@@ -194,6 +194,67 @@ fn send_recv_source_directed_and_data() {
     });
 }
 
+/// `read_one` and `poll_wait` (the busy poller's calls): nothing to read is None and a
+/// timeout, not a block; expected and unexpected eager messages (the receive path that
+/// matches with the connection's name borrowed, and the queued one) complete with the
+/// right context, tag, source, data, length and bytes; a truncated eager message is an
+/// error completion through the same path.
+#[test]
+fn read_one_and_poll_wait_deliver_expected_and_unexpected() {
+    for_each_provider(|p| {
+        let w = world(p, 2, RdmAttr::default());
+        let (a, b) = (&w[0], &w[1]);
+        assert!(
+            b.ep.read_one().is_none(),
+            "{p}: nothing posted, nothing read"
+        );
+        let e = b.ep.poll_wait(Duration::from_millis(20)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{p}");
+        let rb = b.domain.alloc(256, Access::LOCAL).unwrap();
+        let ma = a.domain.alloc(256, Access::LOCAL).unwrap();
+        ma.write_at(0, &pattern(200, 3)).unwrap();
+        // Expected: the receive is posted before the message leaves.
+        b.ep.trecv(rb.iov(0, 100), Some(b.to[0]), 0x77, 0, 1)
+            .unwrap();
+        a.ep.tsenddata(ma.iov(0, 40), 0xfeed, a.to[1], 0x77, 2)
+            .unwrap();
+        let sent = a.ep.poll_wait(T).unwrap();
+        assert_eq!(
+            (sent.context, sent.kind, sent.len),
+            (2, OpKind::TaggedSend, 40)
+        );
+        let got = b.ep.poll_wait(T).unwrap();
+        assert!(got.status.is_ok(), "{p}: {got:?}");
+        assert_eq!(
+            (got.context, got.kind, got.len, got.tag, got.src, got.data),
+            (1, OpKind::TaggedRecv, 40, 0x77, Some(b.to[0]), Some(0xfeed)),
+            "{p}"
+        );
+        assert_eq!(rb.to_vec(0, 40).unwrap(), pattern(200, 3)[..40], "{p}");
+        // Unexpected: the message arrives (peeked) before its receive is posted.
+        a.ep.tsend(ma.iov(40, 60), a.to[1], 0x78, 3).unwrap();
+        a.ep.poll_wait(T).unwrap();
+        peek_until(&b.ep, 0x78, PeekMode::Peek);
+        b.ep.trecv(rb.iov(100, 100), None, 0x78, 0, 4).unwrap();
+        let got = b.ep.poll_wait(T).unwrap();
+        assert_eq!(
+            (got.context, got.len, got.tag, got.src, got.data),
+            (4, 60, 0x78, Some(b.to[0]), None),
+            "{p}"
+        );
+        assert_eq!(rb.to_vec(100, 60).unwrap(), pattern(200, 3)[40..100], "{p}");
+        // Truncated on the expected path: the bytes that fit, an error completion.
+        b.ep.trecv(rb.iov(0, 8), None, 0x79, 0, 5).unwrap();
+        a.ep.tsend(ma.iov(100, 20), a.to[1], 0x79, 6).unwrap();
+        a.ep.poll_wait(T).unwrap();
+        let got = b.ep.poll_wait(T).unwrap();
+        assert_eq!((got.context, got.len), (5, 8), "{p}");
+        assert_eq!(got.status.unwrap_err().kind, CqErrorKind::Truncated, "{p}");
+        assert_eq!(rb.to_vec(0, 8).unwrap(), pattern(200, 3)[100..108], "{p}");
+        assert!(b.ep.read_one().is_none(), "{p}: nothing more");
+    });
+}
+
 #[test]
 fn tagged_matching_unexpected_peek_claim_discard() {
     for_each_provider(|p| {
