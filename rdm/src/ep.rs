@@ -144,7 +144,9 @@ pub struct RdmAttr {
     /// How long a connection may take to form before its operations fail.
     pub connect_timeout: Duration,
     /// A connection idle this long with nothing outstanding is closed by the
-    /// handshake in the module docs (default 60 s; `None`: never).
+    /// handshake in the module docs (default 60 s; `None`: never). A quarter of it,
+    /// within 2 to 8 ms, is also how long after the application's last read, wait or
+    /// peek the progress thread takes over (module docs, "Progress").
     pub idle_timeout: Option<Duration>,
 }
 

@@ -255,6 +255,48 @@ fn read_one_and_poll_wait_deliver_expected_and_unexpected() {
     });
 }
 
+/// The progress thread takes over once the application stops calling: B busy-polls
+/// (so its thread stays away), then goes quiet with a receive posted; A's rendezvous
+/// send to B needs B's side to read A's buffer and answer, which only B's thread can
+/// do now. A's send must complete, and B finds the data when it comes back.
+#[test]
+fn background_progress_resumes_after_a_busy_poller_stops() {
+    for_each_provider(|p| {
+        let attr = RdmAttr::default().eager_limit(1024);
+        let w = world(p, 2, attr);
+        let (a, b) = (&w[0], &w[1]);
+        let len = 256 << 10;
+        let mb = b.domain.alloc(len, Access::LOCAL).unwrap();
+        let ma = a
+            .domain
+            .alloc(len, Access::LOCAL | Access::REMOTE_READ)
+            .unwrap();
+        ma.write_at(0, &pattern(len, 9)).unwrap();
+        // Open the connection and keep B "present" for a while.
+        let m8 = a.domain.alloc(8, Access::LOCAL).unwrap();
+        b.ep.trecv(mb.iov(0, 8), None, 1, 0, 1).unwrap();
+        a.ep.tsend(m8.iov(0, 8), a.to[1], 1, 2).unwrap();
+        a.ep.poll_wait(T).unwrap();
+        assert_eq!(b.ep.poll_wait(T).unwrap().context, 1, "{p}");
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_millis(50) {
+            assert!(b.ep.read_one().is_none());
+        }
+        // B goes quiet with a receive posted; A sends by rendezvous.
+        b.ep.trecv(mb.iov(0, len), None, 2, 0, 3).unwrap();
+        a.ep.tsend(ma.iov(0, len), a.to[1], 2, 4).unwrap();
+        let sent =
+            a.ep.wait(T)
+                .expect("A's rendezvous send completes without B polling");
+        assert!(sent.status.is_ok(), "{p}: {sent:?}");
+        assert_eq!(sent.context, 4);
+        let got = b.ep.poll_wait(T).unwrap();
+        assert_eq!((got.context, got.len), (3, len), "{p}");
+        assert!(got.status.is_ok(), "{p}: {got:?}");
+        assert_eq!(mb.to_vec(0, len).unwrap(), pattern(len, 9), "{p}");
+    });
+}
+
 #[test]
 fn tagged_matching_unexpected_peek_claim_discard() {
     for_each_provider(|p| {
