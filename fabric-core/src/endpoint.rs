@@ -16,7 +16,7 @@ use crate::eq::{ConnRequest, EventQueue};
 use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{Access, Caps, OpFlags};
 use crate::info::{Address, Info};
-use crate::memory::{LocalIov, RemoteIov, Segment};
+use crate::memory::{LocalIov, RemoteIov, Segment, Segments};
 use crate::provider::{CmOps, EndpointOps, MsgOps, PassiveEndpointOps, RmaOps};
 use crate::Fid;
 
@@ -55,7 +55,7 @@ pub enum Payload {
     /// Copied at the call (inject): the application's buffer is already free.
     Inline(Vec<u8>),
     /// Ranges of registered regions, held until completion.
-    Segments(Vec<Segment>),
+    Segments(Segments),
 }
 
 impl Payload {
@@ -93,7 +93,7 @@ pub struct SendRequest {
 #[non_exhaustive]
 pub struct RecvRequest {
     /// Where the message goes, in order.
-    pub segments: Vec<Segment>,
+    pub segments: Segments,
     /// The application's context.
     pub context: u64,
 }
@@ -101,8 +101,11 @@ pub struct RecvRequest {
 impl RecvRequest {
     /// A receive into `segments` (validated ranges: see [`Segment::new`]), for a
     /// provider's own tests and layers that post below the [`Endpoint`] checks.
-    pub fn new(segments: Vec<Segment>, context: u64) -> Self {
-        RecvRequest { segments, context }
+    pub fn new(segments: impl Into<Segments>, context: u64) -> Self {
+        RecvRequest {
+            segments: segments.into(),
+            context,
+        }
     }
     /// Total buffer space.
     pub fn len(&self) -> usize {
@@ -188,8 +191,8 @@ pub(crate) fn segments(
     domain: &Domain,
     need: Access,
     what: &str,
-) -> Result<Vec<Segment>> {
-    let mut out = Vec::with_capacity(iov.len());
+) -> Result<Segments> {
+    let mut out = Segments::with_capacity(iov.len());
     for (i, v) in iov.iter().enumerate() {
         let end = v.offset.checked_add(v.len);
         if end.is_none_or(|e| e > v.mr.len()) {
@@ -390,7 +393,7 @@ impl Endpoint {
         }
         let mut v = Vec::with_capacity(total);
         for s in &segs {
-            v.extend_from_slice(&s.to_vec());
+            s.extend_vec(&mut v);
         }
         Ok(Payload::Inline(v))
     }

@@ -153,7 +153,9 @@ pub use info::{
     Address, ConnHandle, EpType, GetInfoError, HintField, Hints, Info, Limits, Mismatch, Progress,
     Rejection,
 };
-pub use memory::{HeapMemory, LocalIov, MemoryBacking, MemoryRegion, RemoteIov, RemoteMr, Segment};
+pub use memory::{
+    HeapMemory, LocalIov, MemoryBacking, MemoryRegion, RemoteIov, RemoteMr, Segment, Segments,
+};
 pub use provider::{Provider, ProviderMatch, Registry, PROVIDER_ENV};
 
 /// Identifies an endpoint or passive endpoint in events (libfabric's fid).

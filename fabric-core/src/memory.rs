@@ -432,6 +432,18 @@ impl Segment {
         // inside the region's allocation or one past its end.
         unsafe { self.mr.as_ptr().add(self.offset) }
     }
+    /// Appends the segment's bytes to `out`.
+    pub fn extend_vec(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        let at = out.len();
+        // SAFETY: the invariant (the source is valid for len bytes; see the module
+        // docs on concurrent peer writes); the destination has len spare bytes after
+        // `at`, all written before the length is set.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr(), out.as_mut_ptr().add(at), self.len);
+            out.set_len(at + self.len);
+        }
+    }
     /// Copies the segment's bytes into a new vector.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = vec![0u8; self.len];
@@ -440,6 +452,10 @@ impl Segment {
         v
     }
 }
+
+/// The local buffers of one operation, in order: inline up to two (no allocation for
+/// the common one- or two-buffer operation).
+pub type Segments = smallvec::SmallVec<[Segment; 2]>;
 
 /// What a peer needs to access a region: base address, length and key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

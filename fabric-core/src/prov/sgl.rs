@@ -1,4 +1,4 @@
-//! Scatter/gather lists: the local buffers of one operation (its [`Segment`]s) or the
+//! Scatter/gather lists: the local buffers of one operation (its [`Segment`](crate::Segment)s) or the
 //! verified target ranges of one remote access ([`RemoteRange`]s), seen as one
 //! contiguous byte range.
 //!
@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::memory::{MemoryBacking, Segment};
+use crate::memory::{MemoryBacking, Segments};
 use crate::prov::key_map::RemoteRange;
 
 /// One piece: a pointer valid for `len` bytes while `keep` lives.
@@ -28,7 +28,7 @@ struct Piece {
 /// lent out by [`ScatterList::remote_ranges`]).
 #[allow(dead_code)]
 enum Keep {
-    Local(Vec<Segment>),
+    Local(Segments),
     Remote(Vec<RemoteRange>),
 }
 
@@ -81,7 +81,8 @@ impl ScatterList {
     }
 
     /// The local buffers of an operation, in order.
-    pub fn local(segments: Vec<Segment>) -> Self {
+    pub fn local(segments: impl Into<Segments>) -> Self {
+        let segments = segments.into();
         let pieces = segments
             .iter()
             .map(|s| Piece {

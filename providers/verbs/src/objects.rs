@@ -21,7 +21,7 @@ use fabric_core::wait::{poll_readable, WaitQueue};
 use fabric_core::{
     Access, Address, CompFlags, Completion, ConnHandle, ConnRequest, CqAttr, CqError, EqAttr,
     Error, ErrorKind, Event, Fid, HeapMemory, Info, MemoryBacking, MrFlags, OpFlags, Payload,
-    Progress, RecvRequest, Result, RmaRequest, Segment, SendRequest, ShutdownReason,
+    Progress, RecvRequest, Result, RmaRequest, Segment, Segments, SendRequest, ShutdownReason,
 };
 use parking_lot::Mutex;
 use rdma_sys::*;
@@ -383,7 +383,7 @@ struct PendingOp {
     recv: bool,
     error: Option<(u32, u32)>,
     /// The memory the work requests use, held until they complete.
-    _segments: Vec<Segment>,
+    _segments: Segments,
     _inline: Option<Vec<u8>>,
 }
 
@@ -1098,7 +1098,7 @@ impl EpInner {
         flags: CompFlags,
         len: usize,
         completion: bool,
-        segments: Vec<Segment>,
+        segments: Segments,
         inline: Option<Vec<u8>>,
     ) -> PendingOp {
         PendingOp {
@@ -1411,7 +1411,7 @@ impl MsgOps for VEp {
         let qp = ep.check_post(&st)?;
         let len = req.payload.len();
         let (list, segs, inl, inline) = match req.payload {
-            Payload::Inline(v) => (inline_sge(&v), Vec::new(), Some(v), true),
+            Payload::Inline(v) => (inline_sge(&v), Segments::new(), Some(v), true),
             Payload::Segments(s) => (sges(&s)?, s, None, false),
         };
         let opcode = if req.data.is_some() {
@@ -1472,7 +1472,7 @@ impl RmaOps for VEp {
         }
         let len = req.payload.len();
         let (list, segs, inl, inline) = match req.payload {
-            Payload::Inline(v) => (inline_sge(&v), Vec::new(), Some(v), true),
+            Payload::Inline(v) => (inline_sge(&v), Segments::new(), Some(v), true),
             Payload::Segments(s) => (sges(&s)?, s, None, false),
         };
         let commit = req.flags.contains(OpFlags::COMMIT_COMPLETE);
@@ -1724,7 +1724,7 @@ impl fabric_core::provider::AtomicOps for VEp {
                 flags,
                 if fetch { 8 } else { 0 },
                 req.completion,
-                segs,
+                segs.into(),
                 None,
             )
         });

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use fabric_core::prov::{AccessError, AddrMode, KeyMap, Need, RemoteRange, ScatterList};
-use fabric_core::{Access, Segment};
+use fabric_core::{Access, Segments};
 
 use crate::rc::{
     AtomicOp, LocalMemory, MemoryError, RemoteMemoryTable, RemoteNeed, RemoteRegion, RemoteRight,
@@ -113,7 +113,7 @@ pub(crate) enum OpMemory {
 }
 
 impl OpMemory {
-    pub(crate) fn segments(segs: Vec<Segment>) -> Self {
+    pub(crate) fn segments(segs: impl Into<Segments>) -> Self {
         OpMemory::Segments(ScatterList::local(segs))
     }
 }

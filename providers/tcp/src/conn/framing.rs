@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use fabric_core::{CompFlags, Completion, RemoteIov, Segment};
+use fabric_core::{CompFlags, Completion, RemoteIov, Segments};
 
 #[cfg(doc)]
 use super::TX_ANSWER_LIMIT;
@@ -18,7 +18,7 @@ use fabric_core::prov::RemoteRange;
 pub(crate) enum Body {
     Empty,
     Bytes(Vec<u8>),
-    Segs(Vec<Segment>),
+    Segs(Segments),
     Regions(Vec<RemoteRange>),
 }
 
