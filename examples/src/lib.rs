@@ -137,6 +137,18 @@ pub fn ctx<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// The `q` quantile of `v` (0 to 1: the smallest value with at least that fraction of
+/// the values at or below it); 0 for an empty slice.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let k = ((q.clamp(0.0, 1.0) * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[k - 1]
+}
+
 /// Median of a sample (sorted copy); 0 for an empty one.
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -175,5 +187,16 @@ mod tests {
         assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(super::median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert_eq!(super::median(&[]), 0.0);
+    }
+
+    #[test]
+    fn quantile_nearest_rank() {
+        let v: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        assert_eq!(super::quantile(&v, 0.99), 198.0);
+        assert_eq!(super::quantile(&v, 0.5), 100.0);
+        assert_eq!(super::quantile(&v, 1.0), 200.0);
+        assert_eq!(super::quantile(&v, 0.0), 1.0);
+        assert_eq!(super::quantile(&[7.0], 0.99), 7.0);
+        assert_eq!(super::quantile(&[], 0.99), 0.0);
     }
 }

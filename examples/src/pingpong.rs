@@ -46,6 +46,11 @@ pub struct PpResult {
     pub lat_median_us: f64,
     /// Mean one-way latency, microseconds (what fi_pingpong's usec/xfer reports).
     pub lat_mean_us: f64,
+    /// 99th percentile one-way latency (half of that round trip), microseconds, where
+    /// the round trips were timed one by one (not for fi_pingpong, which reports the
+    /// mean only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lat_p99_us: Option<f64>,
     /// Bandwidth from the mean latency, MB/s (10^6 bytes; fi_pingpong's MB/sec).
     pub mb_per_s: f64,
     /// CPU cost of the timed iterations (2 messages and 2 x size bytes per round
@@ -150,6 +155,7 @@ impl<'a> SizeRun<'a> {
             size,
             iterations: iters,
             lat_median_us: median(&self.samples) / 2.0,
+            lat_p99_us: Some(crate::quantile(&self.samples, 0.99) / 2.0),
             lat_mean_us: mean,
             mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
             cpu: Some(crate::CpuCost::new(

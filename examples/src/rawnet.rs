@@ -71,6 +71,7 @@ fn result(size: usize, iters: usize, samples: &[f64], total_us: f64, cpu_s: f64)
         size,
         iterations: iters,
         lat_median_us: median(samples) / 2.0,
+        lat_p99_us: Some(crate::quantile(samples, 0.99) / 2.0),
         lat_mean_us: mean,
         mb_per_s: if mean > 0.0 { size as f64 / mean } else { 0.0 },
         cpu: Some(CpuCost::new(

@@ -54,6 +54,7 @@ pub fn parse_output(out: &str, size: usize, iterations: usize) -> Option<PpResul
                 // fi_pingpong reports the mean only.
                 lat_median_us: usec,
                 lat_mean_us: usec,
+                lat_p99_us: None,
                 mb_per_s: mbps,
                 cpu: None,
             });

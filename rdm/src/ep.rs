@@ -54,19 +54,23 @@
 //! the next scheduler tick (4 ms at 250 Hz) is programmed into the CPU's timer, an exit
 //! to the hypervisor on the poller's core each time; a 2 ms window (rearmed every
 //! millisecond) gave an 8-byte ping-pong over tcp a p99 of 19-26 µs one-way against
-//! 12 µs with 8 ms, and the earlier design (the thread waking every 2 ms to look) 28-35
-//! µs (`examples/rdm-lat.rs` and `fabric-pingpong --self -e rdm`; BENCHMARKS.md).
+//! 12 µs with 8 ms, and the earlier design (the thread waking every 2 ms to look) 28-38
+//! µs (`fabric-pingpong --self -e rdm --tagged -p tcp -S 8`, its `p99_us` column;
+//! BENCHMARKS.md).
 //!
 //! Measured over tcp (busy-polled 8-byte ping-pong, RDM tagged against the MSG
-//! endpoint, alternating runs on a 2-core virtual machine; BENCHMARKS.md): the
-//! RDM/MSG ratio of medians went 1.47 (first version) -> 1.21 -> 1.13 -> 1.08, the
-//! ratio of means (what fabric-compare reports) 1.25 -> 1.08, by cutting locked
-//! instructions and locks per message (the state lock once per received message, a
-//! lock-free "nothing to collect" answer, no clock read per poll, no allocation per
-//! receive, region-to-region copies, a plain hash for connection ids) and the thread's
-//! wake-ups. Over softroce the ratio is 1.5 to 1.8: its ping-pong is dominated by the
-//! provider's own progress.
-
+//! endpoint on a 2-core virtual machine; BENCHMARKS.md, "The RDM row after the
+//! progress-thread and per-message work"): `fabric-compare`'s RDM/MSG ratio of mean
+//! latencies went from 1.32-1.68 to 1.02-1.08 (five runs), by removing the thread's
+//! wake-ups and cutting the locks, locked instructions and allocations per message (the
+//! state lock once per received message, a lock-free "nothing to collect" answer, one
+//! clock read per 16 polls, an expected message matched with the sender's name
+//! borrowed, region-to-region copies, inline receive ranges, a plain hash for
+//! connection ids, no allocation per poll or per underlying operation). What is left,
+//! 0.2-0.4 µs per one-way message: the header, the tag match, the copy out of the eager
+//! buffer and the completion record. Over softroce the ratio was 1.5 to 1.8 at an
+//! earlier stop: its ping-pong is dominated by the provider's own progress.
+//!
 //! # Connections
 //! The first operation to a peer opens a connection to the peer's listener, carrying
 //! this endpoint's name; operations wait in a bounded per-peer backlog meanwhile.

@@ -119,17 +119,18 @@ fn print(provider: &str, what: &str, mode: Mode, self_mode: bool, res: &[PpResul
         }
     );
     println!(
-        "{:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>12}",
-        "bytes", "iters", "median_us", "mean_us", "MB/s", "cpu_s/GB", "cpu_s/Mmsg"
+        "{:>8} {:>8} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}",
+        "bytes", "iters", "median_us", "mean_us", "p99_us", "MB/s", "cpu_s/GB", "cpu_s/Mmsg"
     );
     for r in res {
         let cpu = r.cpu.unwrap_or_default();
         println!(
-            "{:>8} {:>8} {:>12.2} {:>12.2} {:>10.1} {:>10.2} {:>12.2}",
+            "{:>8} {:>8} {:>12.2} {:>12.2} {:>10.2} {:>10.1} {:>10.2} {:>12.2}",
             fmt_size(r.size),
             r.iterations,
             r.lat_median_us,
             r.lat_mean_us,
+            r.lat_p99_us.unwrap_or(f64::NAN),
             r.mb_per_s,
             cpu.s_per_gb,
             cpu.s_per_mmsg
