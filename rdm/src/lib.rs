@@ -25,8 +25,10 @@
 //!   target's layer on regions bound with [`bind_mr`](RdmEndpoint::bind_mr), and
 //!   completions with the sender's address
 //!   (`FI_SOURCE`); RMA `write_to`/`read_to` a peer's region. Each endpoint runs a
-//!   progress thread (waiting application threads drive progress themselves);
-//!   completions are read with [`RdmEndpoint::read`] / [`RdmEndpoint::wait`].
+//!   progress thread (polling and waiting application threads drive progress
+//!   themselves, and the thread stays away while they do); completions are read with
+//!   [`RdmEndpoint::read`] / [`RdmEndpoint::read_one`] (busy polling:
+//!   [`RdmEndpoint::poll_wait`]) or [`RdmEndpoint::wait`] (blocking).
 //! - [`Counter`]: completion counters bound per operation class
 //!   ([`RdmEndpoint::bind_cntr`]).
 //!
