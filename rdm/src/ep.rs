@@ -1464,7 +1464,7 @@ impl RdmEndpoint {
     }
 
     /// The next completion if there is one, without blocking (no allocation: the
-    /// busy poller's call, as [`CompletionQueue::read_one`] is for MSG endpoints).
+    /// busy poller's call, as [`CompletionQueue::poll_wait`] polls for MSG endpoints).
     pub fn read_one(&self) -> Option<RdmCompletion> {
         let mut one = None;
         self.collect(&mut |q: &mut VecDeque<RdmCompletion>| {
