@@ -1303,26 +1303,22 @@ impl RdmEndpoint {
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, "atomic")?;
         if native_fits(&st.conns[&c].ep, op, dt, form, count, remote.addr) {
-            enqueue(
+            enqueue_rma(
                 inner,
                 &mut st,
                 c,
-                Out {
-                    hdr: Header::new(Op::Credit),
-                    payload: Vec::new(),
-                    done: Some(done),
-                    rma: Some(Rma {
-                        kind: RmaKind::Atomic {
-                            op,
-                            dt,
-                            form,
-                            operand: operand.to_vec(),
-                            compare: compare.to_vec(),
-                            result: result.map(|r| (r.mr.clone(), r.offset)),
-                        },
-                        remote,
-                        data: None,
-                    }),
+                done,
+                Rma {
+                    kind: RmaKind::Atomic {
+                        op,
+                        dt,
+                        form,
+                        operand: operand.to_vec(),
+                        compare: compare.to_vec(),
+                        result: result.map(|r| (r.mr.clone(), r.offset)),
+                    },
+                    remote,
+                    data: None,
                 },
             );
             return Ok(());
@@ -1414,39 +1410,35 @@ impl RdmEndpoint {
         let mut st = inner.st.lock();
         let c = conn_for(inner, &mut st, &peer)?;
         room(inner, &st, c, what)?;
-        enqueue(
+        enqueue_rma(
             inner,
             &mut st,
             c,
-            Out {
-                hdr: Header::new(Op::Credit),
-                payload: Vec::new(),
-                done: Some(Done {
-                    context,
-                    kind: if write { OpKind::Write } else { OpKind::Read },
-                    len: iov.len,
-                    tag: 0,
-                    cntr: if write {
-                        CntrEvents::WRITE
-                    } else {
-                        CntrEvents::READ
-                    },
-                }),
-                rma: Some(Rma {
-                    kind: if write {
-                        RmaKind::Write {
-                            mr: iov.mr.clone(),
-                            offset: iov.offset,
-                        }
-                    } else {
-                        RmaKind::Read {
-                            mr: iov.mr.clone(),
-                            offset: iov.offset,
-                        }
-                    },
-                    remote,
-                    data,
-                }),
+            Done {
+                context,
+                kind: if write { OpKind::Write } else { OpKind::Read },
+                len: iov.len,
+                tag: 0,
+                cntr: if write {
+                    CntrEvents::WRITE
+                } else {
+                    CntrEvents::READ
+                },
+            },
+            Rma {
+                kind: if write {
+                    RmaKind::Write {
+                        mr: iov.mr.clone(),
+                        offset: iov.offset,
+                    }
+                } else {
+                    RmaKind::Read {
+                        mr: iov.mr.clone(),
+                        offset: iov.offset,
+                    }
+                },
+                remote,
+                data,
             },
         );
         Ok(())
@@ -1790,6 +1782,22 @@ fn conn_for(inner: &Inner, st: &mut State, peer: &[u8]) -> Result<u32> {
     Ok(id)
 }
 
+/// Queues an operation the MSG endpoint carries out itself (RMA, native atomic): no
+/// message of this layer, so the header is only a placeholder.
+fn enqueue_rma(inner: &Inner, st: &mut State, c: u32, done: Done, rma: Rma) {
+    enqueue(
+        inner,
+        st,
+        c,
+        Out {
+            hdr: Header::new(Op::Credit),
+            payload: Vec::new(),
+            done: Some(done),
+            rma: Some(rma),
+        },
+    );
+}
+
 fn enqueue(inner: &Inner, st: &mut State, c: u32, out: Out) {
     if let Some(conn) = st.conns.get_mut(&c) {
         conn.backlog.push_back(out);
@@ -2046,7 +2054,7 @@ fn reply(inner: &Inner, st: &mut State, c: u32, hdr: Header, payload: Vec<u8>) {
 }
 
 /// Copies an eager message (connection `c`, receive buffer `slot`) into a matched
-/// receive and completes it; `src` is the sender's handle when the caller has it.
+/// receive and completes it; `src` is the sender's handle in the address vector.
 fn eager_into(
     inner: &Inner,
     st: &mut State,
@@ -2054,12 +2062,8 @@ fn eager_into(
     c: u32,
     slot: u32,
     hdr: &Header,
-    src: Option<Option<FiAddr>>,
+    src: Option<FiAddr>,
 ) {
-    let src = match src {
-        Some(s) => s,
-        None => src_of(inner, st, c, &[]),
-    };
     let Some(conn) = st.conns.get(&c) else {
         return;
     };
@@ -2111,7 +2115,7 @@ fn deliver(inner: &Inner, st: &mut State, p: Posted, u: Unexpected) {
     let n = msg_len.min(p.len);
     let truncated = msg_len > p.len;
     match u.hdr.op {
-        Op::Eager => eager_into(inner, st, p, u.conn, u.slot, &u.hdr, Some(src)),
+        Op::Eager => eager_into(inner, st, p, u.conn, u.slot, &u.hdr, src),
         Op::Rts => {
             let rid = u.hdr.rid;
             let started = if n == 0 {
@@ -2329,7 +2333,9 @@ fn on_recv(inner: &Inner, st: &mut State, c: u32, slot: u32, len: usize) {
                 .and_then(|i| q.remove(i));
             let found = match found {
                 Some(p) if hdr.op == Op::Eager => {
-                    eager_into(inner, st, p, c, slot, &hdr, None);
+                    // The connection is there: its cached handle, no name needed.
+                    let src = src_of(inner, st, c, &[]);
+                    eager_into(inner, st, p, c, slot, &hdr, src);
                     flush(inner, st, c);
                     return;
                 }
